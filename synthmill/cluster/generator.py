@@ -1,0 +1,213 @@
+"""The generator: one pipeline on one device, turning shard ids into committed WebDataset shards.
+
+:class:`ShardGenerator` is plain Python (a benchmark can drive it without Ray); :class:`GeneratorActor`
+is its Ray actor. ``process_shard(k)`` reads shard k's prompt rows, denoises them batch by batch under
+a device lock, and hands each finished batch to encoder threads, so the device starts the next batch
+(of this shard, or of the next shard queued on the actor) while earlier images are encoded, written
+and uploaded. It returns the shard's marker: a small dict, never the images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from synthmill.sharding import storage
+from synthmill.sharding.commit import commit_shard
+from synthmill.sharding.encoders import ENCODERS
+from synthmill.sharding.index import index_table
+from synthmill.sharding.plan import ShardPlan, sample_key
+from synthmill.sharding.sources import PromptSource
+from synthmill.sharding.writer import ShardTarWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """Everything about one sample except its pixels."""
+
+    index: int
+    prompt: str
+    blank: bool
+    prompt_index: int
+    image_index: int
+    seed: int
+    prompt_tokens: int
+    truncated: bool
+
+
+class ShardGenerator:
+    """Holds one pipeline; :meth:`process_shard` may be called from several threads at once."""
+
+    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, progress: Any = None):
+        import torch
+
+        from synthmill.models.loading import load_pipeline, prompt_tokenizer
+
+        self.spec, self.source, self.plan, self.progress = spec, source, plan, progress
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(spec.cluster.cpus_per_actor)
+        t0 = time.perf_counter()
+        self.pipe = load_pipeline(spec.model, self.device)
+        self.load_s = time.perf_counter() - t0
+        self.dtype = str(self.pipe.dtype).replace("torch.", "")
+        self.scheduler = type(self.pipe.scheduler).__name__
+        self.tokenizer = prompt_tokenizer(self.pipe)
+        self._device_lock = threading.Lock()
+        self._encoders = ThreadPoolExecutor(spec.cluster.encode_threads, thread_name_prefix="encode")
+        self.busy_s = 0.0  # time spent denoising, for the idle fraction
+
+    def info(self) -> dict[str, Any]:
+        """Where this generator runs: host, device, dtype, scheduler, load time."""
+        import torch
+
+        name = torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu"
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": name, "dtype": self.dtype,
+                "scheduler": self.scheduler, "load_s": round(self.load_s, 3)}
+
+    # -- one shard -------------------------------------------------------------------------------
+
+    def samples(self, k: int) -> list[Sample]:
+        """Shard ``k``'s samples, with prompts read from the source and token counts."""
+        prompts = self.plan.prompts(k)
+        rows = {r.index: r for r in self.source.read_rows(prompts.start, prompts.stop)}
+        if len(rows) != len(prompts):
+            raise RuntimeError(f"{self.source.url}: expected rows {prompts.start}..{prompts.stop - 1}, got {len(rows)}")
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        out = []
+        for i in self.plan.samples(k):
+            p, j = self.plan.split(i)
+            row = rows[p]
+            n_tok = len(self.tokenizer(row.text, truncation=False).input_ids) if self.tokenizer is not None else -1
+            out.append(Sample(i, row.text, row.blank, p, j, self.plan.seed_of(i), n_tok, bool(limit and n_tok > limit)))
+        return out
+
+    def denoise(self, batch: list[Sample]) -> tuple[np.ndarray, list[bool | None]]:
+        """Run the pipeline on one batch: uint8 NHWC images (converted on the device) and NSFW flags."""
+        import torch
+
+        s = self.spec.sampling
+        kwargs: dict[str, Any] = dict(
+            prompt=[b.prompt for b in batch],
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            height=s.height,
+            width=s.width,
+            generator=[torch.Generator("cpu").manual_seed(b.seed) for b in batch],
+            output_type="pt",
+        )
+        if s.negative_prompt is not None:
+            kwargs["negative_prompt"] = [s.negative_prompt] * len(batch)
+        with torch.inference_mode():
+            out = self.pipe(**kwargs)
+            images = (out.images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            arr = images.contiguous().cpu().numpy()
+        nsfw = getattr(out, "nsfw_content_detected", None) or [None] * len(batch)
+        return arr, [None if f is None else bool(f) for f in nsfw]
+
+    def metadata(self, sample: Sample, nsfw: bool | None, shard: int) -> dict[str, Any]:
+        """The sample's ``KEY.json`` (DESIGN.md fields plus truncation, blank and NSFW flags)."""
+        s, m = self.spec.sampling, self.spec.model
+        return {
+            "key": sample_key(sample.index), "shard": shard, "prompt": sample.prompt,
+            "negative_prompt": s.negative_prompt, "seed": sample.seed, "steps": s.steps,
+            "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width, "model": m.path,
+            "scheduler": self.scheduler, "dtype": self.dtype, "prompt_index": sample.prompt_index,
+            "image_index": sample.image_index, "source_row": sample.prompt_index,
+            "prompt_tokens": sample.prompt_tokens, "truncated": sample.truncated,
+            "blank_prompt": sample.blank, "nsfw": nsfw,
+        }
+
+    def _encode(self, batch: list[Sample], images: np.ndarray, nsfw: list, shard: int) -> list[tuple[dict, dict]]:
+        fmt, quality = self.spec.output.format, self.spec.output.quality
+        out = []
+        for sample, img, flag in zip(batch, images, nsfw):
+            meta = self.metadata(sample, flag, shard)
+            member = {
+                "__key__": meta["key"],
+                fmt: ENCODERS[fmt](img, quality),
+                "txt": sample.prompt.encode("utf-8"),
+                "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+            }
+            out.append((member, meta))
+        return out
+
+    def process_shard(self, k: int, attempt: int = 1) -> dict[str, Any]:
+        """Generate, write and commit shard ``k``; return its marker."""
+        t0 = time.perf_counter()
+        samples = self.samples(k)
+        out_url = self.spec.output.path
+        tmp_dir = os.path.join(out_url, "shards") if storage.is_local(out_url) else None
+        if tmp_dir:
+            os.makedirs(tmp_dir, exist_ok=True)
+        writer = ShardTarWriter(tmp_dir, prefix=f".{k:06d}.")
+        metas: list[dict] = []
+        busy = 0.0
+        try:
+            pending: deque = deque()
+
+            def drain(block: bool) -> None:
+                while pending and (block or pending[0].done()):
+                    for member, meta in pending.popleft().result():
+                        writer.write(member)
+                        metas.append(meta)
+
+            bs = self.spec.cluster.batch_size
+            with self._device_lock:
+                for lo in range(0, len(samples), bs):
+                    batch = samples[lo:lo + bs]
+                    tb = time.perf_counter()
+                    images, nsfw = self.denoise(batch)
+                    busy += time.perf_counter() - tb
+                    pending.append(self._encoders.submit(self._encode, batch, images, nsfw, k))
+                    if self.progress is not None:
+                        self.progress.add.remote(len(batch))
+                    drain(block=False)
+            drain(block=True)
+            path, size, sha = writer.close()
+        except BaseException:
+            writer.discard()
+            raise
+        self.busy_s += busy
+        marker = {
+            "shard": k, "count": len(metas), "size": size, "sha256": sha,
+            "fingerprint": self.spec.fingerprint(),
+            "first_key": metas[0]["key"], "last_key": metas[-1]["key"],
+            "blank_prompts": sum(m["blank_prompt"] for m in metas),
+            "truncated_prompts": sum(m["truncated"] for m in metas),
+            "nsfw": sum(bool(m["nsfw"]) for m in metas),
+            "attempt": attempt, "denoise_s": round(busy, 3),
+            "elapsed_s": round(time.perf_counter() - t0, 3), **self.info(),
+        }
+        commit_shard(out_url, k, path, index_table(metas), marker)
+        return marker
+
+
+@ray.remote(max_restarts=0)
+class GeneratorActor:
+    """Ray actor around :class:`ShardGenerator` (created with num_gpus=1 on GPU clusters)."""
+
+    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, progress: Any = None):
+        self.gen = ShardGenerator(spec, source, plan, progress)
+
+    def ready(self) -> dict[str, Any]:
+        return self.gen.info()
+
+    def process_shard(self, k: int, attempt: int = 1) -> dict[str, Any]:
+        return self.gen.process_shard(k, attempt)
+
+    def busy_seconds(self) -> float:
+        return self.gen.busy_s

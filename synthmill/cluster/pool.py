@@ -1,0 +1,182 @@
+"""The actor pool: hands shard ids to actors and owns retries (STYLE lesson 5).
+
+The driver sends only shard ids. Each live actor has at most ``inflight`` shards queued, so a
+slow actor never hoards work and a dead one loses little. An actor counts as live once its
+``ready()`` call returns (its model is loaded); work goes only to live actors. When a task raises,
+its shard's attempt count goes up and the shard goes back to the queue, up to ``max_attempts``.
+When an actor dies, every shard it held is requeued the same way and a replacement is started
+(within ``max_replacements``). A shard that used up its attempts is reported as failed with its
+last error; the other shards still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Samples finished so far, fed by actors after each batch; the driver polls it for the bar."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def get(self) -> int:
+        return self.n
+
+
+@dataclass
+class _Slot:
+    handle: Any
+    ready_ref: Any
+    live: bool = False
+    dead: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    inflight: dict[Any, int] = field(default_factory=dict)  # task ref -> shard id
+
+
+@dataclass
+class PoolReport:
+    """What happened: failed shards with their last error, attempts, actors started and lost."""
+
+    failed: dict[int, str] = field(default_factory=dict)
+    attempts: Counter = field(default_factory=Counter)
+    actors_started: int = 0
+    actors_lost: int = 0
+    actor_infos: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _short(exc: BaseException) -> str:
+    """The last line of a remote traceback: the error type and message."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        return f"{type(exc.cause).__name__}: {exc.cause}".splitlines()[0][:500]
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:500]
+
+
+class ShardPool:
+    """Run ``method(shard_id, attempt)`` on actors made by ``make_actor()`` until every shard ends."""
+
+    def __init__(
+        self,
+        make_actor: Callable[[], Any],
+        num_actors: int,
+        *,
+        method: str = "process_shard",
+        inflight: int = 2,
+        max_attempts: int = 3,
+        max_replacements: int | None = None,
+        tick_s: float = 0.5,
+    ):
+        self.make_actor, self.num_actors, self.method = make_actor, num_actors, method
+        self.inflight, self.max_attempts, self.tick_s = inflight, max_attempts, tick_s
+        self.max_replacements = 2 * num_actors + 2 if max_replacements is None else max_replacements
+
+    def _start(self) -> _Slot:
+        handle = self.make_actor()
+        return _Slot(handle, handle.ready.remote())
+
+    def run(
+        self,
+        shard_ids: list[int],
+        on_result: Callable[[int, Any], None],
+        on_tick: Callable[[], None] | None = None,
+    ) -> PoolReport:
+        """Process ``shard_ids``; ``on_result(k, result)`` is called once per successful shard."""
+        report = PoolReport()
+        queue: deque[int] = deque(shard_ids)
+        slots = [self._start() for _ in range(min(self.num_actors, len(shard_ids)))]
+        report.actors_started = len(slots)
+        replacements = 0
+        last_start_error = ""
+        ever_live = False
+
+        def retire(slot: _Slot, reason: str, replace: bool = True) -> None:
+            nonlocal replacements
+            if slot.dead:
+                return
+            slot.dead = True
+            report.actors_lost += 1
+            for ref, k in list(slot.inflight.items()):
+                self._attempt_failed(k, f"actor lost: {reason}", queue, report)
+            slot.inflight.clear()
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:  # already gone
+                pass
+            if replace and queue and replacements < self.max_replacements:
+                replacements += 1
+                report.actors_started += 1
+                slots.append(self._start())
+                log.warning("actor lost (%s); started a replacement", reason)
+
+        while True:
+            live = [s for s in slots if not s.dead]
+            for s in live:
+                while s.live and queue and len(s.inflight) < self.inflight:
+                    k = queue.popleft()
+                    report.attempts[k] += 1
+                    s.inflight[getattr(s.handle, self.method).remote(k, report.attempts[k])] = k
+            waiting = {ref: s for s in live for ref in s.inflight}
+            starting = {s.ready_ref: s for s in live if not s.live}
+            if not waiting and not starting:
+                if queue:  # nothing can run the rest
+                    reason = last_start_error or "no actor could be started"
+                    for k in queue:
+                        report.failed[k] = f"not run: {reason}"
+                break
+            ready, _ = ray.wait(list(waiting) + list(starting), num_returns=1, timeout=self.tick_s)
+            if on_tick is not None:
+                on_tick()
+            for ref in ready:
+                if ref in starting:
+                    slot = starting[ref]
+                    try:
+                        slot.info = ray.get(ref)
+                        slot.live = ever_live = True
+                        report.actor_infos.append(slot.info)
+                    except Exception as e:  # the actor could not load its model
+                        last_start_error = _short(e)
+                        log.error("actor failed to start: %s", last_start_error)
+                        # Replace it only if another actor has worked: a model that never loads
+                        # fails the job once, instead of being loaded again and again.
+                        retire(slot, last_start_error, replace=ever_live)
+                    continue
+                slot = waiting[ref]
+                k = slot.inflight.pop(ref, None)
+                if k is None:
+                    continue
+                try:
+                    result = ray.get(ref)
+                except RayActorError as e:
+                    retire(slot, _short(e))
+                    self._attempt_failed(k, f"actor lost: {_short(e)}", queue, report)
+                    continue
+                except Exception as e:  # the task raised: count it against the shard
+                    self._attempt_failed(k, _short(e), queue, report)
+                    continue
+                on_result(k, result)
+        for s in slots:
+            if not s.dead:
+                ray.kill(s.handle, no_restart=True)
+        return report
+
+    def _attempt_failed(self, k: int, error: str, queue: deque, report: PoolReport) -> None:
+        if report.attempts[k] >= self.max_attempts:
+            report.failed[k] = f"{error} (after {report.attempts[k]} attempts)"
+            log.error("shard %06d failed for good: %s", k, report.failed[k])
+        else:
+            log.warning("shard %06d attempt %d failed: %s; retrying", k, report.attempts[k], error)
+            queue.appendleft(k)

@@ -1,0 +1,222 @@
+"""Running a generate job: validate -> plan -> skip done shards -> actors -> index -> summary.
+
+The driver holds no state that a rerun cannot rebuild from OUTPUT (DESIGN.md invariant 4): what is
+done is read from the shard markers every time, so running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from synthmill.errors import JobFailed, SpecError
+from synthmill.jobs.generate_spec import GenerateSpec
+from synthmill.models.loading import check_model_path
+from synthmill.sharding import storage
+from synthmill.sharding.commit import done_shards
+from synthmill.sharding.plan import ShardPlan
+from synthmill.sharding.sources import PromptSource, open_source
+from synthmill.sharding.writer import TMP_SUFFIX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A validated job, ready to run: the spec, its scanned prompt source and the shard plan."""
+
+    spec: GenerateSpec
+    source: PromptSource
+    plan: ShardPlan
+
+
+def check_output(spec: GenerateSpec) -> None:
+    """``output.path`` must be new, empty, or an earlier run of this same job, and writable."""
+    url = spec.output.path
+    if not storage.is_local(url):
+        raise SpecError(f"output.path {url}: remote outputs are not supported by this version; use a local folder")
+    path = os.path.abspath(url)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SpecError(f"output.path {url}: exists and is a file, not a folder")
+    if os.path.isdir(path):
+        previous = storage.read_json(storage.join(path, "plan.json"))
+        if previous is None:
+            if os.listdir(path):
+                raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
+        elif previous.get("fingerprint") != spec.fingerprint():
+            raise SpecError(
+                f"output.path {url}: holds a different job (settings that shape the images differ from "
+                f"{storage.join(url, 'job.yaml')}); use a new output.path or the same spec"
+            )
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
+
+
+def prepare(spec: GenerateSpec) -> Prepared:
+    """Check every input without loading a model or writing anything, then scan the prompts."""
+    check_model_path(spec.model)
+    source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit)
+    source.check()
+    check_output(spec)
+    s = spec.sampling
+    plan = ShardPlan(0, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
+    source.scan(plan.rows_per_shard())
+    plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
+    return Prepared(spec, source, plan)
+
+
+def plan_summary(p: Prepared) -> dict[str, Any]:
+    """What ``--dry-run`` prints: sizes of the plan and what is already done."""
+    done = done_shards(p.spec.output.path, range(p.plan.num_shards), p.spec.fingerprint())
+    return {
+        "prompts": p.plan.num_prompts,
+        "samples": p.plan.num_samples,
+        "shards": p.plan.num_shards,
+        "samples_per_shard": p.plan.samples_per_shard,
+        "shards_done": len(done),
+        "samples_done": sum(m["count"] for m in done.values()),
+        "output": p.spec.output.path,
+        "fingerprint": p.spec.fingerprint(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("synthmill", "torch", "diffusers", "transformers", "ray", "webdataset"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _write_start_files(p: Prepared) -> None:
+    from omegaconf import OmegaConf
+
+    out = p.spec.output.path
+    os.makedirs(out, exist_ok=True)
+    storage.write_bytes(storage.join(out, "job.yaml"), OmegaConf.to_yaml(OmegaConf.structured(p.spec)).encode())
+    storage.write_json(
+        storage.join(out, "plan.json"),
+        {"kind": "generate", "fingerprint": p.spec.fingerprint(), "prompts": p.plan.num_prompts,
+         "samples": p.plan.num_samples, "shards": p.plan.num_shards,
+         "samples_per_shard": p.plan.samples_per_shard},
+    )
+
+
+class _Progress:
+    """tqdm bar over samples (images, images/s, ETA), fed by the pool's progress counter."""
+
+    def __init__(self, total: int, counter: Any):
+        from tqdm import tqdm
+
+        self.counter, self.last_poll = counter, 0.0
+        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc="generate")
+
+    def tick(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        if now - self.last_poll < 1.0:
+            return
+        self.last_poll = now
+        try:
+            n = ray.get(self.counter.get.remote(), timeout=5)
+        except Exception:  # the bar is best effort; never fail a job over it
+            return
+        self.bar.update(min(n, self.bar.total) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(p: Prepared) -> dict[str, Any]:
+    """Run the job to the end; return the summary. Raises JobFailed naming failed shards."""
+    import ray
+
+    from synthmill.cluster.connect import actor_count, connect
+    from synthmill.cluster.generator import GeneratorActor
+    from synthmill.cluster.pool import ProgressCounter, ShardPool
+    from synthmill.sharding.index import merge_index
+
+    spec, plan, out = p.spec, p.plan, p.spec.output.path
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    _write_start_files(p)
+    markers = done_shards(out, range(plan.num_shards), spec.fingerprint(), spec.output.resume_check)
+    resumed = len(markers)
+    todo = [k for k in range(plan.num_shards) if k not in markers]
+    log.info("%d shards planned, %d already done, %d to run", plan.num_shards, resumed, len(todo))
+    report = None
+    if todo:
+        resources = connect(spec.cluster.address)
+        n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
+        n_actors = min(n_actors, len(todo))
+        counter = ProgressCounter.remote()
+        source_ref, plan_ref = ray.put(p.source), ray.put(plan)
+        options = {"num_gpus": 1, "num_cpus": spec.cluster.cpus_per_actor} if use_gpu else {"num_cpus": spec.cluster.cpus_per_actor}
+        options["max_concurrency"] = spec.cluster.inflight_per_actor + 1
+
+        def make_actor():
+            return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, counter)
+
+        pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
+                         max_attempts=spec.cluster.max_attempts)
+        bar = _Progress(sum(len(plan.samples(k)) for k in todo), counter)
+        try:
+            report = pool.run(todo, lambda k, m: markers.__setitem__(k, m), bar.tick)
+        finally:
+            bar.close()
+        if report.failed:
+            failures = {f"{k:06d}": err for k, err in sorted(report.failed.items())}
+            storage.write_json(storage.join(out, "failures.json"),
+                               {"failed_shards": failures, "shards_done": len(markers), "shards": plan.num_shards})
+            names = ", ".join(list(failures)[:10]) + (" ..." if len(failures) > 10 else "")
+            first = next(iter(failures.values()))
+            raise JobFailed(f"{len(failures)} of {plan.num_shards} shards failed ({names}); first error: {first}. "
+                            f"Run the same command again to retry them; done shards are kept.")
+    failures_url = storage.join(out, "failures.json")
+    if os.path.exists(failures_url):
+        os.unlink(failures_url)
+    n_index = merge_index(out, range(plan.num_shards))
+    assert n_index == plan.num_samples, f"index has {n_index} rows for {plan.num_samples} samples"
+    for name in os.listdir(os.path.join(out, "shards")):
+        if name.startswith(".") and name.endswith(TMP_SUFFIX):  # temporaries of attempts that died
+            os.unlink(os.path.join(out, "shards", name))
+    elapsed = time.perf_counter() - t0
+    generated = sum(len(plan.samples(k)) for k in todo)
+    summary = {
+        "status": "complete",
+        "kind": "generate",
+        "fingerprint": spec.fingerprint(),
+        "prompts": plan.num_prompts,
+        "samples": plan.num_samples,
+        "shards": plan.num_shards,
+        "shards_resumed": resumed,
+        "shards_run": len(todo),
+        "samples_run": generated,
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(generated / elapsed, 4) if generated else 0.0,
+        "blank_prompts": sum(m["blank_prompts"] for m in markers.values()),
+        "truncated_prompts": sum(m["truncated_prompts"] for m in markers.values()),
+        "nsfw_flagged": sum(m["nsfw"] for m in markers.values()),
+        "actors_started": report.actors_started if report else 0,
+        "actors_lost": report.actors_lost if report else 0,
+        "retries": sum(max(0, a - 1) for a in report.attempts.values()) if report else 0,
+        "devices": sorted({f"{i['device']} ({i['dtype']})" for i in report.actor_infos}) if report else [],
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    return summary

@@ -1,0 +1,147 @@
+"""The ``kind: generate`` spec (DESIGN.md, "Generate job spec"): typed sections and their checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+from omegaconf import MISSING
+
+from synthmill.jobs.spec import one_of, register_kind, require
+from synthmill.models.schedulers import SCHEDULERS
+from synthmill.sharding.encoders import ENCODERS
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+RESUME_CHECKS = ("size", "sha256")
+
+
+@dataclass
+class ModelSpec:
+    """Which diffusers pipeline to load, and how."""
+
+    path: str = MISSING  # hub id or diffusers folder
+    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU
+    scheduler: Optional[str] = None  # override by name (models/schedulers.py)
+    variant: Optional[str] = None  # weight file variant, e.g. fp16
+    revision: Optional[str] = None
+    safety_checker: bool = True  # keep the pipeline's own safety checker, if it has one
+    allow_pickle: bool = False  # also load .bin/.ckpt weights (pickle can run code)
+    trust_remote_code: bool = False  # needed for custom_pipeline
+    custom_pipeline: Optional[str] = None
+
+
+@dataclass
+class PromptsSpec:
+    """Where prompts come from: one row per prompt."""
+
+    path: str = MISSING  # .txt | .jsonl | .csv | .tsv | .parquet
+    column: str = "caption"  # for tabular sources (ignored for .txt)
+    limit: Optional[int] = None  # use only the first `limit` rows
+
+
+@dataclass
+class SamplingSpec:
+    """Diffusion sampling settings, the same for every sample."""
+
+    steps: int = 25
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    negative_prompt: Optional[str] = None
+    seed: int = 0  # sample i gets seed + i
+    images_per_prompt: int = 1
+
+
+@dataclass
+class OutputSpec:
+    """Where and how shards are written."""
+
+    path: str = MISSING
+    format: str = "png"  # png | jpg | webp
+    quality: int = 95  # jpg / webp quality
+    samples_per_shard: int = 1000
+    resume_check: str = "size"  # size | sha256: how a committed tar is checked against its marker
+
+
+@dataclass
+class ClusterSpec:
+    """Ray: which cluster, how many actors, and how work flows to them."""
+
+    address: Optional[str] = None  # else RAY_ADDRESS, else a local Ray instance
+    num_actors: Union[int, str] = "auto"  # auto = one per GPU (CPU-only: one per cpus_per_actor CPUs)
+    batch_size: int = 8
+    cpus_per_actor: int = 1
+    inflight_per_actor: int = 2  # shards queued per actor, so encode/upload overlaps denoising
+    encode_threads: int = 4
+    max_attempts: int = 3  # per shard; an attempt ends in an error or with its actor's death
+
+
+@register_kind("generate")
+@dataclass
+class GenerateSpec:
+    """A generate job: prompts -> images -> WebDataset shards."""
+
+    kind: str = "generate"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    prompts: PromptsSpec = field(default_factory=PromptsSpec)
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+
+    def check(self) -> None:
+        """Ranges and cross-field rules; raises SpecError naming the field."""
+        m, p, s, o, c = self.model, self.prompts, self.sampling, self.output, self.cluster
+        require(bool(m.path.strip()), "model.path", "must not be empty")
+        one_of(m.dtype, DTYPES, "model.dtype")
+        if m.scheduler is not None:
+            one_of(m.scheduler, sorted(SCHEDULERS), "model.scheduler")
+        require(
+            m.custom_pipeline is None or m.trust_remote_code,
+            "model.custom_pipeline",
+            "runs code from the pipeline's author; set model.trust_remote_code=true to allow it",
+        )
+        require(bool(p.path.strip()), "prompts.path", "must not be empty")
+        require(p.limit is None or p.limit >= 1, "prompts.limit", f"must be >= 1 or null, got {p.limit}")
+        require(1 <= s.steps <= 1000, "sampling.steps", f"must be in 1..1000, got {s.steps}")
+        require(0.0 <= s.guidance_scale <= 100.0, "sampling.guidance_scale", f"must be in 0..100, got {s.guidance_scale}")
+        for name in ("height", "width"):
+            v = getattr(s, name)
+            require(8 <= v <= 8192, f"sampling.{name}", f"must be in 8..8192, got {v}")
+            require(v % 8 == 0, f"sampling.{name}", f"must be a multiple of 8, got {v} (try {max(8, v // 8 * 8)})")
+        require(s.seed >= 0, "sampling.seed", f"must be >= 0, got {s.seed}")
+        require(1 <= s.images_per_prompt <= 10000, "sampling.images_per_prompt", f"must be in 1..10000, got {s.images_per_prompt}")
+        require(bool(o.path.strip()), "output.path", "must not be empty")
+        one_of(o.format, sorted(ENCODERS), "output.format")
+        require(1 <= o.quality <= 100, "output.quality", f"must be in 1..100, got {o.quality}")
+        require(1 <= o.samples_per_shard <= 1_000_000, "output.samples_per_shard", f"must be in 1..1000000, got {o.samples_per_shard}")
+        one_of(o.resume_check, RESUME_CHECKS, "output.resume_check")
+        if isinstance(c.num_actors, str):
+            require(c.num_actors == "auto", "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {c.num_actors!r}")
+        else:
+            require(c.num_actors >= 1, "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {c.num_actors}")
+        require(1 <= c.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {c.batch_size}")
+        require(c.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {c.cpus_per_actor}")
+        require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {c.inflight_per_actor}")
+        require(1 <= c.encode_threads <= 64, "cluster.encode_threads", f"must be in 1..64, got {c.encode_threads}")
+        require(1 <= c.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {c.max_attempts}")
+
+    def fingerprint(self) -> str:
+        """Hash of every setting a shard's bytes depend on (DESIGN.md invariant 2), and nothing else.
+
+        Two runs into the same output must agree on it; ``output.path``, the cluster address, the
+        number of actors and the retry settings are left out on purpose.
+        """
+        m = asdict(self.model)
+        for k in ("allow_pickle", "trust_remote_code"):
+            m.pop(k)
+        basis = {
+            "model": m,
+            "prompts": asdict(self.prompts),
+            "sampling": asdict(self.sampling),
+            "output": {k: getattr(self.output, k) for k in ("format", "quality", "samples_per_shard")},
+            "batch_size": self.cluster.batch_size,
+        }
+        blob = json.dumps(basis, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

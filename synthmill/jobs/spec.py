@@ -1,0 +1,135 @@
+"""Loading a job spec: YAML + ``key=value`` overrides -> a typed, validated dataclass.
+
+Each job kind owns a dataclass schema (``KINDS`` maps ``kind:`` to it). The YAML is merged into the
+schema with OmegaConf in struct mode, so unknown keys and wrong types fail here, with the field's
+dotted path and, for a misspelt key, the closest known one. Ranges and cross-field rules are checked
+by the schema's own ``check()`` method. No custom resolvers are registered: a spec never runs code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable
+
+from synthmill.errors import SpecError
+
+#: kind -> schema class; filled by the job modules through :func:`register_kind`.
+KINDS: dict[str, type] = {}
+
+
+def register_kind(name: str) -> Callable[[type], type]:
+    """Class decorator: make ``kind: name`` load into the decorated dataclass."""
+
+    def deco(cls: type) -> type:
+        KINDS[name] = cls
+        return cls
+
+    return deco
+
+
+def _known_keys(schema: type, dotted: str) -> list[str]:
+    """The field names of the section at ``dotted`` (the parent of a bad key) in a dataclass schema."""
+    import typing
+
+    cls = schema
+    for part in [p for p in dotted.split(".") if p]:
+        cls = typing.get_type_hints(cls).get(part)
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return []
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _explain(exc: Exception, schema: type, source: str) -> SpecError:
+    """Turn an OmegaConf error into one line naming the field and the fix."""
+    from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
+
+    full_key = getattr(exc, "full_key", None) or ""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, ConfigKeyError) and full_key:
+        parent, _, leaf = full_key.rpartition(".")
+        known = _known_keys(schema, parent)
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f"; did you mean '{(parent + '.' if parent else '') + close[0]}'?" if close else ""
+        return SpecError(
+            f"{source}: unknown key '{full_key}'{hint} (known keys here: {', '.join(known) or 'none'})"
+        )
+    if isinstance(exc, InterpolationResolutionError):
+        return SpecError(f"{source}: field '{full_key}': cannot resolve interpolation: {first}")
+    if isinstance(exc, ValidationError):
+        where = f"field '{full_key}'" if full_key else "a section"
+        return SpecError(f"{source}: {where}: {first}")
+    return SpecError(f"{source}: {first}")
+
+
+def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Load ``path`` (a local YAML file) with dotlist ``overrides`` into the schema of its ``kind``.
+
+    Raises :class:`SpecError` for a missing or malformed file, an unknown kind, unknown keys, wrong
+    types, or values that the schema's ``check()`` rejects.
+    """
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    # Importing the job modules registers their kinds.
+    import synthmill.jobs.generate_spec  # noqa: F401
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec must be a YAML mapping with a 'kind' key")
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise SpecError(f"override '{bad[0]}' is not of the form key=value")
+    try:
+        over = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise SpecError(f"overrides: {str(e).splitlines()[0]}") from None
+    kind = over.get("kind", raw.get("kind"))
+    if kind not in KINDS:
+        known = ", ".join(sorted(KINDS))
+        raise SpecError(f"{path}: field 'kind' is {kind!r}; known kinds: {known}")
+    schema = KINDS[kind]
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw), over)
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise SpecError(f"{path}: field '{missing[0]}' is required and has no value")
+        spec = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema, path) from None
+    spec.check()
+    return spec
+
+
+def spec_to_dict(spec: Any) -> dict[str, Any]:
+    """A plain dict of a loaded spec (for ``job.yaml`` and fingerprints)."""
+    return dataclasses.asdict(spec)
+
+
+def require(cond: bool, field: str, message: str) -> None:
+    """Raise a :class:`SpecError` naming ``field`` unless ``cond`` holds."""
+    if not cond:
+        raise SpecError(f"field '{field}': {message}")
+
+
+def one_of(value: Any, known: Any, field: str) -> None:
+    """Raise a :class:`SpecError` unless ``value`` is one of ``known`` (listed in the message)."""
+    if value not in known:
+        close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise SpecError(f"field '{field}': unknown value {value!r}{hint} (known: {', '.join(map(str, known))})")

@@ -1,0 +1,94 @@
+"""Loading a text-to-image pipeline the way a user names it: a hub id or a diffusers folder.
+
+``DiffusionPipeline.from_pretrained`` reads ``model_index.json`` and builds whatever pipeline class
+it names (SD 1.x/2.x, SDXL and SSD-1B with their two text encoders, LCM, ...). Safe by default:
+only safetensors weights load unless ``model.allow_pickle`` is set, and remote code only with
+``model.trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from synthmill.errors import SpecError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def is_hub_id(path: str) -> bool:
+    """True when ``path`` is not a local folder and has the ``org/name`` form of a hub id."""
+    return not os.path.exists(path) and "://" not in path and bool(_HUB_ID.match(path))
+
+
+def check_model_path(model: Any) -> str:
+    """Check ``model.path`` without loading anything; return 'hub' or 'local'. Raises SpecError."""
+    path = model.path
+    if is_hub_id(path):
+        return "hub"
+    if "://" in path:
+        raise SpecError(f"model.path {path}: remote model folders are not supported by this version; use a local folder or a hub id")
+    if not os.path.isdir(path):
+        raise SpecError(f"model.path {path}: folder not found (and not a hub id of the form org/name)")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise SpecError(f"model.path {path}: not a diffusers pipeline folder (no model_index.json)")
+    if not model.allow_pickle:
+        for root, _, files in os.walk(path):
+            weights = [f for f in files if f.endswith(_PICKLE_SUFFIXES + (".safetensors",))]
+            if weights and not any(f.endswith(".safetensors") for f in weights):
+                pickled = os.path.join(root, weights[0])
+                raise SpecError(
+                    f"model.path {path}: {pickled} is a pickled weight file with no safetensors beside it; "
+                    "set model.allow_pickle=true to load it (pickle can run code)"
+                )
+    return "local"
+
+
+def resolve_dtype(name: str, device: str):
+    """``auto`` -> float16 on CUDA, float32 on CPU; else the named torch dtype."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_pipeline(model: Any, device: str):
+    """Load the pipeline named by ``model`` (a ModelSpec) onto ``device``, ready for inference."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    from synthmill.models.schedulers import apply_scheduler
+
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()  # truncation is recorded per sample instead
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(model.dtype, device),
+        "use_safetensors": None if model.allow_pickle else True,
+    }
+    if model.variant:
+        kwargs["variant"] = model.variant
+    if model.revision:
+        kwargs["revision"] = model.revision
+    if model.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if model.custom_pipeline:
+        kwargs["custom_pipeline"] = model.custom_pipeline
+    if not model.safety_checker:
+        kwargs["safety_checker"] = None
+        kwargs["requires_safety_checker"] = False
+    pipe = DiffusionPipeline.from_pretrained(model.path, **kwargs)
+    apply_scheduler(pipe, model.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def prompt_tokenizer(pipe: Any):
+    """The tokenizer that bounds prompt length (CLIP's, 77 tokens), or None for pipelines without one."""
+    return getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)

@@ -1,0 +1,166 @@
+"""Tiny, seeded diffusers pipelines built in code, for tests and CPU benchmarks.
+
+Nothing here touches a hub: the CLIP tokenizer is written from a byte-level vocabulary (every byte
+is a token, so long prompts really do exceed the 77-token window), and every weight comes from
+``torch.manual_seed``. :func:`save_tiny_pipeline` writes an ordinary diffusers folder, so callers load it
+back through the same ``DiffusionPipeline.from_pretrained`` path that a hub id takes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The architectures this module can build: ``sd`` (SD 1.x/2.x layout) and ``sdxl`` (two text encoders).
+TINY_KINDS = ("sd", "sdxl")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> None:
+    """Write a CLIP BPE tokenizer whose vocabulary is the 256 byte symbols (plus word-final forms)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tok.save_pretrained(str(folder))
+
+
+def _text_encoder(with_projection: bool, hidden: int, seed: int):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=hidden,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=514,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg)
+
+
+def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
+    """Return a tiny randomly initialised text-to-image pipeline (``sd`` or ``sdxl``) on the CPU."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTokenizer
+
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}; known: {', '.join(TINY_KINDS)}")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    if kind == "sd":
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
+        scheduler = PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+            steps_offset=1, set_alpha_to_one=False,
+        )
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=_text_encoder(False, 32, seed + 2),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    # SDXL: two text encoders (the second with a projection), micro-conditioning on sizes.
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=_text_encoder(False, 32, seed + 2),
+        text_encoder_2=_text_encoder(True, 32, seed + 3),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_pipeline(folder: str | os.PathLike, kind: str = "sd", seed: int = 0) -> str:
+    """Build a tiny pipeline and ``save_pretrained`` it (safetensors) to ``folder``; return the path."""
+    pipe = build_tiny_pipeline(kind, seed)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)

@@ -1,0 +1,56 @@
+"""``index.parquet``: one row per sample, streamed from per-shard parts (one row group each)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synthmill.sharding import storage
+from synthmill.sharding.commit import index_part_url
+
+#: The columns of ``index.parquet`` (and of each part), in order.
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.int64()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("prompt_index", pa.int64()),
+        ("image_index", pa.int64()),
+        ("source_row", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("blank_prompt", pa.bool_()),
+        ("nsfw", pa.bool_()),
+    ]
+)
+
+
+def index_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts with at least the schema's columns) -> a table with :data:`INDEX_SCHEMA`."""
+    return pa.Table.from_pylist([{f: r.get(f) for f in INDEX_SCHEMA.names} for r in rows], schema=INDEX_SCHEMA)
+
+
+def merge_index(output: str, shard_ids: Iterable[int], storage_options: dict[str, Any] | None = None) -> int:
+    """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order); return the row count."""
+    n = 0
+    fd, tmp = tempfile.mkstemp(suffix=".parquet")
+    os.close(fd)
+    with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
+        for k in shard_ids:
+            fs, path = storage.filesystem(index_part_url(output, k), storage_options)
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh).cast(INDEX_SCHEMA)
+            writer.write_table(table)
+            n += table.num_rows
+    try:
+        storage.put_file(tmp, storage.join(output, "index.parquet"), storage_options)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return n

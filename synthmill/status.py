@@ -1,0 +1,60 @@
+"""``synthmill status OUTPUT``: shards done / total, samples, failures, throughput, read from OUTPUT alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from synthmill.errors import SpecError
+from synthmill.sharding import storage
+from synthmill.sharding.commit import done_shards
+from synthmill.sharding.writer import TMP_SUFFIX
+
+
+def collect(output: str) -> dict[str, Any]:
+    """The state of a generate output folder, from its plan, markers, failures and summary."""
+    plan = storage.read_json(storage.join(output, "plan.json"))
+    if not isinstance(plan, dict):
+        raise SpecError(f"{output}: not a synthmill output (no plan.json)")
+    markers = done_shards(output, range(plan["shards"]), plan["fingerprint"])
+    failures = storage.read_json(storage.join(output, "failures.json")) or {}
+    summary = storage.read_json(storage.join(output, "summary.json"))
+    samples_done = sum(m["count"] for m in markers.values())
+    denoise_s = sum(m.get("denoise_s", 0.0) for m in markers.values())
+    elapsed_s = sum(m.get("elapsed_s", 0.0) for m in markers.values())
+    stray = [n for n in storage.list_sizes(storage.join(output, "shards")) if n.endswith(TMP_SUFFIX)]
+    return {
+        "output": output,
+        "complete": bool(summary and summary.get("status") == "complete"),
+        "shards_done": len(markers),
+        "shards": plan["shards"],
+        "samples_done": samples_done,
+        "samples": plan["samples"],
+        "failed_shards": (failures.get("failed_shards") or {}) if not summary else {},
+        "images_per_s_per_actor": round(samples_done / elapsed_s, 4) if elapsed_s else None,
+        "denoise_fraction": round(denoise_s / elapsed_s, 4) if elapsed_s else None,
+        "job_images_per_s": summary.get("images_per_s") if summary else None,
+        "unfinished_temporaries": len(stray),
+    }
+
+
+def render(st: dict[str, Any]) -> str:
+    """One screen of text."""
+    pct = 100.0 * st["samples_done"] / st["samples"] if st["samples"] else 100.0
+    lines = [
+        f"output     {st['output']}",
+        f"state      {'complete' if st['complete'] else 'incomplete'}",
+        f"shards     {st['shards_done']} / {st['shards']} done",
+        f"samples    {st['samples_done']} / {st['samples']} ({pct:.1f}%)",
+    ]
+    if st["images_per_s_per_actor"] is not None:
+        lines.append(f"throughput {st['images_per_s_per_actor']} images/s per actor (shard time), "
+                     f"denoising {100 * st['denoise_fraction']:.0f}% of it")
+    if st["job_images_per_s"] is not None:
+        lines.append(f"last run   {st['job_images_per_s']} images/s (whole job, wall clock)")
+    failed = st["failed_shards"]
+    lines.append(f"failures   {len(failed)}" + (":" if failed else ""))
+    for name, err in list(failed.items())[:10]:
+        lines.append(f"  shard {name}: {err}")
+    if st["unfinished_temporaries"]:
+        lines.append(f"temporary  {st['unfinished_temporaries']} unfinished shard files (never counted as done)")
+    return "\n".join(lines)
