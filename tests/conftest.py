@@ -1,0 +1,96 @@
+"""Shared fixtures: one real local Ray for the whole run, tiny pipelines saved once, spec writers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+COCO = REPO / "configs" / "prompts" / "coco2014_5k_captions.tsv"
+PARTI = REPO / "configs" / "prompts" / "PartiPrompts.tsv"
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """A local Ray instance shared by every test (and joined by CLI subprocesses through RAY_ADDRESS)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    addr = ray.get_runtime_context().gcs_address
+    yield addr
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> str:
+    """A tiny SD 1.x-layout pipeline folder (safetensors), saved with save_pretrained."""
+    from synthmill.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd", "sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    """A tiny SDXL-layout pipeline folder (two text encoders)."""
+    from synthmill.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def prompts_tsv(tmp_path_factory) -> str:
+    """Eleven real prompts: nine COCO captions, one blank row, one PartiPrompts prompt over 77 tokens."""
+    import csv
+
+    with open(COCO, encoding="utf-8") as fh:
+        coco = [row["caption"] for row in csv.DictReader(fh, delimiter="\t")][:9]
+    with open(PARTI, encoding="utf-8") as fh:
+        parti = [row["Prompt"] for row in csv.DictReader(fh, delimiter="\t")]
+    long_prompt = max(parti, key=len)
+    path = tmp_path_factory.mktemp("prompts") / "prompts.tsv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["id", "caption"])
+        for i, text in enumerate(coco[:5] + ["   "] + coco[5:] + [long_prompt]):
+            w.writerow([i, text])
+    return str(path)
+
+
+def base_spec(model: str, prompts: str, output: str) -> dict[str, Any]:
+    """A small CPU generate spec (32x32, 2 steps) as a dict."""
+    return {
+        "kind": "generate",
+        "model": {"path": model},
+        "prompts": {"path": prompts, "column": "caption"},
+        "sampling": {"steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "seed": 1234,
+                     "images_per_prompt": 2},
+        "output": {"path": output, "samples_per_shard": 5},
+        "cluster": {"num_actors": 2, "batch_size": 3},
+    }
+
+
+@pytest.fixture
+def write_spec(tmp_path) -> Callable[[dict], str]:
+    """Write a spec dict to a YAML file in the test's temp folder; return its path."""
+    counter = iter(range(1000))
+
+    def write(spec: dict) -> str:
+        path = tmp_path / f"job{next(counter)}.yaml"
+        path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+        return str(path)
+
+    return write
+
+
+def files_under(folder: str) -> dict[str, tuple[int, int]]:
+    """relative path -> (inode, mtime_ns) of every file, to tell untouched files from rewritten ones."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            st = os.stat(os.path.join(root, n))
+            out[os.path.relpath(os.path.join(root, n), folder)] = (st.st_ino, st.st_mtime_ns)
+    return out

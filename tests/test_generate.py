@@ -1,0 +1,304 @@
+"""Generate jobs end to end on a real local Ray with tiny pipelines (CPU, 32x32, 2 steps).
+
+One reference job (11 prompts x 2 images = 22 samples in 5 shards, 2 actors) is run once; its
+shards are read back by webdataset and Hugging Face datasets, compared with bare diffusers calls,
+and used as the byte-for-byte reference for reruns, resumes and a driver killed mid-job.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from synthmill.cli import main
+from synthmill.jobs import generate
+from synthmill.jobs.spec import load_spec
+from tests.conftest import base_spec, files_under
+
+
+def run_job(write_spec, spec: dict, *overrides: str) -> dict:
+    return generate.run(generate.prepare(load_spec(write_spec(spec), overrides)))
+
+
+def tar_hashes(output: str) -> dict[str, str]:
+    return {
+        os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+        for p in sorted(glob.glob(os.path.join(output, "shards", "*.tar")))
+    }
+
+
+def read_wds(output: str) -> list[dict]:
+    import webdataset as wds
+
+    urls = sorted(glob.glob(os.path.join(output, "shards", "*.tar")))
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+@pytest.fixture(scope="module")
+def reference(ray_address, tiny_sd, prompts_tsv, tmp_path_factory):
+    """The reference job's spec dict and its output folder."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("reference")
+    spec = base_spec(tiny_sd, prompts_tsv, str(folder / "out"))
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    summary = generate.run(generate.prepare(load_spec(str(path))))
+    assert summary["status"] == "complete"
+    return spec, spec["output"]["path"]
+
+
+def test_layout_and_summary(reference):
+    spec, out = reference
+    assert sorted(os.listdir(out)) == ["index", "index.parquet", "job.yaml", "plan.json", "shards", "summary.json"]
+    names = sorted(os.listdir(os.path.join(out, "shards")))
+    assert names == [f"{k:06d}.{ext}" for k in range(5) for ext in ("json", "tar")]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert (summary["samples"], summary["shards"], summary["samples_run"]) == (22, 5, 22)
+    assert summary["blank_prompts"] == 2 and summary["truncated_prompts"] == 2
+    for k in range(5):
+        marker = json.load(open(os.path.join(out, "shards", f"{k:06d}.json")))
+        data = open(os.path.join(out, "shards", f"{k:06d}.tar"), "rb").read()
+        assert marker["size"] == len(data)
+        assert marker["sha256"] == hashlib.sha256(data).hexdigest()
+        assert marker["count"] == (5 if k < 4 else 2)
+    job = open(os.path.join(out, "job.yaml")).read()
+    assert "samples_per_shard: 5" in job and "kind: generate" in job
+
+
+def test_webdataset_reads_every_key_once_with_right_text_and_json(reference, prompts_tsv):
+    import csv
+
+    spec, out = reference
+    prompts = [r["caption"] for r in csv.DictReader(open(prompts_tsv, encoding="utf-8"), delimiter="\t")]
+    samples = read_wds(out)
+    assert [s["__key__"] for s in samples] == [f"{i:010d}" for i in range(22)]
+    for i, s in enumerate(samples):
+        assert set(s) - {"__url__", "__local_path__"} == {"__key__", "png", "txt", "json"}
+        meta = json.loads(s["json"])
+        p, j = divmod(i, 2)
+        text = prompts[p] if prompts[p].strip() else ""
+        assert s["txt"].decode() == text
+        assert meta["prompt"] == text and meta["blank_prompt"] == (not prompts[p].strip())
+        assert (meta["key"], meta["seed"], meta["prompt_index"], meta["image_index"]) == (f"{i:010d}", 1234 + i, p, j)
+        for field, value in [("steps", 2), ("guidance_scale", 7.5), ("height", 32), ("width", 32),
+                             ("negative_prompt", None), ("model", spec["model"]["path"]),
+                             ("scheduler", "PNDMScheduler")]:
+            assert meta[field] == value, field
+        assert meta["truncated"] == (p == 10) and (meta["prompt_tokens"] > 77) == (p == 10)
+        from PIL import Image
+
+        assert Image.open(io.BytesIO(s["png"])).size == (32, 32)
+
+
+def test_huggingface_datasets_reads_shards(reference):
+    from datasets import load_dataset
+
+    _, out = reference
+    ds = load_dataset("webdataset", data_files={"train": os.path.join(out, "shards", "*.tar")}, split="train")
+    assert ds.num_rows == 22
+    assert sorted(ds["__key__"]) == [f"{i:010d}" for i in range(22)]
+    assert ds[3]["json"]["seed"] == 1237
+    assert ds[3]["png"].size == (32, 32)
+
+
+def test_index_parquet(reference):
+    _, out = reference
+    table = pq.read_table(os.path.join(out, "index.parquet")).to_pylist()
+    assert [r["key"] for r in table] == [f"{i:010d}" for i in range(22)]
+    assert [r["shard"] for r in table] == [i // 5 for i in range(22)]
+    assert [r["seed"] for r in table] == [1234 + i for i in range(22)]
+    assert sum(r["truncated"] for r in table) == 2
+
+
+def test_image_equals_bare_diffusers_call(reference):
+    """Sample i is what a plain pipeline call with Generator('cpu').manual_seed(seed + i) gives."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    spec, out = reference
+    pipe = DiffusionPipeline.from_pretrained(spec["model"]["path"])
+    pipe.set_progress_bar_config(disable=True)
+    samples = read_wds(out)
+    for i in (0, 7, 21):
+        meta = json.loads(samples[i]["json"])
+        image = pipe(meta["prompt"], num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
+                     generator=torch.Generator("cpu").manual_seed(1234 + i), output_type="np").images[0]
+        bare = (image * 255).round().astype(np.uint8)
+        ours = np.asarray(Image.open(io.BytesIO(samples[i]["png"])).convert("RGB"))
+        assert np.abs(bare.astype(int) - ours.astype(int)).max() <= 1, i
+    # And a different seed really gives a different image (the comparison above can fail).
+    other = pipe(json.loads(samples[0]["json"])["prompt"], num_inference_steps=2, height=32, width=32,
+                 generator=torch.Generator("cpu").manual_seed(99), output_type="np").images[0]
+    assert np.abs((other * 255).round() - np.asarray(Image.open(io.BytesIO(samples[0]["png"])))).max() > 10
+
+
+def test_rerun_elsewhere_with_one_actor_is_byte_identical(reference, write_spec, tmp_path):
+    """Shard bytes do not depend on output.path, the number of actors, or timing."""
+    spec, out = reference
+    other = dict(spec, output=dict(spec["output"], path=str(tmp_path / "again")),
+                 cluster=dict(spec["cluster"], num_actors=1))
+    run_job(write_spec, other)
+    assert tar_hashes(str(tmp_path / "again")) == tar_hashes(out)
+
+
+def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path):
+    spec, out = reference
+    copy = str(tmp_path / "copy")
+    import shutil
+
+    shutil.copytree(out, copy)
+    os.unlink(os.path.join(copy, "summary.json"))
+    os.unlink(os.path.join(copy, "shards", "000001.json"))  # marker missing
+    with open(os.path.join(copy, "shards", "000003.tar"), "r+b") as fh:  # tar truncated
+        fh.truncate(1000)
+    with open(os.path.join(copy, "shards", "000004.tar"), "ab") as fh:  # tar grew after its commit
+        fh.write(b"junk")
+    before = files_under(copy)
+    summary = run_job(write_spec, dict(spec, output=dict(spec["output"], path=copy)))
+    assert (summary["shards_resumed"], summary["shards_run"]) == (2, 3)
+    after = files_under(copy)
+    for k in (0, 2):
+        assert after[f"shards/{k:06d}.tar"] == before[f"shards/{k:06d}.tar"], "a done shard was rewritten"
+    assert after["shards/000003.tar"] != before["shards/000003.tar"]
+    assert tar_hashes(copy) == tar_hashes(out)
+
+
+def test_resume_with_sha256_check_catches_same_size_corruption(reference, write_spec, tmp_path):
+    spec, out = reference
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    path = os.path.join(copy, "shards", "000002.tar")
+    data = bytearray(open(path, "rb").read())
+    data[2000] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    summary = run_job(write_spec, dict(spec, output=dict(spec["output"], path=copy, resume_check="sha256")))
+    assert (summary["shards_resumed"], summary["shards_run"]) == (4, 1)
+    assert tar_hashes(copy) == tar_hashes(out)
+
+
+def test_status_command(reference, capsys):
+    _, out = reference
+    assert main(["status", out, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["complete"] and (st["shards_done"], st["shards"], st["samples_done"]) == (5, 5, 22)
+    assert st["failed_shards"] == {}
+    assert main(["status", out]) == 0
+    assert "5 / 5 done" in capsys.readouterr().out
+
+
+def test_driver_killed_midway_resumes_without_regenerating(reference, ray_address, write_spec, tmp_path):
+    """SIGKILL the `synthmill run` process after its first commit; the same command finishes the job."""
+    spec, out = reference
+    target = str(tmp_path / "killed")
+    # One actor and one shard in flight: the job commits shard by shard, slowly enough to interrupt.
+    killed = dict(spec, output=dict(spec["output"], path=target),
+                  cluster=dict(spec["cluster"], num_actors=1, inflight_per_actor=1))
+    path = write_spec(killed)
+    exe = os.path.join(os.path.dirname(sys.executable), "synthmill")
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    proc = subprocess.Popen([exe, "run", path], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(os.path.join(target, "shards", "*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = sorted(glob.glob(os.path.join(target, "shards", "*.json")))
+    assert 1 <= len(committed) < 5, "the driver was not killed mid-job"
+    assert not os.path.exists(os.path.join(target, "summary.json"))
+    before = files_under(target)
+    rerun = subprocess.run([exe, "run", path], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = files_under(target)
+    done_before = [os.path.basename(m)[:6] for m in committed]
+    for name in done_before:
+        assert after[f"shards/{name}.tar"] == before[f"shards/{name}.tar"], f"shard {name} was regenerated"
+    summary = json.load(open(os.path.join(target, "summary.json")))
+    assert summary["shards_resumed"] >= len(done_before)
+    assert tar_hashes(target) == tar_hashes(out)
+
+
+def test_sdxl_pipeline_with_two_text_encoders(ray_address, tiny_sdxl, prompts_tsv, write_spec, tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    spec = base_spec(tiny_sdxl, prompts_tsv, str(tmp_path / "xl"))
+    spec["prompts"]["limit"] = 3
+    spec["sampling"]["images_per_prompt"] = 1
+    spec["sampling"]["negative_prompt"] = "ugly, blurry, poor quality"
+    spec["model"]["scheduler"] = "euler_a"
+    summary = run_job(write_spec, spec)
+    assert summary["samples"] == 3
+    samples = read_wds(spec["output"]["path"])
+    meta = json.loads(samples[2]["json"])
+    assert meta["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert meta["negative_prompt"] == "ugly, blurry, poor quality"
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(meta["prompt"], negative_prompt="ugly, blurry, poor quality", num_inference_steps=2,
+                 guidance_scale=7.5, height=32, width=32, generator=torch.Generator("cpu").manual_seed(1234 + 2),
+                 output_type="np").images[0]
+    ours = np.asarray(Image.open(io.BytesIO(samples[2]["png"])).convert("RGB")).astype(int)
+    assert np.abs((image * 255).round().astype(int) - ours).max() <= 1
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_other_formats_are_deterministic(ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path, fmt):
+    spec = base_spec(tiny_sd, prompts_tsv, str(tmp_path / "a"))
+    spec["prompts"]["limit"] = 3
+    spec["output"]["format"] = fmt
+    run_job(write_spec, spec)
+    run_job(write_spec, dict(spec, output=dict(spec["output"], path=str(tmp_path / "b"))))
+    assert tar_hashes(str(tmp_path / "a")) == tar_hashes(str(tmp_path / "b"))
+    assert set(read_wds(str(tmp_path / "a"))[0]) >= {fmt, "txt", "json"}
+
+
+def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_sd, write_spec, tmp_path, capsys):
+    rows = [json.dumps({"caption": f"a photo of object number {i}"}) for i in range(6)]
+    rows[3] = "{this is not json"
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    spec = base_spec(tiny_sd, str(src), str(tmp_path / "out"))
+    spec["sampling"]["images_per_prompt"] = 1
+    spec["output"]["samples_per_shard"] = 2
+    spec["cluster"]["max_attempts"] = 2
+    path = write_spec(spec)
+    assert main(["run", path]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 shards failed (000001)" in err and "line 4 is not valid JSON" in err
+    out = spec["output"]["path"]
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == ["000000.json", "000000.tar", "000002.json", "000002.tar"]
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+    failures = json.load(open(os.path.join(out, "failures.json")))
+    assert "after 2 attempts" in failures["failed_shards"]["000001"]
+    assert main(["status", out]) == 0
+    assert "failures   1" in capsys.readouterr().out
+    # Fix the input and run again: only the failed shard runs.
+    rows[3] = json.dumps({"caption": "a photo of object number 3"})
+    src.write_text("\n".join(rows) + "\n")
+    before = files_under(out)
+    assert main(["run", path]) == 0
+    after = files_under(out)
+    assert after["shards/000000.tar"] == before["shards/000000.tar"]
+    assert after["shards/000002.tar"] == before["shards/000002.tar"]
+    assert not os.path.exists(os.path.join(out, "failures.json"))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert (summary["shards_resumed"], summary["shards_run"]) == (2, 1)

@@ -1,0 +1,213 @@
+"""Bad input: exit code 2, one line naming the field or file, nothing written under output.path.
+
+These go through the real CLI entry (``synthmill.cli.main``) in-process; one test runs the installed
+console script to check the exit code a shell sees. No model is loaded and Ray is never started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from synthmill.cli import main
+from tests.conftest import base_spec
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, (err[-1] if err else "")
+
+
+@pytest.fixture
+def good(tiny_sd, prompts_tsv, tmp_path) -> dict:
+    return base_spec(tiny_sd, prompts_tsv, str(tmp_path / "out"))
+
+
+def expect_error(capsys, spec_path: str, *needles: str, overrides: tuple[str, ...] = (), output: str | None = None) -> str:
+    for command in ("validate", "run"):
+        code, line = run_cli(capsys, command, spec_path, *overrides)
+        assert code == 2, (command, line)
+        assert line.startswith("synthmill: error: "), line
+        for needle in needles:
+            assert needle in line, (needle, line)
+        if output is not None:
+            assert not os.path.exists(output), f"{command} wrote {output}"
+    return line
+
+
+def test_good_spec_validates_and_dry_run_writes_nothing(capsys, write_spec, good):
+    path = write_spec(good)
+    code, _ = run_cli(capsys, "validate", path)
+    assert code == 0
+    assert main(["run", path, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["prompts"], plan["samples"], plan["shards"], plan["shards_done"]) == (11, 22, 5, 0)
+    assert not os.path.exists(good["output"]["path"])
+
+
+def test_malformed_yaml(capsys, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("kind: generate\nmodel: {path: x\n  steps: [\n", encoding="utf-8")
+    expect_error(capsys, str(p), str(p), "malformed YAML", "line")
+
+
+def test_missing_spec_file(capsys, tmp_path):
+    expect_error(capsys, str(tmp_path / "nope.yaml"), "nope.yaml", "not found")
+
+
+def test_unknown_kind(capsys, write_spec, good):
+    good["kind"] = "generat"
+    expect_error(capsys, write_spec(good), "'kind'", "generate")
+
+
+def test_unknown_key_suggests_closest(capsys, write_spec, good):
+    good["sampling"]["stesp"] = 3
+    expect_error(capsys, write_spec(good), "unknown key 'sampling.stesp'", "did you mean 'sampling.steps'")
+    good["sampling"].pop("stesp")
+    good["outptu"] = {}
+    expect_error(capsys, write_spec(good), "unknown key 'outptu'", "did you mean 'output'")
+
+
+def test_unknown_key_in_override(capsys, write_spec, good):
+    expect_error(capsys, write_spec(good), "cluster.batchsize", "cluster.batch_size", overrides=("cluster.batchsize=4",))
+
+
+def test_override_not_key_value(capsys, write_spec, good):
+    expect_error(capsys, write_spec(good), "'steps'", "key=value", overrides=("steps",))
+
+
+def test_wrong_type(capsys, write_spec, good):
+    expect_error(capsys, write_spec(good), "sampling.steps", "abc", overrides=("sampling.steps=abc",))
+
+
+def test_missing_required_field(capsys, write_spec, good):
+    del good["model"]
+    expect_error(capsys, write_spec(good), "model.path", "required")
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("sampling.steps=0", "sampling.steps"),
+        ("sampling.guidance_scale=-1", "sampling.guidance_scale"),
+        ("output.samples_per_shard=0", "output.samples_per_shard"),
+        ("cluster.batch_size=0", "cluster.batch_size"),
+        ("cluster.num_actors=0", "cluster.num_actors"),
+        ("cluster.num_actors=many", "cluster.num_actors"),
+        ("sampling.images_per_prompt=0", "sampling.images_per_prompt"),
+        ("prompts.limit=0", "prompts.limit"),
+    ],
+)
+def test_out_of_range(capsys, write_spec, good, override, field):
+    expect_error(capsys, write_spec(good), f"'{field}'", overrides=(override,), output=good["output"]["path"])
+
+
+@pytest.mark.parametrize("field", ["height", "width"])
+def test_size_not_multiple_of_8(capsys, write_spec, good, field):
+    expect_error(capsys, write_spec(good), f"sampling.{field}", "multiple of 8", overrides=(f"sampling.{field}=100",))
+
+
+def test_unknown_format_and_scheduler(capsys, write_spec, good):
+    expect_error(capsys, write_spec(good), "output.format", "gif", "png", overrides=("output.format=gif",))
+    expect_error(capsys, write_spec(good), "model.scheduler", "did you mean 'euler'", overrides=("model.scheduler=eulr",))
+
+
+def test_custom_pipeline_needs_trust(capsys, write_spec, good):
+    expect_error(capsys, write_spec(good), "model.custom_pipeline", "trust_remote_code", overrides=("model.custom_pipeline=lpw_stable_diffusion",))
+
+
+def test_missing_prompt_file(capsys, write_spec, good, tmp_path):
+    good["prompts"]["path"] = str(tmp_path / "missing.tsv")
+    expect_error(capsys, write_spec(good), "prompts.path", "missing.tsv", "not found", output=good["output"]["path"])
+
+
+def test_unknown_prompt_file_type(capsys, write_spec, good, tmp_path):
+    p = tmp_path / "prompts.xlsx"
+    p.write_text("x")
+    good["prompts"]["path"] = str(p)
+    expect_error(capsys, write_spec(good), "prompts.xlsx", ".xlsx", ".parquet")
+
+
+def test_missing_column(capsys, write_spec, good):
+    good["prompts"]["column"] = "captions"
+    expect_error(capsys, write_spec(good), "prompts.column 'captions'", "columns: id, caption")
+
+
+@pytest.mark.parametrize(
+    "name,content",
+    [("empty.txt", ""), ("header_only.tsv", "id\tcaption\n"), ("empty.jsonl", ""), ("empty.csv", "")],
+)
+def test_empty_prompt_source(capsys, write_spec, good, tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content)
+    good["prompts"]["path"] = str(p)
+    expect_error(capsys, write_spec(good), name, "empty", output=good["output"]["path"])
+
+
+def test_model_folder_missing(capsys, write_spec, good, tmp_path):
+    good["model"]["path"] = str(tmp_path / "no" / "such" / "model")
+    expect_error(capsys, write_spec(good), "model.path", "folder not found")
+
+
+def test_model_folder_not_a_pipeline(capsys, write_spec, good, tmp_path):
+    (tmp_path / "notapipe").mkdir()
+    good["model"]["path"] = str(tmp_path / "notapipe")
+    expect_error(capsys, write_spec(good), "model.path", "model_index.json")
+
+
+def test_pickled_weights_need_opt_in(capsys, write_spec, good, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(good["model"]["path"], folder)
+    for st in folder.rglob("*.safetensors"):
+        st.rename(st.with_suffix(".bin"))
+    good["model"]["path"] = str(folder)
+    expect_error(capsys, write_spec(good), "model.allow_pickle", ".bin")
+
+
+def test_output_is_a_file(capsys, write_spec, good, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    good["output"]["path"] = str(f)
+    expect_error(capsys, write_spec(good), "output.path", "is a file")
+
+
+def test_output_under_a_file(capsys, write_spec, good, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    good["output"]["path"] = str(f / "out")
+    expect_error(capsys, write_spec(good), "output.path", "cannot be written")
+
+
+def test_output_folder_of_another_job(capsys, write_spec, good):
+    out = good["output"]["path"]
+    os.makedirs(out)
+    with open(os.path.join(out, "plan.json"), "w") as fh:
+        json.dump({"fingerprint": "0123456789abcdef", "shards": 1, "samples": 1}, fh)
+    expect_error(capsys, write_spec(good), "output.path", "different job")
+    assert sorted(os.listdir(out)) == ["plan.json"]
+
+
+def test_output_folder_not_empty(capsys, write_spec, good):
+    out = good["output"]["path"]
+    os.makedirs(out)
+    open(os.path.join(out, "stranger.txt"), "w").close()
+    expect_error(capsys, write_spec(good), "output.path", "not empty")
+
+
+def test_console_script_exit_codes(write_spec, good):
+    """The installed `synthmill` command gives the shell 0 for a good spec and 2 for a bad one."""
+    exe = os.path.join(os.path.dirname(sys.executable), "synthmill")
+    path = write_spec(good)
+    ok = subprocess.run([exe, "validate", path], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "11 prompts -> 22 samples in 5 shards" in ok.stdout
+    bad = subprocess.run([exe, "validate", path, "sampling.height=33"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("synthmill: error: field 'sampling.height'")
