@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -94,3 +96,42 @@ def files_under(folder: str) -> dict[str, tuple[int, int]]:
             st = os.stat(os.path.join(root, n))
             out[os.path.relpath(os.path.join(root, n), folder)] = (st.st_ino, st.st_mtime_ns)
     return out
+
+
+def run_job(write_spec: Callable[[dict], str], spec: dict, *overrides: str) -> dict:
+    """Load, validate and run a generate job in this process (on the session's Ray)."""
+    from synthmill.jobs import generate
+    from synthmill.jobs.spec import load_spec
+
+    return generate.run(generate.prepare(load_spec(write_spec(spec), overrides)))
+
+
+def tar_hashes(output: str) -> dict[str, str]:
+    """Shard tar name -> sha256, for a local output folder."""
+    return {
+        os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+        for p in sorted(glob.glob(os.path.join(output, "shards", "*.tar")))
+    }
+
+
+def read_wds(output: str) -> list[dict]:
+    """Every sample of a local output's shards, in order, read by webdataset."""
+    import webdataset as wds
+
+    urls = sorted(glob.glob(os.path.join(output, "shards", "*.tar")))
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+@pytest.fixture(scope="session")
+def reference(ray_address, tiny_sd, prompts_tsv, tmp_path_factory):
+    """The reference job (22 samples, 5 shards, 2 actors): its spec dict and output folder."""
+    from synthmill.jobs import generate
+    from synthmill.jobs.spec import load_spec
+
+    folder = tmp_path_factory.mktemp("reference")
+    spec = base_spec(tiny_sd, prompts_tsv, str(folder / "out"))
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    summary = generate.run(generate.prepare(load_spec(str(path))))
+    assert summary["status"] == "complete"
+    return spec, spec["output"]["path"]

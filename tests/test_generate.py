@@ -24,39 +24,7 @@ import pytest
 from synthmill.cli import main
 from synthmill.jobs import generate
 from synthmill.jobs.spec import load_spec
-from tests.conftest import base_spec, files_under
-
-
-def run_job(write_spec, spec: dict, *overrides: str) -> dict:
-    return generate.run(generate.prepare(load_spec(write_spec(spec), overrides)))
-
-
-def tar_hashes(output: str) -> dict[str, str]:
-    return {
-        os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
-        for p in sorted(glob.glob(os.path.join(output, "shards", "*.tar")))
-    }
-
-
-def read_wds(output: str) -> list[dict]:
-    import webdataset as wds
-
-    urls = sorted(glob.glob(os.path.join(output, "shards", "*.tar")))
-    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
-
-
-@pytest.fixture(scope="module")
-def reference(ray_address, tiny_sd, prompts_tsv, tmp_path_factory):
-    """The reference job's spec dict and its output folder."""
-    import yaml
-
-    folder = tmp_path_factory.mktemp("reference")
-    spec = base_spec(tiny_sd, prompts_tsv, str(folder / "out"))
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    summary = generate.run(generate.prepare(load_spec(str(path))))
-    assert summary["status"] == "complete"
-    return spec, spec["output"]["path"]
+from tests.conftest import base_spec, files_under, read_wds, run_job, tar_hashes
 
 
 def test_layout_and_summary(reference):
@@ -111,6 +79,16 @@ def test_huggingface_datasets_reads_shards(reference):
     assert sorted(ds["__key__"]) == [f"{i:010d}" for i in range(22)]
     assert ds[3]["json"]["seed"] == 1237
     assert ds[3]["png"].size == (32, 32)
+
+
+def test_ray_data_reads_shards(reference):
+    import ray
+
+    _, out = reference
+    ds = ray.data.read_webdataset(sorted(glob.glob(os.path.join(out, "shards", "*.tar"))), decoder=None)
+    rows = ds.take_all()
+    assert sorted(r["__key__"] for r in rows) == [f"{i:010d}" for i in range(22)]
+    assert all(set(r) >= {"png", "txt", "json"} for r in rows)
 
 
 def test_index_parquet(reference):

@@ -61,7 +61,7 @@ class ShardGenerator:
         if self.device == "cpu":
             torch.set_num_threads(spec.cluster.cpus_per_actor)
         t0 = time.perf_counter()
-        self.pipe = load_pipeline(spec.model, self.device)
+        self.pipe = load_pipeline(spec.model, self.device, spec.storage)
         self.load_s = time.perf_counter() - t0
         self.dtype = str(self.pipe.dtype).replace("torch.", "")
         self.scheduler = type(self.pipe.scheduler).__name__
@@ -83,7 +83,9 @@ class ShardGenerator:
     def samples(self, k: int) -> list[Sample]:
         """Shard ``k``'s samples, with prompts read from the source and token counts."""
         prompts = self.plan.prompts(k)
-        rows = {r.index: r for r in self.source.read_rows(prompts.start, prompts.stop)}
+        read = storage.retrying(self.source.url, "read prompts",
+                                lambda: self.source.read_rows(prompts.start, prompts.stop))
+        rows = {r.index: r for r in read}
         if len(rows) != len(prompts):
             raise RuntimeError(f"{self.source.url}: expected rows {prompts.start}..{prompts.stop - 1}, got {len(rows)}")
         limit = getattr(self.tokenizer, "model_max_length", None)
@@ -192,7 +194,11 @@ class ShardGenerator:
             "attempt": attempt, "denoise_s": round(busy, 3),
             "elapsed_s": round(time.perf_counter() - t0, 3), **self.info(),
         }
-        commit_shard(out_url, k, path, index_table(metas), marker)
+        try:
+            commit_shard(out_url, k, path, index_table(metas), marker, self.spec.storage)
+        finally:
+            if os.path.exists(path):  # remote outputs upload a copy; the local temporary goes
+                os.unlink(path)
         return marker
 
 

@@ -35,24 +35,41 @@ class Prepared:
     plan: ShardPlan
 
 
+def _check_existing(url: str, spec: GenerateSpec, names: list[str]) -> None:
+    """An existing output folder must be empty or hold an earlier run of this same job."""
+    opts = spec.storage
+    previous = storage.read_json(storage.join(url, "plan.json"), opts)
+    if previous is None:
+        if names:
+            raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
+    elif previous.get("fingerprint") != spec.fingerprint():
+        raise SpecError(
+            f"output.path {url}: holds a different job (settings that shape the images differ from "
+            f"{storage.join(url, 'job.yaml')}); use a new output.path or the same spec"
+        )
+
+
 def check_output(spec: GenerateSpec) -> None:
     """``output.path`` must be new, empty, or an earlier run of this same job, and writable."""
     url = spec.output.path
     if not storage.is_local(url):
-        raise SpecError(f"output.path {url}: remote outputs are not supported by this version; use a local folder")
+        fs, path = storage.filesystem(url, spec.storage)
+        try:  # listing first: bad credentials surface here as PermissionError, not as "no bucket"
+            names = storage.retrying(url, "list", lambda: fs.ls(path, refresh=True))
+        except FileNotFoundError:
+            bucket = path.split("/", 1)[0]
+            if not storage.retrying(url, "check", lambda: fs.exists(bucket)):
+                raise SpecError(f"output.path {url}: bucket '{bucket}' does not exist") from None
+            names = []
+        if storage.retrying(url, "check", lambda: fs.isfile(path)):
+            raise SpecError(f"output.path {url}: is a file, not a folder (prefix)")
+        _check_existing(url, spec, names)
+        return
     path = os.path.abspath(url)
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpecError(f"output.path {url}: exists and is a file, not a folder")
     if os.path.isdir(path):
-        previous = storage.read_json(storage.join(path, "plan.json"))
-        if previous is None:
-            if os.listdir(path):
-                raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
-        elif previous.get("fingerprint") != spec.fingerprint():
-            raise SpecError(
-                f"output.path {url}: holds a different job (settings that shape the images differ from "
-                f"{storage.join(url, 'job.yaml')}); use a new output.path or the same spec"
-            )
+        _check_existing(path, spec, os.listdir(path))
     parent = path
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -60,22 +77,35 @@ def check_output(spec: GenerateSpec) -> None:
         raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
 
 
+#: Seconds a storage outage may last during validation before the input counts as unreachable.
+VALIDATE_RETRY_S = 10.0
+
+
 def prepare(spec: GenerateSpec) -> Prepared:
     """Check every input without loading a model or writing anything, then scan the prompts."""
-    check_model_path(spec.model)
-    source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit)
-    source.check()
-    check_output(spec)
-    s = spec.sampling
-    plan = ShardPlan(0, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
-    source.scan(plan.rows_per_shard())
+    field = "model.path"
+    try:
+        with storage.retry_budget(VALIDATE_RETRY_S):
+            check_model_path(spec.model, spec.storage)
+            field = "prompts.path"
+            source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage)
+            source.check()
+            field = "output.path"
+            check_output(spec)
+            field = "prompts.path"
+            s = spec.sampling
+            plan = ShardPlan(0, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
+            source.scan(plan.rows_per_shard())
+    except storage.StorageError as e:
+        raise SpecError(f"{field}: {e}") from None
     plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
     return Prepared(spec, source, plan)
 
 
 def plan_summary(p: Prepared) -> dict[str, Any]:
     """What ``--dry-run`` prints: sizes of the plan and what is already done."""
-    done = done_shards(p.spec.output.path, range(p.plan.num_shards), p.spec.fingerprint())
+    done = done_shards(p.spec.output.path, range(p.plan.num_shards), p.spec.fingerprint(),
+                       storage_options=p.spec.storage)
     return {
         "prompts": p.plan.num_prompts,
         "samples": p.plan.num_samples,
@@ -103,14 +133,16 @@ def _versions() -> dict[str, str]:
 def _write_start_files(p: Prepared) -> None:
     from omegaconf import OmegaConf
 
-    out = p.spec.output.path
-    os.makedirs(out, exist_ok=True)
-    storage.write_bytes(storage.join(out, "job.yaml"), OmegaConf.to_yaml(OmegaConf.structured(p.spec)).encode())
+    out, opts = p.spec.output.path, p.spec.storage
+    resolved = OmegaConf.structured(p.spec)
+    resolved.storage = storage.redact(p.spec.storage)
+    storage.write_bytes(storage.join(out, "job.yaml"), OmegaConf.to_yaml(resolved).encode(), opts)
     storage.write_json(
         storage.join(out, "plan.json"),
         {"kind": "generate", "fingerprint": p.spec.fingerprint(), "prompts": p.plan.num_prompts,
          "samples": p.plan.num_samples, "shards": p.plan.num_shards,
          "samples_per_shard": p.plan.samples_per_shard},
+        opts,
     )
 
 
@@ -149,11 +181,11 @@ def run(p: Prepared) -> dict[str, Any]:
     from synthmill.cluster.pool import ProgressCounter, ShardPool
     from synthmill.sharding.index import merge_index
 
-    spec, plan, out = p.spec, p.plan, p.spec.output.path
+    spec, plan, out, opts = p.spec, p.plan, p.spec.output.path, p.spec.storage
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     _write_start_files(p)
-    markers = done_shards(out, range(plan.num_shards), spec.fingerprint(), spec.output.resume_check)
+    markers = done_shards(out, range(plan.num_shards), spec.fingerprint(), spec.output.resume_check, opts)
     resumed = len(markers)
     todo = [k for k in range(plan.num_shards) if k not in markers]
     log.info("%d shards planned, %d already done, %d to run", plan.num_shards, resumed, len(todo))
@@ -180,19 +212,18 @@ def run(p: Prepared) -> dict[str, Any]:
         if report.failed:
             failures = {f"{k:06d}": err for k, err in sorted(report.failed.items())}
             storage.write_json(storage.join(out, "failures.json"),
-                               {"failed_shards": failures, "shards_done": len(markers), "shards": plan.num_shards})
+                               {"failed_shards": failures, "shards_done": len(markers), "shards": plan.num_shards}, opts)
             names = ", ".join(list(failures)[:10]) + (" ..." if len(failures) > 10 else "")
             first = next(iter(failures.values()))
             raise JobFailed(f"{len(failures)} of {plan.num_shards} shards failed ({names}); first error: {first}. "
                             f"Run the same command again to retry them; done shards are kept.")
-    failures_url = storage.join(out, "failures.json")
-    if os.path.exists(failures_url):
-        os.unlink(failures_url)
-    n_index = merge_index(out, range(plan.num_shards))
+    storage.remove(storage.join(out, "failures.json"), opts)
+    n_index = merge_index(out, range(plan.num_shards), opts)
     assert n_index == plan.num_samples, f"index has {n_index} rows for {plan.num_samples} samples"
-    for name in os.listdir(os.path.join(out, "shards")):
-        if name.startswith(".") and name.endswith(TMP_SUFFIX):  # temporaries of attempts that died
-            os.unlink(os.path.join(out, "shards", name))
+    if storage.is_local(out):
+        for name in os.listdir(os.path.join(out, "shards")):
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):  # temporaries of attempts that died
+                os.unlink(os.path.join(out, "shards", name))
     elapsed = time.perf_counter() - t0
     generated = sum(len(plan.samples(k)) for k in todo)
     summary = {
@@ -218,5 +249,5 @@ def run(p: Prepared) -> dict[str, Any]:
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    storage.write_json(storage.join(out, "summary.json"), summary)
+    storage.write_json(storage.join(out, "summary.json"), summary, opts)
     return summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 from omegaconf import MISSING
 
@@ -89,6 +89,9 @@ class GenerateSpec:
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    # fsspec storage options for every remote URL (e.g. endpoint_url); credentials normally come from
+    # the standard AWS environment variables. Secret values never reach job.yaml or messages.
+    storage: Dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Ranges and cross-field rules; raises SpecError naming the field."""

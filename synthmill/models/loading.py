@@ -23,13 +23,19 @@ def is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and "://" not in path and bool(_HUB_ID.match(path))
 
 
-def check_model_path(model: Any) -> str:
-    """Check ``model.path`` without loading anything; return 'hub' or 'local'. Raises SpecError."""
+def check_model_path(model: Any, storage_options: dict[str, Any] | None = None) -> str:
+    """Check ``model.path`` without loading anything; return 'hub', 'remote' or 'local'. Raises SpecError."""
     path = model.path
     if is_hub_id(path):
         return "hub"
-    if "://" in path:
-        raise SpecError(f"model.path {path}: remote model folders are not supported by this version; use a local folder or a hub id")
+    if "://" in path and not path.startswith("file://"):
+        from synthmill.sharding import storage
+
+        fs, inner = storage.filesystem(path, storage_options)
+        index = f"{inner.rstrip('/')}/model_index.json"
+        if not storage.retrying(path, "check", lambda: fs.exists(index)):
+            raise SpecError(f"model.path {path}: not a diffusers pipeline folder (no model_index.json there)")
+        return "remote"
     if not os.path.isdir(path):
         raise SpecError(f"model.path {path}: folder not found (and not a hub id of the form org/name)")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -55,8 +61,11 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_pipeline(model: Any, device: str):
-    """Load the pipeline named by ``model`` (a ModelSpec) onto ``device``, ready for inference."""
+def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | None = None):
+    """Load the pipeline named by ``model`` (a ModelSpec) onto ``device``, ready for inference.
+
+    A remote folder (``s3://...``) is first copied to this node's cache (models/fetch.py).
+    """
     import diffusers
     from diffusers import DiffusionPipeline
 
@@ -83,7 +92,12 @@ def load_pipeline(model: Any, device: str):
     if not model.safety_checker:
         kwargs["safety_checker"] = None
         kwargs["requires_safety_checker"] = False
-    pipe = DiffusionPipeline.from_pretrained(model.path, **kwargs)
+    path = model.path
+    if "://" in path and not path.startswith("file://"):
+        from synthmill.models.fetch import local_model_path
+
+        path = local_model_path(path, storage_options)
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     apply_scheduler(pipe, model.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

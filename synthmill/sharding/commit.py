@@ -50,11 +50,15 @@ def commit_shard(
 
 def _sha256(url: str, storage_options: dict[str, Any] | None) -> str:
     fs, path = storage.filesystem(url, storage_options)
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    return storage.retrying(url, "hash", digest)
 
 
 def done_shards(

@@ -43,9 +43,8 @@ def merge_index(output: str, shard_ids: Iterable[int], storage_options: dict[str
     os.close(fd)
     with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
         for k in shard_ids:
-            fs, path = storage.filesystem(index_part_url(output, k), storage_options)
-            with fs.open(path, "rb") as fh:
-                table = pq.read_table(fh).cast(INDEX_SCHEMA)
+            data = storage.read_bytes(index_part_url(output, k), storage_options)
+            table = pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
             writer.write_table(table)
             n += table.num_rows
     try:

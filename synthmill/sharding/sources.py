@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from synthmill.errors import SpecError
-from synthmill.sharding.storage import filesystem
+from synthmill.sharding.storage import filesystem, retrying
 
 
 @dataclass
@@ -277,8 +277,8 @@ def open_source(url: str, column: str, limit: int | None, storage_options: dict[
     if suffix not in SOURCES:
         raise SpecError(f"prompts.path {url}: unknown prompt file type {suffix or '(none)'!r} (known: {', '.join(SOURCES)})")
     fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
+    if not retrying(url, "open", lambda: fs.exists(path)):
         raise SpecError(f"prompts.path {url}: file not found")
-    if fs.isdir(path):
+    if retrying(url, "open", lambda: fs.isdir(path)):
         raise SpecError(f"prompts.path {url}: is a folder, not a prompt file")
     return SOURCES[suffix](url=url, column=column, limit=limit, storage_options=storage_options)

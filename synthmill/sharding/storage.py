@@ -3,27 +3,129 @@
 Commit semantics (DESIGN.md invariant 3): :func:`put_file` and :func:`write_bytes` make an object
 visible only when it is complete: locally by writing a temporary sibling and renaming it over the
 target (atomic on POSIX), on object stores by a single completed upload.
+
+Every remote call goes through :func:`retrying`: transient errors (connection refused or reset,
+timeouts, 5xx, throttling) are retried with exponential backoff for up to ``RETRY_SECONDS``; a
+permanent one (no such bucket or key, access denied) is raised at once. Errors name the URL, never
+the credentials: storage options are passed to fsspec and never formatted into messages.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import random
+import time
 import uuid
-from typing import Any
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for ``url`` and the path inside it."""
-    return url_to_fs(url, **(storage_options or {}))
+#: How long a transient storage outage is ridden out before the operation fails.
+RETRY_SECONDS = float(os.environ.get("SYNTHMILL_STORAGE_RETRY_SECONDS", "120"))
+
+_budget: ContextVar[float | None] = ContextVar("storage_retry_budget", default=None)
+
+
+@contextmanager
+def retry_budget(seconds: float) -> Iterator[None]:
+    """Within the block, give up on a transient error after ``seconds`` (validation wants a quick answer)."""
+    token = _budget.set(seconds)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+#: Storage option keys whose values are secrets: never written to job.yaml, logs or messages.
+SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+              ValueError, TypeError, KeyError)
+_TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                    "ServiceUnavailable", "RequestTimeTooSkewed", "503", "500", "502", "504")
+
+
+class StorageError(OSError):
+    """A storage operation failed for good; the message names the URL."""
 
 
 def is_local(url: str) -> bool:
     """True for plain paths and ``file://`` URLs."""
     return "://" not in url or url.startswith("file://")
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``url`` and the path inside it (options apply to remote URLs only)."""
+    return url_to_fs(url, **({} if is_local(url) else dict(storage_options or {})))
+
+
+def redact(options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options with secret values replaced, for job.yaml and messages."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(w in k.lower() for w in SECRET_OPTION_WORDS) and v is not None:
+            out[k] = "<redacted>"
+        else:
+            out[k] = v
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the same storage call may succeed."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    text = f"{type(exc).__name__} {exc}"
+    if isinstance(exc, (ConnectionError, TimeoutError)) or any(c in text for c in _TRANSIENT_CODES):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT,
+                                                   errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return True
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                         "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
+                         "ClientOSError", "ClientPayloadError", "IncompleteReadError", "ResponseStreamingError"})
+
+
+def retrying(url: str, what: str, fn: Callable[[], T], budget_s: float | None = None) -> T:
+    """Call ``fn`` (a storage operation on ``url``), retrying transient errors with backoff."""
+    if is_local(url):
+        return fn()
+    budget = budget_s if budget_s is not None else (_budget.get() or RETRY_SECONDS)
+    deadline, delay = time.monotonic() + budget, 0.25
+    while True:
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # classified below: transient ones are retried, others re-raised
+            if not is_transient(e):
+                raise StorageError(f"{what} {url}: {type(e).__name__}: {e}") from e
+            if time.monotonic() + delay > deadline:
+                raise StorageError(f"{what} {url}: still failing after {budget:.0f}s of retries: "
+                                   f"{type(e).__name__}: {e}") from e
+            log.warning("%s %s: %s; retrying in %.1fs", what, url, type(e).__name__, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 8.0)
+            _invalidate(url)
+
+
+def _invalidate(url: str) -> None:
+    try:
+        fs, path = url_to_fs(url)
+        fs.invalidate_cache(path)
+    except Exception:  # only a cache: never let it mask the real error
+        pass
 
 
 def join(url: str, *parts: str) -> str:
@@ -55,7 +157,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
                 os.unlink(tmp)
         return
     fs, path = filesystem(url, storage_options)
-    fs.pipe_file(path, data)
+    retrying(url, "write", lambda: fs.pipe_file(path, data))
 
 
 def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -73,7 +175,7 @@ def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None =
             os.replace(tmp, dest)
         return
     fs, path = filesystem(url, storage_options)
-    fs.put_file(local_path, path)
+    retrying(url, "upload", lambda: fs.put_file(local_path, path))
 
 
 def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
@@ -81,21 +183,39 @@ def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None
     write_bytes(url, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), storage_options)
 
 
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The whole object at ``url`` (FileNotFoundError if it does not exist)."""
+    fs, path = filesystem(url, storage_options)
+    return retrying(url, "read", lambda: fs.cat_file(path))
+
+
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     """Read a JSON file; ``None`` if it does not exist."""
-    fs, path = filesystem(url, storage_options)
     try:
-        with fs.open(path, "rb") as fh:
-            return json.loads(fh.read())
+        return json.loads(read_bytes(url, storage_options))
     except FileNotFoundError:
         return None
+
+
+def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete one file if it exists."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        retrying(url, "delete", lambda: fs.rm_file(path))
+    except FileNotFoundError:
+        pass
 
 
 def list_sizes(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
     """Names (not paths) -> sizes of the files directly in folder ``url``; empty if it does not exist."""
     fs, path = filesystem(url, storage_options)
+
+    def ls() -> list[dict[str, Any]]:
+        fs.invalidate_cache(path)  # others write here: never trust a cached listing
+        return fs.ls(path, detail=True)
+
     try:
-        entries = fs.ls(path, detail=True)
+        entries = retrying(url, "list", ls)
     except FileNotFoundError:
         return {}
     return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e.get("type") == "file"}

@@ -1,0 +1,224 @@
+"""``s3://`` for prompts, model and output, against a real S3-protocol server (moto) on 127.0.0.1.
+
+The server enforces credentials (IAM auth on), so a wrong key is really refused. Credentials reach
+the Ray actors through the spec's ``storage`` options, which also checks that secrets never appear
+in job.yaml, summary.json or markers; the driver-only commands also get them from the standard AWS
+environment variables with no storage section at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from synthmill.cli import main
+from tests.conftest import run_job, tar_hashes
+from tests.netproxy import FlakyProxy
+
+SECRET = "s3cr3t-value-that-must-never-leak"
+
+
+@pytest.fixture(scope="module")
+def s3(tiny_sd, prompts_tsv):
+    """A moto server with IAM auth, a user with full access, and bucket 'synth' holding prompts and the model."""
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    import boto3
+    import moto.settings
+    from moto.server import ThreadedMotoServer
+
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 3  # the three IAM calls below; every later call is authenticated
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="synth")
+    key = iam.create_access_key(UserName="synth")["AccessKey"]
+    iam.put_user_policy(UserName="synth", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    creds = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True, **creds)
+    fs.mkdir("synth")
+    fs.put_file(prompts_tsv, "synth/prompts/prompts.tsv")
+    fs.put(tiny_sd, "synth/models/tiny-sd", recursive=True)
+    fs.pipe_file("synth/afile", b"not a folder")
+    yield {"endpoint": endpoint, "port": port, "creds": creds, "fs": fs}
+    server.stop()
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
+
+
+def s3_spec(reference_spec: dict, s3: dict, output: str, endpoint: str | None = None) -> dict:
+    spec = json.loads(json.dumps(reference_spec))
+    spec["model"]["path"] = "s3://synth/models/tiny-sd"
+    spec["prompts"]["path"] = "s3://synth/prompts/prompts.tsv"
+    spec["output"]["path"] = output
+    spec["storage"] = {"endpoint_url": endpoint or s3["endpoint"], "key": s3["creds"]["key"], "secret": SECRET}
+    return spec
+
+
+def members(tar_bytes: bytes) -> dict[str, bytes]:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+def same_samples_except_model_path(remote: dict[str, bytes], local: dict[str, bytes]) -> None:
+    """Images and prompts identical; metadata identical except the model path it names."""
+    assert remote.keys() == local.keys()
+    for name in remote:
+        if name.endswith(".json"):
+            a, b = json.loads(remote[name]), json.loads(local[name])
+            assert a.pop("model") == "s3://synth/models/tiny-sd"
+            b.pop("model")
+            assert a == b, name
+        else:
+            assert remote[name] == local[name], name
+
+
+def remote_hashes(fs, prefix: str) -> dict[str, str]:
+    return {
+        os.path.basename(p): hashlib.sha256(fs.cat_file(p)).hexdigest()
+        for p in sorted(fs.glob(f"{prefix}/shards/*.tar"))
+    }
+
+
+def with_secret(spec: dict, s3: dict) -> dict:
+    spec["storage"]["secret"] = s3["creds"]["secret"]
+    return spec
+
+
+def test_generate_from_and_to_s3_matches_local_samples(reference, s3, write_spec, tmp_path, monkeypatch, capsys):
+    ref_spec, ref_out = reference
+    spec = with_secret(s3_spec(ref_spec, s3, "s3://synth/runs/a"), s3)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SYNTHMILL_CACHE", str(cache))  # the driver's env; actors use their node's cache
+    summary = run_job(write_spec, spec)
+    assert summary["samples"] == 22
+    fs = s3["fs"]
+    fs.invalidate_cache()
+    assert sorted(remote_hashes(fs, "synth/runs/a")) == sorted(tar_hashes(ref_out))
+    for k in range(5):
+        same_samples_except_model_path(members(fs.cat_file(f"synth/runs/a/shards/{k:06d}.tar")),
+                                       members(open(os.path.join(ref_out, "shards", f"{k:06d}.tar"), "rb").read()))
+    first = remote_hashes(fs, "synth/runs/a")
+    secret = s3["creds"]["secret"]
+    for name in ["job.yaml", "summary.json", "plan.json", "shards/000000.json", "shards/000004.json"]:
+        text = fs.cat_file(f"synth/runs/a/{name}").decode()
+        assert secret not in text, name
+    job = fs.cat_file("synth/runs/a/job.yaml").decode()
+    assert "secret: <redacted>" in job and s3["endpoint"] in job
+    # Resume on S3: drop a marker, run again, only that shard runs.
+    fs.rm_file("synth/runs/a/shards/000002.json")
+    again = run_job(write_spec, spec)
+    assert (again["shards_resumed"], again["shards_run"]) == (4, 1)
+    fs.invalidate_cache()
+    assert remote_hashes(fs, "synth/runs/a") == first
+
+
+def test_status_and_dry_run_with_aws_environment_only(reference, s3, write_spec):
+    """No storage section: endpoint and credentials come from AWS_* variables, as on a real cluster."""
+    ref_spec, _ = reference
+    if not s3["fs"].exists("synth/runs/a/summary.json"):
+        pytest.fail("needs test_generate_from_and_to_s3_matches_local_samples to have run first")
+    spec = s3_spec(ref_spec, s3, "s3://synth/runs/a")
+    del spec["storage"]
+    path = write_spec(spec)
+    env = dict(os.environ, AWS_ENDPOINT_URL=s3["endpoint"], AWS_ACCESS_KEY_ID=s3["creds"]["key"],
+               AWS_SECRET_ACCESS_KEY=s3["creds"]["secret"])
+    exe = os.path.join(os.path.dirname(sys.executable), "synthmill")
+    dry = subprocess.run([exe, "run", path, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr[-1500:]
+    assert json.loads(dry.stdout)["shards_done"] == 5
+    st = subprocess.run([exe, "status", "s3://synth/runs/a"], env=env, capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0, st.stderr[-1500:]
+    assert "5 / 5 done" in st.stdout and "complete" in st.stdout
+    assert s3["creds"]["secret"] not in dry.stdout + dry.stderr + st.stdout + st.stderr
+
+
+def bad(capsys, write_spec, spec: dict, *needles: str) -> str:
+    t0 = time.monotonic()
+    code = main(["validate", write_spec(spec)])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2, line
+    for n in needles:
+        assert n in line, (n, line)
+    assert SECRET not in line
+    assert time.monotonic() - t0 < 60
+    return line
+
+
+def test_bad_s3_inputs_exit_2_naming_the_url(reference, s3, write_spec, capsys):
+    ref_spec, _ = reference
+    good = lambda: with_secret(s3_spec(ref_spec, s3, "s3://synth/runs/bad"), s3)  # noqa: E731
+    spec = good()
+    spec["output"]["path"] = "s3://no-such-bucket/out"
+    bad(capsys, write_spec, spec, "s3://no-such-bucket/out", "bucket 'no-such-bucket' does not exist")
+    spec = good()
+    spec["output"]["path"] = "s3://synth/afile"
+    bad(capsys, write_spec, spec, "s3://synth/afile", "is a file")
+    spec = good()
+    spec["prompts"]["path"] = "s3://synth/prompts/missing.tsv"
+    bad(capsys, write_spec, spec, "s3://synth/prompts/missing.tsv", "not found")
+    spec = good()
+    spec["model"]["path"] = "s3://synth/models/nothing-here"
+    bad(capsys, write_spec, spec, "s3://synth/models/nothing-here", "model_index.json")
+    spec = s3_spec(ref_spec, s3, "s3://synth/runs/bad")  # SECRET is not the user's secret
+    bad(capsys, write_spec, spec, "s3://synth/", "PermissionError")
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    spec = with_secret(s3_spec(ref_spec, s3, "s3://synth/runs/bad", endpoint=f"http://127.0.0.1:{dead}"), s3)
+    bad(capsys, write_spec, spec, "s3://synth/", "Could not connect")
+    assert not s3["fs"].exists("synth/runs/bad")
+
+
+def test_endpoint_outage_mid_job_is_ridden_out(reference, s3, write_spec):
+    """The S3 endpoint refuses and resets connections for several seconds while shards are committing."""
+    ref_spec, _ = reference
+    if not s3["fs"].exists("synth/runs/a/summary.json"):
+        pytest.fail("needs test_generate_from_and_to_s3_matches_local_samples to have run first")
+    proxy = FlakyProxy(("127.0.0.1", s3["port"]))
+    try:
+        spec = with_secret(s3_spec(ref_spec, s3, "s3://synth/runs/outage", endpoint=proxy.url), s3)
+        spec["cluster"]["num_actors"] = 1
+        spec["cluster"]["inflight_per_actor"] = 1
+        result: dict = {}
+
+        def job() -> None:
+            try:
+                result["summary"] = run_job(write_spec, spec)
+            except BaseException as e:  # reported by the assertion below
+                result["error"] = e
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        fs = s3["fs"]
+        deadline = time.time() + 180
+        while time.time() < deadline and not fs.glob("synth/runs/outage/shards/*.json"):
+            time.sleep(0.1)
+            fs.invalidate_cache()
+        committed = len(fs.glob("synth/runs/outage/shards/*.json"))
+        assert committed >= 1
+        proxy.outage(6.0)
+        thread.join(300)
+        assert "error" not in result, repr(result.get("error"))
+        assert committed < 5, "the outage came after the job had finished"
+        fs.invalidate_cache()
+        assert remote_hashes(fs, "synth/runs/outage") == remote_hashes(fs, "synth/runs/a")
+    finally:
+        proxy.close()
