@@ -17,14 +17,32 @@ PARTI = REPO / "configs" / "prompts" / "PartiPrompts.tsv"
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> str:
-    """A local Ray instance shared by every test (and joined by CLI subprocesses through RAY_ADDRESS)."""
-    import ray
+def ray_cluster():
+    """One real Ray cluster for the whole run (ray.cluster_utils: tests add and remove nodes).
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    addr = ray.get_runtime_context().gcs_address
-    yield addr
+    The head node has the machine's 2 CPUs; node failures are detected within a few seconds.
+    CLI subprocesses join it through RAY_ADDRESS.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+        },
+    )
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    return ray_cluster.address
 
 
 @pytest.fixture(scope="session")

@@ -280,3 +280,19 @@ def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_
     assert not os.path.exists(os.path.join(out, "failures.json"))
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert (summary["shards_resumed"], summary["shards_run"]) == (2, 1)
+
+
+def test_model_that_cannot_load_fails_once_with_its_error(ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"this is not a safetensors file")
+    spec = base_spec(str(broken), prompts_tsv, str(tmp_path / "out"))
+    t0 = time.monotonic()
+    assert main(["run", write_spec(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "5 of 5 shards failed" in err and "actor failed to start" in err
+    assert "Unable to load weights" in err and "diffusion_pytorch_model.safetensors" in err
+    assert time.monotonic() - t0 < 120
+    assert not os.path.exists(os.path.join(spec["output"]["path"], "summary.json"))

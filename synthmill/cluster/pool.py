@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,12 @@ class ShardPool:
         inflight: int = 2,
         max_attempts: int = 3,
         max_replacements: int | None = None,
+        start_timeout_s: float = 1800.0,
         tick_s: float = 0.5,
     ):
         self.make_actor, self.num_actors, self.method = make_actor, num_actors, method
         self.inflight, self.max_attempts, self.tick_s = inflight, max_attempts, tick_s
+        self.start_timeout_s = start_timeout_s
         self.max_replacements = 2 * num_actors + 2 if max_replacements is None else max_replacements
 
     def _start(self) -> _Slot:
@@ -102,6 +104,7 @@ class ShardPool:
         replacements = 0
         last_start_error = ""
         ever_live = False
+        idle_since = time.monotonic()  # since when no actor has been live (for start_timeout_s)
 
         def retire(slot: _Slot, reason: str, replace: bool = True) -> None:
             nonlocal replacements
@@ -131,11 +134,20 @@ class ShardPool:
                     s.inflight[getattr(s.handle, self.method).remote(k, report.attempts[k])] = k
             waiting = {ref: s for s in live for ref in s.inflight}
             starting = {s.ready_ref: s for s in live if not s.live}
-            if not waiting and not starting:
-                if queue:  # nothing can run the rest
-                    reason = last_start_error or "no actor could be started"
-                    for k in queue:
-                        report.failed[k] = f"not run: {reason}"
+            if not queue and not waiting:
+                break  # all shards ended; actors still starting (say, unplaceable replacements) are not needed
+            if any(s.live for s in live):
+                idle_since = time.monotonic()
+            elif starting and time.monotonic() - idle_since > self.start_timeout_s:
+                last_start_error = (f"no actor became ready within {self.start_timeout_s:.0f}s "
+                                    "(not enough free resources in the cluster?)")
+                for s in starting.values():
+                    retire(s, last_start_error, replace=False)
+                continue
+            if not waiting and not starting:  # nothing can run the rest
+                reason = f"actor failed to start: {last_start_error}" if last_start_error else "no actor could be started"
+                for k in queue:
+                    report.failed[k] = f"not run: {reason}"
                 break
             ready, _ = ray.wait(list(waiting) + list(starting), num_returns=1, timeout=self.tick_s)
             if on_tick is not None:
@@ -147,12 +159,14 @@ class ShardPool:
                         slot.info = ray.get(ref)
                         slot.live = ever_live = True
                         report.actor_infos.append(slot.info)
-                    except Exception as e:  # the actor could not load its model
+                    except Exception as e:  # the actor raised in __init__, or its process died
                         last_start_error = _short(e)
-                        log.error("actor failed to start: %s", last_start_error)
-                        # Replace it only if another actor has worked: a model that never loads
-                        # fails the job once, instead of being loaded again and again.
-                        retire(slot, last_start_error, replace=ever_live)
+                        raised = bool(getattr(e, "actor_init_failed", False))
+                        log.error("actor failed to start (%s): %s", "raised" if raised else "died", last_start_error)
+                        # A process that died (killed, node lost) is replaced. One whose __init__ raised
+                        # (a model that cannot load) is replaced only if some actor has worked, so a
+                        # broken model fails the job once instead of being loaded again and again.
+                        retire(slot, last_start_error, replace=ever_live or not raised)
                     continue
                 slot = waiting[ref]
                 k = slot.inflight.pop(ref, None)

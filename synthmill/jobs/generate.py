@@ -198,12 +198,14 @@ def run(p: Prepared) -> dict[str, Any]:
         source_ref, plan_ref = ray.put(p.source), ray.put(plan)
         options = {"num_gpus": 1, "num_cpus": spec.cluster.cpus_per_actor} if use_gpu else {"num_cpus": spec.cluster.cpus_per_actor}
         options["max_concurrency"] = spec.cluster.inflight_per_actor + 1
+        if spec.cluster.resources:
+            options["resources"] = dict(spec.cluster.resources)
 
         def make_actor():
             return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, counter)
 
         pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
-                         max_attempts=spec.cluster.max_attempts)
+                         max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
         bar = _Progress(sum(len(plan.samples(k)) for k in todo), counter)
         try:
             report = pool.run(todo, lambda k, m: markers.__setitem__(k, m), bar.tick)

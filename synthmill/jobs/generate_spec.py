@@ -76,6 +76,8 @@ class ClusterSpec:
     inflight_per_actor: int = 2  # shards queued per actor, so encode/upload overlaps denoising
     encode_threads: int = 4
     max_attempts: int = 3  # per shard; an attempt ends in an error or with its actor's death
+    resources: Dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor (node labels)
+    start_timeout_s: float = 1800.0  # fail if no actor is ready for this long (model download included)
 
 
 @register_kind("generate")
@@ -129,6 +131,9 @@ class GenerateSpec:
         require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {c.inflight_per_actor}")
         require(1 <= c.encode_threads <= 64, "cluster.encode_threads", f"must be in 1..64, got {c.encode_threads}")
         require(1 <= c.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {c.max_attempts}")
+        require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
+        for name, amount in c.resources.items():
+            require(amount > 0, f"cluster.resources.{name}", f"must be > 0, got {amount}")
 
     def fingerprint(self) -> str:
         """Hash of every setting a shard's bytes depend on (DESIGN.md invariant 2), and nothing else.
