@@ -16,19 +16,8 @@ import sys
 import threading
 import time
 
-import psutil
-
+from benchmarks.chaos import actor_pids
 from tests.conftest import read_wds, run_job, tar_hashes
-
-
-def actor_pids() -> list[int]:
-    """PIDs of live GeneratorActor worker processes (Ray titles them 'ray::GeneratorActor')."""
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if cmd and cmd[0].startswith("ray::GeneratorActor"):
-            pids.append(p.info["pid"])
-    return pids
 
 
 def committed(output: str) -> int:

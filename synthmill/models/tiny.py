@@ -97,20 +97,19 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
         norm_num_groups=8,
         sample_size=32,
     )
+    unet_layout = dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
     if kind == "sd":
-        torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=8,
-        )
+        unet = UNet2DConditionModel(**unet_layout, cross_attention_dim=32, attention_head_dim=4)
         scheduler = PNDMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
             steps_offset=1, set_alpha_to_one=False,
@@ -126,15 +125,8 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
             requires_safety_checker=False,
         )
     # SDXL: two text encoders (the second with a projection), micro-conditioning on sizes.
-    torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **unet_layout,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -142,7 +134,6 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=64,
-        norm_num_groups=8,
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,

@@ -72,6 +72,19 @@ class PromptSource(abc.ABC):
     def _cap(self, n: int) -> int:
         return n if self.limit is None else min(n, self.limit)
 
+    def _record(self, positions: Iterator[int], stride: int) -> int:
+        """Count rows from their byte positions (up to ``limit``), keeping every ``stride``-th one."""
+        self.stride, self.offsets = stride, []
+        n = 0
+        for index, pos in enumerate(positions):
+            if self.limit is not None and index >= self.limit:
+                break
+            if index % stride == 0:
+                self.offsets.append(pos)
+            n = index + 1
+        self.num_rows = n
+        return n
+
 
 class _LineSource(PromptSource):
     """Formats with one record per physical line (.txt, .jsonl)."""
@@ -97,17 +110,8 @@ class _LineSource(PromptSource):
         raise SpecError(f"prompts.path {self.url}: the prompt source is empty (no rows)")
 
     def scan(self, stride: int) -> int:
-        self.stride, self.offsets = stride, []
-        n = 0
         with self.open() as fh:
-            for index, pos, _ in self._lines(fh, 0):
-                if self.limit is not None and index >= self.limit:
-                    break
-                if index % stride == 0:
-                    self.offsets.append(pos)
-                n = index + 1
-        self.num_rows = n
-        return n
+            return self._record((pos for _, pos, _ in self._lines(fh, 0)), stride)
 
     def read_rows(self, start: int, stop: int) -> list[Row]:
         block = start // self.stride
@@ -186,19 +190,10 @@ class DelimitedSource(PromptSource):
                 raise SpecError(f"prompts.path {self.url}: the prompt source is empty (a header, no rows)")
 
     def scan(self, stride: int) -> int:
-        self.stride, self.offsets = stride, []
-        n = 0
         with self.open() as fh:
             records, header = self._reader(fh)
             self.col_index = self._col(header)
-            for index, (pos, _) in enumerate(records):
-                if self.limit is not None and index >= self.limit:
-                    break
-                if index % stride == 0:
-                    self.offsets.append(pos)
-                n = index + 1
-        self.num_rows = n
-        return n
+            return self._record((pos for pos, _ in records), stride)
 
     def read_rows(self, start: int, stop: int) -> list[Row]:
         block = start // self.stride
