@@ -1,0 +1,371 @@
+"""Generate throughput: a plain diffusers loop vs synthmill's actor path vs ``synthmill run``.
+
+The same model, prompts (the first N captions of ``configs/prompts/coco2014_5k_captions.tsv``), steps,
+resolution, guidance and batch size go through:
+
+(a) a plain diffusers script: ``DiffusionPipeline.from_pretrained``, one pipeline call per batch with
+    per-sample ``torch.Generator("cpu").manual_seed(seed + i)``, PIL PNG encoding and
+    ``webdataset.TarWriter``, all sequential in one thread;
+(b) synthmill's per-actor path in-process: ``prepare(spec)``, then ``ShardGenerator.process_shard(k)``
+    for every shard, without Ray (the steady state of one actor);
+(c) ``synthmill run spec.yaml cluster.num_actors=1`` through the real CLI, in a fresh process.
+
+Steady state: (a) and (b) are timed in this process after one uncounted warm-up batch each, model load
+excluded, ``--repeats`` times, interleaved so that drifts in machine speed hit both; the best counts.
+End to end: (a)'s first run (imports timed at process start, load, every batch with no warm-up) against
+the wall time of (c) (process start, imports, Ray start, actor load, generation, index, summary).
+Without ``--model`` a tiny seeded SD pipeline (``synthmill.models.tiny``) is built in a temporary folder.
+On CUDA both use float16 (what ``dtype: auto`` picks), on CPU float32.
+
+    python -m benchmarks.generate                 # the CPU numbers of RESULTS.md
+    python -m benchmarks.generate --smoke         # under a minute; what tests/test_benchmarks.py runs
+    python -m benchmarks.generate --model /models/sd-1.5 --size 512 --steps 25 --prompts 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS_TSV = REPO / "configs" / "prompts" / "coco2014_5k_captions.tsv"
+GOAL = 0.95  # steady state (b)/(a) that the generate path must reach
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every variant runs with."""
+
+    model: str
+    prompts: int
+    steps: int
+    size: int
+    batch_size: int
+    samples_per_shard: int
+    guidance_scale: float
+    seed: int
+    repeats: int
+    cpus_per_actor: int | None  # None: the plain loop's torch thread count on CPU, the spec default on GPU
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One row of the table."""
+
+    variant: str
+    timed: str
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+def read_prompts(n: int) -> list[str]:
+    """The first ``n`` captions of the COCO TSV (blank cells as '', as synthmill reads them)."""
+    with open(PROMPTS_TSV, encoding="utf-8", newline="") as fh:
+        rows = csv.DictReader(fh, delimiter="\t")
+        prompts = [(row["caption"] or "") for _, row in zip(range(n), rows)]
+    if len(prompts) < n:
+        raise ValueError(f"{PROMPTS_TSV} has only {len(prompts)} prompts, asked for {n}")
+    return [p if p.strip() else "" for p in prompts]
+
+
+def device_and_dtype() -> tuple[str, Any]:
+    """What synthmill's ``dtype: auto`` picks: float16 on CUDA, float32 on CPU."""
+    import torch
+
+    return ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+# -- (a) the plain diffusers script ----------------------------------------------------------------
+
+
+def load_plain(model: str) -> Any:
+    """``DiffusionPipeline.from_pretrained`` on the device, progress bars off."""
+    from diffusers import DiffusionPipeline
+
+    device, dtype = device_and_dtype()
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain_batch(pipe: Any, cfg: Settings, prompts: list[str], first_seed: int) -> Any:
+    """One pipeline call; uint8 NHWC images."""
+    import numpy as np
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(first_seed + j) for j in range(len(prompts))]
+    out = pipe(prompt=prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+               height=cfg.size, width=cfg.size, generator=generators, output_type="np")
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def plain_generate(pipe: Any, cfg: Settings, prompts: list[str], out_dir: str) -> None:
+    """Generate every prompt batch by batch, PNG-encode with PIL and write tars of ``samples_per_shard``."""
+    import webdataset as wds
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    writer = None
+    for lo in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[lo:lo + cfg.batch_size]
+        for j, (prompt, image) in enumerate(zip(batch, plain_batch(pipe, cfg, batch, cfg.seed + lo))):
+            i = lo + j
+            if i % cfg.samples_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                writer = wds.TarWriter(os.path.join(out_dir, f"{i // cfg.samples_per_shard:06d}.tar"))
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            meta = {"key": f"{i:010d}", "prompt": prompt, "seed": cfg.seed + i, "steps": cfg.steps}
+            writer.write({"__key__": f"{i:010d}", "png": buf.getvalue(), "txt": prompt, "json": meta})
+    if writer is not None:
+        writer.close()
+
+
+# -- (b) synthmill's actor path, in-process ---------------------------------------------------------
+
+
+def write_spec(cfg: Settings, path: str, cpus_per_actor: int | None) -> None:
+    """The generate spec that (b) and (c) share (``output.path`` comes as an override)."""
+    import yaml
+
+    cluster: dict[str, Any] = {"num_actors": 1, "batch_size": cfg.batch_size}
+    if cpus_per_actor is not None:
+        cluster["cpus_per_actor"] = cpus_per_actor
+    spec = {
+        "kind": "generate",
+        "model": {"path": cfg.model},
+        "prompts": {"path": str(PROMPTS_TSV), "column": "caption", "limit": cfg.prompts},
+        "sampling": {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "height": cfg.size,
+                     "width": cfg.size, "seed": cfg.seed},
+        "output": {"path": "unset", "format": "png", "samples_per_shard": cfg.samples_per_shard},
+        "cluster": cluster,
+    }
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(spec, fh, sort_keys=False)
+
+
+def load_generator(spec_path: str, out_dir: str) -> Any:
+    """``load_spec`` + ``prepare`` + a ``ShardGenerator`` (loads the pipeline), exactly as an actor does."""
+    from synthmill.cluster.generator import ShardGenerator
+    from synthmill.jobs.generate import prepare
+    from synthmill.jobs.spec import load_spec
+
+    prepared = prepare(load_spec(spec_path, [f"output.path={out_dir}"]))
+    return ShardGenerator(prepared.spec, prepared.source, prepared.plan)
+
+
+def synthmill_generate(gen: Any) -> None:
+    """Every shard of the plan, one after another, as one actor would run them."""
+    for k in range(gen.plan.num_shards):
+        gen.process_shard(k)
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+
+def import_plain_stack() -> float:
+    """Import what the plain script imports (and what loading an SD pipeline pulls in); return seconds.
+
+    Called first thing, so the end-to-end (a) number counts the imports as a fresh script would.
+    """
+    t0 = time.perf_counter()
+    import numpy  # noqa: F401
+    import PIL.Image  # noqa: F401
+    import torch  # noqa: F401
+    import webdataset  # noqa: F401
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    return time.perf_counter() - t0
+
+
+def run_timed(cmd: list[str], what: str) -> float:
+    """Wall seconds of ``cmd`` (run from the repository root); raises with its output tail if it fails.
+
+    ``RAY_ADDRESS`` is dropped: ``synthmill run`` starts its own local Ray, on the machine (a) ran on.
+    """
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
+    return seconds
+
+
+def synthmill_command() -> list[str]:
+    """The installed ``synthmill`` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("synthmill")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "synthmill.cli"]
+
+
+def same_pixels(plain_dir: str, synthmill_dir: str) -> tuple[int, int]:
+    """(samples with identical decoded PNGs, samples) between the (a) and (b) tars."""
+    import numpy as np
+    from PIL import Image
+
+    def images(folder: str) -> dict[str, Any]:
+        out = {}
+        for tar_path in sorted(Path(folder).glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".png"):
+                        out[m.name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())))
+        return out
+
+    a, b = images(plain_dir), images(os.path.join(synthmill_dir, "shards"))
+    return sum(k in b and np.array_equal(v, b[k]) for k, v in a.items()), len(a)
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+def benchmark(cfg: Settings, work: str, import_s: float) -> list[Timing]:
+    """Run (a), (b) and (c) in ``work``; print what was measured; return the table rows.
+
+    ``import_s`` is the time :func:`import_plain_stack` took at process start: the first (a) run
+    (load, then every batch with no warm-up) plus it is the end-to-end time of the plain script.
+    """
+    import torch
+
+    prompts = read_prompts(cfg.prompts)
+    device, dtype = device_and_dtype()
+    threads = torch.get_num_threads()
+    # By default the one actor gets the CPU threads that the plain loop uses.
+    actor_threads = (cfg.cpus_per_actor or threads) if device == "cpu" else cfg.cpus_per_actor
+    spec_path = os.path.join(work, "spec.yaml")
+    write_spec(cfg, spec_path, actor_threads)
+    print(f"model {cfg.model}; {cfg.prompts} prompts, {cfg.size}x{cfg.size}, {cfg.steps} steps, "
+          f"guidance {cfg.guidance_scale}, batch {cfg.batch_size}, {cfg.samples_per_shard} samples/shard; "
+          f"device {device} ({str(dtype).replace('torch.', '')}), torch threads (a) {threads}, "
+          f"cluster.cpus_per_actor {actor_threads or 'default'}; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    t0 = time.perf_counter()
+    pipe = load_plain(cfg.model)
+    plain_load = time.perf_counter() - t0
+    plain_generate(pipe, cfg, prompts, os.path.join(work, "a-cold"))
+    plain_cold = import_s + time.perf_counter() - t0
+    print(f"(a) end to end: imports {import_s:.2f} s + load {plain_load:.2f} s + generation "
+          f"{plain_cold - import_s - plain_load:.2f} s", flush=True)
+
+    gen = load_generator(spec_path, os.path.join(work, "b"))
+    gen_threads = torch.get_num_threads()  # what ShardGenerator set; the count is process-wide
+    plain_batch(pipe, cfg, prompts[:cfg.batch_size], cfg.seed)  # warm-ups, not counted
+    gen.denoise(gen.samples(0)[:cfg.batch_size])
+    plain_s, synthmill_s = [], []
+    for r in range(cfg.repeats):  # interleaved, so drifts in machine speed hit both alike
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        plain_generate(pipe, cfg, prompts, os.path.join(work, "a"))
+        plain_s.append(time.perf_counter() - t0)
+        torch.set_num_threads(gen_threads)
+        t0 = time.perf_counter()
+        synthmill_generate(gen)
+        synthmill_s.append(time.perf_counter() - t0)
+        print(f"repeat {r + 1}/{cfg.repeats}: (a) {plain_s[-1]:.2f} s, (b) {synthmill_s[-1]:.2f} s", flush=True)
+    print(f"(b) load {gen.load_s:.2f} s; share of its timed loops spent denoising "
+          f"{gen.busy_s / sum(synthmill_s) * 100:.0f}%")
+    same, total = same_pixels(os.path.join(work, "a"), os.path.join(work, "b"))
+    print(f"identical images (a) vs (b): {same}/{total}", flush=True)
+    del pipe, gen
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the synthmill run below needs the GPU memory
+
+    cli_out = os.path.join(work, "c")
+    cli = run_timed([*synthmill_command(), "run", spec_path, f"output.path={cli_out}", "cluster.num_actors=1"],
+                    "synthmill run (c)")
+    with open(os.path.join(cli_out, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    print(f"(c) summary.json: {summary['images_per_s']:.3f} images/s over its own {summary['elapsed_s']:.1f} s "
+          f"(inside run(): Ray start, actor load, generation, index); load average {os.getloadavg()[0]:.2f}",
+          flush=True)
+
+    n = len(prompts)
+    steady = f"generation loop after warm-up (best of {cfg.repeats})"
+    return [
+        Timing("(a) plain diffusers loop", steady, n, min(plain_s)),
+        Timing("(b) synthmill ShardGenerator.process_shard, in-process", steady, n, min(synthmill_s)),
+        Timing("(a) plain diffusers loop", "end to end: imports, load, generation (no warm-up)", n, plain_cold),
+        Timing("(c) `synthmill run`, cluster.num_actors=1",
+               "end to end: process start, Ray start, load, generation", n, cli),
+    ]
+
+
+def render(rows: list[Timing]) -> str:
+    """The markdown table and the ratio line."""
+    lines = ["| variant | timed | images | seconds | images/s |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {t.variant} | {t.timed} | {t.images} | {t.seconds:.2f} | {t.images_per_s:.3f} |" for t in rows]
+    steady = rows[1].images_per_s / rows[0].images_per_s
+    e2e = rows[3].images_per_s / rows[2].images_per_s
+    verdict = "met" if steady >= GOAL else "NOT met"
+    lines.append("")
+    lines.append(f"ratios: steady state (b)/(a) = {steady:.3f} (goal >= {GOAL}: {verdict}); "
+                 f"end to end (c)/(a) = {e2e:.3f}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="diffusers pipeline folder (default: a tiny seeded SD pipeline built here)")
+    p.add_argument("--prompts", type=int, default=48, help="first N COCO captions (default 48)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
+    p.add_argument("--size", type=int, default=128, help="image height and width in pixels (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed loops of (a) and (b), best counts (default 3)")
+    p.add_argument("--cpus-per-actor", type=int, default=None,
+                   help="cluster.cpus_per_actor for (b) and (c) (default on CPU: the plain loop's torch threads)")
+    p.add_argument("--smoke", action="store_true", help="tiny fast run: 4 prompts, 32 px, 2 steps, batch 2")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and run; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.smoke:
+        args.prompts, args.size, args.steps, args.batch_size = 4, 32, 2, 2
+        args.samples_per_shard, args.repeats = 2, 1
+    for name in ("prompts", "steps", "size", "batch_size", "samples_per_shard", "repeats", "cpus_per_actor"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.size % 8:
+        raise SystemExit(f"--size must be a multiple of 8, got {args.size}")
+    import_s = import_plain_stack()
+    with tempfile.TemporaryDirectory(prefix="synthmill-bench-") as work:
+        model = args.model
+        if model is None:
+            from synthmill.models.tiny import save_tiny_pipeline
+
+            model = save_tiny_pipeline(os.path.join(work, "tiny-sd"), "sd")
+        model = os.path.abspath(model) if os.path.exists(model) else model
+        cfg = Settings(model, args.prompts, args.steps, args.size, args.batch_size, args.samples_per_shard,
+                       args.guidance_scale, args.seed, args.repeats, args.cpus_per_actor)
+        rows = benchmark(cfg, work, import_s)
+    print()
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The benchmarks run: each one's ``--smoke`` mode end to end, in a fresh interpreter."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_generate_benchmark_smoke() -> None:
+    """``python -m benchmarks.generate --smoke`` runs (a), (b) and (c) and prints the ratios."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.generate", "--smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^ratios: steady state \(b\)/\(a\) = \d+\.\d+ .*end to end \(c\)/\(a\) = \d+\.\d+$",
+                     proc.stdout, re.M), proc.stdout
+    assert "identical images (a) vs (b): 4/4" in proc.stdout, proc.stdout
+
+
+def test_chaos_benchmark_smoke() -> None:
+    """``python -m benchmarks.chaos --smoke`` runs both jobs and reports no lost or duplicated sample."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chaos", "--smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line and line.split()[0] in {
+        "samples_lost", "samples_duplicated", "shards_identical", "shards"})
+    assert figures["samples_lost"].strip() == "0" and figures["samples_duplicated"].strip() == "0", proc.stdout
+    assert figures["shards_identical"].strip() == figures["shards"].strip(), proc.stdout
