@@ -24,7 +24,7 @@ def collect(output: str) -> dict[str, Any]:
     stray = [n for n in storage.list_sizes(storage.join(output, "shards")) if n.endswith(TMP_SUFFIX)]
     return {
         "output": output,
-        "complete": bool(summary and summary.get("status") == "complete"),
+        "complete": bool(summary and summary.get("status") == "complete") and len(markers) == plan["shards"],
         "shards_done": len(markers),
         "shards": plan["shards"],
         "samples_done": samples_done,

@@ -132,20 +132,34 @@ def test_rerun_elsewhere_with_one_actor_is_byte_identical(reference, write_spec,
     assert tar_hashes(str(tmp_path / "again")) == tar_hashes(out)
 
 
-def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path):
+def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path, monkeypatch):
     spec, out = reference
     copy = str(tmp_path / "copy")
     import shutil
 
     shutil.copytree(out, copy)
-    os.unlink(os.path.join(copy, "summary.json"))
     os.unlink(os.path.join(copy, "shards", "000001.json"))  # marker missing
     with open(os.path.join(copy, "shards", "000003.tar"), "r+b") as fh:  # tar truncated
         fh.truncate(1000)
     with open(os.path.join(copy, "shards", "000004.tar"), "ab") as fh:  # tar grew after its commit
         fh.write(b"junk")
+    from synthmill import status
+
+    st = status.collect(copy)  # the old summary.json must not make a damaged output look complete
     before = files_under(copy)
+    seen_during_run: list[bool] = []
+    from synthmill.cluster.pool import ShardPool
+
+    original_run = ShardPool.run
+
+    def watching_run(self, *a, **kw):  # observes the folder as the pool starts; runs the real pool
+        seen_during_run.append(os.path.exists(os.path.join(copy, "summary.json")))
+        return original_run(self, *a, **kw)
+
+    monkeypatch.setattr(ShardPool, "run", watching_run)
     summary = run_job(write_spec, dict(spec, output=dict(spec["output"], path=copy)))
+    assert seen_during_run == [False], "summary.json stayed in place while shards were being redone"
+    assert st["shards_done"] == 2 and not st["complete"]
     assert (summary["shards_resumed"], summary["shards_run"]) == (2, 3)
     after = files_under(copy)
     for k in (0, 2):

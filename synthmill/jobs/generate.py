@@ -191,6 +191,8 @@ def run(p: Prepared) -> dict[str, Any]:
     log.info("%d shards planned, %d already done, %d to run", plan.num_shards, resumed, len(todo))
     report = None
     if todo:
+        # summary.json is the job's commit: withdraw it while any shard is being redone.
+        storage.remove(storage.join(out, "summary.json"), opts)
         resources = connect(spec.cluster.address)
         n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
         n_actors = min(n_actors, len(todo))
