@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.prompts, args.size, args.steps, args.kills, args.interval = 8, 32, 2, 1, 1.0
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         spec = write_inputs(folder, args.prompts, args.size, args.steps, args.samples_per_shard, args.actors)

@@ -20,8 +20,8 @@ def connect(address: str | None = None) -> dict[str, float]:
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
             ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True)
+        else:  # "local": never join a cluster that happens to run on this machine unasked
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
         log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
