@@ -9,6 +9,7 @@ and uploaded. It returns the shard's marker: a small dict, never the images.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -65,7 +66,12 @@ class ShardGenerator:
         self.load_s = time.perf_counter() - t0
         self.dtype = str(self.pipe.dtype).replace("torch.", "")
         self.scheduler = type(self.pipe.scheduler).__name__
-        self.tokenizer = prompt_tokenizer(self.pipe)
+        # Token counting gets its own copy of the tokenizer: a fast tokenizer keeps truncation settings
+        # as mutable state, so sharing it with the pipeline (called under the device lock from another
+        # shard's thread) would let each call change the other's truncation.
+        tokenizer = prompt_tokenizer(self.pipe)
+        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self._tokenizer_lock = threading.Lock()
         self._device_lock = threading.Lock()
         self._encoders = ThreadPoolExecutor(spec.cluster.encode_threads, thread_name_prefix="encode")
         self.busy_s = 0.0  # time spent denoising, for the idle fraction
@@ -89,11 +95,15 @@ class ShardGenerator:
         if len(rows) != len(prompts):
             raise RuntimeError(f"{self.source.url}: expected rows {prompts.start}..{prompts.stop - 1}, got {len(rows)}")
         limit = getattr(self.tokenizer, "model_max_length", None)
+        tokens = {p: -1 for p in prompts}
+        if self.tokenizer is not None:
+            with self._tokenizer_lock:  # shards in flight on this actor count tokens one at a time
+                for p in prompts:
+                    tokens[p] = len(self.tokenizer(rows[p].text, truncation=False).input_ids)
         out = []
         for i in self.plan.samples(k):
             p, j = self.plan.split(i)
-            row = rows[p]
-            n_tok = len(self.tokenizer(row.text, truncation=False).input_ids) if self.tokenizer is not None else -1
+            row, n_tok = rows[p], tokens[p]
             out.append(Sample(i, row.text, row.blank, p, j, self.plan.seed_of(i), n_tok, bool(limit and n_tok > limit)))
         return out
 
