@@ -164,19 +164,16 @@ def bad(capsys, write_spec, spec: dict, *needles: str) -> str:
 
 def test_bad_s3_inputs_exit_2_naming_the_url(reference, s3, write_spec, capsys):
     ref_spec, _ = reference
-    good = lambda: with_secret(s3_spec(ref_spec, s3, "s3://synth/runs/bad"), s3)  # noqa: E731
-    spec = good()
-    spec["output"]["path"] = "s3://no-such-bucket/out"
-    bad(capsys, write_spec, spec, "s3://no-such-bucket/out", "bucket 'no-such-bucket' does not exist")
-    spec = good()
-    spec["output"]["path"] = "s3://synth/afile"
-    bad(capsys, write_spec, spec, "s3://synth/afile", "is a file")
-    spec = good()
-    spec["prompts"]["path"] = "s3://synth/prompts/missing.tsv"
-    bad(capsys, write_spec, spec, "s3://synth/prompts/missing.tsv", "not found")
-    spec = good()
-    spec["model"]["path"] = "s3://synth/models/nothing-here"
-    bad(capsys, write_spec, spec, "s3://synth/models/nothing-here", "model_index.json")
+    cases = [  # (section, new path, what the message must say)
+        ("output", "s3://no-such-bucket/out", "bucket 'no-such-bucket' does not exist"),
+        ("output", "s3://synth/afile", "is a file"),
+        ("prompts", "s3://synth/prompts/missing.tsv", "not found"),
+        ("model", "s3://synth/models/nothing-here", "model_index.json"),
+    ]
+    for section, url, needle in cases:
+        spec = with_secret(s3_spec(ref_spec, s3, "s3://synth/runs/bad"), s3)
+        spec[section]["path"] = url
+        bad(capsys, write_spec, spec, url, needle)
     spec = s3_spec(ref_spec, s3, "s3://synth/runs/bad")  # SECRET is not the user's secret
     bad(capsys, write_spec, spec, "s3://synth/", "PermissionError")
     with socket.socket() as sock:  # a port with nothing listening
