@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from synthmill.errors import SpecError
+from synthmill.sharding import storage
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -28,9 +29,7 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None) 
     path = model.path
     if is_hub_id(path):
         return "hub"
-    if "://" in path and not path.startswith("file://"):
-        from synthmill.sharding import storage
-
+    if not storage.is_local(path):
         fs, inner = storage.filesystem(path, storage_options)
         index = f"{inner.rstrip('/')}/model_index.json"
         if not storage.retrying(path, "check", lambda: fs.exists(index)):
@@ -93,7 +92,7 @@ def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | Non
         kwargs["safety_checker"] = None
         kwargs["requires_safety_checker"] = False
     path = model.path
-    if "://" in path and not path.startswith("file://"):
+    if not storage.is_local(path):
         from synthmill.models.fetch import local_model_path
 
         path = local_model_path(path, storage_options)

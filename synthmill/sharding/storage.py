@@ -117,15 +117,6 @@ def retrying(url: str, what: str, fn: Callable[[], T], budget_s: float | None = 
             log.warning("%s %s: %s; retrying in %.1fs", what, url, type(e).__name__, delay)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 8.0)
-            _invalidate(url)
-
-
-def _invalidate(url: str) -> None:
-    try:
-        fs, path = url_to_fs(url)
-        fs.invalidate_cache(path)
-    except Exception:  # only a cache: never let it mask the real error
-        pass
 
 
 def join(url: str, *parts: str) -> str:
