@@ -34,16 +34,46 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prepare(args: argparse.Namespace):
-    from synthmill.jobs import generate
-    from synthmill.jobs.spec import load_spec
+def _job_module(kind: str):
+    """The runner of a job kind: a module with ``prepare``, ``plan_summary`` and ``run``."""
+    from synthmill.jobs import evaluate, generate
 
-    spec = load_spec(args.spec, args.overrides)
-    return generate.prepare(spec)
+    return {"generate": generate, "evaluate": evaluate}[kind]
+
+
+def _ok_line(spec_path: str, kind: str, plan: dict) -> str:
+    if kind == "generate":
+        return f"ok: {spec_path}: {plan['prompts']} prompts -> {plan['samples']} samples in {plan['shards']} shards"
+    sets = [f"{name} {plan[name]['samples'] if plan[name]['samples'] is not None else '?'} samples in "
+            f"{plan[name]['units']} units" for name in ("generated", "reference") if "units" in plan.get(name, {})]
+    if plan.get("reference", {}).get("kind") == "stats":
+        sets.append(f"reference stats {plan['reference']['path']}")
+    return f"ok: {spec_path}: {', '.join(plan['metrics'])} over {'; '.join(sets)}"
+
+
+def _done_line(kind: str, summary: dict, output: str) -> str:
+    if kind == "generate":
+        return (
+            f"done: {summary['samples']} samples in {summary['shards']} shards at {output} "
+            f"({summary['shards_resumed']} shards resumed, {summary['samples_run']} samples generated in "
+            f"{summary['elapsed_s']:.1f}s, {summary['images_per_s']:.2f} images/s; retries {summary['retries']}, "
+            f"truncated prompts {summary['truncated_prompts']}, blank prompts {summary['blank_prompts']})"
+        )
+    m = summary["metrics"]
+    parts = []
+    if "fid" in m:
+        parts.append(f"FID {m['fid']:.4f}")
+    if "inception_score" in m:
+        parts.append(f"IS {m['inception_score']['mean']:.4f} +- {m['inception_score']['std']:.4f}")
+    if "clip_score" in m:
+        parts.append(f"CLIP score {m['clip_score']:.4f} (x100: {m['clip_score_x100']:.2f})")
+    samples = ", ".join(f"{k} {v}" for k, v in summary["samples"].items())
+    return (f"done: {'; '.join(parts) or 'statistics written'} ({samples} samples; {summary['units_resumed']} units "
+            f"resumed, {summary['units_run']} scored in {summary['elapsed_s']:.1f}s) -> {output}/metrics.json")
 
 
 def _main(args: argparse.Namespace) -> int:
-    from synthmill.jobs import generate
+    from synthmill.jobs.spec import load_spec
 
     if args.command == "status":
         from synthmill import status
@@ -51,21 +81,15 @@ def _main(args: argparse.Namespace) -> int:
         st = status.collect(args.output)
         print(json.dumps(st, indent=1) if args.json else status.render(st))
         return 0
-    prepared = _prepare(args)
+    spec = load_spec(args.spec, args.overrides)
+    job = _job_module(spec.kind)
+    prepared = job.prepare(spec)
     if args.command == "validate" or args.dry_run:
-        plan = generate.plan_summary(prepared)
-        if args.command == "validate":
-            print(f"ok: {args.spec}: {plan['prompts']} prompts -> {plan['samples']} samples in {plan['shards']} shards")
-        else:
-            print(json.dumps(plan, indent=1))
+        plan = job.plan_summary(prepared)
+        print(_ok_line(args.spec, spec.kind, plan) if args.command == "validate" else json.dumps(plan, indent=1))
         return 0
-    summary = generate.run(prepared)
-    print(
-        f"done: {summary['samples']} samples in {summary['shards']} shards at {prepared.spec.output.path} "
-        f"({summary['shards_resumed']} shards resumed, {summary['samples_run']} samples generated in "
-        f"{summary['elapsed_s']:.1f}s, {summary['images_per_s']:.2f} images/s; retries {summary['retries']}, "
-        f"truncated prompts {summary['truncated_prompts']}, blank prompts {summary['blank_prompts']})"
-    )
+    summary = job.run(prepared)
+    print(_done_line(spec.kind, summary, spec.output.path))
     return 0
 
 

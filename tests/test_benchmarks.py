@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,3 +35,25 @@ def test_chaos_benchmark_smoke() -> None:
         "samples_lost", "samples_duplicated", "shards_identical", "shards"})
     assert figures["samples_lost"].strip() == "0" and figures["samples_duplicated"].strip() == "0", proc.stdout
     assert figures["shards_identical"].strip() == figures["shards"].strip(), proc.stdout
+
+
+def test_fid_benchmark_smoke() -> None:
+    """``benchmarks.fid`` in smoke mode: synthmill's Frechet distance equals pytorch-fid's, both timed;
+    ``python -m benchmarks fid --smoke`` prints the verdict line."""
+    pytest.importorskip("pytorch_fid")
+    from benchmarks import fid
+
+    result = fid.run(**fid.SMOKE)
+    assert result["rel_diff"] <= 1e-6 and result["rel_diff_met"], result
+    assert result["cov_check_rel_err"] <= 1e-9, result
+    for key in ("pytorch_fid_s", "synthmill_s", "speedup"):
+        assert result[key] > 0, result
+    assert len(result["pytorch_fid_all_s"]) == len(result["synthmill_all_s"]) == fid.SMOKE["repeats"], result
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "fid", "--smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^ratio: pytorch-fid / synthmill = \d+\.\d+ .*relative difference = \S+ \(goal <= 1e-06: met\)$",
+                     proc.stdout, re.M), proc.stdout

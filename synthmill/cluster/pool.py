@@ -37,6 +37,30 @@ class ProgressCounter:
         return self.n
 
 
+class ProgressBar:
+    """tqdm bar over samples (images, images/s, ETA), fed by the pool's progress counter."""
+
+    def __init__(self, total: int, counter: Any, desc: str):
+        from tqdm import tqdm
+
+        self.counter, self.last_poll = counter, 0.0
+        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc=desc)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_poll < 1.0:
+            return
+        self.last_poll = now
+        try:
+            n = ray.get(self.counter.get.remote(), timeout=5)
+        except Exception:  # the bar is best effort; never fail a job over it
+            return
+        self.bar.update(min(n, self.bar.total) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @dataclass
 class _Slot:
     handle: Any
@@ -102,9 +126,6 @@ class ShardPool:
         slots = [self._start() for _ in range(min(self.num_actors, len(shard_ids)))]
         report.actors_started = len(slots)
         replacements = 0
-        last_start_error = ""
-        ever_live = False
-        idle_since = time.monotonic()  # since when no actor has been live (for start_timeout_s)
 
         def retire(slot: _Slot, reason: str, replace: bool = True) -> None:
             nonlocal replacements
@@ -125,6 +146,18 @@ class ShardPool:
                 slots.append(self._start())
                 log.warning("actor lost (%s); started a replacement", reason)
 
+        try:
+            self._loop(slots, queue, report, retire, on_result, on_tick)
+        finally:  # also when on_result raises: never leave actors running
+            for s in slots:
+                if not s.dead:
+                    ray.kill(s.handle, no_restart=True)
+        return report
+
+    def _loop(self, slots, queue, report, retire, on_result, on_tick) -> None:
+        last_start_error = ""
+        ever_live = False
+        idle_since = time.monotonic()  # since when no actor has been live (for start_timeout_s)
         while True:
             live = [s for s in slots if not s.dead]
             for s in live:
@@ -182,10 +215,6 @@ class ShardPool:
                     self._attempt_failed(k, _short(e), queue, report)
                     continue
                 on_result(k, result)
-        for s in slots:
-            if not s.dead:
-                ray.kill(s.handle, no_restart=True)
-        return report
 
     def _attempt_failed(self, k: int, error: str, queue: deque, report: PoolReport) -> None:
         if report.attempts[k] >= self.max_attempts:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,6 +15,7 @@ from typing import Any
 
 from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs.generate_spec import GenerateSpec
+from synthmill.jobs.outputs import check_output_folder, versions
 from synthmill.models.loading import check_model_path
 from synthmill.sharding import storage
 from synthmill.sharding.commit import done_shards
@@ -35,46 +35,9 @@ class Prepared:
     plan: ShardPlan
 
 
-def _check_existing(url: str, spec: GenerateSpec, names: list[str]) -> None:
-    """An existing output folder must be empty or hold an earlier run of this same job."""
-    opts = spec.storage
-    previous = storage.read_json(storage.join(url, "plan.json"), opts)
-    if previous is None:
-        if names:
-            raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
-    elif previous.get("fingerprint") != spec.fingerprint():
-        raise SpecError(
-            f"output.path {url}: holds a different job (settings that shape the images differ from "
-            f"{storage.join(url, 'job.yaml')}); use a new output.path or the same spec"
-        )
-
-
 def check_output(spec: GenerateSpec) -> None:
     """``output.path`` must be new, empty, or an earlier run of this same job, and writable."""
-    url = spec.output.path
-    if not storage.is_local(url):
-        fs, path = storage.filesystem(url, spec.storage)
-        try:  # listing first: bad credentials surface here as PermissionError, not as "no bucket"
-            names = storage.retrying(url, "list", lambda: fs.ls(path, refresh=True))
-        except FileNotFoundError:
-            bucket = path.split("/", 1)[0]
-            if not storage.retrying(url, "check", lambda: fs.exists(bucket)):
-                raise SpecError(f"output.path {url}: bucket '{bucket}' does not exist") from None
-            names = []
-        if storage.retrying(url, "check", lambda: fs.isfile(path)):
-            raise SpecError(f"output.path {url}: is a file, not a folder (prefix)")
-        _check_existing(url, spec, names)
-        return
-    path = os.path.abspath(url)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SpecError(f"output.path {url}: exists and is a file, not a folder")
-    if os.path.isdir(path):
-        _check_existing(path, spec, os.listdir(path))
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
+    check_output_folder(spec.output.path, spec.fingerprint(), spec.storage)
 
 
 #: Seconds a storage outage may last during validation before the input counts as unreachable.
@@ -118,18 +81,6 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("synthmill", "torch", "diffusers", "transformers", "ray", "webdataset"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def _write_start_files(p: Prepared) -> None:
     from omegaconf import OmegaConf
 
@@ -146,39 +97,13 @@ def _write_start_files(p: Prepared) -> None:
     )
 
 
-class _Progress:
-    """tqdm bar over samples (images, images/s, ETA), fed by the pool's progress counter."""
-
-    def __init__(self, total: int, counter: Any):
-        from tqdm import tqdm
-
-        self.counter, self.last_poll = counter, 0.0
-        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc="generate")
-
-    def tick(self) -> None:
-        import ray
-
-        now = time.monotonic()
-        if now - self.last_poll < 1.0:
-            return
-        self.last_poll = now
-        try:
-            n = ray.get(self.counter.get.remote(), timeout=5)
-        except Exception:  # the bar is best effort; never fail a job over it
-            return
-        self.bar.update(min(n, self.bar.total) - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def run(p: Prepared) -> dict[str, Any]:
     """Run the job to the end; return the summary. Raises JobFailed naming failed shards."""
     import ray
 
     from synthmill.cluster.connect import actor_count, connect
     from synthmill.cluster.generator import GeneratorActor
-    from synthmill.cluster.pool import ProgressCounter, ShardPool
+    from synthmill.cluster.pool import ProgressBar, ProgressCounter, ShardPool
     from synthmill.sharding.index import merge_index
 
     spec, plan, out, opts = p.spec, p.plan, p.spec.output.path, p.spec.storage
@@ -208,7 +133,7 @@ def run(p: Prepared) -> dict[str, Any]:
 
         pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
                          max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
-        bar = _Progress(sum(len(plan.samples(k)) for k in todo), counter)
+        bar = ProgressBar(sum(len(plan.samples(k)) for k in todo), counter, "generate")
         try:
             report = pool.run(todo, lambda k, m: markers.__setitem__(k, m), bar.tick)
         finally:
@@ -251,7 +176,7 @@ def run(p: Prepared) -> dict[str, Any]:
         "devices": sorted({f"{i['device']} ({i['dtype']})" for i in report.actor_infos}) if report else [],
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(("synthmill", "torch", "diffusers", "transformers", "ray", "webdataset")),
     }
     storage.write_json(storage.join(out, "summary.json"), summary, opts)
     return summary

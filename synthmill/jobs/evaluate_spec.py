@@ -1,0 +1,133 @@
+"""The ``kind: evaluate`` spec: which images, against what, which metrics, computed how."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from omegaconf import MISSING
+
+from synthmill.jobs.spec import one_of, register_kind, require
+from synthmill.metrics.inception import PROTOCOLS
+
+METRICS = ("fid", "is", "clip", "fid_stats")
+
+
+@dataclass
+class ImageSetSpec:
+    """A synthmill output folder, a tar or glob of tars, or a folder of image files (local or remote)."""
+
+    path: str = MISSING
+    samples_per_unit: int = 1000  # image folders: files per unit of work (tars: one unit per tar)
+
+
+@dataclass
+class ReferenceSpec:
+    """Real images to compare with: the same kinds of set, or a stats .npz (mu, sigma) as pytorch-fid writes."""
+
+    path: Optional[str] = None
+    samples_per_unit: int = 1000
+
+
+@dataclass
+class FidSpec:
+    protocol: str = "pytorch-fid"  # pytorch-fid | clean (see synthmill/metrics/inception.py)
+    resize_to: Optional[int] = None  # PIL bicubic to resize_to x resize_to first (BK-SDM: 256); also for IS
+    weights: Optional[str] = None  # null: the standard pt_inception-2015-12-05 file; or a path / URL
+    weights_sha256: Optional[str] = None  # expected digest (or prefix) of `weights`
+
+
+@dataclass
+class InceptionScoreSpec:
+    splits: int = 10
+    seed: int = 2020  # torch-fidelity's shuffle seed
+    shuffle: bool = True
+
+
+@dataclass
+class ClipSpec:
+    model: str = "ViT-g-14"  # open_clip name, hf-hub:org/repo or local-dir:/path
+    pretrained: Optional[str] = "laion2b_s34b_b88k"  # tag, or a checkpoint file; ignored for hf-hub:/local-dir:
+
+
+@dataclass
+class EvalOutputSpec:
+    path: str = MISSING
+
+
+@dataclass
+class EvalClusterSpec:
+    address: Optional[str] = None
+    num_actors: Union[int, str] = "auto"  # auto = one per GPU (CPU-only: one per cpus_per_actor CPUs)
+    batch_size: int = 50  # pytorch-fid's default
+    cpus_per_actor: int = 1
+    inflight_per_actor: int = 2
+    decode_threads: int = 4
+    max_attempts: int = 3
+    resources: Dict[str, float] = field(default_factory=dict)
+    start_timeout_s: float = 1800.0
+
+
+@register_kind("evaluate")
+@dataclass
+class EvaluateSpec:
+    """An evaluate job: FID / IS / CLIP score of a generated set."""
+
+    kind: str = "evaluate"
+    generated: ImageSetSpec = field(default_factory=ImageSetSpec)
+    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
+    metrics: List[str] = field(default_factory=lambda: ["fid", "is", "clip"])
+    fid: FidSpec = field(default_factory=FidSpec)
+    inception_score: InceptionScoreSpec = field(default_factory=InceptionScoreSpec)
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    output: EvalOutputSpec = field(default_factory=EvalOutputSpec)
+    cluster: EvalClusterSpec = field(default_factory=EvalClusterSpec)
+    storage: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_fid_features(self) -> bool:
+        return "fid" in self.metrics or "fid_stats" in self.metrics
+
+    def check(self) -> None:
+        g, r, f, i, c, cl = self.generated, self.reference, self.fid, self.inception_score, self.clip, self.cluster
+        require(bool(g.path.strip()), "generated.path", "must not be empty")
+        require(bool(self.metrics), "metrics", f"must name at least one of {', '.join(METRICS)}")
+        for k, m in enumerate(self.metrics):
+            one_of(m, METRICS, f"metrics[{k}]")
+        require(len(set(self.metrics)) == len(self.metrics), "metrics", f"lists a metric twice: {self.metrics}")
+        require("fid" not in self.metrics or bool(r.path and r.path.strip()), "reference.path",
+                "fid needs a reference (a folder or tars of real images, or a stats .npz); "
+                "to only write fid_stats.npz of the generated set, use metrics: [fid_stats]")
+        for name, spu in (("generated", g.samples_per_unit), ("reference", r.samples_per_unit)):
+            require(1 <= spu <= 1_000_000, f"{name}.samples_per_unit", f"must be in 1..1000000, got {spu}")
+        one_of(f.protocol, sorted(PROTOCOLS), "fid.protocol")
+        require(f.resize_to is None or 16 <= f.resize_to <= 4096, "fid.resize_to", f"must be in 16..4096 or null, got {f.resize_to}")
+        require(f.weights_sha256 is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", f.weights_sha256)),
+                "fid.weights_sha256", "must be 8 to 64 hex digits")
+        require(1 <= i.splits <= 1000, "inception_score.splits", f"must be in 1..1000, got {i.splits}")
+        require(i.seed >= 0, "inception_score.seed", f"must be >= 0, got {i.seed}")
+        require(bool(c.model.strip()), "clip.model", "must not be empty")
+        if isinstance(cl.num_actors, str):
+            require(cl.num_actors == "auto", "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {cl.num_actors!r}")
+        else:
+            require(cl.num_actors >= 1, "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {cl.num_actors}")
+        require(1 <= cl.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {cl.batch_size}")
+        require(cl.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {cl.cpus_per_actor}")
+        require(1 <= cl.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {cl.inflight_per_actor}")
+        require(1 <= cl.decode_threads <= 64, "cluster.decode_threads", f"must be in 1..64, got {cl.decode_threads}")
+        require(1 <= cl.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {cl.max_attempts}")
+        require(cl.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {cl.start_timeout_s}")
+
+    def fingerprint(self, weights_sha256: str | None) -> str:
+        """Hash of what a unit's partial result depends on (the input's identity is in each marker)."""
+        basis = {
+            "metrics": sorted({"fid" if m == "fid_stats" else m for m in self.metrics}),
+            "fid": {"protocol": self.fid.protocol, "resize_to": self.fid.resize_to, "weights": weights_sha256},
+            "clip": asdict(self.clip) if "clip" in self.metrics else None,
+            "batch_size": self.cluster.batch_size,
+            "units": [self.generated.samples_per_unit, self.reference.samples_per_unit],
+        }
+        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]

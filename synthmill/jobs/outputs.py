@@ -1,0 +1,63 @@
+"""What every job kind does with its output folder: check it before starting, and record versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+from synthmill.errors import SpecError
+from synthmill.sharding import storage
+
+
+def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, names: list[str]) -> None:
+    """An existing output folder must be empty or hold an earlier run of this same job."""
+    previous = storage.read_json(storage.join(url, "plan.json"), opts)
+    if previous is None:
+        if names:
+            raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
+    elif previous.get("fingerprint") != fingerprint:
+        raise SpecError(
+            f"output.path {url}: holds a different job (settings that shape its results differ from "
+            f"{storage.join(url, 'job.yaml')}); use a new output.path or the same spec"
+        )
+
+
+def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None) -> None:
+    """``output.path`` must be new, empty, or an earlier run of this same job, and writable."""
+    if not storage.is_local(url):
+        fs, path = storage.filesystem(url, opts)
+        try:  # listing first: bad credentials surface here as PermissionError, not as "no bucket"
+            names = storage.retrying(url, "list", lambda: fs.ls(path, refresh=True))
+        except FileNotFoundError:
+            bucket = path.split("/", 1)[0]
+            if not storage.retrying(url, "check", lambda: fs.exists(bucket)):
+                raise SpecError(f"output.path {url}: bucket '{bucket}' does not exist") from None
+            names = []
+        if storage.retrying(url, "check", lambda: fs.isfile(path)):
+            raise SpecError(f"output.path {url}: is a file, not a folder (prefix)")
+        _check_existing(url, fingerprint, opts, names)
+        return
+    path = os.path.abspath(url)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SpecError(f"output.path {url}: exists and is a file, not a folder")
+    if os.path.isdir(path):
+        _check_existing(path, fingerprint, opts, os.listdir(path))
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
+
+
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of ``packages`` (and Python), for summaries and metrics."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

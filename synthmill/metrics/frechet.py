@@ -1,0 +1,74 @@
+"""Gaussian statistics of features, merged exactly, and the Frechet distance between two of them.
+
+Each shard contributes float64 sufficient statistics: the count ``n``, the sum of feature vectors and
+the sum of their outer products. Sums add, so statistics computed shard by shard, by any number of
+actors, merge into the statistics of the whole set; they are added in shard order, so the result
+does not depend on which actor did what.
+
+The distance needs ``tr(sqrt(S1 S2))``. ``S1 S2`` is similar to the symmetric ``A = R S2 R`` with
+``R = sqrt(S1)``, so the trace is the sum of square roots of the eigenvalues of ``A``: two symmetric
+eigendecompositions, no ``scipy.linalg.sqrtm``. Eigenvalues that rounding pushes slightly below zero
+(covariances of fewer samples than dimensions are singular) are clipped to zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class GaussianSums:
+    """float64 sufficient statistics of a set of d-dimensional feature vectors."""
+
+    n: int
+    total: np.ndarray  # (d,) sum of vectors
+    outer: np.ndarray  # (d, d) sum of outer products
+
+    @classmethod
+    def empty(cls, dim: int) -> "GaussianSums":
+        return cls(0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64))
+
+    def add(self, features: np.ndarray) -> None:
+        """Add a batch of feature rows (any float dtype; accumulated in float64)."""
+        x = np.asarray(features, dtype=np.float64)
+        self.n += x.shape[0]
+        self.total += x.sum(axis=0)
+        self.outer += x.T @ x
+
+    def merge(self, other: "GaussianSums") -> None:
+        self.n += other.n
+        self.total += other.total
+        self.outer += other.outer
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sample mean and unbiased covariance (``np.cov`` convention, divisor ``n - 1``)."""
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {self.n}")
+        mu = self.total / self.n
+        cov = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return mu, (cov + cov.T) / 2
+
+
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``tr(sqrt(sigma1 @ sigma2))`` for symmetric positive semi-definite matrices."""
+    r = _sqrt_psd(np.asarray(sigma1, np.float64))
+    a = r @ np.asarray(sigma2, np.float64) @ r
+    w = np.linalg.eigvalsh((a + a.T) / 2)
+    return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))

@@ -1,0 +1,120 @@
+"""Inception features for FID and class logits for IS, each exactly as its reference library makes them.
+
+Networks are the libraries' own definitions, loaded from one verified weights file
+(:mod:`synthmill.metrics.weights`):
+
+- FID features (2048-d pool3) come from pytorch-fid's ``InceptionV3`` wrapper. Its constructor
+  downloads the standard file through ``load_state_dict_from_url``; we hand it the state dict we
+  loaded and checked instead, so the network is pytorch-fid's, module for module.
+- IS logits come from torch-fidelity's ``FeatureExtractorInceptionV3`` (``logits_unbiased``: the
+  1008-way fc layer without its bias), loaded from the same file.
+
+FID protocols (recorded in ``metrics.json`` with the text below):
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+PROTOCOLS = {
+    "pytorch-fid": "pixels/255 as float32, torch bilinear resize to 299x299 (align_corners=False), "
+                   "scaled to [-1, 1] as 2x-1 (pytorch-fid's InceptionV3 with resize_input and normalize_input)",
+    "clean": "each channel as a float32 PIL image, PIL bicubic resize to 299x299, clipped to [0, 255], "
+             "scaled as (x-128)/128 like the TF graph (clean-fid's 'clean' mode)",
+}
+IS_CONVENTION = ("torch-fidelity: uint8 pixels, TF1-compatible bilinear resize to 299x299, (x-128)/128, "
+                 "unbiased logits (fc without bias, 1008 classes), softmax, samples shuffled with "
+                 "numpy RandomState(seed), split into equal parts")
+RESIZE_TO = "PIL bicubic resize of the 8-bit RGB image to resize_to x resize_to before everything else"
+
+__doc__ += "\n".join(f"\n- ``{k}``: {v}." for k, v in PROTOCOLS.items())
+
+_build_lock = threading.Lock()
+
+
+def pytorch_fid_network(state_dict: dict[str, Any], protocol: str):
+    """pytorch-fid's pool3 network with ``state_dict`` loaded; resizes and normalises for ``pytorch-fid``."""
+    from pytorch_fid import inception as pfi
+
+    own = protocol == "pytorch-fid"
+    with _build_lock:  # the swap below is module state
+        fetch = pfi.load_state_dict_from_url
+        pfi.load_state_dict_from_url = lambda *args, **kwargs: state_dict
+        try:
+            net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=own, normalize_input=own)
+        finally:
+            pfi.load_state_dict_from_url = fetch
+    return net.eval().requires_grad_(False)
+
+
+def torch_fidelity_logits_network(weights_path: str):
+    """torch-fidelity's extractor of unbiased logits, loaded from ``weights_path``."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"],
+                                       feature_extractor_weights_path=weights_path)
+
+
+def _clean_resize(image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((299, 299, 3), np.float32)
+    for c in range(3):
+        ch = Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
+        out[:, :, c] = np.asarray(ch.resize((299, 299), resample=Image.BICUBIC))
+    return np.clip(out, 0, 255)
+
+
+class InceptionExtractor:
+    """FID features and/or IS logits of batches of 8-bit RGB images (HxWx3 numpy arrays)."""
+
+    def __init__(self, state_dict: dict[str, Any], weights_path: str, protocol: str, fid: bool, isc: bool,
+                 device: str = "cpu"):
+        import torch
+
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown FID protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+        # TF32 would change features in the 4th digit on Ampere and later GPUs.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        self.protocol, self.device = protocol, device
+        self.fid_net = pytorch_fid_network(state_dict, protocol).to(device) if fid else None
+        self.is_net = torch_fidelity_logits_network(weights_path).to(device) if isc else None
+
+    def _fid_input(self, images: list[np.ndarray]):
+        import torch
+
+        if self.protocol == "pytorch-fid":  # what torchvision's ToTensor gives pytorch-fid
+            return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(torch.float32).div(255)
+        x = np.stack([_clean_resize(im) for im in images])
+        return (torch.from_numpy(x).permute(0, 3, 1, 2) - 128) / 128
+
+    def fid_features(self, images: list[np.ndarray]) -> np.ndarray:
+        """(B, 2048) float32 pool3 features."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.fid_net(self._fid_input(images).to(self.device))[0]
+        return out.squeeze(3).squeeze(2).cpu().numpy()
+
+    def is_logits(self, images: list[np.ndarray]) -> np.ndarray:
+        """(B, 1008) float32 unbiased logits."""
+        import torch
+
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        with torch.inference_mode():
+            (logits,) = self.is_net(x)
+        return logits.cpu().numpy()
+
+
+def inception_score(logits: np.ndarray, splits: int, seed: int, shuffle: bool = True) -> tuple[float, float]:
+    """(mean, std) of the Inception Score over ``splits`` parts: torch-fidelity's own function."""
+    import torch
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    out = isc_features_to_metric(torch.from_numpy(np.ascontiguousarray(logits)), splits=splits,
+                                 shuffle=shuffle, rng_seed=seed)
+    return float(out["inception_score_mean"]), float(out["inception_score_std"])

@@ -1,0 +1,63 @@
+"""Per-unit partial results of an evaluate job, committed like generate's shards.
+
+Unit ``k`` of set ``S`` (``generated`` or ``reference``) is committed as ``partials/S/K.npz`` (the
+float64 sums, logits and cosines of its samples) and then ``partials/S/K.json``, the marker: sample
+count, npz size and sha256, the job fingerprint and the identity of the input it was computed from.
+A unit is done only if its marker matches all three, so a rerun resumes, and a changed input or
+changed settings are computed again rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from synthmill.sharding import storage
+from synthmill.sharding.plan import shard_name
+
+
+def npz_url(output: str, set_name: str, k: int) -> str:
+    return storage.join(output, "partials", set_name, shard_name(k) + ".npz")
+
+
+def marker_url(output: str, set_name: str, k: int) -> str:
+    return storage.join(output, "partials", set_name, shard_name(k) + ".json")
+
+
+def commit(output: str, set_name: str, k: int, arrays: dict[str, np.ndarray], marker: dict[str, Any],
+           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the npz, then the marker (the commit point); return the marker."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    marker = dict(marker, set=set_name, unit=k, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    storage.write_bytes(npz_url(output, set_name, k), data, storage_options)
+    storage.write_json(marker_url(output, set_name, k), marker, storage_options)
+    return marker
+
+
+def done(output: str, set_name: str, identities: dict[int, str], fingerprint: str,
+         storage_options: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
+    """Markers of the units (unit id -> input identity) whose committed partial is valid."""
+    sizes = storage.list_sizes(storage.join(output, "partials", set_name), storage_options)
+    candidates = [k for k in identities if shard_name(k) + ".json" in sizes and shard_name(k) + ".npz" in sizes]
+
+    def verify(k: int) -> dict[str, Any] | None:
+        m = storage.read_json(marker_url(output, set_name, k), storage_options)
+        ok = (isinstance(m, dict) and m.get("fingerprint") == fingerprint and m.get("identity") == identities[k]
+              and m.get("unit") == k and m.get("size") == sizes[shard_name(k) + ".npz"])
+        return m if ok else None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(verify, candidates))
+    return {k: m for k, m in zip(candidates, results) if m is not None}
+
+
+def load(output: str, set_name: str, k: int, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    data = storage.read_bytes(npz_url(output, set_name, k), storage_options)
+    with np.load(io.BytesIO(data)) as z:
+        return {name: z[name] for name in z.files}

@@ -1,0 +1,194 @@
+"""Image sets to score: a synthmill output, a glob of WebDataset tars, or a folder of image files.
+
+A set is cut into units, the evaluate job's shards: one unit per tar, or ``samples_per_unit`` files
+of a folder in sorted order. Units are what actors score and what partial results are committed
+for, so an interrupted evaluation resumes unit by unit. Each unit carries an ``identity`` (the tar's
+commit sha256, or its size and modification stamp, or the names and sizes of its files): a partial
+result counts only for the exact input it was computed from.
+
+Reading is a stream: a tar is read front to back through fsspec (local or ``s3://``) with
+webdataset's own tar iterator and key grouping; a folder unit reads its files one by one. A
+sample's caption is its ``.txt`` member (tars) or the ``.txt`` file beside the image (folders).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from synthmill.sharding import storage
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
+
+
+class ImageSetError(ValueError):
+    """The set cannot be read as images (missing, empty, incomplete, unreadable)."""
+
+
+@dataclass
+class Unit:
+    index: int
+    identity: str
+    count: int | None  # None: not known before reading (a remote tar with no marker)
+    tar: str | None = None  # URL of the tar, for tar units
+    files: list[str] = field(default_factory=list)  # URLs of the images, for folder units
+
+
+@dataclass
+class Sample:
+    key: str
+    name: str  # where it came from, for messages: tar URL + key, or the file
+    image: bytes
+    caption: str | None
+
+
+@dataclass
+class ImageSet:
+    kind: str  # synthmill | tars | folder
+    path: str
+    units: list[Unit]
+    image_size: tuple[int, int] | None = None  # (width, height) when every image is known to share it
+
+    @property
+    def num_samples(self) -> int | None:
+        counts = [u.count for u in self.units]
+        return None if any(c is None for c in counts) else sum(counts)
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> ImageSet:
+    from synthmill.sharding.commit import done_shards, tar_url
+
+    n = int(plan["shards"])
+    done = done_shards(path, range(n), plan["fingerprint"], storage_options=opts)
+    if len(done) < n:
+        raise ImageSetError(
+            f"{path}: the generate job there is not complete ({len(done)} of {n} shards committed); "
+            "run it to the end first (the same synthmill run command resumes it)")
+    size = None
+    job = storage.read_bytes(storage.join(path, "job.yaml"), opts) if plan.get("kind") == "generate" else None
+    if job:
+        import yaml
+
+        s = (yaml.safe_load(job) or {}).get("sampling", {})
+        if "width" in s and "height" in s:
+            size = (int(s["width"]), int(s["height"]))
+    units = [Unit(k, f"sha256:{done[k]['sha256']}", int(done[k]["count"]), tar=tar_url(path, k)) for k in range(n)]
+    return ImageSet("synthmill", path, units, size)
+
+
+def _count_tar(url: str, opts: dict[str, Any] | None) -> int | None:
+    """Samples in a local tar (headers only); None for remote tars (counted while scoring)."""
+    if not storage.is_local(url):
+        return None
+    keys = set()
+    with tarfile.open(url, "r") as tf:
+        for m in tf:
+            if m.isreg():
+                stem, _, ext = os.path.basename(m.name).partition(".")
+                if ext.lower() in IMAGE_EXTS:
+                    keys.add(os.path.join(os.path.dirname(m.name), stem))
+    return len(keys)
+
+
+def _tar_set(path: str, opts: dict[str, Any] | None) -> ImageSet:
+    fs, inner = storage.filesystem(path, opts)
+    if _has_glob(path):
+        found = storage.retrying(path, "list", lambda: fs.glob(inner, detail=True))
+    else:
+        found = {inner: storage.retrying(path, "check", lambda: fs.info(inner))}
+    tars = sorted((k, v) for k, v in found.items() if k.endswith(".tar") and v.get("type") != "directory")
+    if not tars:
+        raise ImageSetError(f"{path}: no .tar files match")
+    units = []
+    for i, (name, info) in enumerate(tars):
+        url = name if storage.is_local(path) else f"{fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]}://{name}"
+        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        units.append(Unit(i, f"size:{info.get('size')}:{stamp}", _count_tar(url, opts), tar=url))
+    return ImageSet("tars", path, units)
+
+
+def _folder_set(path: str, opts: dict[str, Any] | None, per_unit: int) -> ImageSet:
+    fs, inner = storage.filesystem(path, opts)
+    listing = storage.retrying(path, "list", lambda: fs.find(inner, detail=True))
+    images = sorted(
+        (k, int(v.get("size") or 0)) for k, v in listing.items()
+        if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and not os.path.basename(k).startswith(".")
+    )
+    if not images:
+        raise ImageSetError(f"{path}: no image files ({', '.join(IMAGE_EXTS)}) in this folder")
+    if not storage.is_local(path):
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        images = [(f"{proto}://{k}", s) for k, s in images]
+    units = []
+    for i in range(0, len(images), per_unit):
+        chunk = images[i:i + per_unit]
+        ident = hashlib.sha256(json.dumps(chunk).encode()).hexdigest()[:32]
+        units.append(Unit(len(units), f"files:{ident}", len(chunk), files=[k for k, _ in chunk]))
+    return ImageSet("folder", path, units)
+
+
+def open_image_set(path: str, opts: dict[str, Any] | None = None, samples_per_unit: int = 1000) -> ImageSet:
+    """Plan the units of the set at ``path``. Raises ImageSetError or storage.StorageError."""
+    if storage.is_local(path):
+        path = os.path.expanduser(path)
+        if not _has_glob(path) and not os.path.exists(path):
+            raise ImageSetError(f"{path}: not found")
+        if _has_glob(path) and not globlib.glob(path):
+            raise ImageSetError(f"{path}: no files match")
+    if _has_glob(path) or path.endswith(".tar"):
+        return _tar_set(path, opts)
+    plan = storage.read_json(storage.join(path, "plan.json"), opts)
+    if isinstance(plan, dict) and plan.get("kind") == "generate":
+        return _synthmill_set(path, plan, opts)
+    fs, inner = storage.filesystem(path, opts)
+    if not storage.retrying(path, "check", lambda: fs.isdir(inner)):
+        raise ImageSetError(f"{path}: not a folder, a .tar or a glob of tars")
+    return _folder_set(path, opts, samples_per_unit)
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8")
+
+
+def iter_unit(unit: Unit, opts: dict[str, Any] | None = None) -> Iterator[Sample]:
+    """The unit's samples in order, streamed (one sample's bytes at a time)."""
+    if unit.tar is not None:
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        fs, inner = storage.filesystem(unit.tar, opts)
+        with fs.open(inner, "rb") as fh:
+            for s in group_by_keys(dict(f, __url__=unit.tar) for f in tar_file_iterator(fh)):
+                ext = next((e for e in IMAGE_EXTS if e in s), None)
+                if ext is None:
+                    continue  # a sample without an image (say, metadata only)
+                yield Sample(s["__key__"], f"{unit.tar}:{s['__key__']}", s[ext], _text(s.get("txt")))
+        return
+    for url in unit.files:
+        fs, inner = storage.filesystem(url, opts)
+        data = storage.retrying(url, "read", lambda: fs.cat_file(inner))
+        caption = None
+        try:
+            caption = fs.cat_file(inner.rsplit(".", 1)[0] + ".txt")
+        except FileNotFoundError:
+            pass
+        yield Sample(os.path.basename(inner.rsplit(".", 1)[0]), url, data, _text(caption))
+
+
+def first_image_size(unit: Unit, opts: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(width, height) of the unit's first image, reading only that image's header."""
+    from PIL import Image
+
+    for s in iter_unit(unit, opts):
+        with Image.open(io.BytesIO(s.image)) as im:
+            return im.size
+    raise ImageSetError(f"{unit.tar or unit.files[0]}: holds no images")
