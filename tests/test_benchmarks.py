@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +39,6 @@ def test_chaos_benchmark_smoke() -> None:
 def test_fid_benchmark_smoke() -> None:
     """``benchmarks.fid`` in smoke mode: synthmill's Frechet distance equals pytorch-fid's, both timed;
     ``python -m benchmarks fid --smoke`` prints the verdict line."""
-    pytest.importorskip("pytorch_fid")
     from benchmarks import fid
 
     result = fid.run(**fid.SMOKE)

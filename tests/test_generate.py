@@ -22,8 +22,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthmill.cli import main
-from synthmill.jobs import generate
-from synthmill.jobs.spec import load_spec
 from tests.conftest import base_spec, files_under, read_wds, run_job, tar_hashes
 
 

@@ -6,6 +6,7 @@ console script to check the exit code a shell sees. No model is loaded and Ray i
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import pytest
 
 from synthmill.cli import main
-from tests.conftest import base_spec
+from tests.conftest import REPO, base_spec
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -211,3 +212,12 @@ def test_console_script_exit_codes(write_spec, good):
     bad = subprocess.run([exe, "validate", path, "sampling.height=33"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("synthmill: error: field 'sampling.height'")
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+def test_shipped_configs_load(name):
+    """Every config in configs/ is a valid spec of its kind (inputs are checked when it runs)."""
+    from synthmill.jobs.spec import load_spec
+
+    spec = load_spec(os.path.join(REPO, "configs", name))
+    assert spec.kind in ("generate", "evaluate")

@@ -5,10 +5,11 @@ the sum of their outer products. Sums add, so statistics computed shard by shard
 actors, merge into the statistics of the whole set; they are added in shard order, so the result
 does not depend on which actor did what.
 
-The distance needs ``tr(sqrt(S1 S2))``. ``S1 S2`` is similar to the symmetric ``A = R S2 R`` with
-``R = sqrt(S1)``, so the trace is the sum of square roots of the eigenvalues of ``A``: two symmetric
-eigendecompositions, no ``scipy.linalg.sqrtm``. Eigenvalues that rounding pushes slightly below zero
-(covariances of fewer samples than dimensions are singular) are clipped to zero.
+The distance needs ``tr(sqrt(S1 S2))``. ``S1 S2`` is similar to a symmetric matrix ``A = R^T S2 R``
+(``S1 = R R^T``), so the trace is the sum of square roots of the eigenvalues of ``A``: a Cholesky
+factor and one symmetric eigenvalue decomposition, no ``scipy.linalg.sqrtm``. Eigenvalues that
+rounding pushes slightly below zero (covariances of fewer samples than dimensions are singular) are
+clipped to zero.
 """
 
 from __future__ import annotations
@@ -57,9 +58,19 @@ def _sqrt_psd(s: np.ndarray) -> np.ndarray:
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """``tr(sqrt(sigma1 @ sigma2))`` for symmetric positive semi-definite matrices."""
-    r = _sqrt_psd(np.asarray(sigma1, np.float64))
-    a = r @ np.asarray(sigma2, np.float64) @ r
+    """``tr(sqrt(sigma1 @ sigma2))`` for symmetric positive semi-definite matrices.
+
+    With ``sigma1 = L L^T`` (Cholesky), ``sigma1 sigma2`` is similar to ``L^T sigma2 L``, which is
+    symmetric: one Cholesky and one eigenvalue-only decomposition. A singular ``sigma1`` (fewer
+    samples than dimensions) has no Cholesky factor; then ``L = sqrt(sigma1)`` from ``eigh``.
+    """
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    try:
+        r = np.linalg.cholesky(s1)
+        a = r.T @ s2 @ r
+    except np.linalg.LinAlgError:
+        r = _sqrt_psd(s1)
+        a = r @ s2 @ r
     w = np.linalg.eigvalsh((a + a.T) / 2)
     return float(np.sqrt(np.clip(w, 0.0, None)).sum())
 

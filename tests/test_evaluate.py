@@ -1,0 +1,411 @@
+"""Evaluate jobs against the reference libraries, on identical images and an identical weights file.
+
+The real Inception and CLIP weights cannot be downloaded here, so seeded random weights of the same
+networks are saved to files and loaded through the same paths that load the real ones: our scorer
+through ``fid.weights`` / ``clip.model: local-dir:``; pytorch-fid through torch.hub's cache (where it
+looks for the standard file), torch-fidelity through ``feature_extractor_weights_path``, open_clip
+through ``create_model_and_transforms``. The generated set is the session's reference generate job
+(22 samples in 5 shards, one caption over 77 tokens); the real set is a folder of altered copies.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from synthmill.cli import main
+from tests.conftest import read_wds
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> str:
+    from synthmill.metrics.random_weights import save_random_inception
+
+    return save_random_inception(str(tmp_path_factory.mktemp("weights") / "inception.pth"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip_model(tmp_path_factory) -> str:
+    from synthmill.metrics.random_weights import save_tiny_clip
+
+    return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def image_folders(reference, tmp_path_factory) -> tuple[str, str]:
+    """(generated, real): the reference job's images as PNG files with .txt captions, and altered copies."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    _, out = reference
+    root = tmp_path_factory.mktemp("folders")
+    gen, real = root / "generated", root / "real"
+    gen.mkdir()
+    real.mkdir()
+    for s in read_wds(out):
+        (gen / f"{s['__key__']}.png").write_bytes(s["png"])
+        (gen / f"{s['__key__']}.txt").write_bytes(s["txt"])
+        im = Image.open(io.BytesIO(s["png"])).convert("RGB")
+        ImageOps.mirror(im).filter(ImageFilter.GaussianBlur(1)).save(real / f"{s['__key__']}.png")
+    return str(gen), str(real)
+
+
+def eval_spec(generated: str, output: str, weights: str, clip: str, reference: str | None = None, **extra) -> dict:
+    spec = {
+        "kind": "evaluate",
+        "generated": {"path": generated},
+        "reference": {"path": reference},
+        "metrics": ["fid", "is", "clip"] if reference else ["fid_stats", "is", "clip"],
+        "fid": {"protocol": "pytorch-fid", "weights": weights},
+        "clip": {"model": clip, "pretrained": None},
+        "output": {"path": output},
+        "cluster": {"num_actors": 2, "batch_size": 4},
+    }
+    for key, value in extra.items():
+        section, _, name = key.partition("__")
+        if name:
+            spec[section][name] = value
+        else:
+            spec[section] = value
+    return spec
+
+
+def run_eval(write_spec, spec: dict) -> dict:
+    from synthmill.jobs import evaluate
+    from synthmill.jobs.spec import load_spec
+
+    return evaluate.run(evaluate.prepare(load_spec(write_spec(spec))))
+
+
+@pytest.fixture(scope="module")
+def evaluated(reference, image_folders, inception_file, clip_model, tmp_path_factory):
+    """FID / IS / CLIP of the reference job's shards (2 actors) against the real folder."""
+    import yaml
+
+    from synthmill.jobs import evaluate
+    from synthmill.jobs.spec import load_spec
+
+    _, out = reference
+    folder = tmp_path_factory.mktemp("eval")
+    spec = eval_spec(out, str(folder / "out"), inception_file, clip_model, image_folders[1])
+    spec["reference"]["samples_per_unit"] = 8
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = evaluate.run(evaluate.prepare(load_spec(str(path))))
+    return spec, result
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def test_fid_matches_pytorch_fid(evaluated, image_folders, inception_file, tmp_path, monkeypatch):
+    """Same images, same weights file: pytorch-fid's own pipeline gives the same FID and statistics."""
+    from pytorch_fid import fid_score
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    spec, result = evaluated
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    shutil.copy(inception_file, hub / os.path.basename(FID_WEIGHTS_URL))  # where torch.hub looks first
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    gen, real = image_folders
+    theirs = fid_score.calculate_fid_given_paths([gen, real], batch_size=50, device="cpu", dims=2048, num_workers=0)
+    ours = result["metrics"]["fid"]
+    assert ours > 0.01, "a FID this small would not test anything"
+    assert _relative(ours, theirs) <= 1e-4, (ours, theirs)
+
+    # The statistics themselves, and fid_stats.npz as pytorch-fid reads it.
+    from pytorch_fid.inception import InceptionV3
+
+    model = InceptionV3([3]).eval()
+    mu, sigma = fid_score.compute_statistics_of_path(gen, model, 50, 2048, "cpu", 0)
+    out = spec["output"]["path"]
+    mu_ours, sigma_ours = fid_score.compute_statistics_of_path(os.path.join(out, "fid_stats.npz"), model, 50, 2048, "cpu")
+    assert np.abs(mu_ours - mu).max() <= 1e-5 * np.abs(mu).max()
+    assert np.abs(sigma_ours - sigma).max() <= 1e-4 * np.abs(sigma).max()
+    from_files = fid_score.calculate_fid_given_paths(
+        [os.path.join(out, "fid_stats.npz"), os.path.join(out, "reference_stats.npz")], 50, "cpu", 2048, 0)
+    assert _relative(ours, from_files) <= 1e-4
+
+
+def test_inception_score_matches_torch_fidelity(evaluated, image_folders, inception_file):
+    import torch_fidelity
+
+    _, result = evaluated
+    theirs = torch_fidelity.calculate_metrics(
+        input1=image_folders[0], isc=True, isc_splits=10, cuda=False, cache=False, verbose=False,
+        feature_extractor_weights_path=inception_file, samples_find_ext="png")
+    ours = result["metrics"]["inception_score"]
+    assert ours["mean"] > 1.05, "an IS of 1 would not test anything"
+    assert _relative(ours["mean"], theirs["inception_score_mean"]) <= 1e-3
+    assert _relative(ours["std"], theirs["inception_score_std"]) <= 1e-2
+
+
+def test_clip_score_matches_open_clip(evaluated, image_folders, clip_model):
+    import open_clip
+    import torch
+    from PIL import Image
+
+    _, result = evaluated
+    model, _, preprocess = open_clip.create_model_and_transforms(clip_model)
+    tokenizer = open_clip.get_tokenizer(clip_model)
+    cos = []
+    for png in sorted(glob.glob(os.path.join(image_folders[0], "*.png"))):
+        caption = open(png[:-4] + ".txt", encoding="utf-8").read()
+        with torch.no_grad():
+            a = model.encode_image(preprocess(Image.open(png).convert("RGB"))[None])
+            b = model.encode_text(tokenizer([caption]))
+        cos.append(torch.nn.functional.cosine_similarity(a, b).item())
+    m = result["metrics"]
+    assert abs(m["clip_score"] - np.mean(cos)) <= 1e-4 * max(abs(np.mean(cos)), 1e-3)
+    assert abs(m["clip_score_x100"] - np.mean(100 * np.clip(cos, 0, None))) <= 1e-2
+    assert m["clip_truncated_captions"] == 2  # the PartiPrompts prompt, twice (images_per_prompt 2)
+    assert result["samples"] == {"generated": 22, "reference": 22}
+
+
+def test_merge_over_actors_equals_one_pass(evaluated, reference, inception_file):
+    """Per-unit float64 sums merged by the driver = mean and covariance of all features at once."""
+    from PIL import Image
+
+    from synthmill.metrics import weights
+    from synthmill.metrics.frechet import frechet_distance
+    from synthmill.metrics.inception import InceptionExtractor
+
+    spec, result = evaluated
+    _, out = reference
+    import torch
+
+    net = InceptionExtractor(weights.load_state_dict(inception_file), inception_file, "pytorch-fid", True, False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors (cluster.cpus_per_actor): CPU kernels differ by thread count
+    feats = []
+    for tar in sorted(glob.glob(os.path.join(out, "shards", "*.tar"))):  # the job's batches: 4 per unit
+        import webdataset as wds
+
+        images = [np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in wds.WebDataset(tar, shardshuffle=False, empty_check=False)]
+        feats += [net.fid_features(images[i:i + 4]).astype(np.float64) for i in range(0, len(images), 4)]
+    torch.set_num_threads(threads)
+    x = np.concatenate(feats)
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    with np.load(os.path.join(spec["output"]["path"], "reference_stats.npz")) as ref:
+        one_pass = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    with np.load(os.path.join(spec["output"]["path"], "fid_stats.npz")) as st:
+        assert np.abs(st["mu"] - mu).max() <= 1e-12 * np.abs(mu).max()
+        assert np.abs(st["sigma"] - sigma).max() <= 1e-9 * np.abs(sigma).max()
+        assert int(st["n"]) == 22 and str(st["protocol"]) == "pytorch-fid"
+    assert _relative(result["metrics"]["fid"], one_pass) <= 1e-9
+
+
+def test_metrics_json_records_how(evaluated, inception_file):
+    spec, result = evaluated
+    on_disk = json.load(open(os.path.join(spec["output"]["path"], "metrics.json")))
+    assert on_disk["metrics"] == json.loads(json.dumps(result["metrics"]))
+    assert on_disk["protocol"]["fid"] == "pytorch-fid" and "bilinear" in on_disk["protocol"]["fid_preprocessing"]
+    assert on_disk["protocol"]["tf32"] is False
+    from synthmill.metrics.weights import sha256_file
+
+    assert on_disk["weights"]["sha256"] == sha256_file(inception_file) and on_disk["weights"]["standard"] is False
+    for pkg in ("pytorch-fid", "torch-fidelity", "open_clip_torch", "torch"):
+        assert on_disk["versions"][pkg] != "not installed"
+    assert on_disk["units"] == {"generated": 5, "reference": 3}
+
+
+def test_resume_rescores_only_damaged_units(evaluated, write_spec):
+    """Delete one marker and truncate another unit's npz: a rerun scores those two and nothing else."""
+    spec, first = evaluated
+    part = os.path.join(spec["output"]["path"], "partials", "generated")
+    before = {f: os.stat(os.path.join(part, f)).st_mtime_ns for f in os.listdir(part)}
+    os.unlink(os.path.join(part, "000001.json"))
+    with open(os.path.join(part, "000003.npz"), "r+b") as fh:
+        fh.truncate(100)
+    again = run_eval(write_spec, spec)
+    assert again["units_run"] == 2 and again["units_resumed"] == 6
+    assert again["metrics"] == first["metrics"]  # bit for bit
+    for name in ("000000.npz", "000002.npz", "000004.npz"):
+        assert os.stat(os.path.join(part, name)).st_mtime_ns == before[name]
+
+
+def test_reference_stats_file_and_protocol_mismatch(evaluated, reference, inception_file, clip_model, write_spec, tmp_path, capsys):
+    """A stats .npz written by synthmill is a reusable reference, and it refuses another protocol."""
+    spec, first = evaluated
+    stats = os.path.join(spec["output"]["path"], "reference_stats.npz")
+    again = eval_spec(reference[1], str(tmp_path / "out"), inception_file, clip_model, stats, metrics=["fid"])
+    result = run_eval(write_spec, again)
+    assert _relative(result["metrics"]["fid"], first["metrics"]["fid"]) <= 1e-12
+    assert result["metrics"]["fid_reference"]["kind"] == "stats"
+    assert os.listdir(tmp_path / "out" / "partials") == ["generated"]  # no reference images were scored
+    clean = dict(again, fid={"protocol": "clean", "weights": inception_file}, output={"path": str(tmp_path / "o2")})
+    assert main(["run", write_spec(clean)]) == 2
+    err = capsys.readouterr().err
+    assert "protocol='pytorch-fid'" in err and "reference.path" in err
+    assert not os.path.exists(tmp_path / "o2")
+
+
+def test_clean_protocol_resizes_like_clean_fid(image_folders):
+    """The clean protocol's resize is clean-fid's own resizer, bit for bit."""
+    from cleanfid.resize import make_resizer
+    from PIL import Image
+
+    from synthmill.metrics.inception import _clean_resize
+
+    theirs = make_resizer("PIL", False, "bicubic", (299, 299))
+    for png in sorted(glob.glob(os.path.join(image_folders[0], "*.png")))[:3]:
+        im = np.asarray(Image.open(png).convert("RGB"))
+        assert np.array_equal(_clean_resize(im), theirs(im))
+
+
+def test_folder_with_resize_and_clean_protocol(image_folders, inception_file, clip_model, write_spec, tmp_path):
+    """An image folder, clean protocol and resize_to: stats differ from pytorch-fid's and are recorded."""
+    gen, real = image_folders
+    mixed = tmp_path / "mixed"
+    shutil.copytree(gen, mixed)
+    from PIL import Image
+
+    Image.open(os.path.join(gen, "0000000000.png")).resize((40, 24)).save(mixed / "0000000000.png")
+    spec = eval_spec(str(mixed), str(tmp_path / "out"), inception_file, clip_model, metrics=["fid_stats", "clip"],
+                     fid={"protocol": "clean", "resize_to": 48, "weights": inception_file},
+                     generated__samples_per_unit=10)
+    result = run_eval(write_spec, spec)
+    assert result["protocol"]["fid"] == "clean" and result["protocol"]["resize_to"] == 48
+    assert result["units"] == {"generated": 3} and result["samples"] == {"generated": 22}
+    with np.load(tmp_path / "out" / "fid_stats.npz") as st:
+        assert str(st["protocol"]) == "clean" and int(st["resize_to"]) == 48 and np.isfinite(st["sigma"]).all()
+    assert "fid" not in result["metrics"] and "clip_score" in result["metrics"]
+
+
+class _Server:
+    """A local HTTP server for weight downloads, counting requests."""
+
+    def __init__(self, folder: str):
+        hits = self.hits = []
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *a, **k):
+                super().__init__(*a, directory=folder, **k)
+
+            def do_GET(self):
+                hits.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_weights_from_url_are_checked_and_cached(inception_file, tmp_path, monkeypatch):
+    from synthmill.metrics import weights
+
+    monkeypatch.setenv("SYNTHMILL_CACHE", str(tmp_path / "cache"))
+    srv = _Server(os.path.dirname(inception_file))
+    try:
+        url = f"{srv.url}/{os.path.basename(inception_file)}"
+        digest = weights.sha256_file(inception_file)
+        with pytest.raises(weights.WeightsError, match="expected deadbeef"):
+            weights.resolve(url, "deadbeef")
+        assert glob.glob(str(tmp_path / "cache" / "weights" / "*.pth")) == []  # a wrong file is never cached
+        path, got = weights.resolve(url, digest[:12])
+        assert got == digest and open(path, "rb").read() == open(inception_file, "rb").read()
+        n = len(srv.hits)
+        assert weights.resolve(url, digest) == (path, digest)
+        assert len(srv.hits) == n  # second time from the cache
+    finally:
+        srv.close()
+
+
+# ---- bad input: exit 2, one line naming the field or file, nothing written ----
+
+def _tar_with_odd_size(folder, gen):
+    """Two tars: the generated PNGs, and one image of another size."""
+    from PIL import Image
+
+    pngs = sorted(glob.glob(os.path.join(gen, "*.png")))
+    for i, chunk in enumerate((pngs[:6], pngs[6:10])):
+        with tarfile.open(folder / f"part{i}.tar", "w") as tf:
+            for p in chunk:
+                tf.add(p, arcname=os.path.basename(p))
+                tf.add(p[:-4] + ".txt", arcname=os.path.basename(p)[:-4] + ".txt")
+    odd = folder / "odd"
+    odd.mkdir()
+    Image.new("RGB", (40, 24), (10, 20, 30)).save(odd / "9999999999.png")
+    with tarfile.open(folder / "part2.tar", "w") as tf:
+        tf.add(odd / "9999999999.png", arcname="9999999999.png")
+    return str(folder / "part*.tar")
+
+
+BAD = {
+    "missing reference": (lambda c: {"reference": {"path": c["tmp"] + "/nowhere"}}, "reference.path", "not found"),
+    "fid without reference": (lambda c: {"reference": {"path": None}}, "reference.path", "fid_stats"),
+    "too few for IS": (lambda c: {"inception_score": {"splits": 50}}, "generated.path",
+                       "is needs at least 50 samples"),
+    "unknown protocol": (lambda c: {"fid": {"protocol": "tf-fid", "weights": c["weights"]}}, "fid.protocol", "clean"),
+    "wrong weights hash": (lambda c: {"fid": {"weights": c["weights"], "weights_sha256": "deadbeef"}},
+                           "fid.weights", "expected deadbeef"),
+    "weights not a state dict": (lambda c: {"fid": {"weights": c["gen_spec"]}}, "fid.weights", "state dict"),
+    "unknown clip model": (lambda c: {"clip": {"model": "ViT-G-15", "pretrained": None}}, "clip.model", "did you mean"),
+    "mixed sizes in a folder": (lambda c: {"generated": {"path": c["mixed"]}}, "0000000003.png", "mixed sizes"),
+    "stats without sigma": (lambda c: {"reference": {"path": c["bad_npz"]}}, "reference.path", "'sigma'"),
+    "unknown metric": (lambda c: {"metrics": ["fid", "kid"]}, "metrics[1]", "known"),
+}
+
+
+@pytest.fixture
+def bad_context(reference, image_folders, inception_file, tmp_path):
+    from PIL import Image
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(image_folders[0], mixed)
+    Image.new("RGB", (40, 24)).save(mixed / "0000000003.png")
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(2048))
+    return {"tmp": str(tmp_path), "weights": inception_file, "gen_spec": os.path.join(reference[1], "plan.json"),
+            "mixed": str(mixed), "bad_npz": str(tmp_path / "bad.npz")}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input(case, bad_context, reference, image_folders, inception_file, clip_model, write_spec, capsys):
+    change, where, what = BAD[case]
+    out = os.path.join(bad_context["tmp"], "out")
+    spec = eval_spec(reference[1], out, inception_file, clip_model, image_folders[1])
+    for section, value in change(bad_context).items():
+        spec[section] = dict(spec.get(section, {}), **value) if isinstance(value, dict) else value
+    assert main(["run", write_spec(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("synthmill: error:") and where in err and what in err, err
+    assert not os.path.exists(out)
+
+
+def test_mixed_sizes_inside_tars_fail_while_scoring(image_folders, inception_file, clip_model, write_spec, tmp_path, capsys):
+    """Sizes inside foreign tars are only seen while scoring: still exit 2 naming the image, no metrics."""
+    pattern = _tar_with_odd_size(tmp_path, image_folders[0])
+    out = tmp_path / "out"
+    spec = eval_spec(pattern, str(out), inception_file, clip_model, metrics=["fid_stats"])
+    assert main(["run", write_spec(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "part2.tar:9999999999" in err and "40x24" in err and "mixed sizes" in err
+    assert not os.path.exists(out / "metrics.json") and not os.path.exists(out / "fid_stats.npz")
+
+
+def test_incomplete_generate_output_is_refused(reference, inception_file, clip_model, write_spec, tmp_path, capsys):
+    copy = tmp_path / "gen"
+    shutil.copytree(reference[1], copy)
+    os.unlink(copy / "shards" / "000002.json")
+    spec = eval_spec(str(copy), str(tmp_path / "out"), inception_file, clip_model, metrics=["is"])
+    assert main(["run", write_spec(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "not complete (4 of 5 shards committed)" in err and "generated.path" in err
