@@ -1,7 +1,7 @@
-"""``python -m benchmarks`` runs the generate benchmark, then the Frechet-distance one, each with its defaults.
+"""``python -m benchmarks`` runs the generate, Frechet-distance and feature-extraction benchmarks with their defaults.
 
-    python -m benchmarks                    # generate, then fid
-    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, chaos), with its own flags
+    python -m benchmarks                    # generate, fid, extract
+    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, chaos), with its own flags
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
 """
 
@@ -21,6 +21,12 @@ def _fid(argv: list[str]) -> int:
     return main(argv)
 
 
+def _extract(argv: list[str]) -> int:
+    from benchmarks.extract import main
+
+    return main(argv)
+
+
 def _chaos(argv: list[str]) -> int:
     from benchmarks.chaos import main
 
@@ -28,8 +34,9 @@ def _chaos(argv: list[str]) -> int:
     return 0
 
 
-BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"generate": _generate, "fid": _fid, "chaos": _chaos}
-DEFAULT = ("generate", "fid")  # what a bare ``python -m benchmarks`` runs, in this order
+BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"generate": _generate, "fid": _fid, "extract": _extract,
+                                                      "chaos": _chaos}
+DEFAULT = ("generate", "fid", "extract")  # what a bare ``python -m benchmarks`` runs, in this order
 
 
 def main(argv: list[str] | None = None) -> int:

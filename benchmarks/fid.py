@@ -1,4 +1,4 @@
-"""Frechet distance (FID's last step): synthmill's two eigendecompositions vs pytorch-fid's ``sqrtm``.
+"""Frechet distance (FID's last step): synthmill's Cholesky + eigenvalues vs pytorch-fid's ``sqrtm``.
 
 Two float64 Gaussians stand in for the Inception statistics of a generated set and of COCO 2014 val:
 ``--n1`` and ``--n2`` samples (30,000 and 40,504 by default) of ``--dim`` (2048) non-negative features,
@@ -151,7 +151,7 @@ def render(result: dict[str, Any]) -> str:
     lines = ["| implementation | timed | seconds | Frechet distance |", "| --- | --- | ---: | ---: |"]
     lines.append(f"| pytorch-fid 0.3.0 `calculate_frechet_distance` (scipy `sqrtm`) | {timed} | "
                  f"{result['pytorch_fid_s']:.4f} | {result['pytorch_fid_value']:.10f} |")
-    lines.append(f"| synthmill `frechet_distance` (two `eigh`) | {timed} | "
+    lines.append(f"| synthmill `frechet_distance` (Cholesky + `eigvalsh`) | {timed} | "
                  f"{result['synthmill_s']:.4f} | {result['synthmill_value']:.10f} |")
     lines.append("")
     lines.append(f"ratio: pytorch-fid / synthmill = {result['speedup']:.2f} "
