@@ -93,7 +93,7 @@ def _scorer(folder: str, weights: str, batch: int, unit: int, isc: bool, out: st
     spec.cluster.batch_size, spec.cluster.cpus_per_actor = batch, torch.get_num_threads()
     images = open_image_set(folder, None, unit)
     work = Work({"generated": SetJob(images, fid=True, isc=isc)}, [("generated", u.index) for u in images.units],
-                "bench", weights, out)
+                "bench", weights, None, out)
     scorer = Scorer(spec, work)
     scorer.process(0)  # warm-up, as for (a); committed again below
     t = time.perf_counter()

@@ -10,11 +10,50 @@ from synthmill.sharding.commit import done_shards
 from synthmill.sharding.writer import TMP_SUFFIX
 
 
+def _collect_evaluate(output: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """The state of an evaluate output: units with a committed partial of this job, per set; the metrics."""
+    sets = {}
+    for name, info in plan["sets"].items():
+        folder = storage.join(output, "partials", name)
+        names = storage.list_sizes(folder)
+        done = [n for n in names if n.endswith(".json") and n[:-5] + ".npz" in names
+                and (storage.read_json(storage.join(folder, n)) or {}).get("fingerprint") == plan["fingerprint"]]
+        sets[name] = {"units_done": len(done), "units": info["units"], "samples": info["samples"]}
+    result = storage.read_json(storage.join(output, "metrics.json"))
+    failures = storage.read_json(storage.join(output, "failures.json")) or {}
+    return {
+        "output": output, "kind": "evaluate",
+        "complete": bool(result and result.get("status") == "complete"),
+        "sets": sets,
+        "metrics": result.get("metrics") if result else None,
+        "failed_units": (failures.get("failed_units") or {}) if not result else {},
+    }
+
+
+def _render_evaluate(st: dict[str, Any]) -> str:
+    lines = [f"output     {st['output']}", f"state      {'complete' if st['complete'] else 'incomplete'}"]
+    for name, s in st["sets"].items():
+        lines.append(f"{name:<10} {s['units_done']} / {s['units']} units scored"
+                     + (f" ({s['samples']} samples)" if s["samples"] is not None else ""))
+    for key, value in (st["metrics"] or {}).items():
+        if isinstance(value, (int, float)):
+            lines.append(f"{key:<10} {value:.6g}" if len(key) <= 10 else f"{key} {value:.6g}")
+        elif key == "inception_score":
+            lines.append(f"IS         {value['mean']:.6g} +- {value['std']:.3g} ({value['splits']} splits)")
+    failed = st["failed_units"]
+    lines.append(f"failures   {len(failed)}" + (":" if failed else ""))
+    for name, err in list(failed.items())[:10]:
+        lines.append(f"  unit {name}: {err}")
+    return "\n".join(lines)
+
+
 def collect(output: str) -> dict[str, Any]:
-    """The state of a generate output folder, from its plan, markers, failures and summary."""
+    """The state of an output folder, from its plan, markers, failures and summary (or metrics)."""
     plan = storage.read_json(storage.join(output, "plan.json"))
     if not isinstance(plan, dict):
         raise SpecError(f"{output}: not a synthmill output (no plan.json)")
+    if plan.get("kind") == "evaluate":
+        return _collect_evaluate(output, plan)
     markers = done_shards(output, range(plan["shards"]), plan["fingerprint"])
     failures = storage.read_json(storage.join(output, "failures.json")) or {}
     summary = storage.read_json(storage.join(output, "summary.json"))
@@ -24,6 +63,7 @@ def collect(output: str) -> dict[str, Any]:
     stray = [n for n in storage.list_sizes(storage.join(output, "shards")) if n.endswith(TMP_SUFFIX)]
     return {
         "output": output,
+        "kind": "generate",
         "complete": bool(summary and summary.get("status") == "complete") and len(markers) == plan["shards"],
         "shards_done": len(markers),
         "shards": plan["shards"],
@@ -39,6 +79,8 @@ def collect(output: str) -> dict[str, Any]:
 
 def render(st: dict[str, Any]) -> str:
     """One screen of text."""
+    if st.get("kind") == "evaluate":
+        return _render_evaluate(st)
     pct = 100.0 * st["samples_done"] / st["samples"] if st["samples"] else 100.0
     lines = [
         f"output     {st['output']}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -153,3 +154,82 @@ def reference(ray_address, tiny_sd, prompts_tsv, tmp_path_factory):
     summary = generate.run(generate.prepare(load_spec(str(path))))
     assert summary["status"] == "complete"
     return spec, spec["output"]["path"]
+
+
+# ---- evaluate: random metric weights, image folders, and one evaluation shared by several modules ----
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> str:
+    from synthmill.metrics.random_weights import save_random_inception
+
+    return save_random_inception(str(tmp_path_factory.mktemp("weights") / "inception.pth"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip_model(tmp_path_factory) -> str:
+    from synthmill.metrics.random_weights import save_tiny_clip
+
+    return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def image_folders(reference, tmp_path_factory) -> tuple[str, str]:
+    """(generated, real): the reference job's images as PNG files with .txt captions, and altered copies."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    _, out = reference
+    root = tmp_path_factory.mktemp("folders")
+    gen, real = root / "generated", root / "real"
+    gen.mkdir()
+    real.mkdir()
+    for s in read_wds(out):
+        (gen / f"{s['__key__']}.png").write_bytes(s["png"])
+        (gen / f"{s['__key__']}.txt").write_bytes(s["txt"])
+        im = Image.open(io.BytesIO(s["png"])).convert("RGB")
+        ImageOps.mirror(im).filter(ImageFilter.GaussianBlur(1)).save(real / f"{s['__key__']}.png")
+    return str(gen), str(real)
+
+
+def eval_spec(generated: str, output: str, weights: str, clip: str, reference: str | None = None, **extra) -> dict:
+    spec = {
+        "kind": "evaluate",
+        "generated": {"path": generated},
+        "reference": {"path": reference},
+        "metrics": ["fid", "is", "clip"] if reference else ["fid_stats", "is", "clip"],
+        "fid": {"protocol": "pytorch-fid", "weights": weights},
+        "clip": {"model": clip, "pretrained": None},
+        "output": {"path": output},
+        "cluster": {"num_actors": 2, "batch_size": 4},
+    }
+    for key, value in extra.items():
+        section, _, name = key.partition("__")
+        if name:
+            spec[section][name] = value
+        else:
+            spec[section] = value
+    return spec
+
+
+def run_eval(write_spec, spec: dict) -> dict:
+    from synthmill.jobs import evaluate
+    from synthmill.jobs.spec import load_spec
+
+    return evaluate.run(evaluate.prepare(load_spec(write_spec(spec))))
+
+
+@pytest.fixture(scope="session")
+def evaluated(reference, image_folders, inception_file, clip_model, tmp_path_factory):
+    """FID / IS / CLIP of the reference job's shards (2 actors) against the real folder."""
+    import yaml
+
+    from synthmill.jobs import evaluate
+    from synthmill.jobs.spec import load_spec
+
+    _, out = reference
+    folder = tmp_path_factory.mktemp("eval")
+    spec = eval_spec(out, str(folder / "out"), inception_file, clip_model, image_folders[1])
+    spec["reference"]["samples_per_unit"] = 8
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = evaluate.run(evaluate.prepare(load_spec(str(path))))
+    return spec, result

@@ -23,86 +23,9 @@ import numpy as np
 import pytest
 
 from synthmill.cli import main
-from tests.conftest import read_wds
+from tests.conftest import eval_spec, run_eval
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def inception_file(tmp_path_factory) -> str:
-    from synthmill.metrics.random_weights import save_random_inception
-
-    return save_random_inception(str(tmp_path_factory.mktemp("weights") / "inception.pth"), seed=0)
-
-
-@pytest.fixture(scope="session")
-def clip_model(tmp_path_factory) -> str:
-    from synthmill.metrics.random_weights import save_tiny_clip
-
-    return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny"), seed=0)
-
-
-@pytest.fixture(scope="session")
-def image_folders(reference, tmp_path_factory) -> tuple[str, str]:
-    """(generated, real): the reference job's images as PNG files with .txt captions, and altered copies."""
-    from PIL import Image, ImageFilter, ImageOps
-
-    _, out = reference
-    root = tmp_path_factory.mktemp("folders")
-    gen, real = root / "generated", root / "real"
-    gen.mkdir()
-    real.mkdir()
-    for s in read_wds(out):
-        (gen / f"{s['__key__']}.png").write_bytes(s["png"])
-        (gen / f"{s['__key__']}.txt").write_bytes(s["txt"])
-        im = Image.open(io.BytesIO(s["png"])).convert("RGB")
-        ImageOps.mirror(im).filter(ImageFilter.GaussianBlur(1)).save(real / f"{s['__key__']}.png")
-    return str(gen), str(real)
-
-
-def eval_spec(generated: str, output: str, weights: str, clip: str, reference: str | None = None, **extra) -> dict:
-    spec = {
-        "kind": "evaluate",
-        "generated": {"path": generated},
-        "reference": {"path": reference},
-        "metrics": ["fid", "is", "clip"] if reference else ["fid_stats", "is", "clip"],
-        "fid": {"protocol": "pytorch-fid", "weights": weights},
-        "clip": {"model": clip, "pretrained": None},
-        "output": {"path": output},
-        "cluster": {"num_actors": 2, "batch_size": 4},
-    }
-    for key, value in extra.items():
-        section, _, name = key.partition("__")
-        if name:
-            spec[section][name] = value
-        else:
-            spec[section] = value
-    return spec
-
-
-def run_eval(write_spec, spec: dict) -> dict:
-    from synthmill.jobs import evaluate
-    from synthmill.jobs.spec import load_spec
-
-    return evaluate.run(evaluate.prepare(load_spec(write_spec(spec))))
-
-
-@pytest.fixture(scope="module")
-def evaluated(reference, image_folders, inception_file, clip_model, tmp_path_factory):
-    """FID / IS / CLIP of the reference job's shards (2 actors) against the real folder."""
-    import yaml
-
-    from synthmill.jobs import evaluate
-    from synthmill.jobs.spec import load_spec
-
-    _, out = reference
-    folder = tmp_path_factory.mktemp("eval")
-    spec = eval_spec(out, str(folder / "out"), inception_file, clip_model, image_folders[1])
-    spec["reference"]["samples_per_unit"] = 8
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    result = evaluate.run(evaluate.prepare(load_spec(str(path))))
-    return spec, result
 
 
 def _relative(a: float, b: float) -> float:
@@ -409,3 +332,14 @@ def test_incomplete_generate_output_is_refused(reference, inception_file, clip_m
     assert main(["run", write_spec(spec)]) == 2
     err = capsys.readouterr().err
     assert "not complete (4 of 5 shards committed)" in err and "generated.path" in err
+
+
+def test_status_of_an_evaluate_output(evaluated, capsys):
+    spec, result = evaluated
+    assert main(["status", spec["output"]["path"], "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["kind"] == "evaluate" and st["complete"] is True
+    assert st["sets"]["generated"] == {"units_done": 5, "units": 5, "samples": 22}
+    assert st["metrics"]["fid"] == result["metrics"]["fid"]
+    assert main(["status", spec["output"]["path"]]) == 0
+    assert "generated  5 / 5 units scored (22 samples)" in capsys.readouterr().out

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from synthmill.cli import main
-from tests.conftest import run_job, tar_hashes
+from tests.conftest import run_eval, run_job, tar_hashes
 from tests.netproxy import FlakyProxy
 
 SECRET = "s3cr3t-value-that-must-never-leak"
@@ -219,3 +219,31 @@ def test_endpoint_outage_mid_job_is_ridden_out(reference, s3, write_spec):
         assert remote_hashes(fs, "synth/runs/outage") == remote_hashes(fs, "synth/runs/a")
     finally:
         proxy.close()
+
+
+def test_evaluate_from_and_to_s3_equals_local(evaluated, reference, image_folders, s3, write_spec):
+    """The shared local evaluation, redone with every input and the output on S3: the same numbers, bit for bit."""
+    spec, local = evaluated
+    fs = s3["fs"]
+    fs.put(reference[1], "synth/eval/generated", recursive=True)
+    fs.put(image_folders[1], "synth/eval/real", recursive=True)
+    fs.put(spec["fid"]["weights"], "synth/eval/inception.pth")
+    remote = json.loads(json.dumps(spec))
+    remote["generated"]["path"] = "s3://synth/eval/generated"
+    remote["reference"]["path"] = "s3://synth/eval/real"
+    remote["fid"]["weights"] = "s3://synth/eval/inception.pth"  # fetched, hashed and cached like a download
+    remote["output"]["path"] = "s3://synth/eval/out"
+    remote["storage"] = {"endpoint_url": s3["endpoint"], **s3["creds"]}
+    result = run_eval(write_spec, remote)
+
+    def numbers(metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if k != "fid_reference"}  # that one names the paths
+
+    assert numbers(result["metrics"]) == numbers(local["metrics"])
+    assert result["samples"] == local["samples"] and result["units"] == local["units"]
+    fs.invalidate_cache()
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls("synth/eval/out")}
+    assert {"metrics.json", "fid_stats.npz", "reference_stats.npz", "job.yaml", "plan.json", "partials"} <= names
+    assert s3["creds"]["secret"] not in fs.cat_file("synth/eval/out/job.yaml").decode()
+    again = run_eval(write_spec, remote)  # everything committed: nothing is scored again
+    assert again["units_run"] == 0 and numbers(again["metrics"]) == numbers(local["metrics"])

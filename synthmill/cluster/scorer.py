@@ -51,7 +51,8 @@ class Work:
     sets: dict[str, SetJob]
     tasks: list[tuple[str, int]]  # task id -> (set name, unit index)
     fingerprint: str
-    weights_path: str | None
+    weights: str | None  # fid.weights as the spec gives it (None: the standard file's URL)
+    weights_sha256: str | None  # its full digest, as the driver found it; every node checks against it
     output: str
     storage: dict[str, Any] = field(default_factory=dict)
 
@@ -87,8 +88,10 @@ class Scorer:
         if fid or isc:
             from synthmill.metrics.inception import InceptionExtractor
 
-            state = weights.load_state_dict(work.weights_path)
-            self.inception = InceptionExtractor(state, work.weights_path, spec.fid.protocol, fid, isc, self.device)
+            # Resolved on this node: a URL is downloaded into this node's cache (once, under a lock).
+            path, _ = weights.resolve(work.weights, work.weights_sha256, work.storage)
+            state = weights.load_state_dict(path)
+            self.inception = InceptionExtractor(state, path, spec.fid.protocol, fid, isc, self.device)
         self.clip = None
         if any(s.clip for s in work.sets.values()):
             from synthmill.metrics.clipscore import ClipScorer

@@ -235,7 +235,8 @@ def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int
     n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
     n_actors = min(n_actors, len(todo))
     counter = ProgressCounter.remote()
-    work = ray.put(Work(p.sets, todo, p.fingerprint, p.weights_path, spec.output.path, spec.storage))
+    work = ray.put(Work(p.sets, todo, p.fingerprint, spec.fid.weights, p.weights_sha256, spec.output.path,
+                        spec.storage))
     options: dict[str, Any] = {"num_cpus": spec.cluster.cpus_per_actor,
                                "max_concurrency": spec.cluster.inflight_per_actor + 1}
     if use_gpu:
