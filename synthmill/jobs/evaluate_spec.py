@@ -6,11 +6,11 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from synthmill.jobs.spec import one_of, register_kind, require
+from synthmill.jobs.spec import ActorClusterSpec, check_cluster, one_of, register_kind, require
 from synthmill.metrics.inception import PROTOCOLS
 
 METRICS = ("fid", "is", "clip", "fid_stats")
@@ -59,16 +59,9 @@ class EvalOutputSpec:
 
 
 @dataclass
-class EvalClusterSpec:
-    address: Optional[str] = None
-    num_actors: Union[int, str] = "auto"  # auto = one per GPU (CPU-only: one per cpus_per_actor CPUs)
+class EvalClusterSpec(ActorClusterSpec):
     batch_size: int = 50  # pytorch-fid's default
-    cpus_per_actor: int = 1
-    inflight_per_actor: int = 2
     decode_threads: int = 4
-    max_attempts: int = 3
-    resources: Dict[str, float] = field(default_factory=dict)
-    start_timeout_s: float = 1800.0
 
 
 @register_kind("evaluate")
@@ -110,16 +103,8 @@ class EvaluateSpec:
         require(1 <= i.splits <= 1000, "inception_score.splits", f"must be in 1..1000, got {i.splits}")
         require(i.seed >= 0, "inception_score.seed", f"must be >= 0, got {i.seed}")
         require(bool(c.model.strip()), "clip.model", "must not be empty")
-        if isinstance(cl.num_actors, str):
-            require(cl.num_actors == "auto", "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {cl.num_actors!r}")
-        else:
-            require(cl.num_actors >= 1, "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {cl.num_actors}")
-        require(1 <= cl.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {cl.batch_size}")
-        require(cl.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {cl.cpus_per_actor}")
-        require(1 <= cl.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {cl.inflight_per_actor}")
+        check_cluster(cl)
         require(1 <= cl.decode_threads <= 64, "cluster.decode_threads", f"must be in 1..64, got {cl.decode_threads}")
-        require(1 <= cl.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {cl.max_attempts}")
-        require(cl.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {cl.start_timeout_s}")
 
     def fingerprint(self, weights_sha256: str | None) -> str:
         """Hash of what a unit's partial result depends on (the input's identity is in each marker)."""

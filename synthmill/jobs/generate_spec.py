@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
-from synthmill.jobs.spec import one_of, register_kind, require
+from synthmill.jobs.spec import ActorClusterSpec, check_cluster, one_of, register_kind, require
 from synthmill.models.schedulers import SCHEDULERS
 from synthmill.sharding.encoders import ENCODERS
 
@@ -66,18 +66,10 @@ class OutputSpec:
 
 
 @dataclass
-class ClusterSpec:
+class ClusterSpec(ActorClusterSpec):
     """Ray: which cluster, how many actors, and how work flows to them."""
 
-    address: Optional[str] = None  # else RAY_ADDRESS, else a local Ray instance
-    num_actors: Union[int, str] = "auto"  # auto = one per GPU (CPU-only: one per cpus_per_actor CPUs)
-    batch_size: int = 8
-    cpus_per_actor: int = 1
-    inflight_per_actor: int = 2  # shards queued per actor, so encode/upload overlaps denoising
     encode_threads: int = 4
-    max_attempts: int = 3  # per shard; an attempt ends in an error or with its actor's death
-    resources: Dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor (node labels)
-    start_timeout_s: float = 1800.0  # fail if no actor is ready for this long (model download included)
 
 
 @register_kind("generate")
@@ -122,18 +114,8 @@ class GenerateSpec:
         require(1 <= o.quality <= 100, "output.quality", f"must be in 1..100, got {o.quality}")
         require(1 <= o.samples_per_shard <= 1_000_000, "output.samples_per_shard", f"must be in 1..1000000, got {o.samples_per_shard}")
         one_of(o.resume_check, RESUME_CHECKS, "output.resume_check")
-        if isinstance(c.num_actors, str):
-            require(c.num_actors == "auto", "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {c.num_actors!r}")
-        else:
-            require(c.num_actors >= 1, "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {c.num_actors}")
-        require(1 <= c.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {c.batch_size}")
-        require(c.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {c.cpus_per_actor}")
-        require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {c.inflight_per_actor}")
+        check_cluster(c)
         require(1 <= c.encode_threads <= 64, "cluster.encode_threads", f"must be in 1..64, got {c.encode_threads}")
-        require(1 <= c.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {c.max_attempts}")
-        require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
-        for name, amount in c.resources.items():
-            require(amount > 0, f"cluster.resources.{name}", f"must be > 0, got {amount}")
 
     def fingerprint(self) -> str:
         """Hash of every setting a shard's bytes depend on (DESIGN.md invariant 2), and nothing else.

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Union
 
 from synthmill.errors import SpecError
 
@@ -134,3 +135,32 @@ def one_of(value: Any, known: Any, field: str) -> None:
         close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise SpecError(f"field '{field}': unknown value {value!r}{hint} (known: {', '.join(map(str, known))})")
+
+
+@dataclass
+class ActorClusterSpec:
+    """Ray settings every job kind with an actor pool shares; a kind's own section adds to these."""
+
+    address: Optional[str] = None  # else RAY_ADDRESS, else a local Ray instance
+    num_actors: Union[int, str] = "auto"  # auto = one per GPU (CPU-only: one per cpus_per_actor CPUs)
+    batch_size: int = 8
+    cpus_per_actor: int = 1  # on CPU also the actor's torch thread count
+    inflight_per_actor: int = 2  # work items queued per actor, so I/O overlaps compute
+    max_attempts: int = 3  # per work item; an attempt ends in an error or with its actor's death
+    resources: Dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor (node labels)
+    start_timeout_s: float = 1800.0  # fail if no actor is ready for this long (model download included)
+
+
+def check_cluster(c: Any) -> None:
+    """The ``cluster`` settings every job kind with actors shares: counts, batch, retries, resources."""
+    if isinstance(c.num_actors, str):
+        require(c.num_actors == "auto", "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {c.num_actors!r}")
+    else:
+        require(c.num_actors >= 1, "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {c.num_actors}")
+    require(1 <= c.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {c.batch_size}")
+    require(c.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {c.cpus_per_actor}")
+    require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {c.inflight_per_actor}")
+    require(1 <= c.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {c.max_attempts}")
+    require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
+    for name, amount in c.resources.items():
+        require(amount > 0, f"cluster.resources.{name}", f"must be > 0, got {amount}")
