@@ -343,3 +343,22 @@ def test_status_of_an_evaluate_output(evaluated, capsys):
     assert st["metrics"]["fid"] == result["metrics"]["fid"]
     assert main(["status", spec["output"]["path"]]) == 0
     assert "generated  5 / 5 units scored (22 samples)" in capsys.readouterr().out
+
+
+def test_validate_and_dry_run_of_an_evaluate_spec(evaluated, write_spec, capsys):
+    """Both read inputs and the output's partials, score nothing and write nothing."""
+    spec, _ = evaluated
+    out = spec["output"]["path"]
+    def stamps() -> dict[str, int]:
+        return {os.path.join(root, f): os.stat(os.path.join(root, f)).st_mtime_ns
+                for root, _, files in os.walk(out) for f in files}
+
+    before = stamps()
+    path = write_spec(spec)
+    assert main(["validate", path]) == 0
+    assert "ok: " in capsys.readouterr().out
+    assert main(["run", path, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["generated"]["units_done"] == 5 and plan["generated"]["samples"] == 22
+    assert plan["reference"]["units"] == 3 and plan["reference"]["kind"] == "folder"
+    assert stamps() == before
