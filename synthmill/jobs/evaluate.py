@@ -23,7 +23,7 @@ from synthmill.cluster.scorer import SetJob, Work
 from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs.evaluate_spec import EvaluateSpec
 from synthmill.jobs.generate import VALIDATE_RETRY_S
-from synthmill.jobs.outputs import check_output_folder, versions
+from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
 from synthmill.metrics import partials
 from synthmill.metrics.frechet import GaussianSums, frechet_distance
 from synthmill.sharding import storage
@@ -189,16 +189,11 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
     return out
 
 
-def _npz_bytes(**arrays: Any) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
 def _stats_file(mu: np.ndarray, sigma: np.ndarray, n: int, p: Prepared) -> bytes:
     """mu and sigma as pytorch-fid writes them, plus how they were made (pytorch-fid ignores the rest)."""
-    return _npz_bytes(mu=mu, sigma=sigma, n=np.array(n), protocol=np.array(p.spec.fid.protocol),
-                      resize_to=np.array(p.spec.fid.resize_to or 0), weights_sha256=np.array(p.weights_sha256 or ""))
+    return partials.npz_bytes({"mu": mu, "sigma": sigma, "n": np.array(n), "protocol": np.array(p.spec.fid.protocol),
+                               "resize_to": np.array(p.spec.fid.resize_to or 0),
+                               "weights_sha256": np.array(p.weights_sha256 or "")})
 
 
 def _merge(p: Prepared, name: str, markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -272,16 +267,12 @@ def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int
 
 def run(p: Prepared) -> dict[str, Any]:
     """Score what is not scored yet, merge, and write the stats files and ``metrics.json``."""
-    from omegaconf import OmegaConf
-
     from synthmill.metrics.inception import IS_CONVENTION, PROTOCOLS, RESIZE_TO, inception_score
 
     spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    resolved = OmegaConf.structured(spec)
-    resolved.storage = storage.redact(spec.storage)
-    storage.write_bytes(storage.join(out, "job.yaml"), OmegaConf.to_yaml(resolved).encode(), opts)
+    write_job_yaml(spec)
     storage.write_json(storage.join(out, "plan.json"), {
         "kind": "evaluate", "fingerprint": p.fingerprint,
         "sets": {n: {"path": j.images.path, "units": len(j.images.units), "samples": j.images.num_samples}

@@ -15,7 +15,7 @@ from typing import Any
 
 from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs.generate_spec import GenerateSpec
-from synthmill.jobs.outputs import check_output_folder, versions
+from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
 from synthmill.models.loading import check_model_path
 from synthmill.sharding import storage
 from synthmill.sharding.commit import done_shards
@@ -82,12 +82,8 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
 
 
 def _write_start_files(p: Prepared) -> None:
-    from omegaconf import OmegaConf
-
     out, opts = p.spec.output.path, p.spec.storage
-    resolved = OmegaConf.structured(p.spec)
-    resolved.storage = storage.redact(p.spec.storage)
-    storage.write_bytes(storage.join(out, "job.yaml"), OmegaConf.to_yaml(resolved).encode(), opts)
+    write_job_yaml(p.spec)
     storage.write_json(
         storage.join(out, "plan.json"),
         {"kind": "generate", "fingerprint": p.spec.fingerprint(), "prompts": p.plan.num_prompts,

@@ -50,6 +50,15 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
         raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
 
 
+def write_job_yaml(spec: Any) -> None:
+    """``OUTPUT/job.yaml``: the resolved spec, with the values of its storage options redacted."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.structured(spec)
+    resolved.storage = storage.redact(spec.storage)
+    storage.write_bytes(storage.join(spec.output.path, "job.yaml"), OmegaConf.to_yaml(resolved).encode(), spec.storage)
+
+
 def versions(packages: tuple[str, ...]) -> dict[str, str]:
     """Installed versions of ``packages`` (and Python), for summaries and metrics."""
     from importlib.metadata import PackageNotFoundError, version

@@ -28,12 +28,17 @@ def marker_url(output: str, set_name: str, k: int) -> str:
     return storage.join(output, "partials", set_name, shard_name(k) + ".json")
 
 
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of an (uncompressed) .npz file."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def commit(output: str, set_name: str, k: int, arrays: dict[str, np.ndarray], marker: dict[str, Any],
            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the npz, then the marker (the commit point); return the marker."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    data = buf.getvalue()
+    data = npz_bytes(arrays)
     marker = dict(marker, set=set_name, unit=k, size=len(data), sha256=hashlib.sha256(data).hexdigest())
     storage.write_bytes(npz_url(output, set_name, k), data, storage_options)
     storage.write_json(marker_url(output, set_name, k), marker, storage_options)
