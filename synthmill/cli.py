@@ -36,12 +36,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _job_module(kind: str):
     """The runner of a job kind: a module with ``prepare``, ``plan_summary`` and ``run``."""
-    from synthmill.jobs import evaluate, generate
+    from synthmill.jobs import distill, evaluate, generate
 
-    return {"generate": generate, "evaluate": evaluate}[kind]
+    return {"generate": generate, "evaluate": evaluate, "distill": distill}[kind]
 
 
 def _ok_line(spec_path: str, kind: str, plan: dict) -> str:
+    if kind == "distill":
+        samples = plan["data_samples"] if plan["data_samples"] is not None else "?"
+        return (f"ok: {spec_path}: {plan['teacher']} ({plan['teacher_params'] / 1e6:.1f}M) -> {plan['student']} "
+                f"({plan['student_params'] / 1e6:.1f}M) on {samples} samples in {plan['data_units']} units at "
+                f"{plan['resolution']}px; step {plan['steps_done']} of {plan['max_steps']}")
     if kind == "generate":
         return f"ok: {spec_path}: {plan['prompts']} prompts -> {plan['samples']} samples in {plan['shards']} shards"
     sets = [f"{name} {plan[name]['samples'] if plan[name]['samples'] is not None else '?'} samples in "
@@ -52,6 +57,11 @@ def _ok_line(spec_path: str, kind: str, plan: dict) -> str:
 
 
 def _done_line(kind: str, summary: dict, output: str) -> str:
+    if kind == "distill":
+        loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
+        return (f"done: {summary['student']} ({summary['student_params'] / 1e6:.1f}M params) at step {summary['steps']} "
+                f"({summary['steps_run']} steps run, {summary['steps_resumed']} resumed; {summary['samples_per_s']:.2f} "
+                f"samples/s on {summary['workers']} {summary['device']} workers; loss {loss}) -> {summary['pipeline']}")
     if kind == "generate":
         return (
             f"done: {summary['samples']} samples in {summary['shards']} shards at {output} "

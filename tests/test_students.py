@@ -19,6 +19,7 @@ from synthmill.models.students import (
     make_student,
     student_config,
 )
+from synthmill.models.tiny import tiny_unet_config
 from synthmill.models.unet_configs import build_unet, get_unet_config
 
 SD_ARCHS = ("bk-base", "bk-small", "bk-tiny")
@@ -136,38 +137,11 @@ def test_full_size_layouts(sd14_meta, sdxl_meta):
 
 
 def _tiny_sd_config() -> dict:
-    return {
-        "sample_size": 16,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": (32, 64, 64, 64),
-        "layers_per_block": 2,
-        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": 32,
-        "attention_head_dim": 4,
-        "norm_num_groups": 8,
-    }
+    return tiny_unet_config("sd")
 
 
 def _tiny_sdxl_config() -> dict:
-    return {
-        "sample_size": 16,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": (32, 64, 64),
-        "layers_per_block": 2,
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "transformer_layers_per_block": (1, 2, 10),
-        "attention_head_dim": (2, 4, 4),
-        "use_linear_projection": True,
-        "cross_attention_dim": 32,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 6 * 8 + 32,
-        "norm_num_groups": 8,
-    }
+    return tiny_unet_config("sdxl")
 
 
 def _build(cfg: dict, seed: int):

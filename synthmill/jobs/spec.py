@@ -74,6 +74,7 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     from omegaconf.errors import OmegaConfBaseException
 
     # Importing the job modules registers their kinds.
+    import synthmill.jobs.distill_spec  # noqa: F401
     import synthmill.jobs.evaluate_spec  # noqa: F401
     import synthmill.jobs.generate_spec  # noqa: F401
 

@@ -14,6 +14,52 @@ from pathlib import Path
 #: The architectures this module can build: ``sd`` (SD 1.x/2.x layout) and ``sdxl`` (two text encoders).
 TINY_KINDS = ("sd", "sdxl")
 
+#: UNet layouts: ``small`` (2 stages, the fastest thing that runs) or ``full`` (the block structure of the
+#: real SD 1.x / SDXL UNet at tiny widths, so every student layout of models/students.py can be cut from it).
+TINY_UNET_LAYOUTS = ("small", "full")
+
+
+def tiny_unet_config(kind: str) -> dict:
+    """A UNet config with the full SD 1.x (``sd``) or SDXL (``sdxl``) block structure at tiny widths.
+
+    SD 1.x: four stages (three with cross-attention, the last a plain ``DownBlock2D``), two layers per
+    block, a cross-attention mid block. SDXL: three stages (the first without attention), per-stage
+    transformer depths 1/2/10 (so the Segmind layouts, which keep 4 or 2 of the deepest 10, apply), the
+    ``text_time`` micro-conditioning of the SDXL UNet.
+    """
+    if kind == "sd":
+        return {
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (32, 64, 64, 64),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 4,
+            "norm_num_groups": 8,
+        }
+    if kind == "sdxl":
+        return {
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (32, 64, 64),
+            "layers_per_block": 2,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (2, 4, 4),
+            "use_linear_projection": True,
+            "cross_attention_dim": 32,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "norm_num_groups": 8,
+        }
+    raise ValueError(f"unknown tiny pipeline kind {kind!r}; known: {', '.join(TINY_KINDS)}")
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
@@ -65,8 +111,12 @@ def _text_encoder(with_projection: bool, hidden: int, seed: int):
     return cls(cfg)
 
 
-def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
-    """Return a tiny randomly initialised text-to-image pipeline (``sd`` or ``sdxl``) on the CPU."""
+def build_tiny_pipeline(kind: str = "sd", seed: int = 0, unet_layout: str = "small"):
+    """Return a tiny randomly initialised text-to-image pipeline (``sd`` or ``sdxl``) on the CPU.
+
+    ``unet_layout="full"`` gives the UNet of :func:`tiny_unet_config` (a teacher that distill jobs can cut
+    students from); ``small`` a 2-stage UNet (fastest for generate and evaluate tests).
+    """
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -80,6 +130,8 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
 
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; known: {', '.join(TINY_KINDS)}")
+    if unet_layout not in TINY_UNET_LAYOUTS:
+        raise ValueError(f"unknown tiny UNet layout {unet_layout!r}; known: {', '.join(TINY_UNET_LAYOUTS)}")
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +149,7 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
         norm_num_groups=8,
         sample_size=32,
     )
-    unet_layout = dict(
+    layout = dict(
         block_out_channels=(16, 32),
         layers_per_block=1,
         sample_size=16,
@@ -108,8 +160,25 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
+    if unet_layout == "full":
+        cfg = tiny_unet_config(kind)
+        if kind == "sdxl":
+            cfg["cross_attention_dim"] = 64  # the two 32-wide text encoders, concatenated
+        unet = UNet2DConditionModel(**cfg)
+    elif kind == "sd":
+        unet = UNet2DConditionModel(**layout, cross_attention_dim=32, attention_head_dim=4)
+    else:
+        unet = UNet2DConditionModel(
+            **layout,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            cross_attention_dim=64,
+        )
     if kind == "sd":
-        unet = UNet2DConditionModel(**unet_layout, cross_attention_dim=32, attention_head_dim=4)
         scheduler = PNDMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
             steps_offset=1, set_alpha_to_one=False,
@@ -125,16 +194,6 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
             requires_safety_checker=False,
         )
     # SDXL: two text encoders (the second with a projection), micro-conditioning on sizes.
-    unet = UNet2DConditionModel(
-        **unet_layout,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
-    )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
         timestep_spacing="leading",
@@ -150,8 +209,8 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0):
     )
 
 
-def save_tiny_pipeline(folder: str | os.PathLike, kind: str = "sd", seed: int = 0) -> str:
+def save_tiny_pipeline(folder: str | os.PathLike, kind: str = "sd", seed: int = 0, unet_layout: str = "small") -> str:
     """Build a tiny pipeline and ``save_pretrained`` it (safetensors) to ``folder``; return the path."""
-    pipe = build_tiny_pipeline(kind, seed)
+    pipe = build_tiny_pipeline(kind, seed, unet_layout)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)

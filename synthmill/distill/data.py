@@ -1,0 +1,180 @@
+"""The training stream: image-text shards -> resized, cropped, tokenised samples, split across readers.
+
+Readers ("consumers") are the data-loader processes of every training worker: ``world * P`` of them
+for ``world`` workers with ``P`` loader processes each. Each epoch the units (tars, or slices of an
+image folder) are put in a seeded order; with at least as many units as consumers each consumer reads
+``order[c::N]``, otherwise every consumer reads all units and keeps every N-th sample. A seeded shuffle
+buffer mixes samples across unit boundaries. Everything random follows from ``train.seed``: unit order,
+buffer draws, and each sample's crop and flip (from its own name, so skipping a sample skips nothing
+else).
+
+Exact resume: ``torch.utils.data.DataLoader`` takes batch ``i`` from loader process ``i % P``. A run
+that resumes at micro-batch ``m`` gives loader process ``p`` the role of process ``(p + m) % P`` of the
+first run and lets it skip the batches that process had produced: the resumed run sees the same
+batches in the same order as an uninterrupted run (with the same number of workers and processes).
+Skipped samples are read but never decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from synthmill.sharding.images import Sample, Unit, iter_unit
+
+
+class BadData(ValueError):
+    """A sample the training stream cannot use (no caption, unreadable image); the message names it."""
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+@dataclass
+class StreamSpec:
+    units: list[Unit]
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    shuffle_buffer: int
+    batch_size: int
+    seed: int
+    storage_options: dict[str, Any] | None = None
+
+
+def skipped_batches(start: int, role: int, procs: int) -> int:
+    """Batches with index < ``start`` that loader process ``role`` (of ``procs``) produced."""
+    return max(0, -(-(start - role) // procs))
+
+
+def crop_box(width: int, height: int, resolution: int, center: bool, rng: random.Random) -> tuple[int, int, int, int]:
+    """(new_w, new_h, top, left): resize the short side to ``resolution``, then where the square crop starts."""
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if center:
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    else:
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    return new_w, new_h, top, left
+
+
+class ShardStream:
+    """An iterable of training samples for one training worker (``rank`` of ``world``).
+
+    Made an ``IterableDataset`` by :func:`make_loader`; iterating outside a DataLoader reads as loader
+    process 0 of 1. ``tokenizers`` are the teacher pipeline's (one, or two for SDXL).
+    """
+
+    def __init__(self, spec: StreamSpec, tokenizers: list[Any], rank: int, world: int, start_batch: int = 0):
+        self.spec, self.tokenizers, self.rank, self.world, self.start_batch = spec, tokenizers, rank, world, start_batch
+
+    # -- which raw samples this reader sees ------------------------------------------------------------
+    def _raw(self, consumer: int, consumers: int) -> Iterator[tuple[int, Sample]]:
+        s = self.spec
+        epoch = 0
+        while True:
+            order = list(s.units)
+            random.Random(_seed(s.seed, "units", epoch)).shuffle(order)
+            got = 0
+            buffer: list[Sample] = []
+            rng = random.Random(_seed(s.seed, "buffer", consumer, epoch))
+
+            def mine() -> Iterator[Sample]:
+                if len(order) >= consumers:
+                    for unit in order[consumer::consumers]:
+                        yield from iter_unit(unit, s.storage_options)
+                else:
+                    k = 0
+                    for unit in order:
+                        for sample in iter_unit(unit, s.storage_options):
+                            if k % consumers == consumer:
+                                yield sample
+                            k += 1
+
+            for sample in mine():
+                got += 1
+                if s.shuffle_buffer <= 1:
+                    yield epoch, sample
+                    continue
+                if len(buffer) < s.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                i = rng.randrange(len(buffer))
+                buffer[i], sample = sample, buffer[i]
+                yield epoch, sample
+            rng.shuffle(buffer)
+            for sample in buffer:
+                yield epoch, sample
+            if got == 0:
+                total = sum(u.count or 0 for u in s.units)
+                raise BadData(f"data.path: {total} samples in {len(s.units)} units leave reader {consumer} of "
+                              f"{consumers} ({self.world} workers x loader processes) with nothing to read; "
+                              "use fewer workers or data.loader_workers, or more data")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        p, procs = (info.id, info.num_workers) if info is not None else (0, 1)
+        role = (p + self.start_batch) % procs
+        skip = skipped_batches(self.start_batch, role, procs) * self.spec.batch_size
+        consumer, consumers = self.rank * procs + role, self.world * procs
+        for epoch, sample in self._raw(consumer, consumers):
+            if skip:
+                skip -= 1
+                continue
+            yield self.decode(sample, epoch)
+
+    # -- one sample ----------------------------------------------------------------------------------------
+    def decode(self, sample: Sample, epoch: int) -> dict[str, Any]:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        s = self.spec
+        if sample.caption is None:
+            raise BadData(f"data.path: {sample.name} has no caption (a .txt beside the image); "
+                          "distillation trains on image-text pairs")
+        try:
+            with Image.open(io.BytesIO(sample.image)) as im:
+                im = im.convert("RGB")
+        except Exception as e:
+            raise BadData(f"data.path: {sample.name}: not a readable image ({type(e).__name__}: {e})") from None
+        rng = random.Random(_seed(s.seed, "sample", sample.name, epoch))
+        w, h = im.size
+        new_w, new_h, top, left = crop_box(w, h, s.resolution, s.center_crop, rng)
+        if (new_w, new_h) != (w, h):
+            im = im.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        im = im.crop((left, top, left + s.resolution, top + s.resolution))
+        if s.random_flip and rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        out: dict[str, Any] = {
+            "pixel_values": pixels.float().div(127.5).sub(1.0),
+            # SDXL micro-conditioning: original size, crop top-left, target size (as its training script)
+            "time_ids": torch.tensor([h, w, top, left, s.resolution, s.resolution], dtype=torch.float32),
+        }
+        for i, tok in enumerate(self.tokenizers):
+            ids = tok(sample.caption, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids[0]
+            out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
+        return out
+
+
+def make_loader(stream: ShardStream, batch_size: int, loader_workers: int):
+    """A DataLoader over ``stream``: ``loader_workers`` processes (0: in this process), batches in order."""
+    import torch.utils.data
+
+    class _Iterable(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(stream)
+
+    return torch.utils.data.DataLoader(
+        _Iterable(), batch_size=batch_size, num_workers=loader_workers, drop_last=False,
+        persistent_workers=False, prefetch_factor=2 if loader_workers else None,
+    )

@@ -1,0 +1,334 @@
+"""Running a distill job: validate -> Ray Train TorchTrainer (resumes from OUTPUT/checkpoints) -> export.
+
+``prepare`` checks every input without loading weights: the teacher folder and its UNet / VAE configs,
+the student layout against the teacher (on the meta device, so it also gives parameter counts), the
+data shards (found, complete, the first sample an image with a caption), the resolution against the
+VAE and UNet downsampling, the output folder and the steps already trained there.
+
+``run`` starts (or resumes: Ray Train finds the checkpoints under ``OUTPUT/checkpoints/``) the
+training, then writes ``OUTPUT/pipeline/``: the teacher pipeline with the student UNet (its EMA weights
+when ``train.ema``), ``model_index.json`` last, and ``OUTPUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from synthmill.errors import JobFailed, SpecError
+from synthmill.jobs.distill_spec import DistillSpec
+from synthmill.jobs.generate import VALIDATE_RETRY_S
+from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
+from synthmill.models.loading import check_model_path, is_hub_id
+from synthmill.sharding import storage
+from synthmill.sharding.images import ImageSet, ImageSetError, iter_unit, open_image_set
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    spec: DistillSpec
+    data: ImageSet
+    teacher_params: int
+    student_params: int
+    steps_done: int
+    fingerprint: str
+
+
+def _component_config(spec: DistillSpec, name: str) -> dict[str, Any]:
+    """``teacher.path``/NAME/config.json, read without loading weights (hub ids through the hub cache)."""
+    path = spec.teacher.path
+    if is_hub_id(path):
+        from diffusers import ConfigMixin
+
+        try:
+            return dict(ConfigMixin.load_config(path, subfolder=name, revision=spec.teacher.revision))
+        except Exception as e:
+            raise SpecError(f"teacher.path {path}: cannot read {name}/config.json ({type(e).__name__}: {e})") from None
+    url = storage.join(path, name, "config.json")
+    cfg = storage.read_json(url, spec.storage)
+    if cfg is None:
+        raise SpecError(f"teacher.path {path}: has no {name}/config.json; a distill teacher is a text-to-image "
+                        "pipeline with a UNet and a VAE")
+    return cfg
+
+
+def _plan_student(spec: DistillSpec, unet_cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """(teacher params, student params, number of down blocks of the student) from configs on the meta device."""
+    import diffusers
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    diffusers.utils.logging.set_verbosity_error()  # a meta-device .to(dtype) warns about nothing
+
+    from synthmill.models.students import count_parameters, make_student
+
+    cfg = {k: v for k, v in unet_cfg.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            teacher = UNet2DConditionModel.from_config(cfg)
+    except Exception as e:
+        raise SpecError(f"teacher.path {spec.teacher.path}: unet/config.json does not build a "
+                        f"UNet2DConditionModel ({type(e).__name__}: {e})") from None
+    try:
+        student = make_student(teacher, spec.student.arch)
+    except ValueError as e:
+        raise SpecError(f"field 'student.arch': {e}") from None
+    return count_parameters(teacher), count_parameters(student), len(student.down_blocks)
+
+
+def _check_resolution(spec: DistillSpec, vae_cfg: dict[str, Any], unet_cfg: dict[str, Any], student_down: int) -> None:
+    vae_factor = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    res = spec.data.resolution
+    if res % vae_factor:
+        raise SpecError(f"field 'data.resolution': {res} is not a multiple of the VAE's downsampling factor {vae_factor}")
+    latent = res // vae_factor
+    need = 2 ** (max(len(unet_cfg.get("down_block_types", [])), student_down) - 1)
+    if latent % need:
+        raise SpecError(f"field 'data.resolution': {res} gives {latent}x{latent} latents, which the UNet's "
+                        f"{need}x downsampling cannot halve evenly; use a multiple of {vae_factor * need}")
+
+
+def _check_first_sample(data: ImageSet, opts: dict[str, Any] | None) -> None:
+    """The first sample must be an image with a caption (the rest are checked as they stream)."""
+    from PIL import Image
+    import io
+
+    sample = next(iter_unit(data.units[0], opts), None)
+    if sample is None:
+        raise SpecError(f"data.path {data.path}: {data.units[0].tar or data.units[0].files[0]} holds no images")
+    if sample.caption is None:
+        raise SpecError(f"data.path {data.path}: {sample.name} has no caption (a .txt beside the image); "
+                        "distillation trains on image-text pairs")
+    try:
+        with Image.open(io.BytesIO(sample.image)) as im:
+            im.verify()
+    except Exception as e:
+        raise SpecError(f"data.path {data.path}: {sample.name}: not a readable image ({type(e).__name__})") from None
+
+
+def steps_done(spec: DistillSpec) -> int:
+    """The step of the newest checkpoint under ``OUTPUT/checkpoints/`` (0 if none)."""
+    from synthmill.distill.train import CKPT_PREFIX
+
+    url = storage.join(spec.output.path, "checkpoints")
+    fs, path = storage.filesystem(url, spec.storage)
+
+    def ls() -> list[str]:
+        fs.invalidate_cache(path)
+        return fs.ls(path, detail=False)
+
+    try:
+        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in storage.retrying(url, "list", ls)]
+    except FileNotFoundError:
+        return 0
+    pattern = re.compile(re.escape(CKPT_PREFIX) + r"(\d+)")
+    return max((int(m.group(1)) for n in names if (m := pattern.fullmatch(n))), default=0)
+
+
+def prepare(spec: DistillSpec) -> Prepared:
+    """Check every input without loading a model's weights or writing anything."""
+    field = "teacher.path"
+    try:
+        with storage.retry_budget(VALIDATE_RETRY_S):
+            check_model_path(spec.teacher, spec.storage)
+            unet_cfg = _component_config(spec, "unet")
+            vae_cfg = _component_config(spec, "vae")
+            teacher_params, student_params, student_down = _plan_student(spec, unet_cfg)
+            _check_resolution(spec, vae_cfg, unet_cfg, student_down)
+            field = "data.path"
+            try:
+                data = open_image_set(spec.data.path, spec.storage, spec.data.samples_per_unit)
+            except ImageSetError as e:
+                raise SpecError(f"data.path {e}") from None
+            _check_first_sample(data, spec.storage)
+            workers = spec.cluster.num_workers
+            readers = (workers if isinstance(workers, int) else 1) * max(1, spec.data.loader_workers)
+            n = data.num_samples
+            if n is not None and n < readers:
+                raise SpecError(f"data.path {spec.data.path}: {n} samples cannot feed {readers} readers "
+                                f"(cluster.num_workers x data.loader_workers); use fewer, or more data")
+            field = "output.path"
+            check_output_folder(spec.output.path, spec.fingerprint(), spec.storage)
+            done = steps_done(spec)
+    except storage.StorageError as e:
+        raise SpecError(f"{field}: {e}") from None
+    if done > spec.train.max_steps:
+        raise SpecError(f"field 'train.max_steps': {spec.train.max_steps} is below step {done}, already trained at "
+                        f"{spec.output.path}; raise it to train further, or use a new output.path")
+    return Prepared(spec, data, teacher_params, student_params, done, spec.fingerprint())
+
+
+def plan_summary(p: Prepared) -> dict[str, Any]:
+    s, t = p.spec, p.spec.train
+    return {
+        "teacher": s.teacher.path,
+        "student": s.student.arch,
+        "teacher_params": p.teacher_params,
+        "student_params": p.student_params,
+        "data": s.data.path,
+        "data_kind": p.data.kind,
+        "data_units": len(p.data.units),
+        "data_samples": p.data.num_samples,
+        "resolution": s.data.resolution,
+        "batch_per_worker": t.batch_size * t.gradient_accumulation,
+        "max_steps": t.max_steps,
+        "steps_done": p.steps_done,
+        "output": s.output.path,
+        "fingerprint": p.fingerprint,
+    }
+
+
+def _scaling(spec: DistillSpec, resources: dict[str, float]) -> tuple[int, bool]:
+    c = spec.cluster
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = gpus > 0 if c.use_gpu == "auto" else bool(c.use_gpu)
+    if use_gpu and gpus == 0:
+        raise SpecError("field 'cluster.use_gpu': true, but the Ray cluster has no GPUs; set it to auto or false")
+    n = c.num_workers if isinstance(c.num_workers, int) else (gpus if use_gpu else 1)
+    return n, use_gpu
+
+
+def _storage_for_ray(spec: DistillSpec) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: a local folder, or fsspec through pyarrow."""
+    out = spec.output.path
+    if storage.is_local(out):
+        return os.path.abspath(out), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, inner = storage.filesystem(out, spec.storage)
+    return inner.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+
+
+def _trainer(p: Prepared, n_workers: int, use_gpu: bool):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from synthmill.distill.train import train_loop
+
+    spec = p.spec
+    storage_path, filesystem = _storage_for_ray(spec)
+    per_worker = {"CPU": spec.cluster.cpus_per_worker, **spec.cluster.resources}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec, "units": p.data.units, "fingerprint": p.fingerprint},
+        scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoints_kept),
+            failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
+        ),
+    )
+
+
+def _failure_message(exc: BaseException) -> str:
+    from synthmill.distill.train import BAD_DATA
+
+    text = str(exc)
+    if BAD_DATA in text:
+        line = text[text.index(BAD_DATA) + len(BAD_DATA):].splitlines()[0]
+        raise SpecError(line) from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^\w*(Error|Exception)\b", ln.strip())]
+    return (errors[-1] if errors else (lines[-1] if lines else type(exc).__name__)).strip()
+
+
+def export_pipeline(spec: DistillSpec, checkpoint_dir: str) -> str:
+    """Write ``OUTPUT/pipeline/``: the teacher pipeline with the student UNet (EMA weights when trained with EMA)."""
+    from diffusers import UNet2DConditionModel
+
+    from synthmill.distill.train import load_teacher
+
+    weights = os.path.join(checkpoint_dir, "ema" if spec.train.ema else "student")
+    unet = UNet2DConditionModel.from_pretrained(weights)  # an EMA folder's config also holds the EMA state: ignored
+    pipe = load_teacher(spec.teacher, spec.storage)  # the same loading rules as the workers
+    pipe.register_modules(unet=unet)
+    out = storage.join(spec.output.path, "pipeline")
+    if storage.is_local(out):
+        tmp = tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=os.path.abspath(spec.output.path))
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return out
+    with tempfile.TemporaryDirectory(prefix="synthmill-pipeline-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        storage.remove(storage.join(out, "model_index.json"), spec.storage)
+        files = sorted(os.path.relpath(os.path.join(r, f), tmp) for r, _, fs in os.walk(tmp) for f in fs)
+        for rel in sorted(files, key=lambda f: f == "model_index.json"):  # the index last: it makes the folder a pipeline
+            storage.put_file(os.path.join(tmp, rel), storage.join(out, *rel.split(os.sep)), spec.storage)
+    return out
+
+
+def _last_metrics(spec: DistillSpec) -> dict[str, Any]:
+    import json
+
+    data = storage.read_bytes(storage.join(spec.output.path, "metrics.jsonl"), spec.storage)
+    lines = [ln for ln in data.decode().splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def run(p: Prepared) -> dict[str, Any]:
+    """Train to ``train.max_steps`` (resuming), export the pipeline, write the summary."""
+    from ray.train import TrainingFailedError
+
+    from synthmill.cluster.connect import connect
+
+    spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address))
+    write_job_yaml(spec)
+    storage.write_json(storage.join(out, "plan.json"), {"kind": "distill", **plan_summary(p)}, opts)
+    storage.remove(storage.join(out, "summary.json"), opts)
+    log.info("distill %s -> %s: %d workers (%s), steps %d..%d", spec.teacher.path, spec.student.arch, n_workers,
+             "GPU" if use_gpu else "CPU", p.steps_done, spec.train.max_steps)
+    try:
+        result = _trainer(p, n_workers, use_gpu).fit()
+    except TrainingFailedError as e:
+        raise JobFailed(f"training failed: {_failure_message(e)}. Checkpoints are kept under {out}/checkpoints; "
+                        "run the same command again to resume from the latest") from None
+    if result.error is not None:
+        raise JobFailed(f"training failed: {_failure_message(result.error)}")
+    if result.checkpoint is None:
+        raise JobFailed(f"training ended without a checkpoint under {out}/checkpoints")
+    train_s = time.perf_counter() - t0
+    with result.checkpoint.as_directory() as ckpt:
+        pipeline = export_pipeline(spec, ckpt)
+    last = _last_metrics(spec)
+    steps_run = spec.train.max_steps - p.steps_done
+    t = spec.train
+    summary = {
+        "status": "complete",
+        "kind": "distill",
+        "fingerprint": p.fingerprint,
+        "teacher": spec.teacher.path,
+        "student": spec.student.arch,
+        "teacher_params": p.teacher_params,
+        "student_params": p.student_params,
+        "steps": t.max_steps,
+        "steps_resumed": p.steps_done,
+        "steps_run": steps_run,
+        "workers": n_workers,
+        "device": "GPU" if use_gpu else "CPU",
+        "global_batch": t.batch_size * t.gradient_accumulation * n_workers,
+        "samples_run": steps_run * t.batch_size * t.gradient_accumulation * n_workers,
+        "final_loss": last.get("loss"),
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+        "train_s": round(train_s, 3),
+        "samples_per_s": round(steps_run * t.batch_size * t.gradient_accumulation * n_workers / train_s, 4) if steps_run else 0.0,
+        "checkpoint": os.path.basename(result.checkpoint.path.rstrip("/")),
+        "pipeline": pipeline,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(("synthmill", "torch", "diffusers", "transformers", "ray")),
+    }
+    storage.write_json(storage.join(out, "summary.json"), summary, opts)
+    return summary

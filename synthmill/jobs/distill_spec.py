@@ -1,0 +1,161 @@
+"""The ``kind: distill`` spec: teacher, student layout, data, loss weights, training and cluster settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Union
+
+from omegaconf import MISSING
+
+from synthmill.jobs.generate_spec import ModelSpec
+from synthmill.jobs.spec import one_of, register_kind, require
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class TeacherSpec(ModelSpec):
+    """The teacher pipeline (hub id or diffusers folder): its UNet teaches, its VAE and text encoders stay frozen."""
+
+
+@dataclass
+class StudentSpec:
+    arch: str = MISSING  # bk-base | bk-small | bk-tiny | ssd-1b | vega, or a diffusers UNet folder
+    init: str = "teacher"  # teacher: copy weights by the BK-SDM mapping; random: keep the fresh initialisation
+
+
+@dataclass
+class DataSpec:
+    """Image-text WebDataset shards: a synthmill generate output, a .tar or glob of tars, or an image folder."""
+
+    path: str = MISSING
+    resolution: int = 512  # resize the short side, then centre-crop to resolution x resolution
+    center_crop: bool = True  # false: random crop (seeded per sample)
+    random_flip: bool = False
+    shuffle_buffer: int = 256  # samples held by each reader to shuffle across shard boundaries (0: off)
+    loader_workers: int = 2  # torch DataLoader processes per training worker (decode + resize + tokenise)
+    samples_per_unit: int = 1000  # image folders only: files per unit of the stream
+
+
+@dataclass
+class LossSpec:
+    task: float = 1.0  # noise (or v) prediction MSE against the target
+    output_kd: float = 1.0  # MSE between student and teacher predictions
+    feature_kd: float = 1.0  # sum over stages of MSE between matching block outputs
+
+
+@dataclass
+class TrainSpec:
+    max_steps: int = MISSING  # optimizer steps; raise it and run again to train further
+    batch_size: int = 64  # per worker per micro-step; global batch = batch_size * gradient_accumulation * workers
+    gradient_accumulation: int = 1
+    learning_rate: float = 5.0e-5
+    lr_schedule: str = "constant"  # constant | constant_with_warmup | linear | cosine
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1.0e-2
+    adam_epsilon: float = 1.0e-8
+    max_grad_norm: float = 1.0  # 0: no clipping
+    mixed_precision: str = "fp16"  # no | fp16 | bf16; on GPU the frozen models also run in this precision
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    checkpoint_every: int = 1000  # steps; the last step always checkpoints
+    checkpoints_kept: int = 2
+    log_every: int = 10  # steps between lines of metrics.jsonl (the last step is always logged)
+    seed: int = 0  # noise, timesteps, data order and crops all follow from it
+
+
+@dataclass
+class TrainClusterSpec:
+    address: Optional[str] = None  # else RAY_ADDRESS, else a local Ray instance
+    num_workers: Union[int, str] = "auto"  # auto: one per GPU of the cluster (CPU only: 1)
+    use_gpu: Union[bool, str] = "auto"  # auto: when the cluster has GPUs
+    cpus_per_worker: int = 1  # on CPU also the worker's torch thread count
+    resources: Dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
+    max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the job fails
+
+
+@dataclass
+class DistillOutputSpec:
+    path: str = MISSING
+
+
+@register_kind("distill")
+@dataclass
+class DistillSpec:
+    """A distill job: train a smaller student UNet on a teacher's outputs and features."""
+
+    kind: str = "distill"
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    cluster: TrainClusterSpec = field(default_factory=TrainClusterSpec)
+    output: DistillOutputSpec = field(default_factory=DistillOutputSpec)
+    storage: Dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        from synthmill.models.students import KNOWN_ARCHS
+
+        d, lo, t, c = self.data, self.loss, self.train, self.cluster
+        require(bool(self.teacher.path.strip()), "teacher.path", "must not be empty")
+        arch = self.student.arch.strip()
+        require(bool(arch), "student.arch", f"must name a layout ({', '.join(KNOWN_ARCHS)}) or a UNet folder")
+        one_of(self.student.init, ("teacher", "random"), "student.init")
+        require(bool(d.path.strip()), "data.path", "must not be empty")
+        require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
+                f"must be a positive multiple of 8 (the VAE downsamples by 8), got {d.resolution}")
+        require(d.resolution <= 4096, "data.resolution", f"must be <= 4096, got {d.resolution}")
+        require(0 <= d.shuffle_buffer <= 100_000, "data.shuffle_buffer", f"must be in 0..100000, got {d.shuffle_buffer}")
+        require(0 <= d.loader_workers <= 64, "data.loader_workers", f"must be in 0..64, got {d.loader_workers}")
+        require(1 <= d.samples_per_unit <= 1_000_000, "data.samples_per_unit", f"must be in 1..1000000, got {d.samples_per_unit}")
+        for name in ("task", "output_kd", "feature_kd"):
+            require(getattr(lo, name) >= 0, f"loss.{name}", f"must be >= 0, got {getattr(lo, name)}")
+        require(lo.task + lo.output_kd + lo.feature_kd > 0, "loss", "at least one of task, output_kd, feature_kd must be > 0")
+        require(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+        require(1 <= t.batch_size <= 4096, "train.batch_size", f"must be in 1..4096, got {t.batch_size}")
+        require(1 <= t.gradient_accumulation <= 1024, "train.gradient_accumulation",
+                f"must be in 1..1024, got {t.gradient_accumulation}")
+        require(0 < t.learning_rate < 1, "train.learning_rate", f"must be in (0, 1), got {t.learning_rate}")
+        one_of(t.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+        require(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {t.lr_warmup_steps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
+        require(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be >= 0, got {t.adam_weight_decay}")
+        require(t.adam_epsilon > 0, "train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
+        require(t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
+        one_of(t.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
+        require(0 < t.ema_decay < 1, "train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
+        require(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
+        require(t.checkpoints_kept >= 1, "train.checkpoints_kept", f"must be >= 1, got {t.checkpoints_kept}")
+        require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+        require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+        if isinstance(c.num_workers, str):
+            require(c.num_workers == "auto", "cluster.num_workers", f"must be 'auto' or an integer >= 1, got {c.num_workers!r}")
+        else:
+            require(c.num_workers >= 1, "cluster.num_workers", f"must be 'auto' or an integer >= 1, got {c.num_workers}")
+        if isinstance(c.use_gpu, str):
+            require(c.use_gpu == "auto", "cluster.use_gpu", f"must be true, false or 'auto', got {c.use_gpu!r}")
+        require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
+        require(c.max_failures >= 0, "cluster.max_failures", f"must be >= 0, got {c.max_failures}")
+        for name, amount in c.resources.items():
+            require(amount > 0, f"cluster.resources.{name}", f"must be > 0, got {amount}")
+
+    def fingerprint(self) -> str:
+        """Hash of what the trained weights depend on. ``train.max_steps`` is left out (raise it to train
+        further), as are logging and checkpoint cadence and the cluster."""
+        train = asdict(self.train)
+        for k in ("max_steps", "checkpoint_every", "checkpoints_kept", "log_every"):
+            train.pop(k)
+        data = asdict(self.data)
+        data.pop("loader_workers")
+        teacher = {k: v for k, v in asdict(self.teacher).items() if k not in ("dtype", "scheduler", "safety_checker")}
+        basis = {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),
+                 "train": train}
+        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
