@@ -59,9 +59,10 @@ def _ok_line(spec_path: str, kind: str, plan: dict) -> str:
 def _done_line(kind: str, summary: dict, output: str) -> str:
     if kind == "distill":
         loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
+        rate = f"{summary['samples_per_s']:.2f} samples/s" if summary["samples_per_s"] else "no steady-state rate"
         return (f"done: {summary['student']} ({summary['student_params'] / 1e6:.1f}M params) at step {summary['steps']} "
-                f"({summary['steps_run']} steps run, {summary['steps_resumed']} resumed; {summary['samples_per_s']:.2f} "
-                f"samples/s on {summary['workers']} {summary['device']} workers; loss {loss}) -> {summary['pipeline']}")
+                f"({summary['steps_run']} steps run, {summary['steps_resumed']} resumed; {rate} "
+                f"on {summary['workers']} {summary['device']} workers; loss {loss}) -> {summary['pipeline']}")
     if kind == "generate":
         return (
             f"done: {summary['samples']} samples in {summary['shards']} shards at {output} "

@@ -121,6 +121,10 @@ class ShardStream:
 
         info = torch.utils.data.get_worker_info()
         p, procs = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.iter_as(p, procs)
+
+    def iter_as(self, p: int, procs: int) -> Iterator[dict[str, Any]]:
+        """The samples of loader process ``p`` of ``procs`` (what ``__iter__`` gives inside a DataLoader)."""
         role = (p + self.start_batch) % procs
         skip = skipped_batches(self.start_batch, role, procs) * self.spec.batch_size
         consumer, consumers = self.rank * procs + role, self.world * procs

@@ -116,22 +116,12 @@ def _check_first_sample(data: ImageSet, opts: dict[str, Any] | None) -> None:
 
 
 def steps_done(spec: DistillSpec) -> int:
-    """The step of the newest checkpoint under ``OUTPUT/checkpoints/`` (0 if none)."""
-    from synthmill.distill.train import CKPT_PREFIX
-
-    url = storage.join(spec.output.path, "checkpoints")
-    fs, path = storage.filesystem(url, spec.storage)
-
-    def ls() -> list[str]:
-        fs.invalidate_cache(path)
-        return fs.ls(path, detail=False)
-
-    try:
-        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in storage.retrying(url, "list", ls)]
-    except FileNotFoundError:
-        return 0
-    pattern = re.compile(re.escape(CKPT_PREFIX) + r"(\d+)")
-    return max((int(m.group(1)) for n in names if (m := pattern.fullmatch(n))), default=0)
+    """The step of the checkpoint Ray Train resumes from: the latest one its snapshot under
+    ``OUTPUT/checkpoints/`` records (a checkpoint folder a crash left half-copied is not in it). 0 if none."""
+    snapshot = storage.read_json(storage.join(spec.output.path, "checkpoints", "checkpoint_manager_snapshot.json"),
+                                 spec.storage)
+    latest = (snapshot or {}).get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("step", 0))
 
 
 def prepare(spec: DistillSpec) -> Prepared:
@@ -139,7 +129,7 @@ def prepare(spec: DistillSpec) -> Prepared:
     field = "teacher.path"
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
-            check_model_path(spec.teacher, spec.storage)
+            check_model_path(spec.teacher, spec.storage, field="teacher")
             unet_cfg = _component_config(spec, "unet")
             vae_cfg = _component_config(spec, "vae")
             teacher_params, student_params, student_down = _plan_student(spec, unet_cfg)
@@ -267,12 +257,65 @@ def export_pipeline(spec: DistillSpec, checkpoint_dir: str) -> str:
     return out
 
 
-def _last_metrics(spec: DistillSpec) -> dict[str, Any]:
+def _finish_trained(p: Prepared) -> dict[str, Any]:
+    """Nothing to train: keep a complete run's summary, or export from its last checkpoint (the run died
+    after training) and write one."""
+    from ray.train import Checkpoint
+
+    from synthmill.distill.train import checkpoint_name
+
+    spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
+    summary = storage.read_json(storage.join(out, "summary.json"), opts)
+    if summary is not None and summary.get("steps") == spec.train.max_steps and summary.get("fingerprint") == p.fingerprint:
+        log.info("%s is trained to step %d already; nothing to do", out, spec.train.max_steps)
+        return dict(summary, steps_run=0, steps_resumed=spec.train.max_steps, samples_per_s=None)
+    storage_path, filesystem = _storage_for_ray(spec)
+    name = checkpoint_name(p.steps_done)
+    ckpt = Checkpoint(f"{storage_path}/checkpoints/{name}", filesystem)
+    t0 = time.perf_counter()
+    with ckpt.as_directory() as folder:
+        pipeline = export_pipeline(spec, folder)
+    summary = _summary(p, None, t0, t0, name, pipeline, datetime.now(timezone.utc))
+    storage.write_json(storage.join(out, "summary.json"), summary, opts)
+    return summary
+
+
+def _summary(p: Prepared, scaling: tuple[int, bool] | None, t0: float, t_train: float, checkpoint: str,
+             pipeline: str, started: datetime) -> dict[str, Any]:
     import json
 
+    spec, t = p.spec, p.spec.train
+    steps_run = t.max_steps - p.steps_done if scaling else 0
+    n_workers, use_gpu = scaling or (0, False)
     data = storage.read_bytes(storage.join(spec.output.path, "metrics.jsonl"), spec.storage)
-    lines = [ln for ln in data.decode().splitlines() if ln.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    lines = [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()]
+    # steady state: the logged windows of this run after its first (which includes start-up)
+    rates = [r["samples_per_s"] for r in lines if r["step"] > p.steps_done + t.log_every and r.get("samples_per_s")]
+    return {
+        "status": "complete",
+        "kind": "distill",
+        "fingerprint": p.fingerprint,
+        "teacher": spec.teacher.path,
+        "student": spec.student.arch,
+        "teacher_params": p.teacher_params,
+        "student_params": p.student_params,
+        "steps": t.max_steps,
+        "steps_resumed": p.steps_done if scaling else t.max_steps,
+        "steps_run": steps_run,
+        "workers": n_workers,
+        "device": "GPU" if use_gpu else "CPU",
+        "global_batch": t.batch_size * t.gradient_accumulation * n_workers,
+        "samples_run": steps_run * t.batch_size * t.gradient_accumulation * n_workers,
+        "final_loss": lines[-1]["loss"] if lines else None,
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+        "train_s": round(t_train - t0, 3),
+        "samples_per_s": round(sum(rates) / len(rates), 4) if rates else None,
+        "checkpoint": checkpoint,
+        "pipeline": pipeline,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(("synthmill", "torch", "diffusers", "transformers", "ray")),
+    }
 
 
 def run(p: Prepared) -> dict[str, Any]:
@@ -282,6 +325,8 @@ def run(p: Prepared) -> dict[str, Any]:
     from synthmill.cluster.connect import connect
 
     spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
+    if p.steps_done >= spec.train.max_steps:
+        return _finish_trained(p)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address))
@@ -299,36 +344,10 @@ def run(p: Prepared) -> dict[str, Any]:
         raise JobFailed(f"training failed: {_failure_message(result.error)}")
     if result.checkpoint is None:
         raise JobFailed(f"training ended without a checkpoint under {out}/checkpoints")
-    train_s = time.perf_counter() - t0
+    t_train = time.perf_counter()
     with result.checkpoint.as_directory() as ckpt:
         pipeline = export_pipeline(spec, ckpt)
-    last = _last_metrics(spec)
-    steps_run = spec.train.max_steps - p.steps_done
-    t = spec.train
-    summary = {
-        "status": "complete",
-        "kind": "distill",
-        "fingerprint": p.fingerprint,
-        "teacher": spec.teacher.path,
-        "student": spec.student.arch,
-        "teacher_params": p.teacher_params,
-        "student_params": p.student_params,
-        "steps": t.max_steps,
-        "steps_resumed": p.steps_done,
-        "steps_run": steps_run,
-        "workers": n_workers,
-        "device": "GPU" if use_gpu else "CPU",
-        "global_batch": t.batch_size * t.gradient_accumulation * n_workers,
-        "samples_run": steps_run * t.batch_size * t.gradient_accumulation * n_workers,
-        "final_loss": last.get("loss"),
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-        "train_s": round(train_s, 3),
-        "samples_per_s": round(steps_run * t.batch_size * t.gradient_accumulation * n_workers / train_s, 4) if steps_run else 0.0,
-        "checkpoint": os.path.basename(result.checkpoint.path.rstrip("/")),
-        "pipeline": pipeline,
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(("synthmill", "torch", "diffusers", "transformers", "ray")),
-    }
+    summary = _summary(p, (n_workers, use_gpu), t0, t_train, os.path.basename(result.checkpoint.path.rstrip("/")),
+                       pipeline, started)
     storage.write_json(storage.join(out, "summary.json"), summary, opts)
     return summary

@@ -24,8 +24,8 @@ def is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and "://" not in path and bool(_HUB_ID.match(path))
 
 
-def check_model_path(model: Any, storage_options: dict[str, Any] | None = None) -> str:
-    """Check ``model.path`` without loading anything; return 'hub', 'remote' or 'local'. Raises SpecError."""
+def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> str:
+    """Check ``FIELD.path`` without loading anything; return 'hub', 'remote' or 'local'. Raises SpecError."""
     path = model.path
     if is_hub_id(path):
         return "hub"
@@ -33,20 +33,20 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None) 
         fs, inner = storage.filesystem(path, storage_options)
         index = f"{inner.rstrip('/')}/model_index.json"
         if not storage.retrying(path, "check", lambda: fs.exists(index)):
-            raise SpecError(f"model.path {path}: not a diffusers pipeline folder (no model_index.json there)")
+            raise SpecError(f"{field}.path {path}: not a diffusers pipeline folder (no model_index.json there)")
         return "remote"
     if not os.path.isdir(path):
-        raise SpecError(f"model.path {path}: folder not found (and not a hub id of the form org/name)")
+        raise SpecError(f"{field}.path {path}: folder not found (and not a hub id of the form org/name)")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise SpecError(f"model.path {path}: not a diffusers pipeline folder (no model_index.json)")
+        raise SpecError(f"{field}.path {path}: not a diffusers pipeline folder (no model_index.json)")
     if not model.allow_pickle:
         for root, _, files in os.walk(path):
             weights = [f for f in files if f.endswith(_PICKLE_SUFFIXES + (".safetensors",))]
             if weights and not any(f.endswith(".safetensors") for f in weights):
                 pickled = os.path.join(root, weights[0])
                 raise SpecError(
-                    f"model.path {path}: {pickled} is a pickled weight file with no safetensors beside it; "
-                    "set model.allow_pickle=true to load it (pickle can run code)"
+                    f"{field}.path {path}: {pickled} is a pickled weight file with no safetensors beside it; "
+                    f"set {field}.allow_pickle=true to load it (pickle can run code)"
                 )
     return "local"
 
