@@ -220,4 +220,4 @@ def test_shipped_configs_load(name):
     from synthmill.jobs.spec import load_spec
 
     spec = load_spec(os.path.join(REPO, "configs", name))
-    assert spec.kind in ("generate", "evaluate")
+    assert spec.kind in ("generate", "evaluate", "distill")
