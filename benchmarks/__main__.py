@@ -1,7 +1,7 @@
-"""``python -m benchmarks`` runs the generate, Frechet-distance and feature-extraction benchmarks with their defaults.
+"""``python -m benchmarks`` runs the generate, Frechet-distance, feature-extraction and distill benchmarks with their defaults.
 
-    python -m benchmarks                    # generate, fid, extract
-    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, chaos), with its own flags
+    python -m benchmarks                    # generate, fid, extract, distill
+    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, distill, chaos), with its own flags
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
 """
 
@@ -27,6 +27,12 @@ def _extract(argv: list[str]) -> int:
     return main(argv)
 
 
+def _distill(argv: list[str]) -> int:
+    from benchmarks.distill import main
+
+    return main(argv)
+
+
 def _chaos(argv: list[str]) -> int:
     from benchmarks.chaos import main
 
@@ -35,8 +41,8 @@ def _chaos(argv: list[str]) -> int:
 
 
 BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"generate": _generate, "fid": _fid, "extract": _extract,
-                                                      "chaos": _chaos}
-DEFAULT = ("generate", "fid", "extract")  # what a bare ``python -m benchmarks`` runs, in this order
+                                                      "distill": _distill, "chaos": _chaos}
+DEFAULT = ("generate", "fid", "extract", "distill")  # what a bare ``python -m benchmarks`` runs, in this order
 
 
 def main(argv: list[str] | None = None) -> int:

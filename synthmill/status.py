@@ -1,4 +1,4 @@
-"""``synthmill status OUTPUT``: shards done / total, samples, failures, throughput, read from OUTPUT alone."""
+"""``synthmill status OUTPUT``: progress of a generate, evaluate or distill output, read from OUTPUT alone."""
 
 from __future__ import annotations
 
@@ -47,6 +47,42 @@ def _render_evaluate(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _collect_distill(output: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """The state of a distill output: the step of the latest checkpoint, the last metrics line, the summary."""
+    import json
+
+    from synthmill.jobs.distill import latest_step
+
+    summary = storage.read_json(storage.join(output, "summary.json"))
+    try:
+        text = storage.read_bytes(storage.join(output, "metrics.jsonl")).decode()
+    except FileNotFoundError:
+        text = ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return {
+        "output": output, "kind": "distill",
+        "complete": bool(summary and summary.get("status") == "complete"),
+        "student": plan.get("student"), "teacher": plan.get("teacher"),
+        "checkpoint_step": latest_step(output), "max_steps": plan.get("max_steps"),
+        "last_logged": json.loads(lines[-1]) if lines else None,
+        "pipeline": summary.get("pipeline") if summary else None,
+    }
+
+
+def _render_distill(st: dict[str, Any]) -> str:
+    lines = [f"output     {st['output']}", f"state      {'complete' if st['complete'] else 'incomplete'}",
+             f"model      {st['teacher']} -> {st['student']}",
+             f"checkpoint step {st['checkpoint_step']} of {st['max_steps']}"]
+    last = st["last_logged"]
+    if last:
+        lines.append(f"logged     step {last['step']}: loss {last['loss']:.5g} (task {last['loss_task']:.4g}, output KD "
+                     f"{last['loss_output_kd']:.4g}, feature KD {last['loss_feature_kd']:.4g}), "
+                     f"{last.get('samples_per_s')} samples/s")
+    if st["pipeline"]:
+        lines.append(f"pipeline   {st['pipeline']}")
+    return "\n".join(lines)
+
+
 def collect(output: str) -> dict[str, Any]:
     """The state of an output folder, from its plan, markers, failures and summary (or metrics)."""
     plan = storage.read_json(storage.join(output, "plan.json"))
@@ -54,6 +90,8 @@ def collect(output: str) -> dict[str, Any]:
         raise SpecError(f"{output}: not a synthmill output (no plan.json)")
     if plan.get("kind") == "evaluate":
         return _collect_evaluate(output, plan)
+    if plan.get("kind") == "distill":
+        return _collect_distill(output, plan)
     markers = done_shards(output, range(plan["shards"]), plan["fingerprint"])
     failures = storage.read_json(storage.join(output, "failures.json")) or {}
     summary = storage.read_json(storage.join(output, "summary.json"))
@@ -81,6 +119,8 @@ def render(st: dict[str, Any]) -> str:
     """One screen of text."""
     if st.get("kind") == "evaluate":
         return _render_evaluate(st)
+    if st.get("kind") == "distill":
+        return _render_distill(st)
     pct = 100.0 * st["samples_done"] / st["samples"] if st["samples"] else 100.0
     lines = [
         f"output     {st['output']}",

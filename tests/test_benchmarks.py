@@ -68,3 +68,17 @@ def test_extract_benchmark_smoke() -> None:
                   r"statistics \(b\) vs \(a\): max relative difference (\S+)$", proc.stdout, re.M)
     assert m, proc.stdout
     assert float(m.group(1)) <= 1e-4, proc.stdout
+
+
+def test_distill_benchmark_smoke(ray_address) -> None:
+    """``python -m benchmarks distill --smoke``: the plain loop and a 1-worker ``synthmill run`` (on the
+    session's Ray, to skip a second Ray start) train, and the table of ratios prints."""
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "distill", "--smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, RAY_ADDRESS=ray_address),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^\(a\) plain PyTorch loop, 1 process +\d+\.\d+ +1\.000 *$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", proc.stdout, re.M), proc.stdout

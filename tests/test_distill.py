@@ -164,6 +164,9 @@ def test_rerun_of_a_finished_job_trains_nothing(distilled, capsys):
     out = capsys.readouterr().out
     assert "at step 6" in out and "0 steps run" in out
     assert os.stat(os.path.join(distilled["resumed"], "pipeline", "model_index.json")).st_mtime_ns == before
+    assert main(["status", distilled["resumed"]]) == 0
+    status = capsys.readouterr().out
+    assert "state      complete" in status and "checkpoint step 6 of 6" in status and "logged     step 6" in status
     # a smaller max_steps than what is trained is refused
     assert main(["run", distilled["spec_path"], "train.max_steps=4"]) == 2
     assert "below step 6" in capsys.readouterr().err

@@ -115,13 +115,16 @@ def _check_first_sample(data: ImageSet, opts: dict[str, Any] | None) -> None:
         raise SpecError(f"data.path {data.path}: {sample.name}: not a readable image ({type(e).__name__})") from None
 
 
-def steps_done(spec: DistillSpec) -> int:
+def latest_step(output: str, storage_options: dict[str, Any] | None = None) -> int:
     """The step of the checkpoint Ray Train resumes from: the latest one its snapshot under
     ``OUTPUT/checkpoints/`` records (a checkpoint folder a crash left half-copied is not in it). 0 if none."""
-    snapshot = storage.read_json(storage.join(spec.output.path, "checkpoints", "checkpoint_manager_snapshot.json"),
-                                 spec.storage)
+    snapshot = storage.read_json(storage.join(output, "checkpoints", "checkpoint_manager_snapshot.json"), storage_options)
     latest = (snapshot or {}).get("latest_checkpoint_result") or {}
     return int((latest.get("metrics") or {}).get("step", 0))
+
+
+def steps_done(spec: DistillSpec) -> int:
+    return latest_step(spec.output.path, spec.storage)
 
 
 def prepare(spec: DistillSpec) -> Prepared:

@@ -1,0 +1,226 @@
+"""Distillation training throughput: a plain PyTorch loop vs ``synthmill run`` of a distill job, same run.
+
+A teacher pipeline is built in code (``--teacher tiny``: models/tiny.py's full SD 1.x block structure at
+tiny widths; ``--teacher sd-v1.4``: the real SD v1.4 UNet, VAE and CLIP ViT-L text encoder layouts with
+random weights, for a GPU) and saved with ``save_pretrained``; ``--images`` seeded PNGs of ``--size``
+pixels with COCO captions beside them are the data. Then, with the same student layout (``--arch``),
+batch, resolution, precision and loss:
+
+(a) plain loop: one process, the frozen VAE / text encoder / teacher and the student on one device,
+    batches pre-decoded in memory (no data loading at all), AdamW steps;
+(b) ``synthmill run`` of a distill job with 1 Ray Train worker (its data stream, DDP wrapper, metrics,
+    checkpoints at the end);
+(c) the same with 2 workers (``--workers``), when the machine has the CPUs or GPUs for them.
+
+Printed: steady-state samples/s of each (the first ``--warmup`` steps excluded; (b) and (c) from their
+``metrics.jsonl``), end-to-end samples/s of (b)/(c) (start-up, model load and export included), the
+ratios to (a), and on a GPU the peak memory of (a).
+
+    python -m benchmarks.distill               # the CPU numbers of RESULTS.md
+    python -m benchmarks.distill --smoke       # seconds of training; what tests/test_benchmarks.py runs
+    python -m benchmarks.distill --teacher sd-v1.4 --size 512 --batch 8 --arch bk-small   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = {"images": 8, "size": 32, "batch": 2, "steps": 3, "warmup": 1, "workers": 1}
+
+
+def make_teacher(kind: str, folder: str) -> str:
+    """Save the teacher pipeline ``kind`` (tiny | sd-v1.4) to ``folder``."""
+    if kind == "tiny":
+        from synthmill.models.tiny import save_tiny_pipeline
+
+        return save_tiny_pipeline(folder, "sd", seed=0, unet_layout="full")
+    if kind != "sd-v1.4":
+        raise SystemExit(f"unknown --teacher {kind!r}; choose tiny or sd-v1.4")
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from synthmill.models.tiny import write_tiny_clip_tokenizer
+    from synthmill.models.unet_configs import get_unet_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**get_unet_config("sd-v1.4"))
+    vae = AutoencoderKL(  # SD v1.x's VAE layout
+        block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, sample_size=512,
+    )
+    text = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower, byte-level vocabulary
+        vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=768,
+        intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=768))
+    tok_dir = os.path.join(folder, "_tokenizer")
+    write_tiny_clip_tokenizer(tok_dir)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_data(folder: str, n: int, size: int) -> str:
+    """``n`` seeded PNGs with a COCO caption ``.txt`` beside each (an image-folder data set)."""
+    from benchmarks.extract import make_images
+
+    with open(os.path.join(REPO, "configs", "prompts", "coco2014_5k_captions.tsv"), encoding="utf-8") as fh:
+        captions = [row["caption"] for row in csv.DictReader(fh, delimiter="\t")]
+    for i, path in enumerate(make_images(folder, n, size)):
+        with open(path[:-4] + ".txt", "w", encoding="utf-8") as fh:
+            fh.write(captions[i % len(captions)])
+    return folder
+
+
+def plain_loop(teacher: str, data: str, args: argparse.Namespace) -> dict[str, Any]:
+    """(a): the same training step in one process, pre-decoded batches, no Ray, no loader."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from synthmill.distill.data import ShardStream, StreamSpec
+    from synthmill.distill.train import build_student, encode_text, load_teacher, tokenizers
+    from synthmill.jobs.distill_spec import DistillSpec, StudentSpec, TeacherSpec
+    from synthmill.models.kd import DistillLoss, LossWeights
+    from synthmill.sharding.images import open_image_set
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as one Ray Train worker with cpus_per_worker 1
+    spec = DistillSpec(teacher=TeacherSpec(path=teacher), student=StudentSpec(arch=args.arch))
+    pipe = load_teacher(spec.teacher, None)
+    student = build_student(spec, pipe.unet)
+    amp = device.type == "cuda"
+    frozen = torch.float16 if amp else torch.float32
+    teacher_unet = pipe.unet.to(device, frozen).requires_grad_(False).eval()
+    pipe.vae.to(device, frozen).requires_grad_(False)
+    pipe.text_encoder.to(device, frozen).requires_grad_(False)
+    student = student.to(device).train()
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    loss_fn = DistillLoss(student, teacher_unet, LossWeights())
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    units = open_image_set(data, None, 1000).units
+    stream = ShardStream(StreamSpec(units, args.size, True, False, 0, args.batch, 0), tokenizers(pipe), 0, 1).iter_as(0, 1)
+    items = [next(stream) for _ in range(args.batch)]
+    batch = {k: torch.stack([s[k] for s in items]) for k in items[0]}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            latents = pipe.vae.encode(batch["pixel_values"].to(device, frozen)).latent_dist.sample()
+            latents = (latents * pipe.vae.config.scaling_factor).float()
+            cond = encode_text(pipe, batch, device)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],), device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            total, _ = loss_fn(sched.add_noise(latents, noise, t), t, cond, noise)
+        scaler.scale(total).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    steady = times[args.warmup:] or times
+    out = {"samples_per_s": args.batch * len(steady) / sum(steady), "device": str(device)}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def synthmill_job(teacher: str, data: str, workdir: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
+    """(b)/(c): ``synthmill run`` of the same training as a distill job, in a fresh process."""
+    import yaml
+
+    out = os.path.join(workdir, f"out-{workers}")
+    spec = {
+        "kind": "distill",
+        "teacher": {"path": teacher},
+        "student": {"arch": args.arch},
+        "data": {"path": data, "resolution": args.size, "loader_workers": 1, "shuffle_buffer": 0},
+        "train": {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": 1.0e-5,
+                  "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.steps,
+                  "log_every": 1},
+        "cluster": {"num_workers": workers},
+        "output": {"path": out},
+    }
+    path = os.path.join(workdir, f"distill-{workers}.yaml")
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(spec, fh)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "synthmill.cli", "run", path], capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"synthmill run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+        lines = [json.loads(line) for line in fh if line.strip()]
+    steady = [r["samples_per_s"] for r in lines if r["step"] > args.warmup]
+    samples = args.steps * args.batch * workers
+    return {"samples_per_s": sum(steady) / len(steady), "end_to_end": samples / wall, "wall_s": wall,
+            "final_loss": lines[-1]["loss"]}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="tiny", help="tiny | sd-v1.4 (full size, random weights)")
+    p.add_argument("--arch", default="bk-small")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--size", type=int, default=64, help="training resolution (square)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the steady-state rate")
+    p.add_argument("--workers", type=int, default=2, help="workers of (c); 1 skips it")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+    with tempfile.TemporaryDirectory(prefix="synthmill-bench-distill-") as work:
+        teacher = make_teacher(args.teacher, os.path.join(work, "teacher"))
+        data = make_data(os.path.join(work, "data"), args.images, args.size)
+        a = plain_loop(teacher, data, args)
+        print(f"(a) plain loop ({a['device']}): {a['samples_per_s']:.2f} samples/s"
+              + (f", peak {a['peak_gib']:.1f} GiB on {a['gpu']}" if "peak_gib" in a else ""), flush=True)
+        rows = [("(a) plain PyTorch loop, 1 process", a["samples_per_s"], None)]
+        for workers in sorted({1, args.workers}):
+            r = synthmill_job(teacher, data, work, workers, args)
+            label = f"({'b' if workers == 1 else 'c'}) synthmill run, {workers} worker{'s' if workers > 1 else ''}"
+            rows.append((label, r["samples_per_s"], r["end_to_end"]))
+            print(f"{label}: {r['samples_per_s']:.2f} samples/s steady, {r['end_to_end']:.2f} end to end "
+                  f"({r['wall_s']:.1f}s wall, final loss {r['final_loss']:.4f})", flush=True)
+    print(f"\nteacher {args.teacher}, student {args.arch}, {args.size}x{args.size}, batch {args.batch} per worker, "
+          f"{args.steps} steps ({args.warmup} warm-up)")
+    print(f"{'':44s} {'samples/s':>10s} {'vs (a)':>8s} {'end-to-end':>11s}")
+    for label, rate, e2e in rows:
+        print(f"{label:44s} {rate:10.2f} {rate / a['samples_per_s']:8.3f} {'' if e2e is None else f'{e2e:11.2f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
