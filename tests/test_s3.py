@@ -221,6 +221,47 @@ def test_endpoint_outage_mid_job_is_ridden_out(reference, s3, write_spec):
         proxy.close()
 
 
+def test_distill_teacher_data_checkpoints_and_pipeline_on_s3(reference, s3, write_spec, tmp_path):
+    """A distill job whose teacher, data, Ray Train checkpoints, metrics and exported pipeline all live on S3."""
+    from diffusers import DiffusionPipeline
+
+    from synthmill.jobs import distill
+    from synthmill.jobs.spec import load_spec
+    from synthmill.models.tiny import save_tiny_pipeline
+    from tests.test_distill import distill_spec
+
+    fs = s3["fs"]
+    fs.put(save_tiny_pipeline(tmp_path / "teacher", "sd", seed=5, unet_layout="full"), "synth/distill/teacher",
+           recursive=True)
+    fs.put(reference[1], "synth/distill/data", recursive=True)
+    spec = distill_spec("s3://synth/distill/teacher", "s3://synth/distill/data", "s3://synth/distill/out",
+                        max_steps=2, checkpoint_every=1, gradient_accumulation=1, ema=False, gradient_checkpointing=False)
+    spec["cluster"]["num_workers"] = 1
+    spec["data"]["loader_workers"] = 0
+    spec["storage"] = {"endpoint_url": s3["endpoint"], "key": s3["creds"]["key"], "secret": s3["creds"]["secret"]}
+    path = write_spec(spec)
+    summary = distill.run(distill.prepare(load_spec(path)))
+    assert summary["steps"] == 2 and summary["pipeline"] == "s3://synth/distill/out/pipeline"
+    fs.invalidate_cache()
+    kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("synth/distill/out/checkpoints"))
+    assert "step_00000001" in kept and "step_00000002" in kept
+    lines = [json.loads(ln) for ln in fs.cat_file("synth/distill/out/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    assert s3["creds"]["secret"] not in fs.cat_file("synth/distill/out/job.yaml").decode()
+    fs.get("synth/distill/out/pipeline", str(tmp_path / "pipeline"), recursive=True)
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "pipeline"))
+    assert pipe.unet.mid_block is None
+    # the Ray Train checkpoint's student is what was exported
+    fs.get("synth/distill/out/checkpoints/step_00000002/student", str(tmp_path / "student"), recursive=True)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "student" / "diffusion_pytorch_model.safetensors"))
+    assert all((saved[k] == v).all() for k, v in pipe.unet.state_dict().items())
+    # a rerun finds the checkpoint on S3 and trains nothing
+    assert distill.prepare(load_spec(path)).steps_done == 2
+    assert distill.run(distill.prepare(load_spec(path)))["steps_run"] == 0
+
+
 def test_evaluate_from_and_to_s3_equals_local(evaluated, reference, image_folders, s3, write_spec):
     """The shared local evaluation, redone with every input and the output on S3: the same numbers, bit for bit."""
     spec, local = evaluated
