@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = {"images": 8, "size": 32, "batch": 2, "steps": 3, "warmup": 1, "workers": 1}
+SMOKE = {"images": 4, "size": 32, "batch": 2, "steps": 2, "warmup": 1, "workers": 1}
 
 
 def make_teacher(kind: str, folder: str) -> str:

@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from synthmill.cli import main
 from tests.conftest import run_eval, run_job, tar_hashes
@@ -221,9 +222,11 @@ def test_endpoint_outage_mid_job_is_ridden_out(reference, s3, write_spec):
         proxy.close()
 
 
-def test_distill_teacher_data_checkpoints_and_pipeline_on_s3(reference, s3, write_spec, tmp_path):
-    """A distill job whose teacher, data, Ray Train checkpoints, metrics and exported pipeline all live on S3."""
+def test_distill_sdxl_teacher_data_checkpoints_and_pipeline_on_s3(reference, s3, write_spec, tmp_path):
+    """A distill job whose teacher, data, Ray Train checkpoints, metrics and exported pipeline all live on S3;
+    also the suite's SDXL distillation (a tiny SDXL teacher -> the SSD-1B layout; one run covers both)."""
     from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
 
     from synthmill.jobs import distill
     from synthmill.jobs.spec import load_spec
@@ -231,17 +234,18 @@ def test_distill_teacher_data_checkpoints_and_pipeline_on_s3(reference, s3, writ
     from tests.test_distill import distill_spec
 
     fs = s3["fs"]
-    fs.put(save_tiny_pipeline(tmp_path / "teacher", "sd", seed=5, unet_layout="full"), "synth/distill/teacher",
+    fs.put(save_tiny_pipeline(tmp_path / "teacher", "sdxl", seed=5, unet_layout="full"), "synth/distill/teacher",
            recursive=True)
     fs.put(reference[1], "synth/distill/data", recursive=True)
     spec = distill_spec("s3://synth/distill/teacher", "s3://synth/distill/data", "s3://synth/distill/out",
-                        max_steps=2, checkpoint_every=1, gradient_accumulation=1, ema=False, gradient_checkpointing=False)
+                        arch="ssd-1b", max_steps=2, checkpoint_every=1, gradient_accumulation=1, ema=False,
+                        gradient_checkpointing=False)
     spec["cluster"]["num_workers"] = 1
     spec["data"]["loader_workers"] = 0
     spec["storage"] = {"endpoint_url": s3["endpoint"], "key": s3["creds"]["key"], "secret": s3["creds"]["secret"]}
     path = write_spec(spec)
     summary = distill.run(distill.prepare(load_spec(path)))
-    assert summary["steps"] == 2 and summary["pipeline"] == "s3://synth/distill/out/pipeline"
+    assert summary["steps"] == 2 and summary["workers"] == 1 and summary["pipeline"] == "s3://synth/distill/out/pipeline"
     fs.invalidate_cache()
     kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("synth/distill/out/checkpoints"))
     assert "step_00000001" in kept and "step_00000002" in kept
@@ -250,13 +254,16 @@ def test_distill_teacher_data_checkpoints_and_pipeline_on_s3(reference, s3, writ
     assert s3["creds"]["secret"] not in fs.cat_file("synth/distill/out/job.yaml").decode()
     fs.get("synth/distill/out/pipeline", str(tmp_path / "pipeline"), recursive=True)
     pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "pipeline"))
-    assert pipe.unet.mid_block is None
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    depths = [[len(a.transformer_blocks) for a in getattr(b, "attentions", [])] for b in pipe.unet.down_blocks]
+    assert depths == [[], [2, 2], [4, 4]] and type(pipe.unet.mid_block).__name__ == "UNetMidBlock2D"
     # the Ray Train checkpoint's student is what was exported
     fs.get("synth/distill/out/checkpoints/step_00000002/student", str(tmp_path / "student"), recursive=True)
-    from safetensors.torch import load_file
-
     saved = load_file(str(tmp_path / "student" / "diffusion_pytorch_model.safetensors"))
-    assert all((saved[k] == v).all() for k, v in pipe.unet.state_dict().items())
+    assert saved.keys() == pipe.unet.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in pipe.unet.state_dict().items())
+    image = pipe("a red bus", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
     # a rerun finds the checkpoint on S3 and trains nothing
     assert distill.prepare(load_spec(path)).steps_done == 2
     assert distill.run(distill.prepare(load_spec(path)))["steps_run"] == 0
