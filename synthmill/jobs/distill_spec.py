@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Union
 from omegaconf import MISSING
 
 from synthmill.jobs.generate_spec import ModelSpec
-from synthmill.jobs.spec import one_of, register_kind, require
+from synthmill.jobs.spec import one_of, register_kind, require, require_count_or_auto
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -136,10 +136,7 @@ class DistillSpec:
         require(t.checkpoints_kept >= 1, "train.checkpoints_kept", f"must be >= 1, got {t.checkpoints_kept}")
         require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
         require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
-        if isinstance(c.num_workers, str):
-            require(c.num_workers == "auto", "cluster.num_workers", f"must be 'auto' or an integer >= 1, got {c.num_workers!r}")
-        else:
-            require(c.num_workers >= 1, "cluster.num_workers", f"must be 'auto' or an integer >= 1, got {c.num_workers}")
+        require_count_or_auto(c.num_workers, "cluster.num_workers")
         if isinstance(c.use_gpu, str):
             require(c.use_gpu == "auto", "cluster.use_gpu", f"must be true, false or 'auto', got {c.use_gpu!r}")
         require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")

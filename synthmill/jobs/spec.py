@@ -152,12 +152,15 @@ class ActorClusterSpec:
     start_timeout_s: float = 1800.0  # fail if no actor is ready for this long (model download included)
 
 
+def require_count_or_auto(value: Any, field: str) -> None:
+    """A count of actors or workers: ``auto`` or an integer >= 1."""
+    ok = value == "auto" if isinstance(value, str) else value >= 1
+    require(ok, field, f"must be 'auto' or an integer >= 1, got {value!r}")
+
+
 def check_cluster(c: Any) -> None:
     """The ``cluster`` settings every job kind with actors shares: counts, batch, retries, resources."""
-    if isinstance(c.num_actors, str):
-        require(c.num_actors == "auto", "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {c.num_actors!r}")
-    else:
-        require(c.num_actors >= 1, "cluster.num_actors", f"must be 'auto' or an integer >= 1, got {c.num_actors}")
+    require_count_or_auto(c.num_actors, "cluster.num_actors")
     require(1 <= c.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {c.batch_size}")
     require(c.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {c.cpus_per_actor}")
     require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {c.inflight_per_actor}")
