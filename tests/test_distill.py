@@ -123,16 +123,55 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
     proc.wait()
     assert not os.path.exists(os.path.join(resumed, "pipeline")) and not os.path.exists(os.path.join(resumed, "summary.json"))
     killed_at = distill.steps_done(load_spec(str(spec_path)))
-    # 2) the same command again resumes; 3) the same job straight through, elsewhere
+    # 2) the same command again resumes; while it runs, one Ray Train worker process is SIGKILLed right
+    # after the step after the checkpoint is logged: the driver restarts the worker group from the checkpoint
+    worker_killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        metrics = os.path.join(resumed, "metrics.jsonl")
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                with open(metrics, encoding="utf-8") as fh:
+                    steps = [json.loads(line)["step"] for line in fh if line.endswith("}\n")]
+                if killed_at + 1 in steps:
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+        import psutil
+
+        # this session's cluster only: the raylet is this test process's child, the workers are its children
+        def is_worker(proc: psutil.Process) -> bool:
+            try:
+                return "RayTrainWorker" in " ".join(proc.cmdline())
+            except psutil.Error:
+                return False
+
+        workers = [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
+        if workers:
+            workers[0].send_signal(signal.SIGKILL)
+            worker_killed.append(workers[0].pid)
+
+    import threading
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
     summary = distill.run(distill.prepare(load_spec(str(spec_path))))
+    killer.join(timeout=5)
+    # 3) the same job straight through, elsewhere
     straight_summary = distill.run(distill.prepare(load_spec(str(spec_path), [f"output.path={straight}"])))
     return {"spec": spec, "spec_path": str(spec_path), "resumed": resumed, "straight": straight, "killed_at": killed_at,
-            "summary": summary, "straight_summary": straight_summary}
+            "summary": summary, "straight_summary": straight_summary, "worker_killed": worker_killed}
 
 
 def test_kill_and_rerun_resumes_exactly(distilled):
+    """Driver SIGKILLed after the first checkpoint, rerun, a worker SIGKILLed during the rerun: the same
+    weights as a run that never stopped."""
     d = distilled
+    assert d["worker_killed"], "no Ray Train worker was found to kill"
     s = d["summary"]
+    assert s["attempts"] == 2, s  # the worker group was restarted once
     assert s["status"] == "complete" and s["steps"] == 6 and s["workers"] == 2
     assert s["steps_resumed"] == d["killed_at"] >= 2 and s["steps_run"] == 6 - d["killed_at"]
     # each step logged once, in order, although the killed run may have logged steps past its checkpoint
@@ -293,6 +332,31 @@ def test_bad_inputs(sd_teacher, reference, write_spec, capsys, tmp_path):
     assert "teacher.path" in msg
     msg = _bad(write_spec, capsys, spec, "loss.task=0", "loss.output_kd=0", "loss.feature_kd=0")
     assert "loss" in msg
+
+
+def test_caption_missing_deep_in_the_stream_is_exit_2(sd_teacher, reference, write_spec, capsys, tmp_path):
+    """validate sees only the first sample; a later tar without captions stops training with exit 2 naming it."""
+    import webdataset as wds
+
+    samples = read_samples(reference[1])
+    data = tmp_path / "data"
+    data.mkdir()
+    with wds.TarWriter(str(data / "000000.tar")) as w:
+        for s in samples[:2]:
+            w.write({"__key__": s["__key__"], "png": s["png"], "txt": s["txt"]})
+    with wds.TarWriter(str(data / "000001.tar")) as w:
+        for s in samples[2:6]:
+            w.write({"__key__": s["__key__"], "png": s["png"]})
+    spec = distill_spec(sd_teacher, f"{data}/*.tar", str(tmp_path / "out"), max_steps=4, gradient_accumulation=1,
+                        ema=False, gradient_checkpointing=False)
+    spec["cluster"]["num_workers"] = 1
+    spec["data"].update(loader_workers=0, shuffle_buffer=0)
+    path = write_spec(spec)
+    assert main(["validate", path]) == 0
+    capsys.readouterr()
+    assert main(["run", path]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("synthmill: error:")]
+    assert len(lines) == 1 and "000001.tar" in lines[0] and "no caption" in lines[0], lines
 
 
 def read_samples(output: str) -> list[dict]:

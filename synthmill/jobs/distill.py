@@ -217,7 +217,7 @@ def _trainer(p: Prepared, n_workers: int, use_gpu: bool):
         run_config=RunConfig(
             name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoints_kept),
-            failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
+            failure_config=FailureConfig(max_failures=0),  # run() retries (bad data must not be retried)
         ),
     )
 
@@ -338,13 +338,24 @@ def run(p: Prepared) -> dict[str, Any]:
     storage.remove(storage.join(out, "summary.json"), opts)
     log.info("distill %s -> %s: %d workers (%s), steps %d..%d", spec.teacher.path, spec.student.arch, n_workers,
              "GPU" if use_gpu else "CPU", p.steps_done, spec.train.max_steps)
-    try:
-        result = _trainer(p, n_workers, use_gpu).fit()
-    except TrainingFailedError as e:
-        raise JobFailed(f"training failed: {_failure_message(e)}. Checkpoints are kept under {out}/checkpoints; "
-                        "run the same command again to resume from the latest") from None
-    if result.error is not None:
-        raise JobFailed(f"training failed: {_failure_message(result.error)}")
+    # Retries are the driver's, not Ray Train's (its FailureConfig retries every error): bad data fails at
+    # once with exit 2, anything else restarts the worker group from the latest checkpoint.
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = _trainer(p, n_workers, use_gpu).fit()
+            error = result.error
+        except TrainingFailedError as e:
+            error = e
+        if error is None:
+            break
+        message = _failure_message(error)  # raises SpecError for bad data
+        if attempt > spec.cluster.max_failures:
+            raise JobFailed(f"training failed ({attempt} attempts): {message}. Checkpoints are kept under "
+                            f"{out}/checkpoints; run the same command again to resume from the latest")
+        log.warning("training failed (attempt %d of %d): %s; restarting from the latest checkpoint",
+                    attempt, spec.cluster.max_failures + 1, message)
     if result.checkpoint is None:
         raise JobFailed(f"training ended without a checkpoint under {out}/checkpoints")
     t_train = time.perf_counter()
@@ -352,5 +363,6 @@ def run(p: Prepared) -> dict[str, Any]:
         pipeline = export_pipeline(spec, ckpt)
     summary = _summary(p, (n_workers, use_gpu), t0, t_train, os.path.basename(result.checkpoint.path.rstrip("/")),
                        pipeline, started)
+    summary["attempts"] = attempt
     storage.write_json(storage.join(out, "summary.json"), summary, opts)
     return summary
