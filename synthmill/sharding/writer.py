@@ -11,7 +11,6 @@ import os
 import tempfile
 from typing import BinaryIO
 
-from webdataset import TarWriter
 
 #: mtime of every member (2000-01-01T00:00:00Z): fixed so tars are reproducible.
 FIXED_MTIME = 946684800
@@ -44,6 +43,8 @@ class ShardTarWriter:
         fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=TMP_SUFFIX, dir=tmp_dir)
         self._fh = os.fdopen(fd, "wb")
         self._hashing = _HashingFile(self._fh)
+        from webdataset import TarWriter  # here, not at import: webdataset imports torch (seconds)
+
         self._tar = TarWriter(self._hashing, encoder=False, mtime=FIXED_MTIME, user="synthmill", group="synthmill")
         self.count = 0
 
