@@ -1,7 +1,7 @@
-"""``python -m benchmarks`` runs the generate, Frechet-distance, feature-extraction and distill benchmarks with their defaults.
+"""``python -m benchmarks`` runs the generate, Frechet-distance, feature-extraction, distill and driver-scale benchmarks with their defaults.
 
-    python -m benchmarks                    # generate, fid, extract, distill
-    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, distill, chaos), with its own flags
+    python -m benchmarks                    # generate, fid, extract, distill, driver
+    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, distill, chaos, driver), with its own flags
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
 """
 
@@ -33,6 +33,12 @@ def _distill(argv: list[str]) -> int:
     return main(argv)
 
 
+def _driver(argv: list[str]) -> int:
+    from benchmarks.driver import main
+
+    return main(argv)
+
+
 def _chaos(argv: list[str]) -> int:
     from benchmarks.chaos import main
 
@@ -41,8 +47,8 @@ def _chaos(argv: list[str]) -> int:
 
 
 BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"generate": _generate, "fid": _fid, "extract": _extract,
-                                                      "distill": _distill, "chaos": _chaos}
-DEFAULT = ("generate", "fid", "extract", "distill")  # what a bare ``python -m benchmarks`` runs, in this order
+                                                      "distill": _distill, "chaos": _chaos, "driver": _driver}
+DEFAULT = ("generate", "fid", "extract", "distill", "driver")  # what a bare ``python -m benchmarks`` runs, in this order
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Generate throughput: a plain diffusers loop vs synthmill's actor path vs ``synthmill run``.
+"""Generate throughput: a plain diffusers loop vs synthmill's actor path vs ``synthmill run`` vs Ray Data.
 
 The same model, prompts (the first N captions of ``configs/prompts/coco2014_5k_captions.tsv``), steps,
 resolution, guidance and batch size go through:
@@ -8,17 +8,31 @@ resolution, guidance and batch size go through:
     ``webdataset.TarWriter``, all sequential in one thread;
 (b) synthmill's per-actor path in-process: ``prepare(spec)``, then ``ShardGenerator.process_shard(k)``
     for every shard, without Ray (the steady state of one actor);
-(c) ``synthmill run spec.yaml cluster.num_actors=1`` through the real CLI, in a fresh process.
+(c) ``synthmill run spec.yaml cluster.num_actors=1`` through the real CLI, in a fresh process;
+(d) Ray Data doing the same job, as a Ray Data user would write it: ``ray.data.from_arrow`` of the same
+    rows (index, prompt; one block per batch, so its batches are (a)'s), ``map_batches`` with a callable
+    class holding one pipeline loaded as in (a) (``batch_size`` = the batch size, per-sample
+    ``torch.Generator("cpu").manual_seed(seed + i)``, PIL PNG bytes per sample), one actor
+    (``compute=ActorPoolStrategy(size=1)``, what the deprecated ``concurrency=1`` maps to) with the CPUs
+    and torch threads of (c)'s actor (plus one GPU on CUDA, as (c)), then ``write_webdataset``;
+    skipped with ``--no-ray-data``.
 
 Steady state: (a) and (b) are timed in this process after one uncounted warm-up batch each, model load
 excluded, ``--repeats`` times, interleaved so that drifts in machine speed hit both; the best counts.
 End to end: (a)'s first run (imports timed at process start, load, every batch with no warm-up) against
 the wall time of (c) (process start, imports, Ray start, actor load, generation, index, summary).
+(d) runs after (c) in this process, on a local Ray it starts itself (``address="local"``, as ``synthmill
+run`` does); its end to end is timed from dataset creation until ``write_webdataset`` returns (actor
+start and load included), and reported without and with that Ray start (``import ray.data`` and
+``ray.init``, timed on their own). Its tars are read back with ``webdataset`` to count the samples, and
+their decoded images are compared with (a)'s, as (b)'s are. ``--smoke`` includes (d): about 25 s more on
+a 2-core CPU machine at rest (Ray start about 8 s, the actor's start and load most of the rest).
 Without ``--model`` a tiny seeded SD pipeline (``synthmill.models.tiny``) is built in a temporary folder.
-On CUDA both use float16 (what ``dtype: auto`` picks), on CPU float32.
+On CUDA all use float16 (what ``dtype: auto`` picks), on CPU float32.
 
     python -m benchmarks.generate                 # the CPU numbers of RESULTS.md
-    python -m benchmarks.generate --smoke         # under a minute; what tests/test_benchmarks.py runs
+    python -m benchmarks.generate --smoke         # about a minute; what tests/test_benchmarks.py runs
+    python -m benchmarks.generate --no-ray-data   # (a), (b) and (c) only
     python -m benchmarks.generate --model /models/sd-1.5 --size 512 --steps 25 --prompts 256
 """
 
@@ -175,6 +189,108 @@ def synthmill_generate(gen: Any) -> None:
         gen.process_shard(k)
 
 
+# -- (d) Ray Data: map_batches with one actor, write_webdataset -------------------------------------
+
+
+class RayDataGenerator:
+    """(d)'s ``map_batches`` callable class: one diffusers pipeline per Ray Data actor.
+
+    Self-contained, as a Ray Data user would write it: the constructor sets torch's threads (on CPU, like
+    (c)'s actor) and loads the pipeline as :func:`load_plain` does; each call generates one batch with
+    (a)'s per-sample generators and returns PNG bytes, prompt and metadata per sample.
+    """
+
+    def __init__(self, model: str, steps: int, guidance_scale: float, size: int, seed: int, threads: int):
+        import torch
+        from diffusers import DiffusionPipeline
+
+        device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.steps, self.guidance_scale, self.size, self.seed = steps, guidance_scale, size, seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One pipeline call on the batch's prompts; ``__key__``, ``png``, ``txt`` and ``json`` per sample."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        indices, prompts = [int(i) for i in batch["index"]], [str(p) for p in batch["prompt"]]
+        generators = [torch.Generator("cpu").manual_seed(self.seed + i) for i in indices]
+        out = self.pipe(prompt=prompts, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                        height=self.size, width=self.size, generator=generators, output_type="np")
+        images = (out.images * 255).round().astype(np.uint8)
+        keys, pngs, metas = [], [], []
+        for i, prompt, image in zip(indices, prompts, images):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            keys.append(f"{i:010d}")
+            pngs.append(buf.getvalue())
+            meta = {"key": f"{i:010d}", "prompt": prompt, "seed": self.seed + i, "steps": self.steps}
+            metas.append(json.dumps(meta))
+        # object arrays: numpy's fixed-width bytes dtype would drop trailing NUL bytes of a PNG
+        return {"__key__": np.array(keys, dtype=object), "png": np.array(pngs, dtype=object),
+                "txt": np.array(prompts, dtype=object), "json": np.array(metas, dtype=object)}
+
+
+def start_ray() -> float:
+    """``import ray.data`` and a local ``ray.init`` (as ``synthmill run`` starts one); return seconds."""
+    t0 = time.perf_counter()
+    import ray
+    import ray.data
+
+    ray.init(address="local", include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a log, not a terminal
+    return time.perf_counter() - t0
+
+
+def ray_data_generate(cfg: Settings, prompts: list[str], out_dir: str, threads: int, use_gpu: bool) -> float:
+    """(d): the prompts through ``map_batches`` (one actor) and ``write_webdataset``; return seconds.
+
+    Timed from dataset creation until ``write_webdataset`` returns (execution is lazy, so the actor's
+    start and pipeline load are inside). One block per batch, so Ray Data's batches are (a)'s: batch
+    composition can change float results on a CPU. The write tasks keep Ray Data's default of one CPU
+    each, so where the actor holds every CPU of the machine they start once it has finished.
+    """
+    import pyarrow as pa
+    import ray.data
+
+    t0 = time.perf_counter()
+    blocks = [pa.table({"index": list(range(lo, min(lo + cfg.batch_size, len(prompts)))),
+                        "prompt": prompts[lo:lo + cfg.batch_size]})
+              for lo in range(0, len(prompts), cfg.batch_size)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        RayDataGenerator,
+        fn_constructor_kwargs={"model": cfg.model, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+                               "size": cfg.size, "seed": cfg.seed, "threads": threads},
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=threads,
+        num_gpus=1 if use_gpu else None,
+    )
+    # encoder=None: the columns are already bytes and str (the default encoder wants arrays for png)
+    ds.write_webdataset(out_dir, encoder=None, min_rows_per_file=cfg.samples_per_shard)
+    return time.perf_counter() - t0
+
+
+def webdataset_images(folder: str) -> tuple[dict[str, Any], int]:
+    """({key: decoded image}, samples read) of the tars in ``folder``, read back with ``webdataset``."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    urls = [str(p) for p in sorted(Path(folder).glob("*.tar"))]
+    if not urls:
+        return {}, 0
+    out, n = {}, 0
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        n += 1
+        out[f"{sample['__key__']}.png"] = np.asarray(Image.open(io.BytesIO(sample["png"])))
+    return out, n
+
+
 # -- end to end -------------------------------------------------------------------------------------
 
 
@@ -217,29 +333,38 @@ def synthmill_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "synthmill.cli"]
 
 
-def same_pixels(plain_dir: str, synthmill_dir: str) -> tuple[int, int]:
-    """(samples with identical decoded PNGs, samples) between the (a) and (b) tars."""
+def tar_images(folder: str) -> dict[str, Any]:
+    """{member name: decoded image} of every PNG in the tars of ``folder`` (read with ``tarfile``)."""
     import numpy as np
     from PIL import Image
 
-    def images(folder: str) -> dict[str, Any]:
-        out = {}
-        for tar_path in sorted(Path(folder).glob("*.tar")):
-            with tarfile.open(tar_path) as tar:
-                for m in tar.getmembers():
-                    if m.name.endswith(".png"):
-                        out[m.name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())))
-        return out
+    out = {}
+    for tar_path in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".png"):
+                    out[m.name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())))
+    return out
 
-    a, b = images(plain_dir), images(os.path.join(synthmill_dir, "shards"))
-    return sum(k in b and np.array_equal(v, b[k]) for k, v in a.items()), len(a)
+
+def same_images(a: dict[str, Any], b: dict[str, Any]) -> int:
+    """How many of ``a``'s images ``b`` has under the same name with identical pixels."""
+    import numpy as np
+
+    return sum(k in b and np.array_equal(v, b[k]) for k, v in a.items())
+
+
+def same_pixels(plain_dir: str, synthmill_dir: str) -> tuple[int, int]:
+    """(samples with identical decoded PNGs, samples) between the (a) and (b) tars."""
+    a = tar_images(plain_dir)
+    return same_images(a, tar_images(os.path.join(synthmill_dir, "shards"))), len(a)
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
 
 
-def benchmark(cfg: Settings, work: str, import_s: float) -> list[Timing]:
-    """Run (a), (b) and (c) in ``work``; print what was measured; return the table rows.
+def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True) -> list[Timing]:
+    """Run (a), (b), (c) and, with ``ray_data``, (d) in ``work``; print what was measured; return the rows.
 
     ``import_s`` is the time :func:`import_plain_stack` took at process start: the first (a) run
     (load, then every batch with no warm-up) plus it is the end-to-end time of the plain script.
@@ -301,17 +426,45 @@ def benchmark(cfg: Settings, work: str, import_s: float) -> list[Timing]:
 
     n = len(prompts)
     steady = f"generation loop after warm-up (best of {cfg.repeats})"
-    return [
+    rows = [
         Timing("(a) plain diffusers loop", steady, n, min(plain_s)),
         Timing("(b) synthmill ShardGenerator.process_shard, in-process", steady, n, min(synthmill_s)),
         Timing("(a) plain diffusers loop", "end to end: imports, load, generation (no warm-up)", n, plain_cold),
         Timing("(c) `synthmill run`, cluster.num_actors=1",
                "end to end: process start, Ray start, load, generation", n, cli),
     ]
+    if not ray_data:
+        return rows
+
+    import ray
+
+    # (c)'s actor reserves cluster.cpus_per_actor CPUs (the spec's default 1 when unset) and, on a CPU,
+    # runs that many torch threads; (d)'s one actor gets the same.
+    rd_threads = actor_threads or 1
+    ray_start = start_ray()
+    try:
+        rd = ray_data_generate(cfg, prompts, os.path.join(work, "d"), rd_threads, device == "cuda")
+    finally:
+        ray.shutdown()
+    images, written = webdataset_images(os.path.join(work, "d"))
+    n_tars = len(list(Path(work, "d").glob("*.tar")))
+    print(f"(d) Ray start {ray_start:.2f} s (import ray.data, ray.init); dataset creation to write finished "
+          f"{rd:.2f} s ({rd_threads} CPUs and torch threads for its actor); samples read back with webdataset "
+          f"{written}/{n} ({len(images)} distinct keys) from {n_tars} tars; load average {os.getloadavg()[0]:.2f}",
+          flush=True)
+    same = same_images(tar_images(os.path.join(work, "a")), images)
+    print(f"identical images (a) vs (d): {same}/{n}", flush=True)
+    name = "(d) Ray Data map_batches (1 actor) + write_webdataset"
+    rows += [
+        Timing(name, "end to end: dataset creation, actor start, load, generation, write (Ray running)",
+               written, rd),
+        Timing(name, "end to end: the above + Ray start (import ray.data, ray.init)", written, ray_start + rd),
+    ]
+    return rows
 
 
 def render(rows: list[Timing]) -> str:
-    """The markdown table and the ratio line."""
+    """The markdown table and the ratio lines (the second only with (d)'s rows)."""
     lines = ["| variant | timed | images | seconds | images/s |", "| --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {t.variant} | {t.timed} | {t.images} | {t.seconds:.2f} | {t.images_per_s:.3f} |" for t in rows]
     steady = rows[1].images_per_s / rows[0].images_per_s
@@ -320,6 +473,11 @@ def render(rows: list[Timing]) -> str:
     lines.append("")
     lines.append(f"ratios: steady state (b)/(a) = {steady:.3f} (goal >= {GOAL}: {verdict}); "
                  f"end to end (c)/(a) = {e2e:.3f}")
+    if len(rows) > 4:  # (d): rows[4] without its Ray start, rows[5] with it
+        with_start, without = (rows[3].images_per_s / r.images_per_s if r.images else float("inf")
+                               for r in (rows[5], rows[4]))
+        lines.append(f"ratios vs Ray Data: end to end (c)/(d) = {with_start:.3f} ((d) with its Ray start; "
+                     f"{without:.3f} without)")
     return "\n".join(lines)
 
 
@@ -335,7 +493,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed loops of (a) and (b), best counts (default 3)")
     p.add_argument("--cpus-per-actor", type=int, default=None,
-                   help="cluster.cpus_per_actor for (b) and (c) (default on CPU: the plain loop's torch threads)")
+                   help="cluster.cpus_per_actor for (b) and (c), and (d)'s actor CPUs and torch threads "
+                        "(default on CPU: the plain loop's torch threads)")
+    p.add_argument("--no-ray-data", dest="ray_data", action="store_false", help="skip (d), the Ray Data variant")
     p.add_argument("--smoke", action="store_true", help="tiny fast run: 4 prompts, 32 px, 2 steps, batch 2")
     return p
 
@@ -361,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         model = os.path.abspath(model) if os.path.exists(model) else model
         cfg = Settings(model, args.prompts, args.steps, args.size, args.batch_size, args.samples_per_shard,
                        args.guidance_scale, args.seed, args.repeats, args.cpus_per_actor)
-        rows = benchmark(cfg, work, import_s)
+        rows = benchmark(cfg, work, import_s, args.ray_data)
     print()
     print(render(rows))
     return 0

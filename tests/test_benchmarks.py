@@ -82,3 +82,20 @@ def test_distill_benchmark_smoke(ray_address) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\(a\) plain PyTorch loop, 1 process +\d+\.\d+ +1\.000 *$", proc.stdout, re.M), proc.stdout
     assert re.search(r"^\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", proc.stdout, re.M), proc.stdout
+
+
+def test_driver_benchmark_smoke() -> None:
+    """``python -m benchmarks driver --smoke``: the dry runs plan without Ray, a model or an output folder,
+    and the pool's dispatch overhead prints next to a plain ``ray.wait`` loop's."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "driver", "--smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^dry-run ratios: 20,000 / 1,000 rows: wall = \d+\.\d+x, CPU = \d+\.\d+x, peak RSS = \d+\.\d+x; "
+                     r"20,000 rows / import synthmill\.cli: wall = \d+\.\d+x, CPU = \d+\.\d+x, peak RSS = \d+\.\d+x$",
+                     proc.stdout, re.M), proc.stdout
+    assert re.search(r"^dry run left behind: output folder created: no; Ray initialized: no .*diffusers imported: no;",
+                     proc.stdout, re.M), proc.stdout
+    assert re.search(r"^dispatch ratio: ShardPool / plain ray\.wait loop = \d+\.\d+ \(\d+\.\d+ vs \d+\.\d+ ms/shard\)$",
+                     proc.stdout, re.M), proc.stdout
