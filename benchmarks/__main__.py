@@ -1,7 +1,7 @@
-"""``python -m benchmarks`` runs the generate, Frechet-distance, feature-extraction, distill and driver-scale benchmarks with their defaults.
+"""``python -m benchmarks`` runs the generate, Frechet-distance, feature-extraction, distill, driver-scale and start-up benchmarks with their defaults.
 
-    python -m benchmarks                    # generate, fid, extract, distill, driver
-    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, distill, chaos, driver), with its own flags
+    python -m benchmarks                    # generate, fid, extract, distill, driver, startup
+    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, distill, chaos, driver, startup), with its own flags
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
 """
 
@@ -39,6 +39,12 @@ def _driver(argv: list[str]) -> int:
     return main(argv)
 
 
+def _startup(argv: list[str]) -> int:
+    from benchmarks.startup import main
+
+    return main(argv)
+
+
 def _chaos(argv: list[str]) -> int:
     from benchmarks.chaos import main
 
@@ -47,8 +53,8 @@ def _chaos(argv: list[str]) -> int:
 
 
 BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"generate": _generate, "fid": _fid, "extract": _extract,
-                                                      "distill": _distill, "chaos": _chaos, "driver": _driver}
-DEFAULT = ("generate", "fid", "extract", "distill", "driver")  # what a bare ``python -m benchmarks`` runs, in this order
+                                                      "distill": _distill, "startup": _startup, "chaos": _chaos, "driver": _driver}
+DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")  # what a bare ``python -m benchmarks`` runs, in this order
 
 
 def main(argv: list[str] | None = None) -> int:

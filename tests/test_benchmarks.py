@@ -99,3 +99,15 @@ def test_driver_benchmark_smoke() -> None:
                      proc.stdout, re.M), proc.stdout
     assert re.search(r"^dispatch ratio: ShardPool / plain ray\.wait loop = \d+\.\d+ \(\d+\.\d+ vs \d+\.\d+ ms/shard\)$",
                      proc.stdout, re.M), proc.stdout
+
+
+def test_startup_benchmark_smoke() -> None:
+    """``python -m benchmarks startup --smoke``: the start-up breakdown of ``synthmill run`` (from its
+    summary.json milestones) next to a plain script's, and the ratio."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "startup", "--smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^\| \*\*to the first tar / committed shard\*\* \| \d+\.\d+ \| \d+\.\d+ \|$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^ratio: time to first output, plain / synthmill = \d+\.\d+", proc.stdout, re.M), proc.stdout

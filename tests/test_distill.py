@@ -139,22 +139,28 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
             except FileNotFoundError:
                 pass
             time.sleep(0.02)
-        import psutil
-
-        # this session's cluster only: the raylet is this test process's child, the workers are its children
-        def is_worker(proc: psutil.Process) -> bool:
-            try:
-                return "RayTrainWorker" in " ".join(proc.cmdline())
-            except psutil.Error:
-                return False
-
-        workers = [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
+        workers = [p for p in train_workers() if p.pid not in leftovers]
         if workers:
             workers[0].send_signal(signal.SIGKILL)
             worker_killed.append(workers[0].pid)
 
+    def train_workers() -> list:
+        """This session's Ray Train worker actor processes: the raylet is this test process's child, the
+        workers its children (not their DataLoader processes, which are forked and carry the same title)."""
+        import psutil
+
+        def is_worker(proc: psutil.Process) -> bool:
+            try:
+                return ("RayTrainWorker" in " ".join(proc.cmdline())
+                        and "RayTrainWorker" not in " ".join(proc.parent().cmdline()))
+            except (psutil.Error, AttributeError):
+                return False
+
+        return [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
+
     import threading
 
+    leftovers = {p.pid for p in train_workers()}  # the killed run's, if Ray has not reaped them yet
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     summary = distill.run(distill.prepare(load_spec(str(spec_path))))

@@ -33,6 +33,9 @@ def test_layout_and_summary(reference):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert (summary["samples"], summary["shards"], summary["samples_run"]) == (22, 5, 22)
     assert summary["blank_prompts"] == 2 and summary["truncated_prompts"] == 2
+    st = summary["startup"]  # start-up milestones, in order, each within the job's time
+    assert 0 <= st["ray_connected_s"] < st["first_actor_ready_s"] < st["first_shard_committed_s"] <= summary["elapsed_s"]
+    assert 0 < st["first_actor_imports_s"] + st["first_actor_model_load_s"] < st["first_actor_ready_s"]
     for k in range(5):
         marker = json.load(open(os.path.join(out, "shards", f"{k:06d}.json")))
         data = open(os.path.join(out, "shards", f"{k:06d}.tar"), "rb").read()

@@ -53,9 +53,14 @@ class ShardGenerator:
     """Holds one pipeline; :meth:`process_shard` may be called from several threads at once."""
 
     def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, progress: Any = None):
+        t_imports = time.perf_counter()
+        import diffusers  # noqa: F401  (timed apart from the load: in a fresh actor these take seconds)
         import torch
+        import transformers  # noqa: F401
 
         from synthmill.models.loading import load_pipeline, prompt_tokenizer
+
+        self.import_s = time.perf_counter() - t_imports
 
         self.spec, self.source, self.plan, self.progress = spec, source, plan, progress
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,7 +87,7 @@ class ShardGenerator:
 
         name = torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu"
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": name, "dtype": self.dtype,
-                "scheduler": self.scheduler, "load_s": round(self.load_s, 3)}
+                "scheduler": self.scheduler, "load_s": round(self.load_s, 3), "import_s": round(self.import_s, 3)}
 
     # -- one shard -------------------------------------------------------------------------------
 

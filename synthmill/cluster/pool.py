@@ -189,7 +189,7 @@ class ShardPool:
                 if ref in starting:
                     slot = starting[ref]
                     try:
-                        slot.info = ray.get(ref)
+                        slot.info = dict(ray.get(ref), ready_at=time.time())  # when the driver saw it ready
                         slot.live = ever_live = True
                         report.actor_infos.append(slot.info)
                     except Exception as e:  # the actor raised in __init__, or its process died

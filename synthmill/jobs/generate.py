@@ -105,6 +105,8 @@ def run(p: Prepared) -> dict[str, Any]:
     spec, plan, out, opts = p.spec, p.plan, p.spec.output.path, p.spec.storage
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    wall0 = time.time()
+    startup: dict[str, Any] = {}  # seconds from run() to each start-up milestone
     _write_start_files(p)
     markers = done_shards(out, range(plan.num_shards), spec.fingerprint(), spec.output.resume_check, opts)
     resumed = len(markers)
@@ -115,6 +117,7 @@ def run(p: Prepared) -> dict[str, Any]:
         # summary.json is the job's commit: withdraw it while any shard is being redone.
         storage.remove(storage.join(out, "summary.json"), opts)
         resources = connect(spec.cluster.address)
+        startup["ray_connected_s"] = round(time.perf_counter() - t0, 3)
         n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
         n_actors = min(n_actors, len(todo))
         counter = ProgressCounter.remote()
@@ -131,7 +134,11 @@ def run(p: Prepared) -> dict[str, Any]:
                          max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
         bar = ProgressBar(sum(len(plan.samples(k)) for k in todo), counter, "generate")
         try:
-            report = pool.run(todo, lambda k, m: markers.__setitem__(k, m), bar.tick)
+            def committed(k: int, marker: dict[str, Any]) -> None:
+                markers[k] = marker
+                startup.setdefault("first_shard_committed_s", round(time.perf_counter() - t0, 3))
+
+            report = pool.run(todo, committed, bar.tick)
         finally:
             bar.close()
         if report.failed:
@@ -150,6 +157,11 @@ def run(p: Prepared) -> dict[str, Any]:
             if name.startswith(".") and name.endswith(TMP_SUFFIX):  # temporaries of attempts that died
                 os.unlink(os.path.join(out, "shards", name))
     elapsed = time.perf_counter() - t0
+    if report and report.actor_infos:
+        first = min(report.actor_infos, key=lambda i: i["ready_at"])
+        startup["first_actor_ready_s"] = round(first["ready_at"] - wall0, 3)
+        startup["first_actor_imports_s"] = first["import_s"]  # torch, diffusers, transformers in the actor
+        startup["first_actor_model_load_s"] = first["load_s"]
     generated = sum(len(plan.samples(k)) for k in todo)
     summary = {
         "status": "complete",
@@ -170,6 +182,10 @@ def run(p: Prepared) -> dict[str, Any]:
         "actors_lost": report.actors_lost if report else 0,
         "retries": sum(max(0, a - 1) for a in report.attempts.values()) if report else 0,
         "devices": sorted({f"{i['device']} ({i['dtype']})" for i in report.actor_infos}) if report else [],
+        # start-up, in seconds since the job started running (after validation): Ray connected, first
+        # actor ready (its imports and model load included, also given alone), first shard committed
+        "startup": startup,
+        "run_started_unix": round(wall0, 3),
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(("synthmill", "torch", "diffusers", "transformers", "ray", "webdataset")),
