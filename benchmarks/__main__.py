@@ -5,55 +5,25 @@
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
 """
 
+import importlib
 import sys
 from typing import Callable
 
 
-def _generate(argv: list[str]) -> int:
-    from benchmarks.generate import main
+def _runner(module: str, returns_code: bool = True) -> Callable[[list[str]], int]:
+    """``benchmarks.MODULE.main``, imported only when that benchmark runs."""
 
-    return main(argv)
+    def run(argv: list[str]) -> int:
+        result = importlib.import_module(f"benchmarks.{module}").main(argv)
+        return result if returns_code else 0  # chaos returns its figures, not an exit code
 
-
-def _fid(argv: list[str]) -> int:
-    from benchmarks.fid import main
-
-    return main(argv)
+    return run
 
 
-def _extract(argv: list[str]) -> int:
-    from benchmarks.extract import main
-
-    return main(argv)
-
-
-def _distill(argv: list[str]) -> int:
-    from benchmarks.distill import main
-
-    return main(argv)
-
-
-def _driver(argv: list[str]) -> int:
-    from benchmarks.driver import main
-
-    return main(argv)
-
-
-def _startup(argv: list[str]) -> int:
-    from benchmarks.startup import main
-
-    return main(argv)
-
-
-def _chaos(argv: list[str]) -> int:
-    from benchmarks.chaos import main
-
-    main(argv)  # returns its figures, not an exit code
-    return 0
-
-
-BENCHMARKS: dict[str, Callable[[list[str]], int]] = {"generate": _generate, "fid": _fid, "extract": _extract,
-                                                      "distill": _distill, "startup": _startup, "chaos": _chaos, "driver": _driver}
+BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
+    name: _runner(name, returns_code=name != "chaos")
+    for name in ("generate", "fid", "extract", "distill", "driver", "startup", "chaos")
+}
 DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")  # what a bare ``python -m benchmarks`` runs, in this order
 
 
@@ -64,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and not argv[0].startswith("-"):
         raise SystemExit(f"unknown benchmark {argv[0]!r}; choose from {', '.join(BENCHMARKS)}")
     if argv:
-        return _generate(argv)
+        return BENCHMARKS["generate"](argv)
     for name in DEFAULT:
         print(f"== {name} ==", flush=True)
         code = BENCHMARKS[name]([])
