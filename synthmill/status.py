@@ -111,6 +111,7 @@ def collect(output: str) -> dict[str, Any]:
         "images_per_s_per_actor": round(samples_done / elapsed_s, 4) if elapsed_s else None,
         "denoise_fraction": round(denoise_s / elapsed_s, 4) if elapsed_s else None,
         "job_images_per_s": summary.get("images_per_s") if summary else None,
+        "device_idle": [a["device_idle_fraction"] for a in (summary or {}).get("actors", [])],
         "unfinished_temporaries": len(stray),
     }
 
@@ -133,6 +134,10 @@ def render(st: dict[str, Any]) -> str:
                      f"denoising {100 * st['denoise_fraction']:.0f}% of it")
     if st["job_images_per_s"] is not None:
         lines.append(f"last run   {st['job_images_per_s']} images/s (whole job, wall clock)")
+    if st.get("device_idle"):
+        idle = st["device_idle"]
+        lines.append(f"idle       devices idle {100 * sum(idle) / len(idle):.1f}% of their active time on average "
+                     f"(last run, {len(idle)} actors; max {100 * max(idle):.1f}%)")
     failed = st["failed_shards"]
     lines.append(f"failures   {len(failed)}" + (":" if failed else ""))
     for name, err in list(failed.items())[:10]:

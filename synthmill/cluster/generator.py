@@ -54,11 +54,17 @@ class ShardGenerator:
 
     def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, progress: Any = None):
         t_imports = time.perf_counter()
-        import diffusers  # noqa: F401  (timed apart from the load: in a fresh actor these take seconds)
+        # Timed apart from the load: in a fresh actor these take seconds. diffusers and transformers
+        # import lazily, so the pipeline class's own modules are imported here too (else the first
+        # from_pretrained pays them and "load" looks several times slower than it is).
         import torch
-        import transformers  # noqa: F401
+        from diffusers import DiffusionPipeline  # noqa: F401
 
-        from synthmill.models.loading import load_pipeline, prompt_tokenizer
+        from synthmill.models.loading import preload_pipeline_modules
+
+        preload_pipeline_modules(spec.model.path)
+
+        from synthmill.models.loading import load_pipeline, optimize_pipeline, prompt_tokenizer
 
         self.import_s = time.perf_counter() - t_imports
 
@@ -68,6 +74,7 @@ class ShardGenerator:
             torch.set_num_threads(spec.cluster.cpus_per_actor)
         t0 = time.perf_counter()
         self.pipe = load_pipeline(spec.model, self.device, spec.storage)
+        self.speed = optimize_pipeline(self.pipe, spec.model, self.device)
         self.load_s = time.perf_counter() - t0
         self.dtype = str(self.pipe.dtype).replace("torch.", "")
         self.scheduler = type(self.pipe.scheduler).__name__
@@ -78,6 +85,9 @@ class ShardGenerator:
         self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
         self._tokenizer_lock = threading.Lock()
         self._device_lock = threading.Lock()
+        # Every call into the pipeline runs on this one thread, whichever Ray thread runs the shard:
+        # CUDA graphs (model.compile_mode=reduce-overhead) and per-thread CUDA state stay on one thread.
+        self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="device")
         self._encoders = ThreadPoolExecutor(spec.cluster.encode_threads, thread_name_prefix="encode")
         self.busy_s = 0.0  # time spent denoising, for the idle fraction
 
@@ -87,7 +97,8 @@ class ShardGenerator:
 
         name = torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu"
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": name, "dtype": self.dtype,
-                "scheduler": self.scheduler, "load_s": round(self.load_s, 3), "import_s": round(self.import_s, 3)}
+                "scheduler": self.scheduler, "load_s": round(self.load_s, 3), "import_s": round(self.import_s, 3),
+                **self.speed}
 
     # -- one shard -------------------------------------------------------------------------------
 
@@ -187,7 +198,7 @@ class ShardGenerator:
                 for lo in range(0, len(samples), bs):
                     batch = samples[lo:lo + bs]
                     tb = time.perf_counter()
-                    images, nsfw = self.denoise(batch)
+                    images, nsfw = self._device_thread.submit(self.denoise, batch).result()
                     busy += time.perf_counter() - tb
                     pending.append(self._encoders.submit(self._encode, batch, images, nsfw, k))
                     if self.progress is not None:

@@ -105,6 +105,7 @@ class DistillSpec:
 
         d, lo, t, c = self.data, self.loss, self.train, self.cluster
         require(bool(self.teacher.path.strip()), "teacher.path", "must not be empty")
+        require(not self.teacher.compile, "teacher.compile", "is a generate setting; distill does not compile the teacher")
         arch = self.student.arch.strip()
         require(bool(arch), "student.arch", f"must name a layout ({', '.join(KNOWN_ARCHS)}) or a UNet folder")
         one_of(self.student.init, ("teacher", "random"), "student.init")
@@ -152,7 +153,8 @@ class DistillSpec:
             train.pop(k)
         data = asdict(self.data)
         data.pop("loader_workers")
-        teacher = {k: v for k, v in asdict(self.teacher).items() if k not in ("dtype", "scheduler", "safety_checker")}
+        unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
+        teacher = {k: v for k, v in asdict(self.teacher).items() if k not in unused}
         basis = {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),
                  "train": train}
         return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]

@@ -93,6 +93,31 @@ def _write_start_files(p: Prepared) -> None:
     )
 
 
+def actor_utilisation(infos: list[dict[str, Any]], markers: dict[int, dict[str, Any]],
+                      committed_at: dict[int, float]) -> list[dict[str, Any]]:
+    """Per actor of this run: shards, samples, seconds holding the device, and its device idle fraction.
+
+    An actor's active window runs from when the driver saw it ready to when it saw its last shard
+    committed; the device is busy while the pipeline runs a batch. The idle rest is waiting for work,
+    reading prompts, and any encoding or upload that did not overlap the next batch.
+    """
+    rows = []
+    for info in infos:
+        mine = [k for k in committed_at if (markers[k]["host"], markers[k]["pid"]) == (info["host"], info["pid"])]
+        if not mine:
+            continue
+        active = max(committed_at[k] for k in mine) - info["ready_at"]
+        busy = sum(markers[k]["denoise_s"] for k in mine)
+        rows.append({
+            "host": info["host"], "pid": info["pid"], "device": info["device"], "shards": len(mine),
+            "samples": sum(markers[k]["count"] for k in mine), "denoise_s": round(busy, 3),
+            "active_s": round(active, 3),
+            "device_idle_fraction": round(max(0.0, 1.0 - busy / active), 4) if active > 0 else 0.0,
+            "images_per_s": round(sum(markers[k]["count"] for k in mine) / active, 4) if active > 0 else 0.0,
+        })
+    return rows
+
+
 def run(p: Prepared) -> dict[str, Any]:
     """Run the job to the end; return the summary. Raises JobFailed naming failed shards."""
     import ray
@@ -113,6 +138,7 @@ def run(p: Prepared) -> dict[str, Any]:
     todo = [k for k in range(plan.num_shards) if k not in markers]
     log.info("%d shards planned, %d already done, %d to run", plan.num_shards, resumed, len(todo))
     report = None
+    committed_at: dict[int, float] = {}  # driver wall clock when each shard of this run was committed
     if todo:
         # summary.json is the job's commit: withdraw it while any shard is being redone.
         storage.remove(storage.join(out, "summary.json"), opts)
@@ -136,6 +162,7 @@ def run(p: Prepared) -> dict[str, Any]:
         try:
             def committed(k: int, marker: dict[str, Any]) -> None:
                 markers[k] = marker
+                committed_at[k] = time.time()
                 startup.setdefault("first_shard_committed_s", round(time.perf_counter() - t0, 3))
 
             report = pool.run(todo, committed, bar.tick)
@@ -182,6 +209,7 @@ def run(p: Prepared) -> dict[str, Any]:
         "actors_lost": report.actors_lost if report else 0,
         "retries": sum(max(0, a - 1) for a in report.attempts.values()) if report else 0,
         "devices": sorted({f"{i['device']} ({i['dtype']})" for i in report.actor_infos}) if report else [],
+        "actors": actor_utilisation(report.actor_infos, markers, committed_at) if report else [],
         # start-up, in seconds since the job started running (after validation): Ray connected, first
         # actor ready (its imports and model load included, also given alone), first shard committed
         "startup": startup,

@@ -30,6 +30,17 @@ class ModelSpec:
     allow_pickle: bool = False  # also load .bin/.ckpt weights (pickle can run code)
     trust_remote_code: bool = False  # needed for custom_pipeline
     custom_pipeline: Optional[str] = None
+    # Speed settings (models/loading.py, optimize_pipeline). They may change the last bits of fp16
+    # images, so they enter the fingerprint once set away from their defaults.
+    channels_last: Optional[bool] = None  # UNet and VAE in channels-last memory format; null = on CUDA only
+    compile: bool = False  # torch.compile the UNet and the VAE decoder (the first batches pay the compile)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+
+
+#: Model settings added after outputs existed: they join the fingerprint only when not at these defaults,
+#: so a job written before they existed still resumes.
+_LATE_MODEL_KEYS = {"channels_last": None, "compile": False, "compile_mode": "default"}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -94,6 +105,7 @@ class GenerateSpec:
         one_of(m.dtype, DTYPES, "model.dtype")
         if m.scheduler is not None:
             one_of(m.scheduler, sorted(SCHEDULERS), "model.scheduler")
+        one_of(m.compile_mode, COMPILE_MODES, "model.compile_mode")
         require(
             m.custom_pipeline is None or m.trust_remote_code,
             "model.custom_pipeline",
@@ -126,6 +138,9 @@ class GenerateSpec:
         m = asdict(self.model)
         for k in ("allow_pickle", "trust_remote_code"):
             m.pop(k)
+        for k, default in _LATE_MODEL_KEYS.items():
+            if m[k] == default:
+                m.pop(k)
         basis = {
             "model": m,
             "prompts": asdict(self.prompts),
