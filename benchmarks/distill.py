@@ -45,33 +45,9 @@ def make_teacher(kind: str, folder: str) -> str:
         return save_tiny_pipeline(folder, "sd", seed=0, unet_layout="full")
     if kind != "sd-v1.4":
         raise SystemExit(f"unknown --teacher {kind!r}; choose tiny or sd-v1.4")
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from synthmill.models.full_size import save_random_pipeline
 
-    from synthmill.models.tiny import write_tiny_clip_tokenizer
-    from synthmill.models.unet_configs import get_unet_config
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**get_unet_config("sd-v1.4"))
-    vae = AutoencoderKL(  # SD v1.x's VAE layout
-        block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, sample_size=512,
-    )
-    text = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower, byte-level vocabulary
-        vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=768,
-        intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-        hidden_act="quick_gelu", projection_dim=768))
-    tok_dir = os.path.join(folder, "_tokenizer")
-    write_tiny_clip_tokenizer(tok_dir)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
-        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_random_pipeline(folder, "sd15", seed=0)  # SD v1.x's UNet, VAE and CLIP ViT-L layouts
 
 
 def make_data(folder: str, n: int, size: int) -> str:

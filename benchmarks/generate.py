@@ -34,6 +34,8 @@ On CUDA all use float16 (what ``dtype: auto`` picks), on CPU float32.
     python -m benchmarks.generate --smoke         # about a minute; what tests/test_benchmarks.py runs
     python -m benchmarks.generate --no-ray-data   # (a), (b) and (c) only
     python -m benchmarks.generate --model /models/sd-1.5 --size 512 --steps 25 --prompts 256
+    python -m benchmarks.generate --arch sdxl --size 1024 --steps 20 --prompts 32 --batch-size 4   # on a GPU
+    python -m benchmarks.generate --arch sd15 --size 512 --steps 25 --prompts 64 --compile        # torch.compile
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from synthmill.models.full_size import FULL_SIZE_ARCHS
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_TSV = REPO / "configs" / "prompts" / "coco2014_5k_captions.tsv"
@@ -70,6 +74,7 @@ class Settings:
     seed: int
     repeats: int
     cpus_per_actor: int | None  # None: the plain loop's torch thread count on CPU, the spec default on GPU
+    model_options: tuple[tuple[str, Any], ...] = ()  # extra model.* keys for (b) and (c), e.g. compile
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,21 @@ class Timing:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds
+
+
+def full_size_model(arch: str, folder: str) -> str:
+    """A full-size random-weight pipeline folder for ``arch`` (float16, built on the GPU when there is one)."""
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        print(f"model: reusing {folder}", flush=True)
+        return folder
+    from synthmill.models.full_size import save_random_pipeline
+
+    device, dtype = device_and_dtype()
+    t0 = time.perf_counter()
+    save_random_pipeline(folder, arch, seed=0, device=device, dtype=dtype)
+    print(f"model: built {arch} with random weights on {device} and saved to {folder} in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return folder
 
 
 def read_prompts(n: int) -> list[str]:
@@ -162,7 +182,7 @@ def write_spec(cfg: Settings, path: str, cpus_per_actor: int | None) -> None:
         cluster["cpus_per_actor"] = cpus_per_actor
     spec = {
         "kind": "generate",
-        "model": {"path": cfg.model},
+        "model": {"path": cfg.model, **dict(cfg.model_options)},
         "prompts": {"path": str(PROMPTS_TSV), "column": "caption", "limit": cfg.prompts},
         "sampling": {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "height": cfg.size,
                      "width": cfg.size, "seed": cfg.seed},
@@ -235,13 +255,14 @@ class RayDataGenerator:
                 "txt": np.array(prompts, dtype=object), "json": np.array(metas, dtype=object)}
 
 
-def start_ray() -> float:
-    """``import ray.data`` and a local ``ray.init`` (as ``synthmill run`` starts one); return seconds."""
+def start_ray(address: str | None = None) -> float:
+    """``import ray.data`` and a local ``ray.init`` (as ``synthmill run`` starts one), or a connection to
+    ``address``; return seconds."""
     t0 = time.perf_counter()
     import ray
     import ray.data
 
-    ray.init(address="local", include_dashboard=False)
+    ray.init(address=address or "local", include_dashboard=False if not address else None)
     ray.data.DataContext.get_current().enable_progress_bars = False  # a log, not a terminal
     return time.perf_counter() - t0
 
@@ -310,14 +331,17 @@ def import_plain_stack() -> float:
     return time.perf_counter() - t0
 
 
-def run_timed(cmd: list[str], what: str) -> float:
+def run_timed(cmd: list[str], what: str, ray_address: str | None = None) -> float:
     """Wall seconds of ``cmd`` (run from the repository root); raises with its output tail if it fails.
 
-    ``RAY_ADDRESS`` is dropped: ``synthmill run`` starts its own local Ray, on the machine (a) ran on.
+    ``RAY_ADDRESS`` is dropped: ``synthmill run`` starts its own local Ray, on the machine (a) ran on;
+    unless ``ray_address`` is given (``--ray-address``), which it then joins.
     """
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -363,7 +387,8 @@ def same_pixels(plain_dir: str, synthmill_dir: str) -> tuple[int, int]:
 # -- the benchmark ----------------------------------------------------------------------------------
 
 
-def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True) -> list[Timing]:
+def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
+              ray_address: str | None = None) -> list[Timing]:
     """Run (a), (b), (c) and, with ``ray_data``, (d) in ``work``; print what was measured; return the rows.
 
     ``import_s`` is the time :func:`import_plain_stack` took at process start: the first (a) run
@@ -407,8 +432,8 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True) 
         synthmill_generate(gen)
         synthmill_s.append(time.perf_counter() - t0)
         print(f"repeat {r + 1}/{cfg.repeats}: (a) {plain_s[-1]:.2f} s, (b) {synthmill_s[-1]:.2f} s", flush=True)
-    print(f"(b) load {gen.load_s:.2f} s; share of its timed loops spent denoising "
-          f"{gen.busy_s / sum(synthmill_s) * 100:.0f}%")
+    print(f"(b) load {gen.load_s:.2f} s; {', '.join(f'{k} {v}' for k, v in gen.speed.items())}; "
+          f"device idle fraction of its timed loops {1 - gen.busy_s / sum(synthmill_s):.3f}")
     same, total = same_pixels(os.path.join(work, "a"), os.path.join(work, "b"))
     print(f"identical images (a) vs (b): {same}/{total}", flush=True)
     del pipe, gen
@@ -417,12 +442,15 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True) 
 
     cli_out = os.path.join(work, "c")
     cli = run_timed([*synthmill_command(), "run", spec_path, f"output.path={cli_out}", "cluster.num_actors=1"],
-                    "synthmill run (c)")
+                    "synthmill run (c)", ray_address)
     with open(os.path.join(cli_out, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     print(f"(c) summary.json: {summary['images_per_s']:.3f} images/s over its own {summary['elapsed_s']:.1f} s "
           f"(inside run(): Ray start, actor load, generation, index); load average {os.getloadavg()[0]:.2f}",
           flush=True)
+    for a in summary["actors"]:
+        print(f"(c) actor {a['pid']} on {a['device']}: {a['samples']} samples in {a['active_s']:.1f} s active, "
+              f"device idle fraction {a['device_idle_fraction']:.3f}", flush=True)
 
     n = len(prompts)
     steady = f"generation loop after warm-up (best of {cfg.repeats})"
@@ -441,7 +469,7 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True) 
     # (c)'s actor reserves cluster.cpus_per_actor CPUs (the spec's default 1 when unset) and, on a CPU,
     # runs that many torch threads; (d)'s one actor gets the same.
     rd_threads = actor_threads or 1
-    ray_start = start_ray()
+    ray_start = start_ray(ray_address)
     try:
         rd = ray_data_generate(cfg, prompts, os.path.join(work, "d"), rd_threads, device == "cuda")
     finally:
@@ -484,6 +512,13 @@ def render(rows: list[Timing]) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="diffusers pipeline folder (default: a tiny seeded SD pipeline built here)")
+    p.add_argument("--arch", choices=FULL_SIZE_ARCHS,
+                   help="instead of --model: a full-size pipeline with random weights (synthmill.models.full_size), "
+                        "built on the GPU when there is one")
+    p.add_argument("--model-dir", help="with --arch: keep the built pipeline here and reuse it when present")
+    p.add_argument("--compile", action="store_true", help="model.compile=true for (b) and (c)")
+    p.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
+                   help="model.channels_last for (b) and (c) (auto: on for CUDA)")
     p.add_argument("--prompts", type=int, default=48, help="first N COCO captions (default 48)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     p.add_argument("--size", type=int, default=128, help="image height and width in pixels (default 128)")
@@ -497,6 +532,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default on CPU: the plain loop's torch threads)")
     p.add_argument("--no-ray-data", dest="ray_data", action="store_false", help="skip (d), the Ray Data variant")
     p.add_argument("--smoke", action="store_true", help="tiny fast run: 4 prompts, 32 px, 2 steps, batch 2")
+    p.add_argument("--ray-address", help="(c) and (d) join this Ray cluster instead of starting a local one each "
+                                         "(the test suite's smoke run; 'Ray start' is then a connection)")
     return p
 
 
@@ -511,17 +548,24 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.size % 8:
         raise SystemExit(f"--size must be a multiple of 8, got {args.size}")
+    if args.arch and args.model:
+        raise SystemExit("give --model or --arch, not both")
     import_s = import_plain_stack()
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-") as work:
         model = args.model
-        if model is None:
+        if args.arch:
+            model = full_size_model(args.arch, args.model_dir or os.path.join(work, args.arch))
+        elif model is None:
             from synthmill.models.tiny import save_tiny_pipeline
 
             model = save_tiny_pipeline(os.path.join(work, "tiny-sd"), "sd")
         model = os.path.abspath(model) if os.path.exists(model) else model
+        options: dict[str, Any] = {"compile": True} if args.compile else {}
+        if args.channels_last != "auto":
+            options["channels_last"] = args.channels_last == "true"
         cfg = Settings(model, args.prompts, args.steps, args.size, args.batch_size, args.samples_per_shard,
-                       args.guidance_scale, args.seed, args.repeats, args.cpus_per_actor)
-        rows = benchmark(cfg, work, import_s, args.ray_data)
+                       args.guidance_scale, args.seed, args.repeats, args.cpus_per_actor, tuple(options.items()))
+        rows = benchmark(cfg, work, import_s, args.ray_data, args.ray_address)
     print()
     print(render(rows))
     return 0

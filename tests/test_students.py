@@ -370,3 +370,20 @@ def test_meta_teacher_gives_meta_student(arch, tiny_sd_teacher, tiny_sdxl_teache
         assert count_parameters(student) == count_parameters(real_student)
         assert report.sources == real_report.sources
         assert student.config == real_student.config
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "ssd-1b"])
+def test_full_size_random_pipelines_have_the_published_parameter_counts(arch):
+    """The benchmark pipelines (models/full_size.py): every component as big as the hub's (meta device)."""
+    from synthmill.models.full_size import build_random_pipeline
+
+    pipe = build_random_pipeline(arch, device="meta")
+    counts = {name: count_parameters(getattr(pipe, name))
+              for name in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None}
+    unet = {"sd15": 859_520_964, "sdxl": 2_567_463_684, "ssd-1b": 1_331_334_404}[arch]
+    want = {"unet": unet, "vae": 83_653_863, "text_encoder": 123_060_480}  # CLIP ViT-L/14's text tower
+    if arch != "sd15":
+        want["text_encoder_2"] = 694_659_840  # OpenCLIP ViT-bigG/14's, with its projection
+        assert pipe.vae.config.force_upcast and pipe.vae.config.scaling_factor == 0.13025
+    assert counts == want
+    assert pipe.tokenizer("a photo of a cat", padding="max_length").input_ids.__len__() == 77
