@@ -3,11 +3,17 @@
     python -m benchmarks                    # generate, fid, extract, distill, driver, startup
     python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, distill, chaos, driver, startup), with its own flags
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
+    python -m benchmarks gpu                # on a GPU machine: generate at full size (SD 1.5 @512, SSD-1B and SDXL @1024) and distill
+
+Every run but a ``--smoke`` one is recorded in ``benchmarks/RESULTS.md`` (benchmarks/record.py): its printed
+output under the command and the machine. ``--no-record`` (before the name) leaves the file alone.
 """
 
 import importlib
 import sys
 from typing import Callable
+
+from benchmarks.record import Tee, record
 
 
 def _runner(module: str, returns_code: bool = True) -> Callable[[list[str]], int]:
@@ -26,18 +32,53 @@ BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
 }
 DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")  # what a bare ``python -m benchmarks`` runs, in this order
 
+#: ``python -m benchmarks gpu``: (name, arguments) in order; each a separate recorded run. Random full-size
+#: weights (synthmill.models.full_size), float16, the plain diffusers loop as the baseline in every row.
+GPU_RUNS: tuple[tuple[str, list[str]], ...] = (
+    ("generate", ["--arch", "sd15", "--size", "512", "--steps", "25", "--prompts", "128", "--batch-size", "16",
+                  "--samples-per-shard", "64", "--repeats", "2"]),
+    ("generate", ["--arch", "sd15", "--size", "512", "--steps", "25", "--prompts", "128", "--batch-size", "16",
+                  "--samples-per-shard", "64", "--repeats", "2", "--compile", "--no-ray-data"]),
+    ("generate", ["--arch", "ssd-1b", "--size", "1024", "--steps", "20", "--prompts", "32", "--batch-size", "4",
+                  "--samples-per-shard", "16", "--repeats", "1"]),
+    ("generate", ["--arch", "sdxl", "--size", "1024", "--steps", "20", "--prompts", "32", "--batch-size", "4",
+                  "--samples-per-shard", "16", "--repeats", "1", "--no-ray-data"]),
+    ("distill", ["--teacher", "sd-v1.4", "--size", "512", "--batch", "8"]),
+)
+
+
+def run_recorded(name: str, argv: list[str], record_it: bool = True) -> int:
+    """Run one benchmark; unless it is a smoke run (or ``record_it`` is off), record its output."""
+    if not record_it or "--smoke" in argv or "-h" in argv or "--help" in argv:
+        return BENCHMARKS[name](argv)
+    tee, stdout = Tee(sys.stdout), sys.stdout
+    sys.stdout = tee
+    try:
+        code = BENCHMARKS[name](argv)
+    finally:
+        sys.stdout = stdout
+    if code == 0:
+        print(f"recorded in {record(name, argv, tee.getvalue())}", flush=True)
+    return code
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    record_it = "--no-record" not in argv[:1]
+    argv = argv[1:] if not record_it else argv
     if argv and argv[0] in BENCHMARKS:
-        return BENCHMARKS[argv[0]](argv[1:])
-    if argv and not argv[0].startswith("-"):
-        raise SystemExit(f"unknown benchmark {argv[0]!r}; choose from {', '.join(BENCHMARKS)}")
-    if argv:
-        return BENCHMARKS["generate"](argv)
-    for name in DEFAULT:
-        print(f"== {name} ==", flush=True)
-        code = BENCHMARKS[name]([])
+        return run_recorded(argv[0], argv[1:], record_it)
+    if argv and argv[0] == "gpu":
+        runs = GPU_RUNS
+    elif argv and not argv[0].startswith("-"):
+        raise SystemExit(f"unknown benchmark {argv[0]!r}; choose from {', '.join(BENCHMARKS)}, gpu")
+    elif argv:
+        return run_recorded("generate", argv, record_it)
+    else:
+        runs = tuple((name, []) for name in DEFAULT)
+    for name, args in runs:
+        print(f"== {name} {' '.join(args)} ==", flush=True)
+        code = run_recorded(name, args, record_it)
         if code:
             return code
     return 0

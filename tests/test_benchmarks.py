@@ -11,16 +11,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_generate_benchmark_smoke() -> None:
-    """``python -m benchmarks.generate --smoke`` runs (a), (b) and (c) and prints the ratios."""
+def test_generate_benchmark_smoke(ray_address) -> None:
+    """``python -m benchmarks.generate --smoke`` runs (a), (b), (c) and (d) and prints the ratios ((c) and
+    (d) on the session's Ray, to skip two Ray starts)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.generate", "--smoke"],
+        [sys.executable, "-m", "benchmarks.generate", "--smoke", "--ray-address", ray_address],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^ratios: steady state \(b\)/\(a\) = \d+\.\d+ .*end to end \(c\)/\(a\) = \d+\.\d+$",
                      proc.stdout, re.M), proc.stdout
-    assert "identical images (a) vs (b): 4/4" in proc.stdout, proc.stdout
+    assert "identical images (a) vs (b): 4/4" in proc.stdout and "identical images (a) vs (d): 4/4" in proc.stdout, proc.stdout
+    assert re.search(r"^\(c\) actor \d+ on cpu: 4 samples in \d+\.\d+ s active, device idle fraction 0\.\d+$",
+                     proc.stdout, re.M), proc.stdout
 
 
 def test_chaos_benchmark_smoke() -> None:
@@ -101,13 +104,29 @@ def test_driver_benchmark_smoke() -> None:
                      proc.stdout, re.M), proc.stdout
 
 
-def test_startup_benchmark_smoke() -> None:
+def test_startup_benchmark_smoke(ray_address) -> None:
     """``python -m benchmarks startup --smoke``: the start-up breakdown of ``synthmill run`` (from its
-    summary.json milestones) next to a plain script's, and the ratio."""
+    summary.json milestones; on the session's Ray) next to a plain script's, and the ratio."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "startup", "--smoke"],
+        [sys.executable, "-m", "benchmarks", "startup", "--smoke", "--ray-address", ray_address],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\| \*\*to the first tar / committed shard\*\* \| \d+\.\d+ \| \d+\.\d+ \|$", proc.stdout, re.M), proc.stdout
     assert re.search(r"^ratio: time to first output, plain / synthmill = \d+\.\d+", proc.stdout, re.M), proc.stdout
+
+
+def test_record_keeps_one_section_per_command_and_machine(tmp_path) -> None:
+    """benchmarks/record.py: a rerun replaces its own section, other commands add theirs, the head stays."""
+    from benchmarks.record import PART, machine, record
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\nHand-written reading.\n", encoding="utf-8")
+    record("fid", ["--repeats", "1"], "ratio: 13.2\n", path)
+    record("driver", [], "dispatch ratio 1.009\n", path)
+    record("fid", ["--repeats", "1"], "ratio: 12.9\n", path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmark results\n\nHand-written reading.\n") and text.count(PART) == 1
+    assert "ratio: 12.9" in text and "ratio: 13.2" not in text and "dispatch ratio 1.009" in text
+    assert text.count(f"### `python -m benchmarks fid --repeats 1` on {machine()}") == 1
+    assert text.index("dispatch ratio") < text.index("ratio: 12.9")  # the rerun moves to the end
