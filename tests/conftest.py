@@ -27,6 +27,9 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    # Ray Train's controller polls its workers every 2 s by default; the suite's tiny runs take a few
+    # seconds per attempt, so poll faster (processes started by this cluster inherit the variable).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

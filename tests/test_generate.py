@@ -36,6 +36,11 @@ def test_layout_and_summary(reference):
     st = summary["startup"]  # start-up milestones, in order, each within the job's time
     assert 0 <= st["ray_connected_s"] < st["first_actor_ready_s"] < st["first_shard_committed_s"] <= summary["elapsed_s"]
     assert 0 < st["first_actor_imports_s"] + st["first_actor_model_load_s"] < st["first_actor_ready_s"]
+    actors = summary["actors"]  # per actor: what it did, and how long its device sat idle
+    assert 1 <= len(actors) <= 2 and sum(a["samples"] for a in actors) == 22 and sum(a["shards"] for a in actors) == 5
+    for a in actors:
+        assert 0 < a["denoise_s"] <= a["active_s"] <= summary["elapsed_s"]
+        assert abs(a["device_idle_fraction"] - (1 - a["denoise_s"] / a["active_s"])) < 0.01  # from unrounded times
     for k in range(5):
         marker = json.load(open(os.path.join(out, "shards", f"{k:06d}.json")))
         data = open(os.path.join(out, "shards", f"{k:06d}.tar"), "rb").read()
@@ -190,8 +195,10 @@ def test_status_command(reference, capsys):
     st = json.loads(capsys.readouterr().out)
     assert st["complete"] and (st["shards_done"], st["shards"], st["samples_done"]) == (5, 5, 22)
     assert st["failed_shards"] == {}
+    assert 1 <= len(st["device_idle"]) <= 2 and all(0 <= f < 1 for f in st["device_idle"])
     assert main(["status", out]) == 0
-    assert "5 / 5 done" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "5 / 5 done" in text and "devices idle" in text
 
 
 def test_driver_killed_midway_resumes_without_regenerating(reference, ray_address, write_spec, tmp_path):
@@ -235,9 +242,13 @@ def test_sdxl_pipeline_with_two_text_encoders(ray_address, tiny_sdxl, prompts_ts
     spec["sampling"]["images_per_prompt"] = 1
     spec["sampling"]["negative_prompt"] = "ugly, blurry, poor quality"
     spec["model"]["scheduler"] = "euler_a"
+    spec["model"]["channels_last"] = True  # on by default only on CUDA; same images up to rounding
     summary = run_job(write_spec, spec)
     assert summary["samples"] == 3
     samples = read_wds(spec["output"]["path"])
+    marker = json.load(open(os.path.join(spec["output"]["path"], "shards", "000000.json")))
+    assert marker["channels_last"] is True and marker["compiled"] is False
+    assert marker["attention"] == ["AttnProcessor2_0"]  # diffusers' SDPA processor
     meta = json.loads(samples[2]["json"])
     assert meta["scheduler"] == "EulerAncestralDiscreteScheduler"
     assert meta["negative_prompt"] == "ugly, blurry, poor quality"
@@ -254,14 +265,23 @@ def test_sdxl_pipeline_with_two_text_encoders(ray_address, tiny_sdxl, prompts_ts
 
 
 @pytest.mark.parametrize("fmt", ["jpg", "webp"])
-def test_other_formats_are_deterministic(ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path, fmt):
-    spec = base_spec(tiny_sd, prompts_tsv, str(tmp_path / "a"))
-    spec["prompts"]["limit"] = 3
-    spec["output"]["format"] = fmt
-    run_job(write_spec, spec)
-    run_job(write_spec, dict(spec, output=dict(spec["output"], path=str(tmp_path / "b"))))
-    assert tar_hashes(str(tmp_path / "a")) == tar_hashes(str(tmp_path / "b"))
-    assert set(read_wds(str(tmp_path / "a"))[0]) >= {fmt, "txt", "json"}
+def test_other_formats_encode_the_same_pixels_deterministically(reference, write_spec, tmp_path, fmt):
+    """A jpg / webp job's file bytes are exactly the encoder applied to the reference job's (lossless PNG)
+    pixels for the same samples: the format is applied, and a rerun can only produce the same bytes."""
+    from PIL import Image
+
+    from synthmill.sharding.encoders import ENCODERS
+
+    spec, ref_out = reference
+    job = dict(spec, prompts=dict(spec["prompts"], limit=3), output=dict(spec["output"], path=str(tmp_path / fmt), format=fmt))
+    run_job(write_spec, job)
+    ours, ref = read_wds(str(tmp_path / fmt)), read_wds(ref_out)
+    assert len(ours) == 6 and set(ours[0]) >= {fmt, "txt", "json"}
+    quality = 95  # output.quality's default
+    for i in range(5):  # shard 0: the same batches as the reference's shard 0
+        pixels = np.asarray(Image.open(io.BytesIO(ref[i]["png"])).convert("RGB"))
+        assert ours[i][fmt] == ENCODERS[fmt](pixels, quality), i
+        assert Image.open(io.BytesIO(ours[i][fmt])).format == {"jpg": "JPEG", "webp": "WEBP"}[fmt]
 
 
 def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_sd, write_spec, tmp_path, capsys):
