@@ -63,9 +63,13 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str) 
             "to_first_tar": imports + load + batch}
 
 
-def synthmill_first_shard(spec_path: str, out: str) -> dict[str, float]:
-    """Seconds of ``synthmill run`` in a fresh process, from launch, split at the milestones of its summary."""
+def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = None) -> dict[str, float]:
+    """Seconds of ``synthmill run`` in a fresh process, from launch, split at the milestones of its summary.
+
+    It starts its own local Ray, unless ``ray_address`` is given (then "Ray start" is a connection)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     launch = time.time()
     proc = subprocess.run(synthmill_command() + ["run", spec_path, f"output.path={out}"], cwd=REPO, env=env,
                           capture_output=True, text=True)
@@ -97,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one (the test suite's smoke)")
     return p
 
 
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         plain, ours = [], []
         for r in range(args.repeats):  # interleaved, so drifts in machine speed hit both
             plain.append(plain_first_batch(model, cfg, prompts, work))
-            ours.append(synthmill_first_shard(spec_path, os.path.join(work, f"out{r}")))
+            ours.append(synthmill_first_shard(spec_path, os.path.join(work, f"out{r}"), args.ray_address))
             print(f"repeat {r + 1}/{args.repeats}: plain to first tar {plain[-1]['to_first_tar']:.2f} s, "
                   f"synthmill run to first shard {ours[-1]['to_first_shard']:.2f} s", flush=True)
     best_p = min(plain, key=lambda d: d["to_first_tar"])
