@@ -118,6 +118,19 @@ def test_unknown_format_and_scheduler(capsys, write_spec, good):
     expect_error(capsys, write_spec(good), "model.scheduler", "did you mean 'euler'", overrides=("model.scheduler=eulr",))
 
 
+def test_speed_settings(capsys, write_spec, good):
+    """compile_mode is checked; channels_last is a bool; the new keys at their defaults keep old fingerprints."""
+    from synthmill.jobs.spec import load_spec
+
+    expect_error(capsys, write_spec(good), "model.compile_mode", "reduce-overhead", overrides=("model.compile_mode=fast",))
+    expect_error(capsys, write_spec(good), "model.channels_last", overrides=("model.channels_last=sometimes",))
+    path = write_spec(good)
+    base = load_spec(path).fingerprint()
+    assert load_spec(path, ["model.channels_last=null", "model.compile=false"]).fingerprint() == base
+    assert load_spec(path, ["model.compile=true"]).fingerprint() != base  # compiled kernels may change fp16 bits
+    assert load_spec(path, ["model.channels_last=true"]).fingerprint() != base
+
+
 def test_custom_pipeline_needs_trust(capsys, write_spec, good):
     expect_error(capsys, write_spec(good), "model.custom_pipeline", "trust_remote_code", overrides=("model.custom_pipeline=lpw_stable_diffusion",))
 
