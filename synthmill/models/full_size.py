@@ -71,15 +71,9 @@ def build_random_pipeline(arch: str, seed: int = 0, device: Any = "cpu", dtype: 
     """
     import tempfile
 
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from synthmill.models.tiny import write_tiny_clip_tokenizer
@@ -90,19 +84,19 @@ def build_random_pipeline(arch: str, seed: int = 0, device: Any = "cpu", dtype: 
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_config(arch))
+        unet = diffusers.UNet2DConditionModel(**unet_cfg)
+        vae = diffusers.AutoencoderKL(**vae_config(arch))
         text = CLIPTextModel(CLIPTextConfig(**text_encoder_config("vit-l")))
         text_2 = None if arch == "sd15" else CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_config("vit-bigg")))
     if text_2 is None:
-        pipe = StableDiffusionPipeline(
+        pipe = diffusers.StableDiffusionPipeline(
             vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-            scheduler=PNDMScheduler(**_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False),
+            scheduler=diffusers.PNDMScheduler(**_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
-        pipe = StableDiffusionXLPipeline(
+        pipe = diffusers.StableDiffusionXLPipeline(
             vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
-            unet=unet, scheduler=EulerDiscreteScheduler(**_SCHEDULE, timestep_spacing="leading"),
+            unet=unet, scheduler=diffusers.EulerDiscreteScheduler(**_SCHEDULE, timestep_spacing="leading"),
             force_zeros_for_empty_prompt=True)
     return pipe if dtype is None else pipe.to(dtype=dtype)
 
