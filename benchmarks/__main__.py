@@ -43,6 +43,10 @@ GPU_RUNS: tuple[tuple[str, list[str]], ...] = (
                   "--samples-per-shard", "16", "--repeats", "1"]),
     ("generate", ["--arch", "sdxl", "--size", "1024", "--steps", "20", "--prompts", "32", "--batch-size", "4",
                   "--samples-per-shard", "16", "--repeats", "1", "--no-ray-data"]),
+    ("generate", ["--arch", "sd15", "--size", "512", "--steps", "25", "--prompts", "64", "--repeats", "1",
+                  "--batch-sweep", "1,4,8,16,32"]),
+    ("generate", ["--arch", "sdxl", "--size", "1024", "--steps", "20", "--prompts", "16", "--repeats", "1",
+                  "--batch-sweep", "1,2,4,8"]),
     ("distill", ["--teacher", "sd-v1.4", "--size", "512", "--batch", "8"]),
 )
 

@@ -36,6 +36,7 @@ On CUDA all use float16 (what ``dtype: auto`` picks), on CPU float32.
     python -m benchmarks.generate --model /models/sd-1.5 --size 512 --steps 25 --prompts 256
     python -m benchmarks.generate --arch sdxl --size 1024 --steps 20 --prompts 32 --batch-size 4   # on a GPU
     python -m benchmarks.generate --arch sd15 --size 512 --steps 25 --prompts 64 --compile        # torch.compile
+    python -m benchmarks.generate --arch sdxl --size 1024 --steps 20 --prompts 32 --batch-sweep 1,2,4,8   # batch-size guidance
 """
 
 from __future__ import annotations
@@ -491,6 +492,66 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
     return rows
 
 
+def peak_memory_gib() -> float | None:
+    """Peak CUDA memory allocated since the last reset, in GiB (None on a CPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def sweep(cfg: Settings, work: str, batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """Steady state of (a) and (b) for each batch size (batch-size guidance): images/s, ratio, device idle
+    fraction and peak device memory of (b). One plain pipeline serves every size; (b) loads per size."""
+    import dataclasses
+
+    import torch
+
+    prompts = read_prompts(cfg.prompts)
+    pipe = load_plain(cfg.model)
+    # as in benchmark(): on a CPU the generator gets the plain loop's torch threads
+    actor_threads = (cfg.cpus_per_actor or torch.get_num_threads()) if not torch.cuda.is_available() else cfg.cpus_per_actor
+    rows = []
+    for bs in batch_sizes:
+        c = dataclasses.replace(cfg, batch_size=bs, samples_per_shard=max(bs, cfg.samples_per_shard // bs * bs))
+        spec_path = os.path.join(work, f"spec-bs{bs}.yaml")
+        write_spec(c, spec_path, actor_threads)
+        gen = load_generator(spec_path, os.path.join(work, f"b-bs{bs}"))
+        plain_generate(pipe, c, prompts[:bs], os.path.join(work, f"warm-a-bs{bs}"))  # warm-ups: a batch and
+        gen.process_shard(0)  # a whole shard (first-call costs of encoding, writing and committing out of the timing)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        plain_s, ours_s, busy0 = [], [], gen.busy_s
+        for _ in range(c.repeats):
+            t0 = time.perf_counter()
+            plain_generate(pipe, c, prompts, os.path.join(work, f"a-bs{bs}"))
+            plain_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            synthmill_generate(gen)
+            ours_s.append(time.perf_counter() - t0)
+        peak = peak_memory_gib()
+        row = {"batch": bs, "plain": len(prompts) / min(plain_s), "synthmill": len(prompts) / min(ours_s),
+               "idle": 1 - (gen.busy_s - busy0) / sum(ours_s), "peak_gib": peak}
+        rows.append(row)
+        print(f"batch {bs}: (a) {row['plain']:.3f} images/s, (b) {row['synthmill']:.3f} images/s, "
+              f"(b) device idle {row['idle']:.3f}" + (f", peak {peak:.2f} GiB" if peak is not None else ""), flush=True)
+        del gen
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def render_sweep(rows: list[dict[str, Any]]) -> str:
+    lines = ["| batch | (a) plain images/s | (b) synthmill images/s | (b)/(a) | (b) device idle | peak GiB (b + plain pipeline) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        peak = "n/a (CPU)" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        lines.append(f"| {r['batch']} | {r['plain']:.3f} | {r['synthmill']:.3f} | {r['synthmill'] / r['plain']:.3f} | "
+                     f"{r['idle']:.3f} | {peak} |")
+    best = max(rows, key=lambda r: r["synthmill"])
+    lines += ["", f"fastest batch size for synthmill here: {best['batch']} ({best['synthmill']:.3f} images/s)"]
+    return "\n".join(lines)
+
+
 def render(rows: list[Timing]) -> str:
     """The markdown table and the ratio lines (the second only with (d)'s rows)."""
     lines = ["| variant | timed | images | seconds | images/s |", "| --- | --- | ---: | ---: | ---: |"]
@@ -523,6 +584,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     p.add_argument("--size", type=int, default=128, help="image height and width in pixels (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--batch-sweep", help="comma-separated batch sizes: steady state of (a) and (b) per size, "
+                                         "with peak device memory, instead of the (a)-(d) comparison")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
@@ -550,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--size must be a multiple of 8, got {args.size}")
     if args.arch and args.model:
         raise SystemExit("give --model or --arch, not both")
+    try:
+        sizes = [int(x) for x in args.batch_sweep.split(",")] if args.batch_sweep else []
+    except ValueError:
+        raise SystemExit(f"--batch-sweep must be comma-separated integers, got {args.batch_sweep!r}") from None
+    if any(b < 1 for b in sizes):
+        raise SystemExit("--batch-sweep sizes must be >= 1")
     import_s = import_plain_stack()
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-") as work:
         model = args.model
@@ -565,9 +634,12 @@ def main(argv: list[str] | None = None) -> int:
             options["channels_last"] = args.channels_last == "true"
         cfg = Settings(model, args.prompts, args.steps, args.size, args.batch_size, args.samples_per_shard,
                        args.guidance_scale, args.seed, args.repeats, args.cpus_per_actor, tuple(options.items()))
-        rows = benchmark(cfg, work, import_s, args.ray_data, args.ray_address)
+        if args.batch_sweep:
+            table = render_sweep(sweep(cfg, work, sizes))
+        else:
+            table = render(benchmark(cfg, work, import_s, args.ray_data, args.ray_address))
     print()
-    print(render(rows))
+    print(table)
     return 0
 
 

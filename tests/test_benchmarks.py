@@ -130,3 +130,16 @@ def test_record_keeps_one_section_per_command_and_machine(tmp_path) -> None:
     assert "ratio: 12.9" in text and "ratio: 13.2" not in text and "dispatch ratio 1.009" in text
     assert text.count(f"### `python -m benchmarks fid --repeats 1` on {machine()}") == 1
     assert text.index("dispatch ratio") < text.index("ratio: 12.9")  # the rerun moves to the end
+
+
+def test_batch_sweep_in_process(tiny_sd, tmp_path) -> None:
+    """``--batch-sweep``'s steady-state loop: (a) and (b) per batch size, and the table that names the fastest."""
+    from benchmarks.generate import Settings, render_sweep, sweep
+
+    cfg = Settings(tiny_sd, 4, 1, 32, 1, 4, 7.5, 0, 1, 2)
+    rows = sweep(cfg, str(tmp_path), [1, 4])
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["plain"] > 0 and r["synthmill"] > 0 and 0 <= r["idle"] < 1 and r["peak_gib"] is None
+    table = render_sweep(rows)
+    assert table.count("\n| ") == 3 and "fastest batch size for synthmill here: " in table
