@@ -400,8 +400,7 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
     prompts = read_prompts(cfg.prompts)
     device, dtype = device_and_dtype()
     threads = torch.get_num_threads()
-    # By default the one actor gets the CPU threads that the plain loop uses.
-    actor_threads = (cfg.cpus_per_actor or threads) if device == "cpu" else cfg.cpus_per_actor
+    actor_threads = generator_threads(cfg)
     spec_path = os.path.join(work, "spec.yaml")
     write_spec(cfg, spec_path, actor_threads)
     print(f"model {cfg.model}; {cfg.prompts} prompts, {cfg.size}x{cfg.size}, {cfg.steps} steps, "
@@ -492,6 +491,16 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
     return rows
 
 
+def generator_threads(cfg: Settings) -> int | None:
+    """cluster.cpus_per_actor for (b) and (c): on a CPU, by default the plain loop's torch threads (a fair
+    comparison); on a GPU the spec default unless ``--cpus-per-actor`` is given."""
+    import torch
+
+    if torch.cuda.is_available():
+        return cfg.cpus_per_actor
+    return cfg.cpus_per_actor or torch.get_num_threads()
+
+
 def peak_memory_gib() -> float | None:
     """Peak CUDA memory allocated since the last reset, in GiB (None on a CPU)."""
     import torch
@@ -508,8 +517,7 @@ def sweep(cfg: Settings, work: str, batch_sizes: list[int]) -> list[dict[str, An
 
     prompts = read_prompts(cfg.prompts)
     pipe = load_plain(cfg.model)
-    # as in benchmark(): on a CPU the generator gets the plain loop's torch threads
-    actor_threads = (cfg.cpus_per_actor or torch.get_num_threads()) if not torch.cuda.is_available() else cfg.cpus_per_actor
+    actor_threads = generator_threads(cfg)
     rows = []
     for bs in batch_sizes:
         c = dataclasses.replace(cfg, batch_size=bs, samples_per_shard=max(bs, cfg.samples_per_shard // bs * bs))

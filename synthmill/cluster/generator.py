@@ -60,12 +60,9 @@ class ShardGenerator:
         import torch
         from diffusers import DiffusionPipeline  # noqa: F401
 
-        from synthmill.models.loading import preload_pipeline_modules
+        from synthmill.models.loading import load_pipeline, optimize_pipeline, preload_pipeline_modules, prompt_tokenizer
 
         preload_pipeline_modules(spec.model.path)
-
-        from synthmill.models.loading import load_pipeline, optimize_pipeline, prompt_tokenizer
-
         self.import_s = time.perf_counter() - t_imports
 
         self.spec, self.source, self.plan, self.progress = spec, source, plan, progress
