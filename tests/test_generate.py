@@ -309,6 +309,7 @@ def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_
     src.write_text("\n".join(rows) + "\n")
     before = files_under(out)
     assert main(["run", path]) == 0
+    assert "| 2/2 [" in capsys.readouterr().err  # the progress bar ends at the samples run (one shard of 2)
     after = files_under(out)
     assert after["shards/000000.tar"] == before["shards/000000.tar"]
     assert after["shards/000002.tar"] == before["shards/000002.tar"]

@@ -52,7 +52,7 @@ class Sample:
 class ShardGenerator:
     """Holds one pipeline; :meth:`process_shard` may be called from several threads at once."""
 
-    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, progress: Any = None):
+    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
         t_imports = time.perf_counter()
         # Timed apart from the load: in a fresh actor these take seconds. diffusers and transformers
         # import lazily, so the pipeline class's own modules are imported here too (else the first
@@ -65,7 +65,7 @@ class ShardGenerator:
         preload_pipeline_modules(spec.model.path)
         self.import_s = time.perf_counter() - t_imports
 
-        self.spec, self.source, self.plan, self.progress = spec, source, plan, progress
+        self.spec, self.source, self.plan = spec, source, plan
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(spec.cluster.cpus_per_actor)
@@ -87,6 +87,7 @@ class ShardGenerator:
         self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="device")
         self._encoders = ThreadPoolExecutor(spec.cluster.encode_threads, thread_name_prefix="encode")
         self.busy_s = 0.0  # time spent denoising, for the idle fraction
+        self.samples_done = 0  # images out of the pipeline so far (the driver's progress bar polls it)
 
     def info(self) -> dict[str, Any]:
         """Where this generator runs: host, device, dtype, scheduler, load time."""
@@ -198,8 +199,7 @@ class ShardGenerator:
                     images, nsfw = self._device_thread.submit(self.denoise, batch).result()
                     busy += time.perf_counter() - tb
                     pending.append(self._encoders.submit(self._encode, batch, images, nsfw, k))
-                    if self.progress is not None:
-                        self.progress.add.remote(len(batch))
+                    self.samples_done += len(batch)
                     drain(block=False)
             drain(block=True)
             path, size, sha = writer.close()
@@ -229,14 +229,17 @@ class ShardGenerator:
 class GeneratorActor:
     """Ray actor around :class:`ShardGenerator` (created with num_gpus=1 on GPU clusters)."""
 
-    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, progress: Any = None):
-        self.gen = ShardGenerator(spec, source, plan, progress)
+    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
+        self.gen = ShardGenerator(spec, source, plan)
 
     def ready(self) -> dict[str, Any]:
         return self.gen.info()
 
     def process_shard(self, k: int, attempt: int = 1) -> dict[str, Any]:
         return self.gen.process_shard(k, attempt)
+
+    def progress(self) -> int:
+        return self.gen.samples_done
 
     def busy_seconds(self) -> float:
         return self.gen.busy_s

@@ -23,39 +23,19 @@ from ray.exceptions import RayActorError, RayTaskError
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    """Samples finished so far, fed by actors after each batch; the driver polls it for the bar."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, n: int) -> None:
-        self.n += n
-
-    def get(self) -> int:
-        return self.n
-
-
 class ProgressBar:
-    """tqdm bar over samples (images, images/s, ETA), fed by the pool's progress counter."""
+    """tqdm bar over samples (images, images/s, ETA), fed by the pool with the actors' own counts."""
 
-    def __init__(self, total: int, counter: Any, desc: str):
+    def __init__(self, total: int, desc: str):
         from tqdm import tqdm
 
-        self.counter, self.last_poll = counter, 0.0
         self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc=desc)
 
-    def tick(self) -> None:
-        now = time.monotonic()
-        if now - self.last_poll < 1.0:
-            return
-        self.last_poll = now
-        try:
-            n = ray.get(self.counter.get.remote(), timeout=5)
-        except Exception:  # the bar is best effort; never fail a job over it
-            return
-        self.bar.update(min(n, self.bar.total) - self.bar.n)
+    def update(self, n: int) -> None:
+        """Move to ``n`` samples done (never back: a retried shard's samples are counted again)."""
+        n = min(n, self.bar.total)
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()
@@ -69,6 +49,8 @@ class _Slot:
     dead: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     inflight: dict[Any, int] = field(default_factory=dict)  # task ref -> shard id
+    done: int = 0  # samples this actor reported finished (its ``progress()``), kept after it dies
+    progress_ref: Any = None  # the outstanding ``progress()`` call
 
 
 @dataclass
@@ -118,9 +100,13 @@ class ShardPool:
         self,
         shard_ids: list[int],
         on_result: Callable[[int, Any], None],
-        on_tick: Callable[[], None] | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> PoolReport:
-        """Process ``shard_ids``; ``on_result(k, result)`` is called once per successful shard."""
+        """Process ``shard_ids``; ``on_result(k, result)`` is called once per successful shard.
+
+        With ``on_progress``, the actors' ``progress()`` (samples finished so far) is polled about once a
+        second without waiting on it, and ``on_progress(sum)`` is called every tick.
+        """
         report = PoolReport()
         queue: deque[int] = deque(shard_ids)
         slots = [self._start() for _ in range(min(self.num_actors, len(shard_ids)))]
@@ -147,14 +133,15 @@ class ShardPool:
                 log.warning("actor lost (%s); started a replacement", reason)
 
         try:
-            self._loop(slots, queue, report, retire, on_result, on_tick)
+            self._loop(slots, queue, report, retire, on_result, on_progress)
         finally:  # also when on_result raises: never leave actors running
             for s in slots:
                 if not s.dead:
                     ray.kill(s.handle, no_restart=True)
         return report
 
-    def _loop(self, slots, queue, report, retire, on_result, on_tick) -> None:
+    def _loop(self, slots, queue, report, retire, on_result, on_progress) -> None:
+        last_poll = 0.0
         last_start_error = ""
         ever_live = False
         idle_since = time.monotonic()  # since when no actor has been live (for start_timeout_s)
@@ -183,8 +170,9 @@ class ShardPool:
                     report.failed[k] = f"not run: {reason}"
                 break
             ready, _ = ray.wait(list(waiting) + list(starting), num_returns=1, timeout=self.tick_s)
-            if on_tick is not None:
-                on_tick()
+            if on_progress is not None:
+                last_poll = self._poll_progress(slots, last_poll)
+                on_progress(sum(s.done for s in slots))
             for ref in ready:
                 if ref in starting:
                     slot = starting[ref]
@@ -215,6 +203,31 @@ class ShardPool:
                     self._attempt_failed(k, _short(e), queue, report)
                     continue
                 on_result(k, result)
+
+    @staticmethod
+    def _poll_progress(slots: list[_Slot], last_poll: float) -> float:
+        """Collect the ``progress()`` answers that have arrived; ask live actors again once a second has passed.
+
+        An actor's count stays in the sum after it dies, as the samples it made may already be committed.
+        """
+        asked = [s for s in slots if s.progress_ref is not None]
+        if asked:
+            ready, _ = ray.wait([s.progress_ref for s in asked], num_returns=len(asked), timeout=0)
+            ready = set(ready)
+            for s in asked:
+                if s.progress_ref in ready:
+                    try:
+                        s.done = max(s.done, int(ray.get(s.progress_ref)))
+                    except Exception:  # the actor died; the pool's own wait reports that
+                        pass
+                    s.progress_ref = None
+        now = time.monotonic()
+        if now - last_poll < 1.0:
+            return last_poll
+        for s in slots:
+            if s.live and not s.dead and s.progress_ref is None:
+                s.progress_ref = s.handle.progress.remote()
+        return now
 
     def _attempt_failed(self, k: int, error: str, queue: deque, report: PoolReport) -> None:
         if report.attempts[k] >= self.max_attempts:

@@ -71,14 +71,15 @@ def _ahead(items: Iterator[Sample], fn: Any, pool: ThreadPoolExecutor, depth: in
 class Scorer:
     """Holds the metric networks; :meth:`process` may run from several threads (one unit each)."""
 
-    def __init__(self, spec: Any, work: Work, progress: Any = None):
+    def __init__(self, spec: Any, work: Work):
         import threading
 
         import torch
 
         from synthmill.metrics import weights
 
-        self.spec, self.work, self.progress = spec, work, progress
+        self.spec, self.work = spec, work
+        self.samples_done = 0  # images scored so far (the driver's progress bar polls it)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(spec.cluster.cpus_per_actor)
@@ -136,9 +137,8 @@ class Scorer:
                 captions = [b[2] for b in batch]
                 acc["cos"].append(self.clip.cosines([b[1] for b in batch], captions))
                 acc["truncated"] += self.clip.truncated(captions)
+            self.samples_done += len(batch)
         acc["n"] += len(batch)
-        if self.progress is not None:
-            self.progress.add.remote(len(batch))
 
     def process(self, t: int, attempt: int = 1) -> dict[str, Any]:
         """Score task ``t``; return its committed marker, or ``{"bad_input": message}``."""
@@ -177,11 +177,14 @@ class Scorer:
 
 @ray.remote(num_cpus=1)
 class ScorerActor:
-    def __init__(self, spec: Any, work: Work, progress: Any = None):
-        self.scorer = Scorer(spec, work, progress)
+    def __init__(self, spec: Any, work: Work):
+        self.scorer = Scorer(spec, work)
 
     def ready(self) -> dict[str, Any]:
         return self.scorer.info()
 
     def process(self, t: int, attempt: int = 1) -> dict[str, Any]:
         return self.scorer.process(t, attempt)
+
+    def progress(self) -> int:
+        return self.scorer.samples_done

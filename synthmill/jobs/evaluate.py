@@ -222,14 +222,13 @@ def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int
     import ray
 
     from synthmill.cluster.connect import actor_count, connect
-    from synthmill.cluster.pool import ProgressBar, ProgressCounter, ShardPool
+    from synthmill.cluster.pool import ProgressBar, ShardPool
     from synthmill.cluster.scorer import ScorerActor
 
     spec = p.spec
     resources = connect(spec.cluster.address)
     n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
     n_actors = min(n_actors, len(todo))
-    counter = ProgressCounter.remote()
     work = ray.put(Work(p.sets, todo, p.fingerprint, spec.fid.weights, p.weights_sha256, spec.output.path,
                         spec.storage))
     options: dict[str, Any] = {"num_cpus": spec.cluster.cpus_per_actor,
@@ -240,20 +239,23 @@ def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int
         options["resources"] = dict(spec.cluster.resources)
 
     def make_actor():
-        return ScorerActor.options(**options).remote(spec, work, counter)
+        return ScorerActor.options(**options).remote(spec, work)
 
     def on_result(t: int, marker: dict[str, Any]) -> None:
         if "bad_input" in marker:
             raise SpecError(marker["bad_input"])
         set_name, k = todo[t]
         markers[set_name][k] = marker
+        scored[0] += marker["count"]
+        bar.update(scored[0])  # the actors' last polled counts may lag behind
 
+    scored = [0]
     total = sum(p.sets[s].images.units[k].count or 0 for s, k in todo)
     pool = ShardPool(make_actor, n_actors, method="process", inflight=spec.cluster.inflight_per_actor,
                      max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
-    bar = ProgressBar(total, counter, "evaluate")
+    bar = ProgressBar(total, "evaluate")
     try:
-        report = pool.run(list(range(len(todo))), on_result, bar.tick)
+        report = pool.run(list(range(len(todo))), on_result, bar.update)
     finally:
         bar.close()
     if report.failed:

@@ -124,7 +124,7 @@ def run(p: Prepared) -> dict[str, Any]:
 
     from synthmill.cluster.connect import actor_count, connect
     from synthmill.cluster.generator import GeneratorActor
-    from synthmill.cluster.pool import ProgressBar, ProgressCounter, ShardPool
+    from synthmill.cluster.pool import ProgressBar, ShardPool
     from synthmill.sharding.index import merge_index
 
     spec, plan, out, opts = p.spec, p.plan, p.spec.output.path, p.spec.storage
@@ -146,7 +146,6 @@ def run(p: Prepared) -> dict[str, Any]:
         startup["ray_connected_s"] = round(time.perf_counter() - t0, 3)
         n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
         n_actors = min(n_actors, len(todo))
-        counter = ProgressCounter.remote()
         source_ref, plan_ref = ray.put(p.source), ray.put(plan)
         options = {"num_gpus": 1, "num_cpus": spec.cluster.cpus_per_actor} if use_gpu else {"num_cpus": spec.cluster.cpus_per_actor}
         options["max_concurrency"] = spec.cluster.inflight_per_actor + 1
@@ -154,18 +153,21 @@ def run(p: Prepared) -> dict[str, Any]:
             options["resources"] = dict(spec.cluster.resources)
 
         def make_actor():
-            return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, counter)
+            return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref)
 
         pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
                          max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
-        bar = ProgressBar(sum(len(plan.samples(k)) for k in todo), counter, "generate")
+        bar = ProgressBar(sum(len(plan.samples(k)) for k in todo), "generate")
+        committed_samples = [0]
         try:
             def committed(k: int, marker: dict[str, Any]) -> None:
                 markers[k] = marker
                 committed_at[k] = time.time()
                 startup.setdefault("first_shard_committed_s", round(time.perf_counter() - t0, 3))
+                committed_samples[0] += marker["count"]
+                bar.update(committed_samples[0])  # the actors' last polled counts may lag behind
 
-            report = pool.run(todo, committed, bar.tick)
+            report = pool.run(todo, committed, bar.update)
         finally:
             bar.close()
         if report.failed:
