@@ -107,12 +107,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--interval", type=float, default=4.0)
     ap.add_argument("--smoke", action="store_true", help="tiny and fast: checks the benchmark code runs")
+    ap.add_argument("--ray-address", default=None,
+                    help="join this Ray cluster instead of starting a local one (the test suite's; nothing else "
+                         "may run GeneratorActors on this machine meanwhile: the killer picks them by process title)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.prompts, args.size, args.steps, args.kills, args.interval = 8, 32, 2, 1, 1.0
     import ray
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    if args.ray_address:
+        ray.init(address=args.ray_address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         spec = write_inputs(folder, args.prompts, args.size, args.steps, args.samples_per_shard, args.actors)

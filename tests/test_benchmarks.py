@@ -26,10 +26,11 @@ def test_generate_benchmark_smoke(ray_address) -> None:
                      proc.stdout, re.M), proc.stdout
 
 
-def test_chaos_benchmark_smoke() -> None:
-    """``python -m benchmarks.chaos --smoke`` runs both jobs and reports no lost or duplicated sample."""
+def test_chaos_benchmark_smoke(ray_address) -> None:
+    """``python -m benchmarks.chaos --smoke`` runs both jobs and reports no lost or duplicated sample (on the
+    session's Ray, to skip a Ray start)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.chaos", "--smoke"],
+        [sys.executable, "-m", "benchmarks.chaos", "--smoke", "--ray-address", ray_address],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
