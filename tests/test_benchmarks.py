@@ -105,11 +105,12 @@ def test_driver_benchmark_smoke() -> None:
                      proc.stdout, re.M), proc.stdout
 
 
-def test_startup_benchmark_smoke(ray_address) -> None:
+def test_startup_benchmark_smoke(ray_address, tiny_sd) -> None:
     """``python -m benchmarks startup --smoke``: the start-up breakdown of ``synthmill run`` (from its
-    summary.json milestones; on the session's Ray) next to a plain script's, and the ratio."""
+    summary.json milestones; on the session's Ray) next to a plain script's, and the ratio. The session's
+    tiny pipeline is passed as ``--model``, so the benchmark's own process does not import torch to build one."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "startup", "--smoke", "--ray-address", ray_address],
+        [sys.executable, "-m", "benchmarks", "startup", "--smoke", "--ray-address", ray_address, "--model", tiny_sd],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
