@@ -36,3 +36,27 @@ def test_prompt_token_counts_are_stable_while_the_pipeline_tokenizes(tiny_sd, pr
         stop.set()
         for t in threads:
             t.join()
+
+
+def test_float16_images_equal_diffusers_own_uint8_conversion(tiny_sd, prompts_tsv, write_spec, tmp_path):
+    """The float16 path (what every GPU runs): synthmill's uint8 images equal a plain diffusers call's
+    ``output_type="np"`` images scaled to uint8, pixel for pixel (float16 on the CPU here)."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    spec = base_spec(tiny_sd, prompts_tsv, str(tmp_path / "out"))
+    spec["model"]["dtype"] = "float16"
+    prepared = generate.prepare(load_spec(write_spec(spec)))
+    gen = ShardGenerator(prepared.spec, prepared.source, prepared.plan)
+    assert gen.dtype == "float16"
+    batch = gen.samples(0)
+    ours, _ = gen.denoise(batch)
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd, dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    s = spec["sampling"]
+    theirs = pipe([b.prompt for b in batch], num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"],
+                  height=s["height"], width=s["width"], output_type="np",
+                  generator=[torch.Generator("cpu").manual_seed(b.seed) for b in batch]).images
+    assert theirs.dtype == np.float32 and ours.dtype == np.uint8
+    assert np.array_equal(ours, (theirs * 255).round().astype(np.uint8))
