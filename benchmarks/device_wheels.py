@@ -18,8 +18,6 @@ then, on the device (``run`` with ``carry: [".whl"]``), before the benchmark::
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -58,11 +56,6 @@ def download(dest: str) -> list[str]:
             cmd += ["--platform", platform]
         subprocess.run(cmd, check=True)
     return sorted(os.path.join(dest, n) for n in os.listdir(dest) if n.endswith(".whl"))
-
-
-def _record_line(name: str, data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"{name},sha256={digest},{len(data)}"
 
 
 def strip_wheel(path: str) -> int:

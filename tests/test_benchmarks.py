@@ -145,3 +145,39 @@ def test_batch_sweep_in_process(tiny_sd, tmp_path) -> None:
         assert r["plain"] > 0 and r["synthmill"] > 0 and 0 <= r["idle"] < 1 and r["peak_gib"] is None
     table = render_sweep(rows)
     assert table.count("\n| ") == 3 and "fastest batch size for synthmill here: " in table
+
+
+def test_device_wheels_strip_leaves_an_installable_wheel(tmp_path) -> None:
+    """benchmarks/device_wheels.py: the dropped members and their RECORD lines go; pip installs the rest."""
+    import base64
+    import hashlib
+    import zipfile
+
+    from benchmarks.device_wheels import strip_wheel
+
+    members = {"ray/__init__.py": b"VERSION = '0'\n", "ray/jars/ray_dist.jar": bytes(range(256)) * 4096,
+               "ray-9.9.dist-info/METADATA": b"Metadata-Version: 2.1\nName: ray\nVersion: 9.9\n",
+               "ray-9.9.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+
+    def record(name: str, data: bytes) -> str:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        return f"{name},sha256={digest},{len(data)}"
+
+    wheel = tmp_path / "ray-9.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        z.writestr("ray-9.9.dist-info/RECORD",
+                   "\n".join([record(n, d) for n, d in members.items()] + ["ray-9.9.dist-info/RECORD,,"]) + "\n")
+    assert strip_wheel(str(wheel)) > 0
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert "ray/jars/ray_dist.jar" not in names and "ray/__init__.py" in names
+        assert "ray/jars/" not in z.read("ray-9.9.dist-info/RECORD").decode()
+    assert strip_wheel(str(wheel)) == 0  # nothing left to drop
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                           str(target), str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (target / "ray" / "__init__.py").read_bytes() == members["ray/__init__.py"]
+    assert not (target / "ray" / "jars").exists()
