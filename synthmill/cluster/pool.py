@@ -206,14 +206,17 @@ class ShardPool:
 
     @staticmethod
     def _poll_progress(slots: list[_Slot], last_poll: float) -> float:
-        """Collect the ``progress()`` answers that have arrived; ask live actors again once a second has passed.
+        """Once a second: take the ``progress()`` answers that have arrived and ask the live actors again.
 
-        An actor's count stays in the sum after it dies, as the samples it made may already be committed.
+        Nothing here waits on an actor. An actor's count stays in the sum after it dies, as the samples it
+        made may already be committed.
         """
+        now = time.monotonic()
+        if now - last_poll < 1.0:
+            return last_poll
         asked = [s for s in slots if s.progress_ref is not None]
         if asked:
-            ready, _ = ray.wait([s.progress_ref for s in asked], num_returns=len(asked), timeout=0)
-            ready = set(ready)
+            ready = set(ray.wait([s.progress_ref for s in asked], num_returns=len(asked), timeout=0)[0])
             for s in asked:
                 if s.progress_ref in ready:
                     try:
@@ -221,9 +224,6 @@ class ShardPool:
                     except Exception:  # the actor died; the pool's own wait reports that
                         pass
                     s.progress_ref = None
-        now = time.monotonic()
-        if now - last_poll < 1.0:
-            return last_poll
         for s in slots:
             if s.live and not s.dead and s.progress_ref is None:
                 s.progress_ref = s.handle.progress.remote()
