@@ -30,12 +30,18 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc=desc)
+        self.in_committed = 0  # samples in the shards committed so far: the bar is never below it
 
     def update(self, n: int) -> None:
         """Move to ``n`` samples done (never back: a retried shard's samples are counted again)."""
-        n = min(n, self.bar.total)
+        n = min(max(n, self.in_committed), self.bar.total)
         if n > self.bar.n:
             self.bar.update(n - self.bar.n)
+
+    def committed(self, count: int) -> None:
+        """A shard of ``count`` samples was committed (the actors' last polled counts may lag behind)."""
+        self.in_committed += count
+        self.update(self.in_committed)
 
     def close(self) -> None:
         self.bar.close()

@@ -246,10 +246,8 @@ def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int
             raise SpecError(marker["bad_input"])
         set_name, k = todo[t]
         markers[set_name][k] = marker
-        scored[0] += marker["count"]
-        bar.update(scored[0])  # the actors' last polled counts may lag behind
+        bar.committed(marker["count"])
 
-    scored = [0]
     total = sum(p.sets[s].images.units[k].count or 0 for s, k in todo)
     pool = ShardPool(make_actor, n_actors, method="process", inflight=spec.cluster.inflight_per_actor,
                      max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)

@@ -158,14 +158,12 @@ def run(p: Prepared) -> dict[str, Any]:
         pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
                          max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
         bar = ProgressBar(sum(len(plan.samples(k)) for k in todo), "generate")
-        committed_samples = [0]
         try:
             def committed(k: int, marker: dict[str, Any]) -> None:
                 markers[k] = marker
                 committed_at[k] = time.time()
                 startup.setdefault("first_shard_committed_s", round(time.perf_counter() - t0, 3))
-                committed_samples[0] += marker["count"]
-                bar.update(committed_samples[0])  # the actors' last polled counts may lag behind
+                bar.committed(marker["count"])
 
             report = pool.run(todo, committed, bar.update)
         finally:
