@@ -32,7 +32,7 @@ MISSING = (
     "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
     "diffusers", "webdataset", "braceexpand", "omegaconf",
 )
-#: Pinned to this environment's versions where it has the distribution, so both machines run the same code.
+#: Wheel platforms the device's glibc takes.
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 #: Members of Ray's wheel that nothing here uses and that would not fit: the Java jar and a source map.
 DROP = ("ray/jars/", "ray/dashboard/client/build/static/js/main.")
@@ -40,6 +40,7 @@ LIMIT = 64 * 2**20
 
 
 def _requirement(name: str) -> str:
+    """``name==version`` of this environment's copy where there is one, so both machines run the same code."""
     try:
         return f"{name}=={importlib.metadata.version(name)}"
     except importlib.metadata.PackageNotFoundError:
