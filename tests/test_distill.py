@@ -127,14 +127,19 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
     # after the step after the checkpoint is logged: the driver restarts the worker group from the checkpoint
     worker_killed: list[int] = []
 
+    metrics = os.path.join(resumed, "metrics.jsonl")
+    # The killed run may have logged step killed_at + 1 before it died; the rerun rewrites the file from its
+    # checkpoint (a new file, renamed into place) before training on, so only a line in a new file counts.
+    stale_inode = os.stat(metrics).st_ino if os.path.exists(metrics) else None
+
     def kill_a_worker() -> None:
-        metrics = os.path.join(resumed, "metrics.jsonl")
         deadline = time.time() + 240
         while time.time() < deadline:
             try:
                 with open(metrics, encoding="utf-8") as fh:
+                    fresh = os.fstat(fh.fileno()).st_ino != stale_inode
                     steps = [json.loads(line)["step"] for line in fh if line.endswith("}\n")]
-                if killed_at + 1 in steps:
+                if fresh and killed_at + 1 in steps:
                     break
             except FileNotFoundError:
                 pass
