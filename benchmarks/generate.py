@@ -28,7 +28,10 @@ start and load included), and reported without and with that Ray start (``import
 their decoded images are compared with (a)'s, as (b)'s are. ``--smoke`` includes (d): about 25 s more on
 a 2-core CPU machine at rest (Ray start about 8 s, the actor's start and load most of the rest).
 Without ``--model`` a tiny seeded SD pipeline (``synthmill.models.tiny``) is built in a temporary folder.
-On CUDA all use float16 (what ``dtype: auto`` picks), on CPU float32.
+On CUDA all use float16 (what ``dtype: auto`` picks), on CPU float32. On a CPU the benchmark reruns
+itself in a child process under the glibc malloc settings synthmill gives its CPU actors
+(``synthmill.cluster.connect.CPU_MALLOC_ENV``; read only at process start), so that (b) runs its
+pipeline on a thread as (c)'s actor does, and (a) and (d) get the same allocator.
 
     python -m benchmarks.generate                 # the CPU numbers of RESULTS.md
     python -m benchmarks.generate --smoke         # about a minute; what tests/test_benchmarks.py runs
@@ -46,6 +49,7 @@ import csv
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -314,6 +318,30 @@ def webdataset_images(folder: str) -> tuple[dict[str, Any], int]:
 
 
 # -- end to end -------------------------------------------------------------------------------------
+
+
+def under_cpu_actor_malloc(argv: list[str]) -> int | None:
+    """On a CPU, run this benchmark again in a child process whose environment adds the malloc settings of
+    synthmill's CPU actors (values already set here win, as for the actors), streaming its output through
+    this process's stdout (``python -m benchmarks`` records it); return the child's exit code. None when
+    this process already has them, or on a GPU, where actors do not get them."""
+    from synthmill.cluster.connect import CPU_MALLOC_ENV
+
+    if all(k in os.environ for k in CPU_MALLOC_ENV):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    env = {**CPU_MALLOC_ENV, **os.environ}
+    print("CPU: rerun under synthmill's CPU actor malloc settings: "
+          + " ".join(f"{k}={env[k]}" for k in CPU_MALLOC_ENV), flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.generate", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+    return proc.wait()
 
 
 def import_plain_stack() -> float:
@@ -627,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--batch-sweep must be comma-separated integers, got {args.batch_sweep!r}") from None
     if any(b < 1 for b in sizes):
         raise SystemExit("--batch-sweep sizes must be >= 1")
+    code = under_cpu_actor_malloc(argv if argv is not None else sys.argv[1:])
+    if code is not None:
+        return code
     import_s = import_plain_stack()
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-") as work:
         model = args.model

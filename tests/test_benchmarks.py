@@ -19,6 +19,7 @@ def test_generate_benchmark_smoke(ray_address) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.startswith("CPU: rerun under synthmill's CPU actor malloc settings: MALLOC_ARENA_MAX=1 "), proc.stdout
     assert re.search(r"^ratios: steady state \(b\)/\(a\) = \d+\.\d+ .*end to end \(c\)/\(a\) = \d+\.\d+$",
                      proc.stdout, re.M), proc.stdout
     assert "identical images (a) vs (b): 4/4" in proc.stdout and "identical images (a) vs (d): 4/4" in proc.stdout, proc.stdout

@@ -221,7 +221,7 @@ def _merge(p: Prepared, name: str, markers: dict[int, dict[str, Any]]) -> dict[s
 def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int, dict[str, Any]]]) -> Any:
     import ray
 
-    from synthmill.cluster.connect import actor_count, connect
+    from synthmill.cluster.connect import actor_count, actor_options, connect
     from synthmill.cluster.pool import ProgressBar, ShardPool
     from synthmill.cluster.scorer import ScorerActor
 
@@ -231,12 +231,7 @@ def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int
     n_actors = min(n_actors, len(todo))
     work = ray.put(Work(p.sets, todo, p.fingerprint, spec.fid.weights, p.weights_sha256, spec.output.path,
                         spec.storage))
-    options: dict[str, Any] = {"num_cpus": spec.cluster.cpus_per_actor,
-                               "max_concurrency": spec.cluster.inflight_per_actor + 1}
-    if use_gpu:
-        options["num_gpus"] = 1
-    if spec.cluster.resources:
-        options["resources"] = dict(spec.cluster.resources)
+    options = actor_options(spec.cluster, use_gpu)
 
     def make_actor():
         return ScorerActor.options(**options).remote(spec, work)

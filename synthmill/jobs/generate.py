@@ -122,7 +122,7 @@ def run(p: Prepared) -> dict[str, Any]:
     """Run the job to the end; return the summary. Raises JobFailed naming failed shards."""
     import ray
 
-    from synthmill.cluster.connect import actor_count, connect
+    from synthmill.cluster.connect import actor_count, actor_options, connect
     from synthmill.cluster.generator import GeneratorActor
     from synthmill.cluster.pool import ProgressBar, ShardPool
     from synthmill.sharding.index import merge_index
@@ -147,10 +147,7 @@ def run(p: Prepared) -> dict[str, Any]:
         n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
         n_actors = min(n_actors, len(todo))
         source_ref, plan_ref = ray.put(p.source), ray.put(plan)
-        options = {"num_gpus": 1, "num_cpus": spec.cluster.cpus_per_actor} if use_gpu else {"num_cpus": spec.cluster.cpus_per_actor}
-        options["max_concurrency"] = spec.cluster.inflight_per_actor + 1
-        if spec.cluster.resources:
-            options["resources"] = dict(spec.cluster.resources)
+        options = actor_options(spec.cluster, use_gpu)
 
         def make_actor():
             return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref)
