@@ -4,6 +4,7 @@
     python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, distill, chaos, driver, startup), with its own flags
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
     python -m benchmarks gpu                # on a GPU machine: generate at full size (SD 1.5 @512, SSD-1B and SDXL @1024) and distill
+    python -m benchmarks gpu 0 3            # only those entries of GPU_RUNS (0-based), in the order given
 
 Every run but a ``--smoke`` one is recorded in ``benchmarks/RESULTS.md`` (benchmarks/record.py): its printed
 output under the command and the machine. ``--no-record`` (before the name) leaves the file alone.
@@ -51,6 +52,16 @@ GPU_RUNS: tuple[tuple[str, list[str]], ...] = (
 )
 
 
+def gpu_runs(indices: list[str]) -> tuple[tuple[str, list[str]], ...]:
+    """The GPU_RUNS entries at ``indices`` (0-based, in the order given); all of them when none are given."""
+    if not indices:
+        return GPU_RUNS
+    try:
+        return tuple(GPU_RUNS[int(i)] for i in indices)
+    except (ValueError, IndexError):
+        raise SystemExit(f"gpu takes entry numbers 0-{len(GPU_RUNS) - 1} of GPU_RUNS, got {' '.join(indices)}") from None
+
+
 def run_recorded(name: str, argv: list[str], record_it: bool = True) -> int:
     """Run one benchmark; unless it is a smoke run (or ``record_it`` is off), record its output."""
     if not record_it or "--smoke" in argv or "-h" in argv or "--help" in argv:
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in BENCHMARKS:
         return run_recorded(argv[0], argv[1:], record_it)
     if argv and argv[0] == "gpu":
-        runs = GPU_RUNS
+        runs = gpu_runs(argv[1:])
     elif argv and not argv[0].startswith("-"):
         raise SystemExit(f"unknown benchmark {argv[0]!r}; choose from {', '.join(BENCHMARKS)}, gpu")
     elif argv:

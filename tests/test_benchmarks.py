@@ -119,6 +119,19 @@ def test_startup_benchmark_smoke(ray_address, tiny_sd) -> None:
     assert re.search(r"^ratio: time to first output, plain / synthmill = \d+\.\d+", proc.stdout, re.M), proc.stdout
 
 
+def test_gpu_entries_by_number() -> None:
+    """``python -m benchmarks gpu 3 0`` picks GPU_RUNS entries in the order given (what gpu_session.sh passes);
+    a number out of range stops before anything runs, naming the valid range."""
+    import pytest
+
+    from benchmarks.__main__ import GPU_RUNS, gpu_runs, main
+
+    assert gpu_runs([]) == GPU_RUNS
+    assert gpu_runs(["3", "0"]) == (GPU_RUNS[3], GPU_RUNS[0])
+    with pytest.raises(SystemExit, match=f"entry numbers 0-{len(GPU_RUNS) - 1} of GPU_RUNS, got 0 x"):
+        main(["gpu", "0", "x"])
+
+
 def test_record_keeps_one_section_per_command_and_machine(tmp_path) -> None:
     """benchmarks/record.py: a rerun replaces its own section, other commands add theirs, the head stays."""
     from benchmarks.record import PART, machine, record

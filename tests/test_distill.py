@@ -126,6 +126,7 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
     # 2) the same command again resumes; while it runs, one Ray Train worker process is SIGKILLed right
     # after the step after the checkpoint is logged: the driver restarts the worker group from the checkpoint
     worker_killed: list[int] = []
+    worker_env: dict[str, str] = {}
 
     metrics = os.path.join(resumed, "metrics.jsonl")
     # The killed run may have logged step killed_at + 1 before it died; the rerun rewrites the file from its
@@ -146,6 +147,8 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
             time.sleep(0.02)
         workers = [p for p in train_workers() if p.pid not in leftovers]
         if workers:
+            with open(f"/proc/{workers[0].pid}/environ", "rb") as fh:  # what the process started with
+                worker_env.update(e.decode().split("=", 1) for e in fh.read().split(b"\0") if e.startswith(b"MALLOC_"))
             workers[0].send_signal(signal.SIGKILL)
             worker_killed.append(workers[0].pid)
 
@@ -173,7 +176,8 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
     # 3) the same job straight through, elsewhere
     straight_summary = distill.run(distill.prepare(load_spec(str(spec_path), [f"output.path={straight}"])))
     return {"spec": spec, "spec_path": str(spec_path), "resumed": resumed, "straight": straight, "killed_at": killed_at,
-            "summary": summary, "straight_summary": straight_summary, "worker_killed": worker_killed}
+            "summary": summary, "straight_summary": straight_summary, "worker_killed": worker_killed,
+            "worker_env": worker_env}
 
 
 def test_kill_and_rerun_resumes_exactly(distilled):
@@ -181,6 +185,9 @@ def test_kill_and_rerun_resumes_exactly(distilled):
     weights as a run that never stopped."""
     d = distilled
     assert d["worker_killed"], "no Ray Train worker was found to kill"
+    from synthmill.cluster.connect import CPU_MALLOC_ENV
+
+    assert d["worker_env"] == CPU_MALLOC_ENV  # CPU workers start with synthmill's malloc settings
     s = d["summary"]
     assert s["attempts"] == 2, s  # the worker group was restarted once
     assert s["status"] == "complete" and s["steps"] == 6 and s["workers"] == 2

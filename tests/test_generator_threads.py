@@ -109,5 +109,4 @@ def test_cpu_actors_start_with_malloc_settings_that_stop_device_thread_page_faul
     gpu = actor_options(cluster, use_gpu=True)
     assert gpu["num_gpus"] == 1 and "runtime_env" not in gpu
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert actor_options(cluster, use_gpu=False)["runtime_env"]["env_vars"] == {
-        k: v for k, v in CPU_MALLOC_ENV.items() if k != "MALLOC_ARENA_MAX"}
+    assert actor_options(cluster, use_gpu=False)["runtime_env"]["env_vars"] == {**CPU_MALLOC_ENV, "MALLOC_ARENA_MAX": "4"}

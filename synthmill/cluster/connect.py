@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: glibc malloc settings for actors that run torch on a CPU. Their networks run on threads other than
-#: the process's main one (the generator's device thread, the scorer's Ray threads), and glibc gives such
-#: threads their own arenas, which hand freed memory back to the OS and fault it in again on the next
-#: allocation: with the full-size SD 1.5 UNet at 64x64 a thread took 3.2x the main thread's page faults
-#: and ~25% longer per batch. One arena, a fixed mmap threshold (32 MiB, the upper limit mallopt(3)
-#: documents for 64-bit systems) and no trimming keep freed blocks under 32 MiB mapped for reuse: no
-#: faults for them after the first batch, on any thread, and the same peak memory. glibc reads these
-#: once, at process start, so they go in through the actor's runtime environment. GPU actors do not get
-#: them (their tensors are not malloc's; not measured there).
+#: glibc malloc settings for actors and Ray Train workers that run torch on a CPU. Their networks run on
+#: threads other than the process's main one (the generator's device thread, the scorer's Ray threads, Ray
+#: Train's training thread), and glibc gives such threads their own arenas, which hand freed memory back
+#: to the OS and fault it in again on the next allocation: with the full-size SD 1.5 UNet at 64x64 a
+#: thread took 3.2x the main thread's page faults and ~25% longer per batch. One arena, a fixed mmap
+#: threshold (32 MiB, the upper limit mallopt(3) documents for 64-bit systems) and no trimming keep freed
+#: blocks under 32 MiB mapped for reuse: no faults for them after the first batch, on any thread, and the
+#: same peak memory. glibc reads these once, at process start, so they go in through the runtime
+#: environment. GPU actors and workers do not get them (their tensors are not malloc's; not measured).
 CPU_MALLOC_ENV: dict[str, str] = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
     "MALLOC_TRIM_THRESHOLD_": str(2**40),
 }
+_local_workers_inherit_malloc_env = False  # set by connect() when it starts a local Ray without GPUs
 
 
 def connect(address: str | None = None) -> dict[str, float]:
@@ -37,6 +39,14 @@ def connect(address: str | None = None) -> dict[str, float]:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:  # "local": never join a cluster that happens to run on this machine unasked
+            global _local_workers_inherit_malloc_env
+            if not _gpu_devices():
+                # Every actor of a local Ray without GPUs runs on CPUs: Ray's processes inherit the settings
+                # from here, so actors need no runtime environment of their own (one costs the first actor
+                # ~0.7 s on a fresh local Ray, waiting for Ray's runtime-env agent).
+                for k, v in CPU_MALLOC_ENV.items():
+                    os.environ.setdefault(k, v)
+                _local_workers_inherit_malloc_env = True
             ray.init(address="local", include_dashboard=False, log_to_driver=True)
         log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
@@ -52,19 +62,31 @@ def actor_count(requested: int | str, resources: dict[str, float], cpus_per_acto
     return int(requested), gpus > 0
 
 
+def _gpu_devices() -> bool:
+    """Whether this machine shows an NVIDIA or AMD GPU device file (cheap: no CUDA, no NVML)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
+
+
+def cpu_runtime_env() -> dict[str, Any]:
+    """The runtime environment of an actor or Ray Train worker that runs torch on a CPU: :data:`CPU_MALLOC_ENV`
+    (values the driver's environment sets win), or nothing when the local Ray this process started on a
+    machine without GPUs passes them to every worker already."""
+    if _local_workers_inherit_malloc_env:
+        return {}
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in CPU_MALLOC_ENV.items()}}
+
+
 def actor_options(cluster: Any, use_gpu: bool) -> dict[str, Any]:
     """Ray options for a generator or scorer actor of ``cluster`` (an ``ActorClusterSpec``).
 
-    One GPU each on GPU clusters; on CPUs, :data:`CPU_MALLOC_ENV` (where the driver's environment does not
-    set those variables itself). One concurrency slot more than the shards in flight, for ``progress()``.
+    One GPU each on GPU clusters; on CPUs, :func:`cpu_runtime_env`. One concurrency slot more than the
+    shards in flight, for ``progress()``.
     """
     options: dict[str, Any] = {"num_cpus": cluster.cpus_per_actor, "max_concurrency": cluster.inflight_per_actor + 1}
     if use_gpu:
         options["num_gpus"] = 1
-    else:
-        env = {k: v for k, v in CPU_MALLOC_ENV.items() if k not in os.environ}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
+    elif runtime_env := cpu_runtime_env():
+        options["runtime_env"] = runtime_env
     if cluster.resources:
         options["resources"] = dict(cluster.resources)
     return options

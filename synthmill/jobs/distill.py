@@ -205,6 +205,7 @@ def _trainer(p: Prepared, n_workers: int, use_gpu: bool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from synthmill.cluster.connect import cpu_runtime_env
     from synthmill.distill.train import train_loop
 
     spec = p.spec
@@ -218,6 +219,7 @@ def _trainer(p: Prepared, n_workers: int, use_gpu: bool):
             name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoints_kept),
             failure_config=FailureConfig(max_failures=0),  # run() retries (bad data must not be retried)
+            worker_runtime_env={} if use_gpu else cpu_runtime_env(),
         ),
     )
 
