@@ -110,6 +110,12 @@ def write_spec(tmp_path) -> Callable[[dict], str]:
     return write
 
 
+def initial_malloc_env(pid: int | str = "self") -> dict[str, str]:
+    """The MALLOC_* variables of the environment process ``pid`` started with (glibc reads them then only)."""
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        return dict(e.decode().split("=", 1) for e in fh.read().split(b"\0") if e.startswith(b"MALLOC_"))
+
+
 def files_under(folder: str) -> dict[str, tuple[int, int]]:
     """relative path -> (inode, mtime_ns) of every file, to tell untouched files from rewritten ones."""
     out = {}

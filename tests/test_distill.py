@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from synthmill.cli import main
+from tests.conftest import initial_malloc_env
 
 pytestmark = pytest.mark.usefixtures("ray_address")
 
@@ -147,8 +148,7 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
             time.sleep(0.02)
         workers = [p for p in train_workers() if p.pid not in leftovers]
         if workers:
-            with open(f"/proc/{workers[0].pid}/environ", "rb") as fh:  # what the process started with
-                worker_env.update(e.decode().split("=", 1) for e in fh.read().split(b"\0") if e.startswith(b"MALLOC_"))
+            worker_env.update(initial_malloc_env(workers[0].pid))
             workers[0].send_signal(signal.SIGKILL)
             worker_killed.append(workers[0].pid)
 

@@ -8,7 +8,7 @@ import threading
 from synthmill.cluster.generator import ShardGenerator
 from synthmill.jobs import generate
 from synthmill.jobs.spec import load_spec
-from tests.conftest import base_spec
+from tests.conftest import base_spec, initial_malloc_env
 
 
 def test_prompt_token_counts_are_stable_while_the_pipeline_tokenizes(tiny_sd, prompts_tsv, write_spec, tmp_path):
@@ -63,14 +63,7 @@ def test_float16_images_equal_diffusers_own_uint8_conversion(tiny_sd, prompts_ts
     assert np.array_equal(ours, (theirs * 255).round().astype(np.uint8))
 
 
-def _initial_malloc_env() -> dict[str, str]:
-    """The MALLOC_* variables of the environment this process started with (glibc reads them then only)."""
-    with open("/proc/self/environ", "rb") as fh:
-        return dict(e.decode().split("=", 1) for e in fh.read().split(b"\0") if e.startswith(b"MALLOC_"))
-
-
-def test_cpu_actors_start_with_the_malloc_settings(ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path,
-                                                   monkeypatch):
+def test_cpu_actors_start_with_the_malloc_settings(ray_address, monkeypatch):
     """glibc reads its malloc variables at process start only, so CPU actors get them through their runtime
     environment: a Ray worker started with a CPU actor's options has them from its start. GPU actors do not
     get them; values the driver's environment sets win. (What they gain is measured by the generate
@@ -79,14 +72,14 @@ def test_cpu_actors_start_with_the_malloc_settings(ray_address, tiny_sd, prompts
     import ray
 
     from synthmill.cluster.connect import CPU_MALLOC_ENV, actor_options
+    from synthmill.jobs.generate_spec import ClusterSpec
 
     for k in CPU_MALLOC_ENV:
         monkeypatch.delenv(k, raising=False)
-    prepared = generate.prepare(load_spec(write_spec(base_spec(tiny_sd, prompts_tsv, str(tmp_path / "out")))))
-    cluster = prepared.spec.cluster
+    cluster = ClusterSpec()  # a generate spec's defaults
     options = actor_options(cluster, use_gpu=False)
     assert options["runtime_env"] == {"env_vars": CPU_MALLOC_ENV} and "num_gpus" not in options
-    probe = ray.remote(_initial_malloc_env)
+    probe = ray.remote(initial_malloc_env)
     assert ray.get(probe.options(num_cpus=1, runtime_env=options["runtime_env"]).remote()) == CPU_MALLOC_ENV
     assert ray.get(probe.options(num_cpus=1).remote()) == {}  # the session's workers: glibc's defaults
 
