@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as e:
         print(f"synthmill: job failed: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        from synthmill.cluster.connect import shutdown_local
+
+        shutdown_local()  # the local Ray a job started here, if any, before the interpreter's slower exit
 
 
 def entry() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 from synthmill.cluster.generator import ShardGenerator
@@ -87,38 +86,3 @@ def test_cpu_actors_start_with_the_malloc_settings(ray_address, monkeypatch):
     assert gpu["num_gpus"] == 1 and "runtime_env" not in gpu
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert actor_options(cluster, use_gpu=False)["runtime_env"]["env_vars"] == {**CPU_MALLOC_ENV, "MALLOC_ARENA_MAX": "4"}
-
-
-LOCAL_RAY_PROBE = """
-import json, os, ray
-from synthmill.cluster.connect import CPU_MALLOC_ENV, connect, cpu_runtime_env
-
-@ray.remote(num_cpus=1)
-def initial_malloc_env():
-    with open("/proc/self/environ", "rb") as fh:
-        return dict(e.decode().split("=", 1) for e in fh.read().split(b"\\0") if e.startswith(b"MALLOC_"))
-
-connect()
-print(json.dumps({"worker": ray.get(initial_malloc_env.remote()), "runtime_env": cpu_runtime_env()}))
-"""
-
-
-def test_local_ray_started_without_gpus_passes_the_malloc_settings_to_its_workers(tmp_path):
-    """When synthmill starts its own local Ray on a machine without GPU device files, Ray's processes inherit
-    the settings from the driver, so actors need no runtime environment (whose agent the first actor would
-    wait for); on a machine with GPUs its workers keep glibc's defaults."""
-    import json
-    import subprocess
-    import sys
-
-    from synthmill.cluster.connect import CPU_MALLOC_ENV, _gpu_devices
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("MALLOC_")}
-    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if _gpu_devices():  # GPU workers keep glibc's defaults; CPU actors bring the settings themselves
-        assert out == {"worker": {}, "runtime_env": {"env_vars": CPU_MALLOC_ENV}}, out
-    else:
-        assert out == {"worker": CPU_MALLOC_ENV, "runtime_env": {}}, out

@@ -1,0 +1,83 @@
+"""A local Ray that ``connect()`` starts (``synthmill run`` without ``cluster.address``), and how it stops.
+
+The probe starts one in a fresh process (the test session's own Ray is joined, never started), so both
+tests read one run of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import ray
+
+from synthmill.cluster.connect import CPU_MALLOC_ENV, _gpu_devices, connect, shutdown_local
+
+LOCAL_RAY_PROBE = """
+import json, ray, psutil
+import ray._private.worker as ray_worker
+from ray._private import ray_constants
+from synthmill.cluster.connect import connect, cpu_runtime_env, shutdown_local
+
+@ray.remote(num_cpus=1)
+def initial_malloc_env():
+    with open("/proc/self/environ", "rb") as fh:
+        return dict(e.decode().split("=", 1) for e in fh.read().split(b"\\0") if e.startswith(b"MALLOC_"))
+
+connect()
+out = {"worker": ray.get(initial_malloc_env.remote()), "runtime_env": cpu_runtime_env()}
+node = ray_worker._global_node
+monitor = node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+ray_processes = psutil.Process().children(recursive=True)  # GCS, raylet, monitor, agents, workers
+ray_shutdown = ray.shutdown
+def shutdown(*args, **kwargs):  # what Ray's own shutdown finds when synthmill hands over to it
+    out["monitor_stopped_before_ray_shutdown"] = monitor.poll() is not None
+    out["gcs_alive_at_ray_shutdown"] = node.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process.poll() is None
+    return ray_shutdown(*args, **kwargs)
+ray.shutdown = shutdown
+shutdown_local()
+shutdown_local()  # a second call finds nothing to stop
+_, alive = psutil.wait_procs(ray_processes, timeout=20)
+out.update(processes=len(ray_processes), alive=[p.pid for p in alive], initialized=ray.is_initialized())
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray_probe(tmp_path_factory) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE], env=env, cwd=tmp_path_factory.mktemp("probe"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_local_ray_started_without_gpus_passes_the_malloc_settings_to_its_workers(local_ray_probe):
+    """When synthmill starts its own local Ray on a machine without GPU device files, Ray's processes inherit
+    the settings from the driver, so actors need no runtime environment (whose agent the first actor would
+    wait for); on a machine with GPUs its workers keep glibc's defaults."""
+    out = {k: local_ray_probe[k] for k in ("worker", "runtime_env")}
+    if _gpu_devices():  # GPU workers keep glibc's defaults; CPU actors bring the settings themselves
+        assert out == {"worker": {}, "runtime_env": {"env_vars": CPU_MALLOC_ENV}}, out
+    else:
+        assert out == {"worker": CPU_MALLOC_ENV, "runtime_env": {}}, out
+
+
+def test_shutdown_local_stops_every_process_of_the_local_ray_monitor_first(local_ray_probe):
+    """Every process the local Ray started is gone after ``shutdown_local()``, and the autoscaler monitor was
+    stopped while the GCS still ran (else it spends a second trying to report its SIGTERM to a dead GCS)."""
+    out = local_ray_probe
+    assert out["processes"] >= 5, out  # at least GCS, raylet, monitor, the agents, a worker
+    assert out["alive"] == [] and out["initialized"] is False, out
+    assert out["monitor_stopped_before_ray_shutdown"] and out["gcs_alive_at_ray_shutdown"], out
+
+
+def test_shutdown_local_leaves_a_ray_it_joined_running(ray_cluster):
+    """The test session's Ray (like a cluster named by ``cluster.address``) was not started by synthmill."""
+    assert ray.is_initialized()
+    connect()
+    shutdown_local()
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU", 0) > 0
