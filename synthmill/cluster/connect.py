@@ -27,11 +27,14 @@ _local_workers_inherit_malloc_env = False  # set by connect() when it starts a l
 _started_local_ray = False  # set by connect() when it starts a local Ray; shutdown_local() stops it
 
 
-def connect(address: str | None = None) -> dict[str, float]:
+def connect(address: str | None = None, dashboard: bool = False) -> dict[str, float]:
     """Make sure this process is connected to a Ray cluster; return its total resources.
 
     An already-initialised Ray (a test session, a Ray job's driver) is reused as it is. Under
     ``ray job submit`` the job's environment sets ``RAY_ADDRESS``, so the same command works there.
+    ``dashboard``: a local Ray starts its dashboard (~0.8 s more here), which serves Ray's State API. Ray
+    Train needs that: its placement-group cleaner asks the State API once a second whether the training
+    controller is alive, and without it logs a warning each time (and could not clean up after a dead one).
     """
     import ray
 
@@ -48,7 +51,7 @@ def connect(address: str | None = None) -> dict[str, float]:
                 for k, v in CPU_MALLOC_ENV.items():
                     os.environ.setdefault(k, v)
                 _local_workers_inherit_malloc_env = True
-            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+            ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
             _started_local_ray = True
         log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
     return {k: float(v) for k, v in ray.cluster_resources().items()}

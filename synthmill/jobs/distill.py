@@ -334,7 +334,7 @@ def run(p: Prepared) -> dict[str, Any]:
         return _finish_trained(p)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address))
+    n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address, dashboard=True))  # Ray Train: see connect()
     write_job_yaml(spec)
     storage.write_json(storage.join(out, "plan.json"), {"kind": "distill", **plan_summary(p)}, opts)
     storage.remove(storage.join(out, "summary.json"), opts)
