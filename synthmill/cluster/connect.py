@@ -57,6 +57,11 @@ def connect(address: str | None = None, dashboard: bool = False) -> dict[str, fl
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
+def started_local_ray() -> bool:
+    """Whether :func:`connect` started this process's Ray (one machine, stopped by :func:`shutdown_local`)."""
+    return _started_local_ray
+
+
 def shutdown_local() -> None:
     """Stop the local Ray that :func:`connect` started in this process; a Ray it joined is left alone.
 

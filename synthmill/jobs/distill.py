@@ -327,7 +327,7 @@ def run(p: Prepared) -> dict[str, Any]:
     """Train to ``train.max_steps`` (resuming), export the pipeline, write the summary."""
     from ray.train import TrainingFailedError
 
-    from synthmill.cluster.connect import connect
+    from synthmill.cluster.connect import connect, started_local_ray
 
     spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
     if p.steps_done >= spec.train.max_steps:
@@ -335,6 +335,10 @@ def run(p: Prepared) -> dict[str, Any]:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address, dashboard=True))  # Ray Train: see connect()
+    if started_local_ray():
+        # One machine has no node to lose to preemption; Ray Train's watcher for it (an actor process per
+        # attempt) also logs an error-level line as it starts. The user's own setting wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     write_job_yaml(spec)
     storage.write_json(storage.join(out, "plan.json"), {"kind": "distill", **plan_summary(p)}, opts)
     storage.remove(storage.join(out, "summary.json"), opts)
