@@ -2,7 +2,7 @@
 # Before spending device time: run the GPU benchmarks' code paths on this CPU machine in a Python that holds
 # only what the lent GPU machine's image holds (its versions as the device tool's KINDS.md lists them:
 # transformers 5.17.0, huggingface_hub 1.33.0, accelerate 1.15.0, tokenizers 0.23.2, safetensors 0.8.0),
-# plus the wheels benchmarks/device_wheels.py carries, installed the way gpu_session.sh installs them
+# plus the wheels benchmarks/device_wheels.py carries (trimmed the same way), installed the way gpu_session.sh installs them
 # (--no-deps --target), so a package the device lacks or a version it has that synthmill cannot use shows
 # up here. What it cannot match: Python 3.12 (3.11 here), numpy 2.5 (needs 3.12; 2.4.6 here), torch 2.11
 # with CUDA (this disk's torch 2.14.1 with its torchvision 0.29.1), and anything CUDA itself does.
@@ -17,12 +17,9 @@ PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" transformers==5.17.0 huggingface_hub==1.33.0 accelerate==1.15.0 tokenizers==0.23.2 safetensors==0.8.0 \
     numpy==2.4.6 pyarrow pandas fsspec scipy pillow psutil pyyaml requests click filelock msgpack protobuf \
     packaging regex tqdm typer aiohttp grpcio prometheus_client jinja2 pytest
-# The carried wheels, for this Python, at the versions device_wheels.py would fetch (this checkout's venv's).
+# The carried wheels, fetched and trimmed as for the device (this checkout's versions), for this Python.
 rm -rf "$SITE" "$WHL"
-for name in $(python3 -c "from benchmarks.device_wheels import MISSING; print(' '.join(MISSING))"); do
-    version=$(python3 -c "import importlib.metadata as m; print(m.version('$name'))")
-    "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$WHL" "$name==$version"
-done
+python3 -m benchmarks.device_wheels --dest "$WHL" --python-version 3.11 > /dev/null
 "${PIP[@]}" --no-index --no-deps --no-compile --target "$SITE" "$WHL"/*.whl
 export PYTHONPATH="$SITE:$PWD"
 PY="$VENV/bin/python"

@@ -47,12 +47,12 @@ def _requirement(name: str) -> str:
         return name
 
 
-def download(dest: str) -> list[str]:
-    """``pip download`` each missing distribution as a CPython 3.12 manylinux wheel (no dependencies)."""
+def download(dest: str, python_version: str = "3.12") -> list[str]:
+    """``pip download`` each missing distribution as a CPython manylinux wheel (no dependencies)."""
     os.makedirs(dest, exist_ok=True)
     for name in MISSING:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-               "--python-version", "3.12", "--implementation", "cp", "-d", dest, _requirement(name)]
+               "--python-version", python_version, "--implementation", "cp", "-d", dest, _requirement(name)]
         for platform in PLATFORMS:
             cmd += ["--platform", platform]
         subprocess.run(cmd, check=True)
@@ -82,8 +82,11 @@ def strip_wheel(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dest", default=".whl", help="folder for the wheels (default .whl, ignored by git)")
+    p.add_argument("--python-version", default="3.12",
+                   help="the CPython the wheels are for (default 3.12, the device's; benchmarks/device_env_check.sh "
+                        "takes them for this machine's)")
     args = p.parse_args(argv)
-    wheels = download(args.dest)
+    wheels = download(args.dest, args.python_version)
     for w in wheels:
         saved = strip_wheel(w)
         if saved:
