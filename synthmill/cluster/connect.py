@@ -51,10 +51,25 @@ def connect(address: str | None = None, dashboard: bool = False) -> dict[str, fl
                 for k, v in CPU_MALLOC_ENV.items():
                     os.environ.setdefault(k, v)
                 _local_workers_inherit_malloc_env = True
+            if dashboard and (missing := _dashboard_dependency_error()):
+                # ray without its [default] extras (the lent GPU machine's carried wheels): Ray would refuse to start
+                log.warning("starting Ray without its dashboard (%s); Ray Train will warn that its State API is "
+                            "unavailable", missing)
+                dashboard = False
             ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
             _started_local_ray = True
         log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def _dashboard_dependency_error() -> str | None:
+    """Why Ray's dashboard cannot start in this environment (a package of ``ray[default]`` missing), or None."""
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+    except ImportError:  # a Ray without the check: let ray.init decide
+        return None
+    error = get_dashboard_dependency_error()
+    return str(error) if error else None
 
 
 def started_local_ray() -> bool:
