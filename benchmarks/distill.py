@@ -27,11 +27,12 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from benchmarks.child import run_streamed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = {"images": 4, "size": 32, "batch": 2, "steps": 2, "warmup": 1, "workers": 1}
@@ -144,11 +145,11 @@ def synthmill_job(teacher: str, data: str, workdir: str, workers: int, args: arg
     path = os.path.join(workdir, f"distill-{workers}.yaml")
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(spec, fh)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "synthmill.cli", "run", path], capture_output=True, text=True, cwd=REPO)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"synthmill run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    try:
+        wall, _ = run_streamed([sys.executable, "-m", "synthmill.cli", "run", path], f"synthmill run ({workers} worker)",
+                               cwd=REPO)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
         lines = [json.loads(line) for line in fh if line.strip()]
     steady = [r["samples_per_s"] for r in lines if r["step"] > args.warmup]

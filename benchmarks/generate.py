@@ -361,23 +361,18 @@ def import_plain_stack() -> float:
 
 
 def run_timed(cmd: list[str], what: str, ray_address: str | None = None) -> float:
-    """Wall seconds of ``cmd`` (run from the repository root); raises with its output tail if it fails.
+    """Wall seconds of ``cmd`` (run from the repository root; its output streamed to stderr); raises with its
+    output tail if it fails.
 
     ``RAY_ADDRESS`` is dropped: ``synthmill run`` starts its own local Ray, on the machine (a) ran on;
     unless ``ray_address`` is given (``--ray-address``), which it then joins.
     """
-    import subprocess
+    from benchmarks.child import run_streamed
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        raise RuntimeError(f"{what} exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
-    return seconds
+    return run_streamed(cmd, what, cwd=REPO, env=env)[0]
 
 
 def synthmill_command() -> list[str]:
@@ -407,10 +402,21 @@ def same_images(a: dict[str, Any], b: dict[str, Any]) -> int:
     return sum(k in b and np.array_equal(v, b[k]) for k, v in a.items())
 
 
-def same_pixels(plain_dir: str, synthmill_dir: str) -> tuple[int, int]:
-    """(samples with identical decoded PNGs, samples) between the (a) and (b) tars."""
-    a = tar_images(plain_dir)
-    return same_images(a, tar_images(os.path.join(synthmill_dir, "shards"))), len(a)
+def compare_images(a: dict[str, Any], b: dict[str, Any], name: str) -> str:
+    """One line: how many of ``a``'s images ``b`` has with identical pixels and, where some differ, by how
+    much (the largest difference of one 8-bit value, and the share of values that differ, over those samples)."""
+    import numpy as np
+
+    same = same_images(a, b)
+    line = f"identical images {name}: {same}/{len(a)}"
+    pairs = [(v, b[k]) for k, v in a.items() if k in b and v.shape == b[k].shape and not np.array_equal(v, b[k])]
+    if pairs:
+        diffs = [np.abs(x.astype(np.int16) - y.astype(np.int16)) for x, y in pairs]
+        values = sum(d.size for d in diffs)
+        line += (f"; where they differ: max |difference| {max(int(d.max()) for d in diffs)} of 255, "
+                 f"{sum(int(np.count_nonzero(d)) for d in diffs) / values:.2%} of values differ, "
+                 f"mean |difference| {sum(float(d.sum()) for d in diffs) / values:.3f}")
+    return line
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
@@ -462,8 +468,8 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
         print(f"repeat {r + 1}/{cfg.repeats}: (a) {plain_s[-1]:.2f} s, (b) {synthmill_s[-1]:.2f} s", flush=True)
     print(f"(b) load {gen.load_s:.2f} s; {', '.join(f'{k} {v}' for k, v in gen.speed.items())}; "
           f"device idle fraction of its timed loops {1 - gen.busy_s / sum(synthmill_s):.3f}")
-    same, total = same_pixels(os.path.join(work, "a"), os.path.join(work, "b"))
-    print(f"identical images (a) vs (b): {same}/{total}", flush=True)
+    plain_images = tar_images(os.path.join(work, "a"))
+    print(compare_images(plain_images, tar_images(os.path.join(work, "b", "shards")), "(a) vs (b)"), flush=True)
     del pipe, gen
     if device == "cuda":
         torch.cuda.empty_cache()  # the synthmill run below needs the GPU memory
@@ -475,6 +481,11 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
         summary = json.load(fh)
     print(f"(c) summary.json: {summary['images_per_s']:.3f} images/s over its own {summary['elapsed_s']:.1f} s "
           f"(inside run(): Ray start, actor load, generation, index); load average {os.getloadavg()[0]:.2f}",
+          flush=True)
+    up = summary["startup"]
+    print(f"(c) start-up, seconds after run() began: Ray connected at {up['ray_connected_s']:.2f}, first actor ready "
+          f"at {up['first_actor_ready_s']:.2f} (its imports {up['first_actor_imports_s']:.2f}, model load "
+          f"{up['first_actor_model_load_s']:.2f}), first shard committed at {up['first_shard_committed_s']:.2f}",
           flush=True)
     for a in summary["actors"]:
         print(f"(c) actor {a['pid']} on {a['device']}: {a['samples']} samples in {a['active_s']:.1f} s active, "
@@ -508,8 +519,7 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
           f"{rd:.2f} s ({rd_threads} CPUs and torch threads for its actor); samples read back with webdataset "
           f"{written}/{n} ({len(images)} distinct keys) from {n_tars} tars; load average {os.getloadavg()[0]:.2f}",
           flush=True)
-    same = same_images(tar_images(os.path.join(work, "a")), images)
-    print(f"identical images (a) vs (d): {same}/{n}", flush=True)
+    print(compare_images(plain_images, images, "(a) vs (d)"), flush=True)
     name = "(d) Ray Data map_batches (1 actor) + write_webdataset"
     rows += [
         Timing(name, "end to end: dataset creation, actor start, load, generation, write (Ray running)",

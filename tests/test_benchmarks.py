@@ -25,6 +25,29 @@ def test_generate_benchmark_smoke(ray_address) -> None:
     assert "identical images (a) vs (b): 4/4" in proc.stdout and "identical images (a) vs (d): 4/4" in proc.stdout, proc.stdout
     assert re.search(r"^\(c\) actor \d+ on cpu: 4 samples in \d+\.\d+ s active, device idle fraction 0\.\d+$",
                      proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\(c\) start-up, seconds after run\(\) began: Ray connected at \d+\.\d+, first actor ready at "
+                     r"\d+\.\d+ \(its imports \d+\.\d+, model load \d+\.\d+\), first shard committed at \d+\.\d+$",
+                     proc.stdout, re.M), proc.stdout
+    assert "[synthmill run (c)] " in proc.stderr, proc.stderr  # (c)'s own output, streamed as it came
+
+
+def test_compare_images_says_by_how_much_images_differ() -> None:
+    """The benchmark's identity line counts identical samples and, where some differ, gives the largest and
+    mean difference of one 8-bit value and the share of values that differ, over the differing samples."""
+    import numpy as np
+
+    from benchmarks.generate import compare_images
+
+    rng = np.random.default_rng(0)
+    a = {k: rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for k in ("s0", "s1", "s2")}
+    b = {k: v.copy() for k, v in a.items()}
+    assert compare_images(a, b, "(a) vs (b)") == "identical images (a) vs (b): 3/3"
+    b["s1"][0, 0, 0] = a["s1"][0, 0, 0] ^ 1  # one value off by one
+    b["s1"][1, 2, 1] = (int(a["s1"][1, 2, 1]) + 3) % 256 if a["s1"][1, 2, 1] < 253 else a["s1"][1, 2, 1] - 3
+    del b["s2"]  # missing: not identical, not compared
+    assert compare_images(a, b, "(a) vs (b)") == (
+        "identical images (a) vs (b): 1/3; where they differ: max |difference| 3 of 255, "
+        "4.17% of values differ, mean |difference| 0.083")
 
 
 def test_chaos_benchmark_smoke(ray_address) -> None:

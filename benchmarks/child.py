@@ -1,0 +1,32 @@
+"""A benchmark's child command (``synthmill run``), its output passed on to stderr line by line as it comes.
+
+Captured and shown only at the end, a child's output is lost with it when the benchmark is stopped part-way
+(the device tool's time limit stops a whole call): streamed, the log shows how far it got and what it said.
+It goes to stderr, so the recorded results (stdout) stay as they were.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import time
+
+
+def run_streamed(cmd: list[str], what: str, tail_lines: int = 60, **popen: object) -> tuple[float, str]:
+    """Run ``cmd`` (``popen``: cwd, env, ...), copying each output line to stderr prefixed with ``what``;
+    return (wall seconds, its last ``tail_lines`` lines). Raises RuntimeError with that tail if it fails."""
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    t0 = time.perf_counter()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                          bufsize=1, **popen) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line)
+            sys.stderr.write(f"[{what}] {line}")
+        code = proc.wait()
+    seconds = time.perf_counter() - t0
+    text = "".join(tail)
+    if code != 0:
+        raise RuntimeError(f"{what} exited with {code}: {' '.join(cmd)}\n{text}")
+    return seconds, text
