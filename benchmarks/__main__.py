@@ -35,20 +35,29 @@ DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")  # what
 
 #: ``python -m benchmarks gpu``: (name, arguments) in order; each a separate recorded run. Random full-size
 #: weights (synthmill.models.full_size), float16, the plain diffusers loop as the baseline in every row.
+#: Seconds each took on the lent H200 (2026-11-30), where it ran to the end: 0: 279, 3: 199. The others are
+#: sized from those rates (SD 1.5 @512 ~5 images/s at batch 16, SDXL @1024 ~1): 1 and 4 did not finish in
+#: the 80 s and 165 s left to them at their earlier sizes (128 prompts, two repeats; 64 prompts from batch 1).
 GPU_RUNS: tuple[tuple[str, list[str]], ...] = (
     ("generate", ["--arch", "sd15", "--size", "512", "--steps", "25", "--prompts", "128", "--batch-size", "16",
                   "--samples-per-shard", "64", "--repeats", "2"]),
-    ("generate", ["--arch", "sd15", "--size", "512", "--steps", "25", "--prompts", "128", "--batch-size", "16",
-                  "--samples-per-shard", "64", "--repeats", "2", "--compile", "--no-ray-data"]),
+    ("generate", ["--arch", "sd15", "--size", "512", "--steps", "25", "--prompts", "64", "--batch-size", "16",
+                  "--samples-per-shard", "64", "--repeats", "1", "--compile", "--no-ray-data"]),
     ("generate", ["--arch", "ssd-1b", "--size", "1024", "--steps", "20", "--prompts", "32", "--batch-size", "4",
                   "--samples-per-shard", "16", "--repeats", "1"]),
     ("generate", ["--arch", "sdxl", "--size", "1024", "--steps", "20", "--prompts", "32", "--batch-size", "4",
                   "--samples-per-shard", "16", "--repeats", "1", "--no-ray-data"]),
-    ("generate", ["--arch", "sd15", "--size", "512", "--steps", "25", "--prompts", "64", "--repeats", "1",
-                  "--batch-sweep", "1,4,8,16,32"]),
-    ("generate", ["--arch", "sdxl", "--size", "1024", "--steps", "20", "--prompts", "16", "--repeats", "1",
-                  "--batch-sweep", "1,2,4,8"]),
+    ("generate", ["--arch", "sd15", "--size", "512", "--steps", "25", "--prompts", "32", "--repeats", "1",
+                  "--batch-sweep", "2,8,16,32"]),
+    ("generate", ["--arch", "sdxl", "--size", "1024", "--steps", "20", "--prompts", "8", "--repeats", "1",
+                  "--batch-sweep", "2,4,8"]),
     ("distill", ["--teacher", "sd-v1.4", "--size", "512", "--batch", "8"]),
+    # SDXL with channels-last off in synthmill: entry 3's synthmill images differed from the plain loop's
+    # (0/32 identical; SD 1.5's were all identical). Channels-last weights stay so when SDXL's pipeline
+    # upcasts its VAE to float32 for the decode, where cuDNN may pick other kernels than for the plain
+    # loop's contiguous ones; this run tells whether that is the difference.
+    ("generate", ["--arch", "sdxl", "--size", "1024", "--steps", "20", "--prompts", "8", "--batch-size", "4",
+                  "--samples-per-shard", "8", "--repeats", "1", "--no-ray-data", "--channels-last", "false"]),
 )
 
 

@@ -7,7 +7,11 @@
 # ENTRY_TIMEOUT (seconds, default none) stops an entry that runs longer, so that one hung entry does not
 # take the whole call; the next entry then runs.
 #
-#   run(command="ENTRY_TIMEOUT=360 bash benchmarks/gpu_session.sh 0 3", carry=[".whl"], timeout_s=540)
+# On the H200 (2026-11-30) the machine started in ~30 s and entries 0 and 3 took 279 s and 199 s; what is
+# left for the next session, by the rates measured there (benchmarks/RESULTS.md, "Eighth session"):
+#
+#   run(command="ENTRY_TIMEOUT=240 bash benchmarks/gpu_session.sh 7 1 4 2", carry=[".whl"], timeout_s=590)
+#   run(command="ENTRY_TIMEOUT=200 bash benchmarks/gpu_session.sh 6 5", carry=[".whl"], timeout_s=...)  # at once, while warm
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -24,7 +28,7 @@ status=0
 for i in "$@"; do
     echo "== GPU_RUNS[$i] $(date -u +%T)" | tee -a "$log"
     "${limit[@]}" python3 -m benchmarks gpu "$i" > "$OUT/gpu_run_$i.log" 2>&1 || { status=$?; echo "exit $status" | tee -a "$log"; }
-    grep -E "^(ratios|\| \(|identical|\(c\) actor|peak|model:)" "$OUT/gpu_run_$i.log" | tail -20
+    grep -E "^(ratios|\| \(|identical|\(c\) |peak|model:|batch |\(a\) )" "$OUT/gpu_run_$i.log" | tail -20
     cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 done
 echo "== end $(date -u +%T)" | tee -a "$log"
