@@ -222,6 +222,46 @@ def test_endpoint_outage_mid_job_is_ridden_out(reference, s3, write_spec):
         proxy.close()
 
 
+def test_remote_model_downloads_on_a_thread_while_the_actor_imports(s3, tmp_path, monkeypatch):
+    """An actor starts fetching an ``s3://`` model before its imports (models/loading.py,
+    fetch_in_background): the call returns at once, even while the endpoint is down, and the download
+    finishes on its own thread into the node's cache once it is back; ``load_pipeline`` loads from that
+    copy, and raises the fetch's own error for a folder with no files."""
+    from concurrent.futures import Future
+
+    from synthmill.jobs.generate_spec import ModelSpec
+    from synthmill.models.fetch import local_model_path
+    from synthmill.models.loading import fetch_in_background, load_pipeline
+
+    monkeypatch.setenv("SYNTHMILL_CACHE", str(tmp_path / "cache"))
+    assert fetch_in_background(ModelSpec(path=str(tmp_path))) is None  # local folders and hub ids load as before
+    assert fetch_in_background(ModelSpec(path="segmind/tiny-sd")) is None
+    proxy = FlakyProxy(("127.0.0.1", s3["port"]))
+    try:
+        opts = {"endpoint_url": proxy.url, **s3["creds"]}
+        down = threading.Thread(target=proxy.outage, args=(3.0,))
+        down.start()
+        time.sleep(0.3)  # the port is closed now
+        t0 = time.monotonic()
+        fetched = fetch_in_background(ModelSpec(path="s3://synth/models/tiny-sd"), opts)
+        returned_s = time.monotonic() - t0
+        assert isinstance(fetched, Future) and not fetched.done()
+        assert returned_s < 1.0, returned_s
+        down.join()
+        path = fetched.result(timeout=120)  # ridden out by storage.retrying once the endpoint is back
+        assert os.path.isfile(os.path.join(path, "model_index.json")) and path.startswith(str(tmp_path / "cache"))
+        assert local_model_path("s3://synth/models/tiny-sd", opts) == path  # the node's cache, complete
+        pipe = load_pipeline(ModelSpec(path="s3://synth/models/tiny-sd"), "cpu", opts, fetched)
+        assert pipe.unet is not None and pipe.name_or_path == path
+
+        missing = ModelSpec(path="s3://synth/models/none")
+        failed = fetch_in_background(missing, opts)
+        with pytest.raises(FileNotFoundError, match="s3://synth/models/none: no files"):
+            load_pipeline(missing, "cpu", opts, failed)
+    finally:
+        proxy.close()
+
+
 def test_distill_sdxl_teacher_data_checkpoints_and_pipeline_on_s3(reference, s3, write_spec, tmp_path):
     """A distill job whose teacher, data, Ray Train checkpoints, metrics and exported pipeline all live on S3;
     also the suite's SDXL distillation (a tiny SDXL teacher -> the SSD-1B layout; one run covers both)."""

@@ -53,7 +53,10 @@ class ShardGenerator:
     """Holds one pipeline; :meth:`process_shard` may be called from several threads at once."""
 
     def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
+        from synthmill.models.loading import fetch_in_background
+
         t_imports = time.perf_counter()
+        fetched = fetch_in_background(spec.model, spec.storage)  # a remote model downloads during the imports
         # Timed apart from the load: in a fresh actor these take seconds. diffusers and transformers
         # import lazily, so the pipeline class's own modules are imported here too (else the first
         # from_pretrained pays them and "load" looks several times slower than it is).
@@ -70,7 +73,7 @@ class ShardGenerator:
         if self.device == "cpu":
             torch.set_num_threads(spec.cluster.cpus_per_actor)
         t0 = time.perf_counter()
-        self.pipe = load_pipeline(spec.model, self.device, spec.storage)
+        self.pipe = load_pipeline(spec.model, self.device, spec.storage, fetched)
         self.speed = optimize_pipeline(self.pipe, spec.model, self.device)
         self.load_s = time.perf_counter() - t0
         self.dtype = str(self.pipe.dtype).replace("torch.", "")

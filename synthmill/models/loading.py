@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from synthmill.errors import SpecError
@@ -84,10 +85,30 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | None = None):
+def fetch_in_background(model: Any, storage_options: dict[str, Any] | None = None) -> Future | None:
+    """For a remote folder (``s3://...``), start copying it to this node's cache (models/fetch.py) on a
+    thread and return the future local path; None for a local folder or a hub id.
+
+    An actor calls this before importing torch and diffusers, so that the download (seconds to minutes for a
+    full-size model) runs while those imports do (seconds); :func:`load_pipeline` takes the future.
+    """
+    if storage.is_local(model.path):
+        return None
+    from synthmill.models.fetch import local_model_path
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="model-fetch")
+    try:
+        return pool.submit(local_model_path, model.path, storage_options)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with its one download
+
+
+def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | None = None,
+                  fetched: Future | None = None):
     """Load the pipeline named by ``model`` (a ModelSpec) onto ``device``, ready for inference.
 
-    A remote folder (``s3://...``) is first copied to this node's cache (models/fetch.py).
+    A remote folder (``s3://...``) is first copied to this node's cache (models/fetch.py), or taken from
+    ``fetched``, the future of :func:`fetch_in_background` (whose errors it raises).
     """
     import diffusers
     from diffusers import DiffusionPipeline
@@ -116,7 +137,9 @@ def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | Non
         kwargs["safety_checker"] = None
         kwargs["requires_safety_checker"] = False
     path = model.path
-    if not storage.is_local(path):
+    if fetched is not None:
+        path = fetched.result()
+    elif not storage.is_local(path):
         from synthmill.models.fetch import local_model_path
 
         path = local_model_path(path, storage_options)
