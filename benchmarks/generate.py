@@ -178,8 +178,9 @@ def plain_generate(pipe: Any, cfg: Settings, prompts: list[str], out_dir: str) -
 # -- (b) synthmill's actor path, in-process ---------------------------------------------------------
 
 
-def write_spec(cfg: Settings, path: str, cpus_per_actor: int | None) -> None:
-    """The generate spec that (b) and (c) share (``output.path`` comes as an override)."""
+def write_spec(cfg: Settings, path: str, cpus_per_actor: int | None, storage: dict[str, Any] | None = None) -> None:
+    """The generate spec that (b) and (c) share (``output.path`` comes as an override); ``storage``: the
+    spec's storage options, for an ``s3://`` model."""
     import yaml
 
     cluster: dict[str, Any] = {"num_actors": 1, "batch_size": cfg.batch_size}
@@ -194,6 +195,8 @@ def write_spec(cfg: Settings, path: str, cpus_per_actor: int | None) -> None:
         "output": {"path": "unset", "format": "png", "samples_per_shard": cfg.samples_per_shard},
         "cluster": cluster,
     }
+    if storage:
+        spec["storage"] = storage
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(spec, fh, sort_keys=False)
 

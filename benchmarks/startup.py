@@ -8,19 +8,28 @@ committed; the launch time and the process's exit come from this benchmark's clo
 same run: a fresh ``python`` process running the plain diffusers script up to its first batch of
 images written to a tar (imports, ``from_pretrained``, one pipeline call, PNG encoding, ``TarWriter``).
 
+With ``--s3`` the model is served by an S3-protocol server on 127.0.0.1 (moto's, as the tests use) and both
+start from ``s3://``: the plain script downloads the folder with s3fs after its imports, then loads it;
+``synthmill run`` gets a fresh node cache (``SYNTHMILL_CACHE``) each run, so every run downloads it
+(its actor starts the download before importing torch and diffusers, and its "model load" is what was
+left of the download after the imports, plus the load).
+
     python -m benchmarks startup            # the numbers in RESULTS.md
     python -m benchmarks startup --smoke    # one repeat; what tests/test_benchmarks.py runs
+    python -m benchmarks startup --s3 --model DIR   # a model from s3:// (DIR: e.g. a full-size pipeline)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 from benchmarks.generate import REPO, PROMPTS_TSV, Settings, synthmill_command, write_spec
 
@@ -32,7 +41,14 @@ import torch
 import webdataset
 from diffusers import DiffusionPipeline
 t_imports = time.time()
-pipe = DiffusionPipeline.from_pretrained(sys.argv[2], dtype=torch.float32)
+model = sys.argv[2]
+if model.startswith("s3://"):
+    import json, s3fs, tempfile
+    local = tempfile.mkdtemp(dir=sys.argv[8])
+    s3fs.S3FileSystem(**json.loads(sys.argv[7])).get(model[len("s3://"):] + "/", local + "/", recursive=True)
+    model = local
+t_download = time.time()
+pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
 pipe.set_progress_bar_config(disable=True)
 t_load = time.time()
 prompts = sys.argv[5].split("\x1f")
@@ -45,32 +61,38 @@ with webdataset.TarWriter(sys.argv[6]) as w:
         im.save(buf, format="PNG")
         w.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": prompts[i]})
 t_batch = time.time()
-print(f"{t_imports - t0:.3f} {t_load - t_imports:.3f} {t_batch - t_load:.3f}")
+print(f"{t_imports - t0:.3f} {t_download - t_imports:.3f} {t_load - t_download:.3f} {t_batch - t_load:.3f}")
 """
 
 
-def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str) -> dict[str, float]:
-    """Seconds of a fresh plain script: start + imports, model load, first batch written; and in all."""
+def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
+                      storage: dict | None = None) -> dict[str, float]:
+    """Seconds of a fresh plain script: start + imports (+ the download of an ``s3://`` model), model load,
+    first batch written; and in all."""
     launch = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_FIRST_BATCH, repr(launch), model, str(cfg.steps), str(cfg.size),
-         "\x1f".join(prompts), os.path.join(work, "plain.tar")],
+         "\x1f".join(prompts), os.path.join(work, "plain.tar"), json.dumps(storage or {}), work],
         cwd=REPO, capture_output=True, text=True)
     ended = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"plain script failed:\n{proc.stderr[-3000:]}")
-    imports, load, batch = map(float, proc.stdout.split()[-3:])
-    return {"start_and_imports": imports, "model_load": load, "first_batch": batch,
-            "to_first_tar": imports + load + batch, "total": ended - launch}
+    imports, download, load, batch = map(float, proc.stdout.split()[-4:])
+    return {"start_and_imports": imports, "download": download, "model_load": load, "first_batch": batch,
+            "to_first_tar": imports + download + load + batch, "total": ended - launch}
 
 
-def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = None) -> dict[str, float]:
+def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = None,
+                          cache: str | None = None) -> dict[str, float]:
     """Seconds of ``synthmill run`` in a fresh process, from launch, split at the milestones of its summary.
 
-    It starts its own local Ray, unless ``ray_address`` is given (then "Ray start" is a connection)."""
+    It starts its own local Ray, unless ``ray_address`` is given (then "Ray start" is a connection).
+    ``cache``: the node's model cache (``SYNTHMILL_CACHE``; its actors inherit it from a local Ray)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
+    if cache:
+        env["SYNTHMILL_CACHE"] = cache
     launch = time.time()
     proc = subprocess.run(synthmill_command() + ["run", spec_path, f"output.path={out}"], cwd=REPO, env=env,
                           capture_output=True, text=True)
@@ -103,7 +125,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one (the test suite's smoke)")
+    p.add_argument("--s3", action="store_true", help="serve the model from s3:// (a moto server on 127.0.0.1); "
+                   "both download it in every run")
     return p
+
+
+@contextlib.contextmanager
+def s3_model(folder: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """``folder`` uploaded to a fresh S3-protocol server on 127.0.0.1: (its s3:// URL, storage options)."""
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.CRITICAL)  # moto's server logs part uploads that s3fs retries
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"endpoint_url": f"http://{host}:{port}", "key": "bench", "secret": "bench"}
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("bench")
+        fs.put(folder.rstrip("/") + "/", "bench/model/", recursive=True)
+        yield "s3://bench/model", options
+    finally:
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,20 +167,30 @@ def main(argv: list[str] | None = None) -> int:
             from synthmill.models.tiny import save_tiny_pipeline
 
             model = save_tiny_pipeline(os.path.join(work, "tiny-sd"), "sd", seed=0)
-        cfg = Settings(model=model, prompts=args.prompts, steps=args.steps, size=args.size,
-                       batch_size=args.prompts, samples_per_shard=args.prompts, guidance_scale=7.5, seed=0,
-                       repeats=args.repeats, cpus_per_actor=None)
-        spec_path = os.path.join(work, "job.yaml")
-        write_spec(cfg, spec_path, cpus_per_actor=None)
-        plain, ours = [], []
-        for r in range(args.repeats):  # interleaved, so drifts in machine speed hit both
-            plain.append(plain_first_batch(model, cfg, prompts, work))
-            ours.append(synthmill_first_shard(spec_path, os.path.join(work, f"out{r}"), args.ray_address))
-            print(f"repeat {r + 1}/{args.repeats}: plain to first tar {plain[-1]['to_first_tar']:.2f} s, "
-                  f"synthmill run to first shard {ours[-1]['to_first_shard']:.2f} s", flush=True)
+        with contextlib.ExitStack() as stack:
+            storage = None
+            if args.s3:
+                model, storage = stack.enter_context(s3_model(model))
+            cfg = Settings(model=model, prompts=args.prompts, steps=args.steps, size=args.size,
+                           batch_size=args.prompts, samples_per_shard=args.prompts, guidance_scale=7.5, seed=0,
+                           repeats=args.repeats, cpus_per_actor=None)
+            spec_path = os.path.join(work, "job.yaml")
+            # On its own local Ray the actor gets this machine's CPUs (on a CPU, its torch threads), as many
+            # as the plain script's torch uses; a joined cluster's CPUs are its own (the spec's default).
+            cpus = None if args.ray_address else os.cpu_count()
+            write_spec(cfg, spec_path, cpus_per_actor=cpus, storage=storage)
+            plain, ours = [], []
+            for r in range(args.repeats):  # interleaved, so drifts in machine speed hit both
+                plain.append(plain_first_batch(model, cfg, prompts, work, storage))
+                ours.append(synthmill_first_shard(spec_path, os.path.join(work, f"out{r}"), args.ray_address,
+                                                  os.path.join(work, f"cache{r}") if args.s3 else None))
+                print(f"repeat {r + 1}/{args.repeats}: plain to first tar {plain[-1]['to_first_tar']:.2f} s, "
+                      f"synthmill run to first shard {ours[-1]['to_first_shard']:.2f} s", flush=True)
     best_p = min(plain, key=lambda d: d["to_first_tar"])
     best_s = min(ours, key=lambda d: d["to_first_shard"])
-    print(f"\n{args.prompts} prompts in one shard, {args.size}x{args.size}, {args.steps} steps, best of {args.repeats}")
+    print(f"\n{args.prompts} prompts in one shard, {args.size}x{args.size}, {args.steps} steps, best of {args.repeats}"
+          + f"; cluster.cpus_per_actor {cpus or 'default'}"
+          + ("; the model from s3:// (moto on 127.0.0.1), downloaded in every run" if args.s3 else ""))
     print("| stage | plain script s | synthmill run s |\n| --- | ---: | ---: |")
     rows = [
         ("process start, imports (plain: torch, diffusers; synthmill: its CLI) + validation",
@@ -141,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         ("Ray start (local)", None, best_s["ray_start"]),
         ("actor start (scheduling, worker process, Ray's imports)", None, best_s["actor_start"]),
         ("torch / diffusers / transformers imports in the actor", None, best_s["actor_imports"]),
+        *([("download of the s3:// model (synthmill: during the actor's imports, the rest in its model load)",
+             best_p["download"], None)] if args.s3 else []),
         ("model load", best_p["model_load"], best_s["model_load"]),
         ("first batch -> first tar / committed shard", best_p["first_batch"], best_s["first_shard"]),
         ("**to the first tar / committed shard**", best_p["to_first_tar"], best_s["to_first_shard"]),
@@ -148,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         ("**launch to exit**", best_p["total"], best_s["total"]),
     ]
     for name, a, b in rows:
-        print(f"| {name} | {'' if a is None else f'{a:.2f}'} | {b:.2f} |")
+        print(f"| {name} | {'' if a is None else f'{a:.2f}'} | {'' if b is None else f'{b:.2f}'} |")
     ratio = best_p["to_first_tar"] / best_s["to_first_shard"]
     print(f"\nratio: time to first output, plain / synthmill = {ratio:.3f}; synthmill's fixed start-up beyond the "
           f"plain script: {best_s['to_first_shard'] - best_p['to_first_tar']:.2f} s; launch to exit, plain / synthmill "

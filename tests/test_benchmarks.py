@@ -130,14 +130,19 @@ def test_driver_benchmark_smoke() -> None:
 
 
 def test_startup_benchmark_smoke(ray_address, tiny_sd) -> None:
-    """``python -m benchmarks startup --smoke``: the start-up breakdown of ``synthmill run`` (from its
-    summary.json milestones; on the session's Ray) next to a plain script's, and the ratio. The session's
-    tiny pipeline is passed as ``--model``, so the benchmark's own process does not import torch to build one."""
+    """``python -m benchmarks startup --smoke --s3``: the start-up breakdown of ``synthmill run`` (from its
+    summary.json milestones; on the session's Ray) next to a plain script's, and the ratio, both loading the
+    model from ``s3://`` (a moto server the benchmark starts; the plain script downloads it itself). The
+    session's tiny pipeline is passed as ``--model``, so the benchmark's own process does not import torch
+    to build one."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "startup", "--smoke", "--ray-address", ray_address, "--model", tiny_sd],
+        [sys.executable, "-m", "benchmarks", "startup", "--smoke", "--s3", "--ray-address", ray_address,
+         "--model", tiny_sd],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^\| download of the s3:// model .* \| \d+\.\d+ \|  \|$", proc.stdout, re.M), proc.stdout
+    assert "the model from s3:// (moto on 127.0.0.1), downloaded in every run" in proc.stdout, proc.stdout
     assert re.search(r"^\| \*\*to the first tar / committed shard\*\* \| \d+\.\d+ \| \d+\.\d+ \|$", proc.stdout, re.M), proc.stdout
     assert re.search(r"^ratio: time to first output, plain / synthmill = \d+\.\d+", proc.stdout, re.M), proc.stdout
 
