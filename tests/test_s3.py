@@ -222,20 +222,28 @@ def test_endpoint_outage_mid_job_is_ridden_out(reference, s3, write_spec):
         proxy.close()
 
 
-def test_remote_model_downloads_on_a_thread_while_the_actor_imports(s3, tmp_path, monkeypatch):
+def test_remote_model_downloads_on_a_thread_while_the_actor_imports(s3, tiny_sd, tmp_path, monkeypatch):
     """An actor starts fetching an ``s3://`` model before its imports (models/loading.py,
     fetch_in_background): the call returns at once, even while the endpoint is down, and the download
-    finishes on its own thread into the node's cache once it is back; ``load_pipeline`` loads from that
-    copy, and raises the fetch's own error for a folder with no files."""
+    finishes on its own thread into the node's cache once it is back; ``load_pipeline`` loads from the
+    folder the future gives and raises the future's error (the fetch's own, for a folder with no files)."""
     from concurrent.futures import Future
 
     from synthmill.jobs.generate_spec import ModelSpec
     from synthmill.models.fetch import local_model_path
-    from synthmill.models.loading import fetch_in_background, load_pipeline
+    from synthmill.models.loading import fetch_in_background, load_pipeline, preload_pipeline_modules
 
     monkeypatch.setenv("SYNTHMILL_CACHE", str(tmp_path / "cache"))
     assert fetch_in_background(ModelSpec(path=str(tmp_path))) is None  # local folders and hub ids load as before
     assert fetch_in_background(ModelSpec(path="segmind/tiny-sd")) is None
+    # The pipeline's classes are imported from the remote model_index.json, as from a local one (the
+    # imports then run while the folder downloads); a hub id or a missing folder imports nothing here.
+    opts0 = {"endpoint_url": s3["endpoint"], **s3["creds"]}
+    local_classes = preload_pipeline_modules(tiny_sd)
+    assert "diffusers.StableDiffusionPipeline" in local_classes and "transformers.CLIPTextModel" in local_classes
+    assert preload_pipeline_modules("s3://synth/models/tiny-sd", opts0) == local_classes
+    assert preload_pipeline_modules("s3://synth/models/none", opts0) == []
+    assert preload_pipeline_modules("segmind/tiny-sd") == []
     proxy = FlakyProxy(("127.0.0.1", s3["port"]))
     try:
         opts = {"endpoint_url": proxy.url, **s3["creds"]}
@@ -253,6 +261,13 @@ def test_remote_model_downloads_on_a_thread_while_the_actor_imports(s3, tmp_path
         assert local_model_path("s3://synth/models/tiny-sd", opts) == path  # the node's cache, complete
         pipe = load_pipeline(ModelSpec(path="s3://synth/models/tiny-sd"), "cpu", opts, fetched)
         assert pipe.unet is not None and pipe.name_or_path == path
+        elsewhere: Future = Future()  # load_pipeline takes the future's folder, not a fetch of its own
+        elsewhere.set_result(tiny_sd)
+        assert load_pipeline(ModelSpec(path="s3://synth/models/tiny-sd"), "cpu", opts, elsewhere).name_or_path == tiny_sd
+        broken: Future = Future()
+        broken.set_exception(RuntimeError("the future's own error"))
+        with pytest.raises(RuntimeError, match="the future's own error"):
+            load_pipeline(ModelSpec(path="s3://synth/models/tiny-sd"), "cpu", opts, broken)
 
         missing = ModelSpec(path="s3://synth/models/none")
         failed = fetch_in_background(missing, opts)

@@ -65,7 +65,7 @@ class ShardGenerator:
 
         from synthmill.models.loading import load_pipeline, optimize_pipeline, preload_pipeline_modules, prompt_tokenizer
 
-        preload_pipeline_modules(spec.model.path)
+        preload_pipeline_modules(spec.model.path, spec.storage)
         self.import_s = time.perf_counter() - t_imports
 
         self.spec, self.source, self.plan = spec, source, plan

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 from synthmill.errors import SpecError
@@ -52,28 +53,35 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
     return "local"
 
 
-def preload_pipeline_modules(path: str) -> None:
-    """Import the classes a local pipeline folder names (pipeline and components), without loading weights.
+def preload_pipeline_modules(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Import the classes a pipeline folder names (pipeline and components), without loading weights;
+    return the ``library.Class`` names it imported.
 
     ``diffusers`` and ``transformers`` import their classes on first use; this lets a caller time
-    imports apart from the load. Anything it cannot resolve is left for ``from_pretrained`` to report.
+    imports apart from the load. A remote folder's ``model_index.json`` is read where it is, so these
+    imports also run while the folder downloads (:func:`fetch_in_background`). Best effort: anything it
+    cannot read or resolve (a hub id, an unreachable endpoint) is left for ``from_pretrained``.
     """
     import importlib
-    import json
 
     try:
-        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
-            index = json.load(fh)
-    except (OSError, ValueError):
-        return  # a hub id or a remote folder: from_pretrained imports as it goes
+        with storage.retry_budget(5.0):
+            index = storage.read_json(storage.join(path, "model_index.json"), storage_options)
+    except Exception:  # from_pretrained reports what is wrong with the folder
+        return []
+    if not isinstance(index, dict):
+        return []  # a hub id (no such local file): from_pretrained imports as it goes
     wanted = [("diffusers", index.get("_class_name"))]
     wanted += [tuple(v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2]
+    imported = []
     for library, name in wanted:
         if library in ("diffusers", "transformers") and isinstance(name, str):
             try:
                 getattr(importlib.import_module(library), name)
+                imported.append(f"{library}.{name}")
             except (ImportError, AttributeError):
                 pass
+    return imported
 
 
 def resolve_dtype(name: str, device: str):
@@ -96,11 +104,19 @@ def fetch_in_background(model: Any, storage_options: dict[str, Any] | None = Non
         return None
     from synthmill.models.fetch import local_model_path
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="model-fetch")
-    try:
-        return pool.submit(local_model_path, model.path, storage_options)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends with its one download
+    fetched: Future = Future()
+
+    def download() -> None:
+        fetched.set_running_or_notify_cancel()
+        try:
+            fetched.set_result(local_model_path(model.path, storage_options))
+        except BaseException as e:  # raised by load_pipeline, in the actor's own thread
+            fetched.set_exception(e)
+
+    # A daemon thread: an actor that fails before it loads exits without waiting for the download
+    # (whose temporary folder the next fetch on the node replaces).
+    threading.Thread(target=download, name="model-fetch", daemon=True).start()
+    return fetched
 
 
 def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | None = None,
