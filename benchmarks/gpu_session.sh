@@ -27,7 +27,7 @@ limit=()
 status=0
 for i in "$@"; do
     echo "== GPU_RUNS[$i] $(date -u +%T)" | tee -a "$log"
-    "${limit[@]}" python3 -m benchmarks gpu "$i" > "$OUT/gpu_run_$i.log" 2>&1 || { status=$?; echo "exit $status" | tee -a "$log"; }
+    ${limit[@]+"${limit[@]}"} python3 -m benchmarks gpu "$i" > "$OUT/gpu_run_$i.log" 2>&1 || { status=$?; echo "exit $status" | tee -a "$log"; }
     grep -E "^(ratios|\| \(|identical|\(c\) |peak|model:|batch |\(a\) )" "$OUT/gpu_run_$i.log" | tail -20
     cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 done

@@ -142,7 +142,7 @@ def test_startup_benchmark_smoke(ray_address, tiny_sd) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\| download of the s3:// model .* \| \d+\.\d+ \|  \|$", proc.stdout, re.M), proc.stdout
-    assert "the model from s3:// (moto on 127.0.0.1), downloaded in every run" in proc.stdout, proc.stdout
+    assert "the model from s3:// (moto on 127.0.0.1); synthmill's actors keep their node's cache" in proc.stdout, proc.stdout
     assert re.search(r"^\| \*\*to the first tar / committed shard\*\* \| \d+\.\d+ \| \d+\.\d+ \|$", proc.stdout, re.M), proc.stdout
     assert re.search(r"^ratio: time to first output, plain / synthmill = \d+\.\d+", proc.stdout, re.M), proc.stdout
 
