@@ -259,6 +259,11 @@ def test_remote_model_downloads_on_a_thread_while_the_actor_imports(s3, tiny_sd,
         path = fetched.result(timeout=120)  # ridden out by storage.retrying once the endpoint is back
         assert os.path.isfile(os.path.join(path, "model_index.json")) and path.startswith(str(tmp_path / "cache"))
         assert local_model_path("s3://synth/models/tiny-sd", opts) == path  # the node's cache, complete
+        # A fetch that died mid-way left its temporary folder and no complete copy: the next one removes it.
+        os.makedirs(path + ".tmp-died/unet")
+        os.remove(os.path.join(path, ".complete"))
+        assert local_model_path("s3://synth/models/tiny-sd", opts) == path
+        assert not os.path.exists(path + ".tmp-died") and os.path.isfile(os.path.join(path, ".complete"))
         pipe = load_pipeline(ModelSpec(path="s3://synth/models/tiny-sd"), "cpu", opts, fetched)
         assert pipe.unet is not None and pipe.name_or_path == path
         elsewhere: Future = Future()  # load_pipeline takes the future's folder, not a fetch of its own

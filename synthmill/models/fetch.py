@@ -2,11 +2,13 @@
 
 The cache key is the URL plus the listing (names, sizes, ETags), so a changed model is fetched again.
 Actors on one node take a file lock: the first downloads into a temporary folder and renames it
-into place; the others wait and then find it complete.
+into place; the others wait and then find it complete. A temporary folder left by a fetch that died
+(its lock went with its process) is removed by the next one.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -41,6 +43,8 @@ def local_model_path(url: str, storage_options: dict[str, Any] | None = None) ->
     with FileLock(dest + ".lock"):
         if os.path.isfile(os.path.join(dest, ".complete")):
             return dest
+        for stale in glob.glob(glob.escape(dest) + ".tmp-*"):  # a fetch that died holding the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
         log.info("fetching %s (%d files) into %s", url, len(files), dest)
         for rel, _, _ in files:

@@ -114,7 +114,7 @@ def fetch_in_background(model: Any, storage_options: dict[str, Any] | None = Non
             fetched.set_exception(e)
 
     # A daemon thread: an actor that fails before it loads exits without waiting for the download
-    # (whose temporary folder the next fetch on the node replaces).
+    # (the next fetch of that model on the node removes the temporary folder it leaves).
     threading.Thread(target=download, name="model-fetch", daemon=True).start()
     return fetched
 
