@@ -10,10 +10,10 @@ images written to a tar (imports, ``from_pretrained``, one pipeline call, PNG en
 
 With ``--s3`` the model is served by an S3-protocol server on 127.0.0.1 (moto's, as the tests use) and both
 start from ``s3://``: the plain script downloads the folder with s3fs after its imports, then loads it;
-``synthmill run`` gets a fresh node cache (``SYNTHMILL_CACHE``) each run, so every run downloads it (on
-its own local Ray; with ``--ray-address`` the cluster's actors keep their nodes' caches)
-(its actor starts the download before importing torch and diffusers, and its "model load" is what was
-left of the download after the imports, plus the load).
+``synthmill run`` on its own local Ray gets a fresh node cache (``SYNTHMILL_CACHE``) each run, so every
+run downloads it (with ``--ray-address`` the cluster's actors keep their nodes' caches). Its actor starts
+the download before importing torch and diffusers; its "model load" is what was left of the download
+after the imports, plus the load.
 
     python -m benchmarks startup            # the numbers in RESULTS.md
     python -m benchmarks startup --smoke    # one repeat; what tests/test_benchmarks.py runs
@@ -45,8 +45,9 @@ from diffusers import DiffusionPipeline
 t_imports = time.time()
 model = sys.argv[2]
 if model.startswith("s3://"):
-    import json, s3fs, tempfile
-    local = tempfile.mkdtemp(dir=sys.argv[8])
+    import json, os, s3fs
+    local = sys.argv[8]
+    os.makedirs(local, exist_ok=True)
     s3fs.S3FileSystem(**json.loads(sys.argv[7])).get(model[len("s3://"):] + "/", local + "/", recursive=True)
     model = local
 t_download = time.time()
@@ -63,9 +64,6 @@ with webdataset.TarWriter(sys.argv[6]) as w:
         im.save(buf, format="PNG")
         w.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": prompts[i]})
 t_batch = time.time()
-if model != sys.argv[2]:
-    import shutil
-    shutil.rmtree(model)  # the download, after the timing: each run downloads afresh
 print(f"{t_imports - t0:.3f} {t_download - t_imports:.3f} {t_load - t_download:.3f} {t_batch - t_load:.3f}")
 """
 
@@ -74,12 +72,14 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
                       storage: dict | None = None) -> dict[str, float]:
     """Seconds of a fresh plain script: start + imports (+ the download of an ``s3://`` model), model load,
     first batch written; and in all."""
+    download = os.path.join(work, "plain-download")  # where the plain script puts an s3:// model
     launch = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_FIRST_BATCH, repr(launch), model, str(cfg.steps), str(cfg.size),
-         "\x1f".join(prompts), os.path.join(work, "plain.tar"), json.dumps(storage or {}), work],
+         "\x1f".join(prompts), os.path.join(work, "plain.tar"), json.dumps(storage or {}), download],
         cwd=REPO, capture_output=True, text=True)
     ended = time.time()
+    shutil.rmtree(download, ignore_errors=True)  # after the timing: each run downloads afresh
     if proc.returncode != 0:
         raise RuntimeError(f"plain script failed:\n{proc.stderr[-3000:]}")
     imports, download, load, batch = map(float, proc.stdout.split()[-4:])
@@ -195,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             # as the plain script's torch uses; a joined cluster's CPUs are its own (the spec's default).
             cpus = None if args.ray_address else local_ray_cpus()
             write_spec(cfg, spec_path, cpus_per_actor=cpus, storage=storage)
+            # synthmill's actors inherit SYNTHMILL_CACHE only from a local Ray this benchmark's run starts
+            cache = os.path.join(work, "cache") if args.s3 and not args.ray_address else None
             plain, ours = [], []
             for r in range(args.repeats):  # interleaved, so drifts in machine speed hit both
                 plain.append(plain_first_batch(model, cfg, prompts, work, storage))
-                cache = os.path.join(work, "cache") if args.s3 and not args.ray_address else None
                 ours.append(synthmill_first_shard(spec_path, os.path.join(work, f"out{r}"), args.ray_address, cache))
                 if cache:
                     shutil.rmtree(cache, ignore_errors=True)  # the next run downloads afresh too
@@ -206,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"synthmill run to first shard {ours[-1]['to_first_shard']:.2f} s", flush=True)
     best_p = min(plain, key=lambda d: d["to_first_tar"])
     best_s = min(ours, key=lambda d: d["to_first_shard"])
+    source = ""
+    if args.s3:
+        source = ("; the model from s3:// (moto on 127.0.0.1), downloaded in every run" if cache else
+                  "; the model from s3:// (moto on 127.0.0.1); synthmill's actors keep their node's cache (joined "
+                  "cluster: only a cold node downloads)")
     print(f"\n{args.prompts} prompts in one shard, {args.size}x{args.size}, {args.steps} steps, best of {args.repeats}"
-          + f"; cluster.cpus_per_actor {cpus or 'default'}"
-          + ("; the model from s3:// (moto on 127.0.0.1), downloaded in every run" if args.s3 and not args.ray_address
-             else "; the model from s3:// (moto on 127.0.0.1); synthmill's actors keep their node's cache (joined "
-                  "cluster: only a cold node downloads)" if args.s3 else ""))
+          f"; cluster.cpus_per_actor {cpus or 'default'}{source}")
     print("| stage | plain script s | synthmill run s |\n| --- | ---: | ---: |")
     rows = [
         ("process start, imports (plain: torch, diffusers; synthmill: its CLI) + validation",

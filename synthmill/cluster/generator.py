@@ -53,7 +53,8 @@ class ShardGenerator:
     """Holds one pipeline; :meth:`process_shard` may be called from several threads at once."""
 
     def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
-        from synthmill.models.loading import fetch_in_background
+        from synthmill.models.loading import (fetch_in_background, load_pipeline, optimize_pipeline,
+                                              preload_pipeline_modules, prompt_tokenizer)
 
         t_imports = time.perf_counter()
         fetched = fetch_in_background(spec.model, spec.storage)  # a remote model downloads during the imports
@@ -62,8 +63,6 @@ class ShardGenerator:
         # from_pretrained pays them and "load" looks several times slower than it is).
         import torch
         from diffusers import DiffusionPipeline  # noqa: F401
-
-        from synthmill.models.loading import load_pipeline, optimize_pipeline, preload_pipeline_modules, prompt_tokenizer
 
         preload_pipeline_modules(spec.model.path, spec.storage)
         self.import_s = time.perf_counter() - t_imports
