@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from synthmill.cluster.generator import ShardGenerator
 from synthmill.jobs import generate
 from synthmill.jobs.spec import load_spec
@@ -38,21 +40,28 @@ def test_prompt_token_counts_are_stable_while_the_pipeline_tokenizes(tiny_sd, pr
             t.join()
 
 
-def test_float16_images_equal_diffusers_own_uint8_conversion(tiny_sd, prompts_tsv, write_spec, tmp_path):
+@pytest.mark.parametrize("kind", ["tiny_sd", "tiny_sdxl"])
+def test_float16_images_equal_diffusers_own_uint8_conversion(kind, request, prompts_tsv, write_spec, tmp_path):
     """The float16 path (what every GPU runs): synthmill's uint8 images equal a plain diffusers call's
-    ``output_type="np"`` images scaled to uint8, pixel for pixel (float16 on the CPU here)."""
+    ``output_type="np"`` images scaled to uint8, pixel for pixel (float16 on the CPU here). SDXL's pipeline
+    decodes with its VAE upcast to float32 (``force_upcast``), in synthmill's call as in the plain one.
+    Channels-last is off, as it is by default on a CPU, where it changes pixels by itself."""
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline
 
-    spec = base_spec(tiny_sd, prompts_tsv, str(tmp_path / "out"))
+    model = request.getfixturevalue(kind)
+    spec = base_spec(model, prompts_tsv, str(tmp_path / "out"))
     spec["model"]["dtype"] = "float16"
     prepared = generate.prepare(load_spec(write_spec(spec)))
     gen = ShardGenerator(prepared.spec, prepared.source, prepared.plan)
     assert gen.dtype == "float16"
     batch = gen.samples(0)
     ours, _ = gen.denoise(batch)
-    pipe = DiffusionPipeline.from_pretrained(tiny_sd, dtype=torch.float16)
+    if kind == "tiny_sdxl":
+        assert gen.pipe.vae.config.force_upcast
+    assert not gen.speed["channels_last"]
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
     s = spec["sampling"]
     theirs = pipe([b.prompt for b in batch], num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"],
