@@ -158,12 +158,18 @@ def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None =
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
         try:
             os.replace(local_path, dest)
-        except OSError:  # another device: copy next to the target, then rename
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
             import shutil
 
-            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)
+            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"  # another device: copy next to the target, then rename
+            try:
+                shutil.copyfile(local_path, tmp)
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         return
     fs, path = filesystem(url, storage_options)
     retrying(url, "upload", lambda: fs.put_file(local_path, path))
