@@ -285,8 +285,10 @@ def test_other_formats_encode_the_same_pixels_deterministically(reference, write
 
 
 def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_sd, write_spec, tmp_path, capsys):
+    """Two shards to redo, one of which cannot be committed (a folder squats on its tar's path): it fails
+    alone, after its attempts, the other is committed; once the path is cleared, the same command runs
+    only that shard."""
     rows = [json.dumps({"caption": f"a photo of object number {i}"}) for i in range(6)]
-    rows[3] = "{this is not json"
     src = tmp_path / "prompts.jsonl"
     src.write_text("\n".join(rows) + "\n")
     spec = base_spec(tiny_sd, str(src), str(tmp_path / "out"))
@@ -294,19 +296,31 @@ def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_
     spec["output"]["samples_per_shard"] = 2
     spec["cluster"]["max_attempts"] = 2
     path = write_spec(spec)
+    out = spec["output"]["path"]
+    assert main(["run", path]) == 0
+    capsys.readouterr()
+    first = tar_hashes(out)
+    for k in (0, 1):  # both to be redone; shard 1 cannot be
+        for name in (f"shards/{k:06d}.json", f"shards/{k:06d}.tar", f"index/{k:06d}.parquet"):
+            os.unlink(os.path.join(out, name))
+    squatter = os.path.join(out, "shards", "000001.tar")
+    os.makedirs(os.path.join(squatter, "in-the-way"))
     assert main(["run", path]) == 1
     err = capsys.readouterr().err
-    assert "1 of 3 shards failed (000001)" in err and "line 4 is not valid JSON" in err
-    out = spec["output"]["path"]
-    assert sorted(os.listdir(os.path.join(out, "shards"))) == ["000000.json", "000000.tar", "000002.json", "000002.tar"]
+    assert "1 of 3 shards failed (000001)" in err and "Is a directory" in err, err
+    assert sorted(n for n in os.listdir(os.path.join(out, "shards")) if n != "000001.tar") == [
+        "000000.json", "000000.tar", "000002.json", "000002.tar"]
+    redone = hashlib.sha256(open(os.path.join(out, "shards", "000000.tar"), "rb").read()).hexdigest()
+    assert redone == first["000000.tar"]  # the same bytes again
     assert not os.path.exists(os.path.join(out, "summary.json"))
     failures = json.load(open(os.path.join(out, "failures.json")))
     assert "after 2 attempts" in failures["failed_shards"]["000001"]
     assert main(["status", out]) == 0
     assert "failures   1" in capsys.readouterr().out
-    # Fix the input and run again: only the failed shard runs.
-    rows[3] = json.dumps({"caption": "a photo of object number 3"})
-    src.write_text("\n".join(rows) + "\n")
+    # Clear the path and run again: only the failed shard runs.
+    import shutil
+
+    shutil.rmtree(squatter)
     before = files_under(out)
     assert main(["run", path]) == 0
     assert "| 2/2 [" in capsys.readouterr().err  # the progress bar ends at the samples run (one shard of 2)
@@ -316,6 +330,54 @@ def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_
     assert not os.path.exists(os.path.join(out, "failures.json"))
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert (summary["shards_resumed"], summary["shards_run"]) == (2, 1)
+    # A complete job run again does nothing, and keeps the summary of the run that completed it.
+    assert main(["run", path]) == 0
+    assert json.load(open(os.path.join(out, "summary.json"))) == summary
+    assert files_under(out) == after
+
+
+def test_other_prompts_in_the_same_file_are_another_job(reference, write_spec, tmp_path, capsys, prompts_tsv):
+    """The prompts enter the job's fingerprint as their content: the reference's rows copied to another path
+    resume its output (nothing to run); the same file with one row changed, or one row added, is refused
+    with exit 2 naming prompts.path, and the output is left as it was."""
+    import shutil
+
+    spec, out = reference
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    moved = tmp_path / "moved.tsv"
+    shutil.copy(prompts_tsv, moved)
+    path = write_spec(dict(spec, prompts=dict(spec["prompts"], path=str(moved)), output=dict(spec["output"], path=copy)))
+    assert main(["run", path, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["shards_done"], plan["shards"]) == (5, 5)
+    before = files_under(copy)
+    original = moved.read_text(encoding="utf-8")
+    lines = original.splitlines(keepends=True)
+    one_changed = "".join(lines[:3] + [lines[3].replace("\t", "\tedited: ", 1)] + lines[4:])
+    for edited in (one_changed, original + "one more prompt\n"):
+        moved.write_text(edited, encoding="utf-8")
+        for command in ("validate", "run"):
+            assert main([command, path]) == 2
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert line.startswith(f"synthmill: error: prompts.path {moved}: its rows differ from those {copy} was "
+                                   "generated from (11 prompts then, "), line
+        assert files_under(copy) == before
+
+
+def test_a_bad_row_deep_in_the_prompts_is_exit_2_before_anything_runs(tiny_sd, write_spec, tmp_path, capsys):
+    rows = [json.dumps({"caption": f"a photo of object number {i}"}) for i in range(9000)]
+    rows[8500] = "{this is not json"
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    spec = base_spec(tiny_sd, str(src), str(tmp_path / "out"))
+    path = write_spec(spec)
+    for command in ("validate", "run"):
+        assert main([command, path]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line == f"synthmill: error: prompts.path {src}: line 8501 is not valid JSON: Expecting property name " \
+                       "enclosed in double quotes: line 1 column 2 (char 1)", line
+    assert not os.path.exists(spec["output"]["path"])
 
 
 def test_model_that_cannot_load_fails_once_with_its_error(ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path, capsys):

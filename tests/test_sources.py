@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,23 +19,23 @@ PROMPTS[3] = ""  # a blank row
 PROMPTS[10] = 'a "quoted", multi\nline prompt'  # quoting and a newline inside a CSV field
 
 
-def write_all(folder) -> dict[str, str]:
+def write_all(folder, prompts: list[str] = PROMPTS) -> dict[str, str]:
     paths = {}
     p = folder / "p.txt"
-    p.write_text("\n".join(x.replace("\n", " ") for x in PROMPTS) + "\n", encoding="utf-8")
+    p.write_text("\n".join(x.replace("\n", " ") for x in prompts) + "\n", encoding="utf-8")
     paths["txt"] = str(p)
     p = folder / "p.jsonl"
-    p.write_text("".join(json.dumps({"caption": x, "n": i}) + "\n" for i, x in enumerate(PROMPTS)), encoding="utf-8")
+    p.write_text("".join(json.dumps({"caption": x, "n": i}) + "\n" for i, x in enumerate(prompts)), encoding="utf-8")
     paths["jsonl"] = str(p)
     for ext, delim in (("csv", ","), ("tsv", "\t")):
         p = folder / f"p.{ext}"
         with open(p, "w", encoding="utf-8", newline="") as fh:
             w = csv.writer(fh, delimiter=delim)
             w.writerow(["n", "caption"])
-            w.writerows([i, x] for i, x in enumerate(PROMPTS))
+            w.writerows([i, x] for i, x in enumerate(prompts))
         paths[ext] = str(p)
     p = folder / "p.parquet"
-    pq.write_table(pa.table({"n": list(range(len(PROMPTS))), "caption": PROMPTS}), p, row_group_size=10)
+    pq.write_table(pa.table({"n": list(range(len(prompts))), "caption": prompts}), p, row_group_size=10)
     paths["parquet"] = str(p)
     return paths
 
@@ -77,13 +78,81 @@ def test_scan_keeps_offsets_not_prompts(sources):
     assert all(isinstance(o, int) for o in src.offsets)
 
 
-def test_bad_jsonl_row_names_file_and_line(tmp_path):
-    p = tmp_path / "bad.jsonl"
-    p.write_text('{"caption": "ok"}\n{not json}\n', encoding="utf-8")
+@pytest.mark.parametrize("name,content,needle", [
+    ("bad.txt", b"ok\nfine\nbad \xff\n", "bad.txt: line 3 is not valid UTF-8"),
+    ("bad.jsonl", b'{"caption": "ok"}\n{"caption": "fine"}\n{not json}\n', "bad.jsonl: line 3 is not valid JSON"),
+    ("col.jsonl", b'{"caption": "ok"}\n{"caption": "fine"}\n{"text": "x"}\n', "'caption' not found in"),
+    ("bad.csv", b"caption\nok\nfine\nbad \xff\n", "bad.csv: line 4 is not valid UTF-8"),
+    ("big.tsv", b"caption\nok\nfine\n" + b"y" * 200_000 + b"\n", "big.tsv: data row 3 cannot be read as TSV (field larger"),
+])
+def test_a_bad_row_anywhere_fails_the_scan_naming_file_and_row(tmp_path, name, content, needle):
+    """The scan parses every row it counts: a bad third row is a SpecError (exit 2 before anything runs),
+    not a shard that fails on an actor; rows past ``prompts.limit`` are not read."""
+    from synthmill.errors import SpecError
+
+    p = tmp_path / name
+    p.write_bytes(content)
     src = open_source(str(p), "caption", None)
-    src.scan(1)
-    with pytest.raises(ValueError, match=r"bad.jsonl: line 2 is not valid JSON"):
-        src.read_rows(0, 2)
+    src.check()  # the first row is fine
+    with pytest.raises(SpecError, match=re.escape(needle)):
+        src.scan(1)
+    assert open_source(str(p), "caption", 2).scan(1) == 2
+
+
+def test_parquet_column_that_is_not_text(tmp_path):
+    from synthmill.errors import SpecError
+
+    p = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"caption": [[1, 2], [3]]}), p)
+    with pytest.raises(SpecError, match=r"prompts.column 'caption' in .*lists.parquet holds list<.*>, not text"):
+        open_source(str(p), "caption", None).scan(1)
+
+
+def digest(path, limit=None) -> str:
+    src = open_source(str(path), "caption", limit)
+    src.scan(3)
+    return src.digest
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "tsv", "parquet"])
+def test_digest_is_the_rows_content(sources, fmt, tmp_path):
+    """The digest the fingerprint takes: the same rows give the same digest at another path; a change in a
+    counted row changes it, a change past ``prompts.limit`` does not."""
+    import shutil
+
+    here = digest(sources[fmt])
+    assert here.startswith("sha256:") and len(here) == 71
+    moved = tmp_path / f"moved.{fmt}"
+    shutil.copy(sources[fmt], moved)
+    assert digest(moved) == here
+    assert digest(sources[fmt], 50) not in (here, digest(sources[fmt], 49))
+    for row, limit, same in ((20, None, False), (20, 50, False), (60, 50, True)):
+        edited = [x + " (edited)" if i == row else x for i, x in enumerate(PROMPTS)]
+        folder = tmp_path / f"edit{row}-{limit}"
+        folder.mkdir()
+        changed = write_all(folder, edited)[fmt]
+        assert (digest(changed, limit) == digest(sources[fmt], limit)) is same, (row, limit)
+
+
+def test_digest_of_a_text_file_is_its_bytes_up_to_the_limit(sources):
+    import hashlib
+
+    data = open(sources["txt"], "rb").read()
+    assert digest(sources["txt"]) == "sha256:" + hashlib.sha256(data).hexdigest()
+    first_ten = b"".join(data.splitlines(keepends=True)[:10])
+    assert digest(sources["txt"], 10) == "sha256:" + hashlib.sha256(first_ten).hexdigest()
+
+
+def test_parquet_digest_ignores_row_groups_compression_and_other_columns(tmp_path):
+    values = ["a cat", None, "", "a dog"] * 50
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"caption": values}), a, row_group_size=7)
+    pq.write_table(pa.table({"n": list(range(200)), "caption": pa.array(values, pa.large_string())}), b,
+                   row_group_size=64, compression="gzip")
+    assert digest(a) == digest(b)
+    c = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"caption": values[:-1] + [None]}), c)  # a value became null
+    assert digest(c) != digest(a)
 
 
 def test_plan_arithmetic():

@@ -213,7 +213,7 @@ class ShardGenerator:
         self.busy_s += busy
         marker = {
             "shard": k, "count": len(metas), "size": size, "sha256": sha,
-            "fingerprint": self.spec.fingerprint(),
+            "fingerprint": self.spec.fingerprint(self.source.digest),
             "first_key": metas[0]["key"], "last_key": metas[-1]["key"],
             "blank_prompts": sum(m["blank_prompt"] for m in metas),
             "truncated_prompts": sum(m["truncated"] for m in metas),

@@ -34,10 +34,25 @@ class Prepared:
     source: PromptSource
     plan: ShardPlan
 
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint(self.source.digest)
 
-def check_output(spec: GenerateSpec) -> None:
-    """``output.path`` must be new, empty, or an earlier run of this same job, and writable."""
-    check_output_folder(spec.output.path, spec.fingerprint(), spec.storage)
+
+def check_output(spec: GenerateSpec, source: PromptSource) -> None:
+    """``output.path`` must be new, empty, or an earlier run of this same job (with the same prompts)."""
+    out, opts = spec.output.path, spec.storage
+    try:
+        check_output_folder(out, spec.fingerprint(source.digest), opts)
+    except SpecError:
+        previous = storage.read_json(storage.join(out, "plan.json"), opts)  # it is a folder of a job here
+        before = (previous or {}).get("prompts_digest")
+        if before and before != source.digest:  # say which setting differs when it is the prompts' content
+            raise SpecError(
+                f"prompts.path {spec.prompts.path}: its rows differ from those {out} was generated from "
+                f"({previous.get('prompts')} prompts then, {source.num_rows} now, other content); restore "
+                "them, or use a new output.path") from None
+        raise
 
 
 #: Seconds a storage outage may last during validation before the input counts as unreachable.
@@ -53,12 +68,11 @@ def prepare(spec: GenerateSpec) -> Prepared:
             field = "prompts.path"
             source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage)
             source.check()
-            field = "output.path"
-            check_output(spec)
-            field = "prompts.path"
             s = spec.sampling
             plan = ShardPlan(0, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
-            source.scan(plan.rows_per_shard())
+            source.scan(plan.rows_per_shard())  # every row parsed, the content digest taken
+            field = "output.path"
+            check_output(spec, source)
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None
     plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
@@ -67,8 +81,8 @@ def prepare(spec: GenerateSpec) -> Prepared:
 
 def plan_summary(p: Prepared) -> dict[str, Any]:
     """What ``--dry-run`` prints: sizes of the plan and what is already done."""
-    done = done_shards(p.spec.output.path, range(p.plan.num_shards), p.spec.fingerprint(),
-                       storage_options=p.spec.storage)
+    done = done_shards(p.spec.output.path, range(p.plan.num_shards), p.fingerprint,
+                       p.spec.output.resume_check, p.spec.storage)
     return {
         "prompts": p.plan.num_prompts,
         "samples": p.plan.num_samples,
@@ -77,7 +91,7 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
         "shards_done": len(done),
         "samples_done": sum(m["count"] for m in done.values()),
         "output": p.spec.output.path,
-        "fingerprint": p.spec.fingerprint(),
+        "fingerprint": p.fingerprint,
     }
 
 
@@ -86,7 +100,8 @@ def _write_start_files(p: Prepared) -> None:
     write_job_yaml(p.spec)
     storage.write_json(
         storage.join(out, "plan.json"),
-        {"kind": "generate", "fingerprint": p.spec.fingerprint(), "prompts": p.plan.num_prompts,
+        {"kind": "generate", "fingerprint": p.fingerprint, "prompts": p.plan.num_prompts,
+         "prompts_digest": p.source.digest,
          "samples": p.plan.num_samples, "shards": p.plan.num_shards,
          "samples_per_shard": p.plan.samples_per_shard},
         opts,
@@ -132,11 +147,15 @@ def run(p: Prepared) -> dict[str, Any]:
     t0 = time.perf_counter()
     wall0 = time.time()
     startup: dict[str, Any] = {}  # seconds from run() to each start-up milestone
-    _write_start_files(p)
-    markers = done_shards(out, range(plan.num_shards), spec.fingerprint(), spec.output.resume_check, opts)
+    markers = done_shards(out, range(plan.num_shards), p.fingerprint, spec.output.resume_check, opts)
     resumed = len(markers)
     todo = [k for k in range(plan.num_shards) if k not in markers]
     log.info("%d shards planned, %d already done, %d to run", plan.num_shards, resumed, len(todo))
+    if not todo:
+        finished = storage.read_json(storage.join(out, "summary.json"), opts)
+        if isinstance(finished, dict) and finished.get("status") == "complete" and finished.get("fingerprint") == p.fingerprint:
+            return finished  # complete already: nothing is rewritten, its summary (its run's throughput) stays
+    _write_start_files(p)
     report = None
     committed_at: dict[int, float] = {}  # driver wall clock when each shard of this run was committed
     if todo:
@@ -190,7 +209,7 @@ def run(p: Prepared) -> dict[str, Any]:
     summary = {
         "status": "complete",
         "kind": "generate",
-        "fingerprint": spec.fingerprint(),
+        "fingerprint": p.fingerprint,
         "prompts": plan.num_prompts,
         "samples": plan.num_samples,
         "shards": plan.num_shards,

@@ -129,11 +129,14 @@ class GenerateSpec:
         check_cluster(c)
         require(1 <= c.encode_threads <= 64, "cluster.encode_threads", f"must be in 1..64, got {c.encode_threads}")
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, prompts_digest: str) -> str:
         """Hash of every setting a shard's bytes depend on (DESIGN.md invariant 2), and nothing else.
 
         Two runs into the same output must agree on it; ``output.path``, the cluster address, the
-        number of actors and the retry settings are left out on purpose.
+        number of actors and the retry settings are left out on purpose. The prompts enter as their
+        content, ``prompts_digest`` (the scanned source's :attr:`~synthmill.sharding.sources.PromptSource.digest`,
+        which covers the rows up to ``prompts.limit``), and the column read from them: the same rows
+        moved to another path are the same job, other rows at the same path are not.
         """
         m = asdict(self.model)
         for k in ("allow_pickle", "trust_remote_code"):
@@ -143,9 +146,11 @@ class GenerateSpec:
                 m.pop(k)
         basis = {
             "model": m,
-            "prompts": asdict(self.prompts),
+            "prompts": {"rows": prompts_digest,  # .txt has no columns
+                        "column": None if self.prompts.path.lower().endswith(".txt") else self.prompts.column},
             "sampling": asdict(self.sampling),
-            "output": {k: getattr(self.output, k) for k in ("format", "quality", "samples_per_shard")},
+            "output": {k: getattr(self.output, k) for k in ("format", "quality", "samples_per_shard")
+                       if k != "quality" or self.output.format != "png"},  # PNG is lossless: no quality
             "batch_size": self.cluster.batch_size,
         }
         blob = json.dumps(basis, sort_keys=True, separators=(",", ":")).encode()
