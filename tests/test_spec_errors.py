@@ -215,6 +215,51 @@ def test_output_folder_not_empty(capsys, write_spec, good):
     expect_error(capsys, write_spec(good), "output.path", "not empty")
 
 
+def test_malformed_override_value(capsys, write_spec, good):
+    """An override's value is read as YAML: a malformed one is one line naming the override, not a traceback."""
+    out = good["output"]["path"]
+    expect_error(capsys, write_spec(good), "override 'a.b=[1'", "not valid YAML", overrides=("a.b=[1",), output=out)
+    expect_error(capsys, write_spec(good), "override 'sampling.steps={3'", overrides=("sampling.seed=1", "sampling.steps={3"),
+                 output=out)
+
+
+def test_section_given_a_scalar(capsys, write_spec, good):
+    """A value where a section of keys belongs names the field (OmegaConf's own message names only a class)."""
+    out = good["output"]["path"]
+    line = expect_error(capsys, write_spec(dict(good, model="segmind/tiny-sd")), "job", "field 'model'",
+                        "section of keys (model.path", "a string 'segmind/tiny-sd'", output=out)
+    assert "Merge error" not in line, line
+    expect_error(capsys, write_spec(dict(good, prompts=["a.tsv"])), "field 'prompts'", "a list ['a.tsv']", output=out)
+    expect_error(capsys, write_spec(good), "override 'sampling=abc'", "field 'sampling'", "section of keys (sampling.",
+                 "a string 'abc'", overrides=("sampling=abc",), output=out)
+    expect_error(capsys, write_spec(good), "override 'cluster=3'", "field 'cluster'", "a number 3",
+                 overrides=("cluster.batch_size=2", "cluster=3"), output=out)
+
+
+def test_options_anywhere_among_overrides(capsys, write_spec, good, tmp_path):
+    """``--dry-run``, ``-v`` and ``--json`` may come before, between or after the positionals; overrides keep
+    their order (the last wins)."""
+    path, other = write_spec(good), str(tmp_path / "other")
+    assert main(["run", path, "--dry-run", f"output.path={other}"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == other
+    assert main(["run", path, f"output.path={tmp_path / 'first'}", "-v", "--dry-run", f"output.path={other}"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == other
+    assert main(["run", "--dry-run", path, "-v"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == good["output"]["path"]
+    code, line = run_cli(capsys, "validate", path, "-v", "cluster.batch_size=0")  # the override after -v is applied
+    assert code == 2 and "cluster.batch_size" in line, line
+    assert run_cli(capsys, "validate", "-v", path, "sampling.steps=3")[0] == 0
+    for argv in (["status", "--json", str(tmp_path)], ["status", str(tmp_path), "--json"]):
+        code, line = run_cli(capsys, *argv)
+        assert code == 2 and "not a synthmill output" in line, (argv, line)
+    for argv in (["run", path, "--dry-run", "--bogus"], ["status", str(tmp_path), "extra"], ["validate", "-v"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2, argv
+    assert "the following arguments are required: spec\n" in capsys.readouterr().err  # overrides stay optional
+    assert not os.path.exists(good["output"]["path"]) and not os.path.exists(other)
+
+
 def test_console_script_exit_codes(write_spec, good):
     """The installed `synthmill` command gives the shell 0 for a good spec and 2 for a bad one."""
     exe = os.path.join(os.path.dirname(sys.executable), "synthmill")

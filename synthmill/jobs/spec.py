@@ -63,6 +63,61 @@ def _explain(exc: Exception, schema: type, source: str) -> SpecError:
     return SpecError(f"{source}: {first}")
 
 
+def _kind_of_value(value: Any) -> str:
+    """``a string 'x'``, ``a number 3``, ``a list [...]``: what a YAML value is, for messages."""
+    kinds = ((bool, "a boolean"), (str, "a string"), (int, "a number"), (float, "a number"), (list, "a list"))
+    name = next((n for t, n in kinds if isinstance(value, t)), f"a {type(value).__name__}")
+    return f"{name} {value!r}"
+
+
+def _scalar_section(schema: type, data: Any, prefix: str = "") -> tuple[str, Any] | None:
+    """(dotted field, value) of the first section of ``schema`` that ``data`` gives a value that is not a mapping.
+
+    OmegaConf reports that as "Merge error: str is not a subclass of ModelSpec" without naming the field.
+    """
+    import typing
+
+    if not isinstance(data, dict):
+        return None
+    hints = typing.get_type_hints(schema)
+    for name, value in data.items():
+        cls = hints.get(name) if isinstance(name, str) else None
+        if cls is None or not dataclasses.is_dataclass(cls) or value is None:
+            continue  # unknown keys, plain fields and nulls: OmegaConf names them
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation may name a section
+        if not isinstance(value, dict):
+            return prefix + name, value
+        found = _scalar_section(cls, value, f"{prefix}{name}.")
+        if found:
+            return found
+    return None
+
+
+def _check_sections(schema: type, data: Any, source: str) -> None:
+    """Raise a :class:`SpecError` naming the field when ``data`` gives a section of ``schema`` a scalar or a list."""
+    found = _scalar_section(schema, data)
+    if found:
+        dotted, value = found
+        keys = [f"{dotted}.{k}" for k in _known_keys(schema, dotted)]
+        shown = ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
+        raise SpecError(f"{source}: field '{dotted}': must be a section of keys ({shown}), got {_kind_of_value(value)}")
+
+
+def _override_error(overrides: list[str] | tuple[str, ...], exc: Exception) -> SpecError:
+    """One line naming the override that OmegaConf's dotlist parser (which reads values as YAML) rejects."""
+    from omegaconf import OmegaConf
+
+    for o in overrides:  # the first that fails alone
+        try:
+            OmegaConf.from_dotlist([o])
+        except Exception as e:  # noqa: BLE001 - YAML or OmegaConf errors, reported below
+            problem = getattr(e, "problem", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+            what = "its value is not valid YAML" if getattr(e, "problem", None) else "cannot be read"
+            return SpecError(f"override '{o}': {what}: {problem}")
+    return SpecError(f"overrides: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Load ``path`` (a local YAML file) with dotlist ``overrides`` into the schema of its ``kind``.
 
@@ -99,13 +154,16 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         raise SpecError(f"override '{bad[0]}' is not of the form key=value")
     try:
         over = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise SpecError(f"overrides: {str(e).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value is parsed as YAML: 'a.b=[1' fails there
+        raise _override_error(overrides, e) from None
     kind = over.get("kind", raw.get("kind"))
     if kind not in KINDS:
         known = ", ".join(sorted(KINDS))
         raise SpecError(f"{path}: field 'kind' is {kind!r}; known kinds: {known}")
     schema = KINDS[kind]
+    _check_sections(schema, raw, path)
+    for o in overrides:  # each alone, to name the one that gives a section a value
+        _check_sections(schema, OmegaConf.to_container(OmegaConf.from_dotlist([o])), f"override '{o}'")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw), over)
         OmegaConf.resolve(cfg)
