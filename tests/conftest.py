@@ -199,6 +199,18 @@ def image_folders(reference, tmp_path_factory) -> tuple[str, str]:
     return str(gen), str(real)
 
 
+def write_image_folder(folder, n: int, captions: bool = True) -> str:
+    """A folder of ``n`` small 32x32 PNGs, each with a ``.txt`` caption beside it unless ``captions`` is false."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (32, 32), (40 * i % 256, 90, 160)).save(os.path.join(folder, f"{i:06d}.png"))
+        if captions:
+            Path(folder, f"{i:06d}.txt").write_text(f"a square of colour {i}", encoding="utf-8")
+    return str(folder)
+
+
 def eval_spec(generated: str, output: str, weights: str, clip: str, reference: str | None = None, **extra) -> dict:
     spec = {
         "kind": "evaluate",

@@ -15,6 +15,7 @@ import pytest
 import ray
 
 from synthmill.cluster.connect import CPU_MALLOC_ENV, _gpu_devices, connect, shutdown_local
+from tests.conftest import base_spec, eval_spec, write_image_folder
 
 LOCAL_RAY_PROBE = """
 import json, ray, psutil
@@ -81,3 +82,67 @@ def test_shutdown_local_leaves_a_ray_it_joined_running(ray_cluster):
     connect()
     shutdown_local()
     assert ray.is_initialized() and ray.cluster_resources().get("CPU", 0) > 0
+
+
+# ---- an address no Ray cluster answers at: exit 2 naming the setting, nothing written, in bounded time ----
+
+UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
+#: Ray waits 5 + 5 + 30 s per attempt to reach a GCS by default; these make an attempt ~4 s, so a connect that is
+#: not bounded to one attempt (Ray's default is 20) runs past the subprocess timeout below.
+FAST_ATTEMPT = {"RAY_gcs_rpc_server_connect_timeout_s": "1", "RAY_py_gcs_connect_timeout_s": "1"}
+
+
+def _run_unreachable(spec_path: str, *overrides: str, ray_address: str | None = None) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(FAST_ATTEMPT)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    proc = subprocess.run([sys.executable, "-m", "synthmill.cli", "run", spec_path, *overrides], env=env,
+                          capture_output=True, text=True, timeout=60)  # the bound: Ray alone would retry 20 times
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("synthmill:")]
+    return proc.returncode, "\n".join(lines) or proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def job_specs(tiny_sd, prompts_tsv, clip_model, tmp_path_factory) -> dict:
+    """A small valid spec of each kind (inputs that pass validation), as dicts without output.path."""
+    from synthmill.models.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("unreachable")
+    data = write_image_folder(root / "data", 4)
+    teacher = save_tiny_pipeline(root / "teacher", "sd", seed=3, unet_layout="full")
+    return {
+        "generate": base_spec(tiny_sd, prompts_tsv, ""),
+        "evaluate": eval_spec(data, "", "", clip_model, metrics=["clip"]),
+        "distill": {"kind": "distill", "teacher": {"path": teacher}, "student": {"arch": "bk-small"},
+                    "data": {"path": data, "resolution": 32}, "train": {"max_steps": 2}, "output": {"path": ""}},
+    }
+
+
+@pytest.mark.parametrize("kind,given", [("generate", "cluster.address"), ("evaluate", "RAY_ADDRESS"),
+                                        ("distill", "cluster.address")])
+def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(kind, given, job_specs, write_spec, tmp_path):
+    """Each job kind connects before it writes; the message names the setting that gave the address (one
+    kind through RAY_ADDRESS, to keep to three slow subprocesses)."""
+    out = tmp_path / "out"
+    spec = dict(job_specs[kind], output=dict(job_specs[kind]["output"], path=str(out)))
+    if given == "RAY_ADDRESS":
+        code, err = _run_unreachable(write_spec(spec), ray_address=UNREACHABLE)
+    else:
+        code, err = _run_unreachable(write_spec(spec), f"cluster.address={UNREACHABLE}")
+    assert code == 2, err
+    assert err.startswith(f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there") \
+        and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out), f"{kind} wrote {sorted(os.listdir(out))} before it connected"
+
+
+def test_connect_joins_the_cluster_at_an_address_within_the_bound(ray_address):
+    """The one-attempt bound leaves joining a live cluster as it was, and the environment as it was."""
+    probe = ("import json, os; from synthmill.cluster.connect import connect; r = connect(os.environ.pop('ADDR')); "
+             "print(json.dumps([r.get('CPU', 0), os.environ.get('RAY_gcs_server_port_wait_time_s')]))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", probe], env=dict(env, ADDR=ray_address), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpus, wait_env = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cpus > 0 and wait_env is None, proc.stdout

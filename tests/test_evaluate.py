@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from synthmill.cli import main
-from tests.conftest import eval_spec, run_eval
+from tests.conftest import eval_spec, run_eval, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -312,6 +312,24 @@ def test_bad_input(case, bad_context, reference, image_folders, inception_file, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("synthmill: error:") and where in err and what in err, err
     assert not os.path.exists(out)
+
+
+def test_clip_without_captions_is_refused_at_validate_time(clip_model, write_spec, tmp_path, capsys):
+    """The first sample to be CLIP-scored must have a caption: exit 2 naming it from validate, before a network
+    loads or anything is written (a caption missing further on is found while scoring)."""
+    import webdataset as wds
+
+    folder = write_image_folder(tmp_path / "bare", 3, captions=False)
+    with wds.TarWriter(str(tmp_path / "bare.tar")) as w:
+        w.write({"__key__": "000000", "png": open(os.path.join(folder, "000000.png"), "rb").read()})
+    for generated, first in ((folder, os.path.join(folder, "000000.png")), (str(tmp_path / "bare.tar"), "bare.tar:000000")):
+        out = tmp_path / "out"
+        path = write_spec(eval_spec(generated, str(out), "", clip_model, metrics=["clip"]))
+        for command in ("validate", "run"):
+            assert main([command, path]) == 2, (generated, command)
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.startswith("synthmill: error: generated.path") and first in err and "no caption" in err, err
+            assert not os.path.exists(out)
 
 
 def test_mixed_sizes_inside_tars_fail_while_scoring(image_folders, inception_file, clip_model, write_spec, tmp_path, capsys):

@@ -23,6 +23,13 @@ CPU_MALLOC_ENV: dict[str, str] = {
     "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
     "MALLOC_TRIM_THRESHOLD_": str(2**40),
 }
+#: How long ``ray.init`` tries to reach the cluster at ``cluster.address`` / ``RAY_ADDRESS``. With Ray's defaults an
+#: address nobody answers at fails only after ~14 minutes (Ray 2.60: 20 attempts, RAY_NUM_REDIS_GET_RETRIES, of
+#: ~41 s each: RAY_gcs_rpc_server_connect_timeout_s=5 for the GCS channel and as much for its pubsub channel, then
+#: RAY_py_gcs_connect_timeout_s=30 waiting for the GCS to answer, then a second's sleep; measured here, still
+#: retrying when stopped after 5.5 minutes). One attempt (Ray reads RAY_gcs_server_port_wait_time_s as the number
+#: of attempts) keeps Ray's waits within it and fails in ~41 s. Set while ``ray.init`` runs only; yours win.
+CONNECT_ENV: dict[str, str] = {"RAY_gcs_server_port_wait_time_s": "1"}
 _local_workers_inherit_malloc_env = False  # set by connect() when it starts a local Ray without GPUs
 _started_local_ray = False  # set by connect() when it starts a local Ray; shutdown_local() stops it
 
@@ -39,9 +46,10 @@ def connect(address: str | None = None, dashboard: bool = False) -> dict[str, fl
     import ray
 
     if not ray.is_initialized():
+        source = "cluster.address" if address else "RAY_ADDRESS"
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
-            ray.init(address=address, log_to_driver=True)
+            _join(address, source)
         else:  # "local": never join a cluster that happens to run on this machine unasked
             global _local_workers_inherit_malloc_env, _started_local_ray
             if not _gpu_devices():
@@ -60,6 +68,31 @@ def connect(address: str | None = None, dashboard: bool = False) -> dict[str, fl
             _started_local_ray = True
         log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def _join(address: str, source: str) -> None:
+    """``ray.init(address)``, within :data:`CONNECT_ENV`'s bound; a cluster that does not answer is a SpecError
+    naming ``source`` (the setting that gave the address), raised before the job writes anything."""
+    import ray
+
+    from synthmill.errors import SpecError
+
+    saved = {k: os.environ.get(k) for k in CONNECT_ENV}
+    for k, v in CONNECT_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, TimeoutError, ValueError) as e:  # no GCS there, Ray Client timed out, not an address
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"{source} {address}: no Ray cluster answers there ({first}); give the address of a "
+                        "running cluster's head (host:6379 by default), or leave cluster.address and RAY_ADDRESS "
+                        "unset to start a local Ray") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _dashboard_dependency_error() -> str | None:

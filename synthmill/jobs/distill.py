@@ -28,7 +28,7 @@ from synthmill.jobs.generate import VALIDATE_RETRY_S
 from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
 from synthmill.models.loading import check_model_path, is_hub_id
 from synthmill.sharding import storage
-from synthmill.sharding.images import ImageSet, ImageSetError, iter_unit, open_image_set
+from synthmill.sharding.images import ImageSet, ImageSetError, check_first_sample, open_image_set
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +97,6 @@ def _check_resolution(spec: DistillSpec, vae_cfg: dict[str, Any], unet_cfg: dict
                         f"{need}x downsampling cannot halve evenly; use a multiple of {vae_factor * need}")
 
 
-def _check_first_sample(data: ImageSet, opts: dict[str, Any] | None) -> None:
-    """The first sample must be an image with a caption (the rest are checked as they stream)."""
-    from PIL import Image
-    import io
-
-    sample = next(iter_unit(data.units[0], opts), None)
-    if sample is None:
-        raise SpecError(f"data.path {data.path}: {data.units[0].tar or data.units[0].files[0]} holds no images")
-    if sample.caption is None:
-        raise SpecError(f"data.path {data.path}: {sample.name} has no caption (a .txt beside the image); "
-                        "distillation trains on image-text pairs")
-    try:
-        with Image.open(io.BytesIO(sample.image)) as im:
-            im.verify()
-    except Exception as e:
-        raise SpecError(f"data.path {data.path}: {sample.name}: not a readable image ({type(e).__name__})") from None
-
-
 def latest_step(output: str, storage_options: dict[str, Any] | None = None) -> int:
     """The step of the checkpoint Ray Train resumes from: the latest one its snapshot under
     ``OUTPUT/checkpoints/`` records (a checkpoint folder a crash left half-copied is not in it). 0 if none."""
@@ -140,9 +122,9 @@ def prepare(spec: DistillSpec) -> Prepared:
             field = "data.path"
             try:
                 data = open_image_set(spec.data.path, spec.storage, spec.data.samples_per_unit)
+                check_first_sample(data, spec.storage, "distillation trains on image-text pairs")
             except ImageSetError as e:
                 raise SpecError(f"data.path {e}") from None
-            _check_first_sample(data, spec.storage)
             workers = spec.cluster.num_workers
             readers = (workers if isinstance(workers, int) else 1) * max(1, spec.data.loader_workers)
             n = data.num_samples

@@ -27,7 +27,7 @@ from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
 from synthmill.metrics import partials
 from synthmill.metrics.frechet import GaussianSums, frechet_distance
 from synthmill.sharding import storage
-from synthmill.sharding.images import ImageSet, ImageSetError, first_image_size, open_image_set
+from synthmill.sharding.images import ImageSet, ImageSetError, check_first_sample, first_image_size, open_image_set
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             sets: dict[str, SetJob] = {}
             field = "generated.path"
             gen = open_image_set(spec.generated.path, opts, spec.generated.samples_per_unit)
+            if "clip" in spec.metrics:  # the rest are checked as they are scored
+                check_first_sample(gen, opts, "the clip metric scores each image against its caption")
             sets["generated"] = SetJob(gen, fid=spec.needs_fid_features, isc="is" in spec.metrics,
                                        clip="clip" in spec.metrics)
             ref_stats = None
@@ -218,15 +220,15 @@ def _merge(p: Prepared, name: str, markers: dict[int, dict[str, Any]]) -> dict[s
     }
 
 
-def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int, dict[str, Any]]]) -> Any:
+def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int, dict[str, Any]]],
+           resources: dict[str, float]) -> Any:
     import ray
 
-    from synthmill.cluster.connect import actor_count, actor_options, connect
+    from synthmill.cluster.connect import actor_count, actor_options
     from synthmill.cluster.pool import ProgressBar, ShardPool
     from synthmill.cluster.scorer import ScorerActor
 
     spec = p.spec
-    resources = connect(spec.cluster.address)
     n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
     n_actors = min(n_actors, len(todo))
     work = ray.put(Work(p.sets, todo, p.fingerprint, spec.fid.weights, p.weights_sha256, spec.output.path,
@@ -262,24 +264,27 @@ def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int
 
 def run(p: Prepared) -> dict[str, Any]:
     """Score what is not scored yet, merge, and write the stats files and ``metrics.json``."""
+    from synthmill.cluster.connect import connect
     from synthmill.metrics.inception import IS_CONVENTION, PROTOCOLS, RESIZE_TO, inception_score
 
     spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    markers = {name: partials.done(out, name, _identities(job), p.fingerprint, opts) for name, job in p.sets.items()}
+    todo = [(name, u.index) for name, job in p.sets.items() for u in job.images.units if u.index not in markers[name]]
+    # Ray first: a cluster address that does not answer is bad input, and nothing is written for it.
+    resources = connect(spec.cluster.address) if todo else None
     write_job_yaml(spec)
     storage.write_json(storage.join(out, "plan.json"), {
         "kind": "evaluate", "fingerprint": p.fingerprint,
         "sets": {n: {"path": j.images.path, "units": len(j.images.units), "samples": j.images.num_samples}
                  for n, j in p.sets.items()}}, opts)
-    markers = {name: partials.done(out, name, _identities(job), p.fingerprint, opts) for name, job in p.sets.items()}
-    todo = [(name, u.index) for name, job in p.sets.items() for u in job.images.units if u.index not in markers[name]]
     resumed = sum(len(m) for m in markers.values())
     log.info("%d units to score, %d already scored", len(todo), resumed)
     report = None
     if todo:
         storage.remove(storage.join(out, "metrics.json"), opts)
-        report = _score(p, todo, markers)
+        report = _score(p, todo, markers, resources)
     storage.remove(storage.join(out, "failures.json"), opts)
 
     gen = _merge(p, "generated", markers["generated"])

@@ -184,6 +184,29 @@ def iter_unit(unit: Unit, opts: dict[str, Any] | None = None) -> Iterator[Sample
         yield Sample(os.path.basename(inner.rsplit(".", 1)[0]), url, data, _text(caption))
 
 
+def check_first_sample(images: ImageSet, opts: dict[str, Any] | None, why: str) -> None:
+    """The set's first sample must be a readable image with a caption (the rest are checked as they stream).
+
+    Reads that one sample only. ``why`` says what needs the caption. Raises ImageSetError naming the sample.
+    """
+    from PIL import Image
+
+    samples = iter_unit(images.units[0], opts)
+    try:
+        sample = next(samples, None)
+    finally:
+        samples.close()  # the unit's tar, if any
+    if sample is None:
+        raise ImageSetError(f"{images.path}: {images.units[0].tar or images.units[0].files[0]} holds no images")
+    if sample.caption is None:
+        raise ImageSetError(f"{images.path}: {sample.name} has no caption (a .txt beside the image); {why}")
+    try:
+        with Image.open(io.BytesIO(sample.image)) as im:
+            im.verify()
+    except Exception as e:
+        raise ImageSetError(f"{images.path}: {sample.name}: not a readable image ({type(e).__name__})") from None
+
+
 def first_image_size(unit: Unit, opts: dict[str, Any] | None = None) -> tuple[int, int]:
     """(width, height) of the unit's first image, reading only that image's header."""
     from PIL import Image
