@@ -16,16 +16,36 @@ from synthmill.errors import JobFailed, SpecError
 log = logging.getLogger("synthmill")
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser: options may come anywhere among its positionals (``run JOB.yaml --dry-run a=1``).
+
+    A plain parser ends ``overrides`` at the first option: what follows it is "unrecognized". argparse's
+    intermixed parsing cannot be asked of the top-level parser (it has sub-commands), so each command's
+    parser parses that way; it calls ``parse_known_args`` itself, which then parses as usual.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synthmill", description="Generate and judge diffusion-model images on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
     run = sub.add_parser("run", help="run a job (any kind)")
     run.add_argument("spec", help="job spec YAML")
-    run.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
+    run.add_argument("overrides", nargs="*", default=[], help="key=value overrides (OmegaConf dotlist)")
     run.add_argument("--dry-run", action="store_true", help="print the plan without running anything")
     val = sub.add_parser("validate", help="check a spec and its inputs without running")
     val.add_argument("spec")
-    val.add_argument("overrides", nargs="*")
+    val.add_argument("overrides", nargs="*", default=[])
     st = sub.add_parser("status", help="progress of an output folder")
     st.add_argument("output")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -63,6 +83,9 @@ def _done_line(kind: str, summary: dict, output: str) -> str:
         return (f"done: {summary['student']} ({summary['student_params'] / 1e6:.1f}M params) at step {summary['steps']} "
                 f"({summary['steps_run']} steps run, {summary['steps_resumed']} resumed; {rate} "
                 f"on {summary['workers']} {summary['device']} workers; loss {loss}) -> {summary['pipeline']}")
+    if kind == "generate" and summary.get("complete_already"):
+        return (f"done already: {summary['samples']} samples in {summary['shards']} shards at {output}, complete "
+                f"since {summary['finished_at']}; nothing to run")
     if kind == "generate":
         return (
             f"done: {summary['samples']} samples in {summary['shards']} shards at {output} "

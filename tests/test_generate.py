@@ -295,6 +295,7 @@ def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_
     spec["sampling"]["images_per_prompt"] = 1
     spec["output"]["samples_per_shard"] = 2
     spec["cluster"]["max_attempts"] = 2
+    spec["cluster"]["num_actors"] = 1  # three runs: one actor start each
     path = write_spec(spec)
     out = spec["output"]["path"]
     assert main(["run", path]) == 0
@@ -331,7 +332,10 @@ def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert (summary["shards_resumed"], summary["shards_run"]) == (2, 1)
     # A complete job run again does nothing, and keeps the summary of the run that completed it.
+    capsys.readouterr()
     assert main(["run", path]) == 0
+    assert capsys.readouterr().out.strip() == (f"done already: 6 samples in 3 shards at {out}, complete since "
+                                              f"{summary['finished_at']}; nothing to run")
     assert json.load(open(os.path.join(out, "summary.json"))) == summary
     assert files_under(out) == after
 

@@ -45,9 +45,12 @@ def check_output(spec: GenerateSpec, source: PromptSource) -> None:
     try:
         check_output_folder(out, spec.fingerprint(source.digest), opts)
     except SpecError:
-        previous = storage.read_json(storage.join(out, "plan.json"), opts)  # it is a folder of a job here
-        before = (previous or {}).get("prompts_digest")
-        if before and before != source.digest:  # say which setting differs when it is the prompts' content
+        try:  # say which setting differs when it is the prompts' content
+            previous = storage.read_json(storage.join(out, "plan.json"), opts)
+        except (OSError, ValueError, storage.StorageError):  # output.path is a file, or under one
+            previous = None
+        before = previous.get("prompts_digest") if isinstance(previous, dict) else None
+        if before and before != source.digest:
             raise SpecError(
                 f"prompts.path {spec.prompts.path}: its rows differ from those {out} was generated from "
                 f"({previous.get('prompts')} prompts then, {source.num_rows} now, other content); restore "
@@ -154,15 +157,17 @@ def run(p: Prepared) -> dict[str, Any]:
     if not todo:
         finished = storage.read_json(storage.join(out, "summary.json"), opts)
         if isinstance(finished, dict) and finished.get("status") == "complete" and finished.get("fingerprint") == p.fingerprint:
-            return finished  # complete already: nothing is rewritten, its summary (its run's throughput) stays
+            log.info("complete already (finished %s): nothing to run", finished.get("finished_at"))
+            return {**finished, "complete_already": True}  # nothing is rewritten: its summary stays
+    if todo:  # connected before anything is written: a cluster that cannot be reached leaves no trace
+        resources = connect(spec.cluster.address)
+        startup["ray_connected_s"] = round(time.perf_counter() - t0, 3)
     _write_start_files(p)
     report = None
     committed_at: dict[int, float] = {}  # driver wall clock when each shard of this run was committed
     if todo:
         # summary.json is the job's commit: withdraw it while any shard is being redone.
         storage.remove(storage.join(out, "summary.json"), opts)
-        resources = connect(spec.cluster.address)
-        startup["ray_connected_s"] = round(time.perf_counter() - t0, 3)
         n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
         n_actors = min(n_actors, len(todo))
         source_ref, plan_ref = ray.put(p.source), ray.put(plan)
