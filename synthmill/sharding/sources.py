@@ -218,7 +218,6 @@ class JsonlSource(_LineSource):
             raise SpecError(f"prompts.column '{self.column}' not found in {self.url} line {lineno} (it has: {keys})")
         return _clean(obj[self.column])
 
-
     def _check_lines(self, lines: list[bytes], first: int) -> None:
         # One json.loads for the batch (as an array of its non-blank lines) is ~10x faster than one a
         # line; line by line only when that fails or a line is not one object with the column.
