@@ -279,3 +279,84 @@ def test_shipped_configs_load(name):
 
     spec = load_spec(os.path.join(REPO, "configs", name))
     assert spec.kind in ("generate", "evaluate", "distill")
+
+
+def point_hub_at(monkeypatch, url: str) -> None:
+    """What HF_ENDPOINT=url does when huggingface_hub is imported (this process imported it long ago)."""
+    from huggingface_hub import constants
+
+    template = constants.HUGGINGFACE_CO_URL_TEMPLATE
+    assert template.startswith(constants.ENDPOINT), template
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + template[len(constants.ENDPOINT):])
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A hub stand-in (tests/hubserver.py) that validation's hub check asks instead of huggingface.co."""
+
+    from tests.hubserver import HubServer
+
+    server = HubServer({"org/pipe": {"main": {"model_index.json"}, "v1": {"model_index.json"}},
+                        "org/text-model": {"main": {"config.json"}}}, gated=frozenset({"org/gated"}))
+    point_hub_at(monkeypatch, server.url)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("path, revision, needles", [
+    ("org/no-such-pipe", None, ("model.path org/no-such-pipe: no such folder here and no such model on http://127.0.0.1:",
+                                "HF_TOKEN")),
+    ("org/pipe", "v9", ("model.revision v9: no such revision of org/pipe on http://127.0.0.1:",)),
+    ("org/text-model", None, ("model.path org/text-model: not a diffusers pipeline (no model_index.json on ",)),
+    ("org/gated", None, ("model.path org/gated: a gated model on http://127.0.0.1:", "accept its terms")),
+])
+def test_hub_id_the_hub_does_not_have_is_exit_2(capsys, write_spec, good, hub, path, revision, needles):
+    """A mistyped hub id (or revision, or a hub repo that is no diffusers pipeline) is refused at validate, from
+    one HEAD request for its model_index.json; before, it passed and failed on the actors at load."""
+    good["model"] = {"path": path, "revision": revision}
+    expect_error(capsys, write_spec(good), *needles, output=good["output"]["path"])
+    asked = hub.model_requests()
+    assert asked and set(asked) == {f"/{path}/resolve/{revision or 'main'}/model_index.json"}, hub.requests
+
+
+def test_hub_check_passes_a_pipeline_and_steps_aside_without_an_answer(capsys, write_spec, good, hub, monkeypatch, caplog):
+    """A hub pipeline passes; so does any hub id when the hub cannot answer (the load then decides, maybe from
+    the nodes' caches), with a log line saying it was not checked; HF_HUB_OFFLINE asks nothing."""
+    import logging
+    import socket
+
+    from huggingface_hub import constants
+
+    good["model"] = {"path": "org/pipe", "revision": "v1"}
+    assert run_cli(capsys, "validate", write_spec(good))[0] == 0
+    assert hub.model_requests() == ["/org/pipe/resolve/v1/model_index.json"]
+    good["model"] = {"path": "org/no-such-pipe"}
+    path = write_spec(good)
+    with socket.socket() as s:  # a port with no server behind it
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    point_hub_at(monkeypatch, closed)
+    with caplog.at_level(logging.INFO, logger="synthmill"):
+        assert run_cli(capsys, "validate", path)[0] == 0
+    assert f"model.path org/no-such-pipe: not checked, {closed} did not answer (" in caplog.text
+    point_hub_at(monkeypatch, hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert run_cli(capsys, "validate", path)[0] == 0
+    assert len(hub.model_requests()) == 1
+
+
+def test_hub_checks_reach_distill_teachers_and_honour_hf_endpoint(write_spec, hub, tmp_path):
+    """The installed command, with HF_ENDPOINT in its environment as for a mirror: a distill teacher that the
+    hub does not have is exit 2 naming teacher.path."""
+    spec = {"kind": "distill", "teacher": {"path": "org/no-such-teacher"}, "student": {"arch": "bk-small"},
+            "data": {"path": str(tmp_path)}, "train": {"max_steps": 2}, "output": {"path": str(tmp_path / "out")}}
+    exe = os.path.join(os.path.dirname(sys.executable), "synthmill")
+    env = dict(os.environ, HF_ENDPOINT=hub.url)
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([exe, "validate", write_spec(spec)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"synthmill: error: teacher.path org/no-such-teacher: no such folder here and no such model on {hub.url}"), proc.stderr
+    assert hub.model_requests() == ["/org/no-such-teacher/resolve/main/model_index.json"]
+    assert not os.path.exists(tmp_path / "out")

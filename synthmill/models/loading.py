@@ -8,6 +8,7 @@ only safetensors weights load unless ``model.allow_pickle`` is set, and remote c
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -17,8 +18,12 @@ from typing import Any
 from synthmill.errors import SpecError
 from synthmill.sharding import storage
 
+log = logging.getLogger(__name__)
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+#: Seconds validation waits for the hub to answer about a hub id (huggingface_hub's own default is 10).
+HUB_CHECK_TIMEOUT_S = 5.0
 
 
 def is_hub_id(path: str) -> bool:
@@ -30,6 +35,7 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
     """Check ``FIELD.path`` without loading anything; return 'hub', 'remote' or 'local'. Raises SpecError."""
     path = model.path
     if is_hub_id(path):
+        check_hub_id(model, field)
         return "hub"
     if not storage.is_local(path):
         fs, inner = storage.filesystem(path, storage_options)
@@ -51,6 +57,41 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
                     f"set {field}.allow_pickle=true to load it (pickle can run code)"
                 )
     return "local"
+
+
+def check_hub_id(model: Any, field: str = "model") -> None:
+    """Ask the hub (``HF_ENDPOINT``) whether ``FIELD.path`` at ``FIELD.revision`` has a ``model_index.json``,
+    with one HEAD request and no download. A clear no (no such model, revision or file; gated) raises
+    SpecError. No answer (``HF_HUB_OFFLINE``, no network, a timeout, a server error) is logged and left to
+    the load, which may still find the model in the nodes' caches."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    path, revision, where = model.path, model.revision, constants.ENDPOINT
+    url = hf_hub_url(path, "model_index.json", revision=revision)  # on HF_ENDPOINT, as from_pretrained asks
+    try:
+        get_hf_file_metadata(url, timeout=HUB_CHECK_TIMEOUT_S)
+    except GatedRepoError:  # before RepositoryNotFoundError, its base class
+        raise SpecError(f"{field}.path {path}: a gated model on {where}; accept its terms there and log in "
+                        "(HF_TOKEN or `hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise SpecError(f"{field}.path {path}: no such folder here and no such model on {where} (a private "
+                        "model needs a token: HF_TOKEN or `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise SpecError(f"{field}.revision {revision}: no such revision of {path} on {where}") from None
+    except RemoteEntryNotFoundError:
+        raise SpecError(f"{field}.path {path}: not a diffusers pipeline (no model_index.json on {where}"
+                        f"{f' at revision {revision}' if revision else ''})") from None
+    except Exception as e:  # no answer: the load decides
+        log.info("%s.path %s: not checked, %s did not answer (%s: %s)", field, path, where, type(e).__name__,
+                 str(e).splitlines()[0] if str(e) else "")
 
 
 def preload_pipeline_modules(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
