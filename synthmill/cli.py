@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from synthmill.errors import JobFailed, SpecError
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("spec")
     val.add_argument("overrides", nargs="*", default=[])
     st = sub.add_parser("status", help="progress of an output folder")
-    st.add_argument("output")
+    st.add_argument("output", help="output folder, or the job spec YAML (its output.path and storage options)")
+    st.add_argument("overrides", nargs="*", default=[], help="with a job spec: key=value overrides")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
     for sp in (run, val, st):
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -112,7 +114,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "status":
         from synthmill import status
 
-        st = status.collect(args.output)
+        output, opts = args.output, None
+        if args.output.endswith((".yaml", ".yml")) and os.path.isfile(args.output):
+            spec = load_spec(args.output, args.overrides)
+            output, opts = spec.output.path, spec.storage
+        elif args.overrides:
+            raise SpecError(f"{args.output}: key=value overrides need a job spec YAML, not an output folder")
+        st = status.collect(output, opts)
         print(json.dumps(st, indent=1) if args.json else status.render(st))
         return 0
     spec = load_spec(args.spec, args.overrides)

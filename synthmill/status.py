@@ -1,4 +1,7 @@
-"""``synthmill status OUTPUT``: progress of a generate, evaluate or distill output, read from OUTPUT alone."""
+"""``synthmill status OUTPUT``: progress of a generate, evaluate or distill output, read from OUTPUT alone.
+
+``synthmill status JOB.yaml [key=value ...]`` reads the spec's ``output.path`` with its ``storage`` options
+(an S3 endpoint or credentials that only the spec holds)."""
 
 from __future__ import annotations
 
@@ -10,17 +13,17 @@ from synthmill.sharding.commit import done_shards
 from synthmill.sharding.writer import TMP_SUFFIX
 
 
-def _collect_evaluate(output: str, plan: dict[str, Any]) -> dict[str, Any]:
+def _collect_evaluate(output: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> dict[str, Any]:
     """The state of an evaluate output: units with a committed partial of this job, per set; the metrics."""
     sets = {}
     for name, info in plan["sets"].items():
         folder = storage.join(output, "partials", name)
-        names = storage.list_sizes(folder)
+        names = storage.list_sizes(folder, opts)
         done = [n for n in names if n.endswith(".json") and n[:-5] + ".npz" in names
-                and (storage.read_json(storage.join(folder, n)) or {}).get("fingerprint") == plan["fingerprint"]]
+                and (storage.read_json(storage.join(folder, n), opts) or {}).get("fingerprint") == plan["fingerprint"]]
         sets[name] = {"units_done": len(done), "units": info["units"], "samples": info["samples"]}
-    result = storage.read_json(storage.join(output, "metrics.json"))
-    failures = storage.read_json(storage.join(output, "failures.json")) or {}
+    result = storage.read_json(storage.join(output, "metrics.json"), opts)
+    failures = storage.read_json(storage.join(output, "failures.json"), opts) or {}
     return {
         "output": output, "kind": "evaluate",
         "complete": bool(result and result.get("status") == "complete"),
@@ -47,15 +50,15 @@ def _render_evaluate(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _collect_distill(output: str, plan: dict[str, Any]) -> dict[str, Any]:
+def _collect_distill(output: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> dict[str, Any]:
     """The state of a distill output: the step of the latest checkpoint, the last metrics line, the summary."""
     import json
 
     from synthmill.jobs.distill import latest_step
 
-    summary = storage.read_json(storage.join(output, "summary.json"))
+    summary = storage.read_json(storage.join(output, "summary.json"), opts)
     try:
-        text = storage.read_bytes(storage.join(output, "metrics.jsonl")).decode()
+        text = storage.read_bytes(storage.join(output, "metrics.jsonl"), opts).decode()
     except FileNotFoundError:
         text = ""
     lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -63,7 +66,7 @@ def _collect_distill(output: str, plan: dict[str, Any]) -> dict[str, Any]:
         "output": output, "kind": "distill",
         "complete": bool(summary and summary.get("status") == "complete"),
         "student": plan.get("student"), "teacher": plan.get("teacher"),
-        "checkpoint_step": latest_step(output), "max_steps": plan.get("max_steps"),
+        "checkpoint_step": latest_step(output, opts), "max_steps": plan.get("max_steps"),
         "last_logged": json.loads(lines[-1]) if lines else None,
         "pipeline": summary.get("pipeline") if summary else None,
     }
@@ -83,22 +86,23 @@ def _render_distill(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def collect(output: str) -> dict[str, Any]:
-    """The state of an output folder, from its plan, markers, failures and summary (or metrics)."""
-    plan = storage.read_json(storage.join(output, "plan.json"))
+def collect(output: str, opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The state of an output folder, from its plan, markers, failures and summary (or metrics); ``opts`` are
+    fsspec storage options (a spec's ``storage``)."""
+    plan = storage.read_json(storage.join(output, "plan.json"), opts)
     if not isinstance(plan, dict):
         raise SpecError(f"{output}: not a synthmill output (no plan.json)")
     if plan.get("kind") == "evaluate":
-        return _collect_evaluate(output, plan)
+        return _collect_evaluate(output, plan, opts)
     if plan.get("kind") == "distill":
-        return _collect_distill(output, plan)
-    markers = done_shards(output, range(plan["shards"]), plan["fingerprint"])
-    failures = storage.read_json(storage.join(output, "failures.json")) or {}
-    summary = storage.read_json(storage.join(output, "summary.json"))
+        return _collect_distill(output, plan, opts)
+    markers = done_shards(output, range(plan["shards"]), plan["fingerprint"], storage_options=opts)
+    failures = storage.read_json(storage.join(output, "failures.json"), opts) or {}
+    summary = storage.read_json(storage.join(output, "summary.json"), opts)
     samples_done = sum(m["count"] for m in markers.values())
     denoise_s = sum(m.get("denoise_s", 0.0) for m in markers.values())
     elapsed_s = sum(m.get("elapsed_s", 0.0) for m in markers.values())
-    stray = [n for n in storage.list_sizes(storage.join(output, "shards")) if n.endswith(TMP_SUFFIX)]
+    stray = [n for n in storage.list_sizes(storage.join(output, "shards"), opts) if n.endswith(TMP_SUFFIX)]
     return {
         "output": output,
         "kind": "generate",

@@ -151,6 +151,22 @@ def test_status_and_dry_run_with_aws_environment_only(reference, s3, write_spec)
     assert s3["creds"]["secret"] not in dry.stdout + dry.stderr + st.stdout + st.stderr
 
 
+def test_status_of_a_job_spec_uses_its_storage_options(reference, s3, write_spec, capsys):
+    """``synthmill status JOB.yaml [key=value ...]``: the output named by the spec (after overrides), read with
+    the spec's storage options; this process has no AWS endpoint in its environment, so only those reach moto."""
+    ref_spec, _ = reference
+    if not s3["fs"].exists("synth/runs/a/summary.json"):
+        pytest.fail("needs test_generate_from_and_to_s3_matches_local_samples to have run first")
+    assert "AWS_ENDPOINT_URL" not in os.environ
+    path = write_spec(with_secret(s3_spec(ref_spec, s3, "s3://synth/runs/elsewhere"), s3))
+    assert main(["status", path, "--json", "output.path=s3://synth/runs/a"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert (st["output"], st["complete"], st["shards_done"], st["samples_done"]) == ("s3://synth/runs/a", True, 5, 22)
+    assert main(["status", "s3://synth/runs/a", "output.path=x"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "s3://synth/runs/a: key=value overrides need a job spec YAML, not an output folder")
+
+
 def bad(capsys, write_spec, spec: dict, *needles: str) -> str:
     t0 = time.monotonic()
     code = main(["validate", write_spec(spec)])

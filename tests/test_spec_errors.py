@@ -252,7 +252,9 @@ def test_options_anywhere_among_overrides(capsys, write_spec, good, tmp_path):
     for argv in (["status", "--json", str(tmp_path)], ["status", str(tmp_path), "--json"]):
         code, line = run_cli(capsys, *argv)
         assert code == 2 and "not a synthmill output" in line, (argv, line)
-    for argv in (["run", path, "--dry-run", "--bogus"], ["status", str(tmp_path), "extra"], ["validate", "-v"]):
+    code, line = run_cli(capsys, "status", str(tmp_path), "extra=1")
+    assert code == 2 and line.endswith(f"{tmp_path}: key=value overrides need a job spec YAML, not an output folder"), line
+    for argv in (["run", path, "--dry-run", "--bogus"], ["status", str(tmp_path), "--bogus"], ["validate", "-v"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2, argv
