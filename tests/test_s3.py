@@ -179,7 +179,7 @@ def bad(capsys, write_spec, spec: dict, *needles: str) -> str:
     return line
 
 
-def test_bad_s3_inputs_exit_2_naming_the_url(reference, s3, write_spec, capsys):
+def test_bad_s3_inputs_exit_2_naming_the_url(reference, s3, write_spec, capsys, monkeypatch):
     ref_spec, _ = reference
     cases = [  # (section, new path, what the message must say)
         ("output", "s3://no-such-bucket/out", "bucket 'no-such-bucket' does not exist"),
@@ -197,7 +197,10 @@ def test_bad_s3_inputs_exit_2_naming_the_url(reference, s3, write_spec, capsys):
         sock.bind(("127.0.0.1", 0))
         dead = sock.getsockname()[1]
     spec = with_secret(s3_spec(ref_spec, s3, "s3://synth/runs/bad", endpoint=f"http://127.0.0.1:{dead}"), s3)
-    bad(capsys, write_spec, spec, "s3://synth/", "Could not connect")
+    from synthmill.sharding import storage
+
+    monkeypatch.setattr(storage, "RETRY_SECONDS", 2.0)  # SYNTHMILL_STORAGE_RETRY_SECONDS=2 caps validation's 10 s
+    bad(capsys, write_spec, spec, "s3://synth/", "still failing after 2s of retries", "Could not connect")
     assert not s3["fs"].exists("synth/runs/bad")
 
 

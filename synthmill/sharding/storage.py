@@ -37,8 +37,9 @@ _budget: ContextVar[float | None] = ContextVar("storage_retry_budget", default=N
 
 @contextmanager
 def retry_budget(seconds: float) -> Iterator[None]:
-    """Within the block, give up on a transient error after ``seconds`` (validation wants a quick answer)."""
-    token = _budget.set(seconds)
+    """Within the block, give up on a transient error after ``seconds`` (validation wants a quick answer), or
+    after ``RETRY_SECONDS`` if that is shorter (a user who set it lower wants no longer waits anywhere)."""
+    token = _budget.set(min(seconds, RETRY_SECONDS))
     try:
         yield
     finally:
