@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import ray
@@ -92,15 +93,13 @@ UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
 FAST_ATTEMPT = {"RAY_gcs_rpc_server_connect_timeout_s": "1", "RAY_py_gcs_connect_timeout_s": "1"}
 
 
-def _run_unreachable(spec_path: str, *overrides: str, ray_address: str | None = None) -> tuple[int, str]:
+def _start_unreachable(spec_path: str, *overrides: str, ray_address: str | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(FAST_ATTEMPT)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    proc = subprocess.run([sys.executable, "-m", "synthmill.cli", "run", spec_path, *overrides], env=env,
-                          capture_output=True, text=True, timeout=60)  # the bound: Ray alone would retry 20 times
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("synthmill:")]
-    return proc.returncode, "\n".join(lines) or proc.stderr[-3000:]
+    return subprocess.Popen([sys.executable, "-m", "synthmill.cli", "run", spec_path, *overrides], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +118,29 @@ def job_specs(tiny_sd, prompts_tsv, clip_model, tmp_path_factory) -> dict:
     }
 
 
-@pytest.mark.parametrize("kind,given", [("generate", "cluster.address"), ("evaluate", "RAY_ADDRESS"),
-                                        ("distill", "cluster.address")])
-def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(kind, given, job_specs, write_spec, tmp_path):
+def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, write_spec, tmp_path):
     """Each job kind connects before it writes; the message names the setting that gave the address (one
-    kind through RAY_ADDRESS, to keep to three slow subprocesses)."""
-    out = tmp_path / "out"
-    spec = dict(job_specs[kind], output=dict(job_specs[kind]["output"], path=str(out)))
-    if given == "RAY_ADDRESS":
-        code, err = _run_unreachable(write_spec(spec), ray_address=UNREACHABLE)
-    else:
-        code, err = _run_unreachable(write_spec(spec), f"cluster.address={UNREACHABLE}")
-    assert code == 2, err
-    assert err.startswith(f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there") \
-        and len(err.splitlines()) == 1, err
-    assert not os.path.exists(out), f"{kind} wrote {sorted(os.listdir(out))} before it connected"
+    kind through RAY_ADDRESS). The three commands run at once: each mostly imports, then waits on Ray."""
+    started = {}
+    for kind, given in (("generate", "cluster.address"), ("evaluate", "RAY_ADDRESS"), ("distill", "cluster.address")):
+        out = tmp_path / kind / "out"
+        spec = dict(job_specs[kind], output=dict(job_specs[kind]["output"], path=str(out)))
+        path = write_spec(spec)
+        if given == "RAY_ADDRESS":
+            started[kind] = (given, out, _start_unreachable(path, ray_address=UNREACHABLE))
+        else:
+            started[kind] = (given, out, _start_unreachable(path, f"cluster.address={UNREACHABLE}"))
+    deadline = time.monotonic() + 60  # the bound: Ray alone would retry 20 times, ~4 s each here
+    for kind, (given, out, proc) in started.items():
+        try:
+            _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            proc.kill()
+        err = "\n".join(ln for ln in stderr.splitlines() if ln.startswith("synthmill:")) or stderr[-3000:]
+        assert proc.returncode == 2, (kind, err)
+        assert err.startswith(f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there") \
+            and len(err.splitlines()) == 1, (kind, err)
+        assert not os.path.exists(out), f"{kind} wrote {sorted(os.listdir(out))} before it connected"
 
 
 def test_connect_joins_the_cluster_at_an_address_within_the_bound(ray_address):
