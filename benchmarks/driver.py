@@ -23,12 +23,12 @@
    prints has the expected prompts and shards, and ``output.path`` does not exist afterwards. Once more,
    untimed, the dry run is called in-process through ``synthmill.cli.main`` in a child that then reports
    whether Ray is initialized and whether diffusers was ever imported (neither may be: a dry run starts
-   no Ray and loads no model). The children get ``HF_HUB_OFFLINE=1``, so a dry run that tried to reach
-   the hub for ``segmind/tiny-sd`` would fail instead of silently passing (``check_model_path`` only
-   matches the ``org/name`` form of a hub id and returns; nothing is downloaded).
+   no Ray and loads no model). The children get ``HF_HUB_OFFLINE=1``, so a dry run that tried to
+   download ``segmind/tiny-sd`` would fail instead of silently passing (``check_model_path`` then asks the
+   hub nothing; online it makes one HEAD request for the id's ``model_index.json``, left out here).
 
-2. Dispatch. A local Ray is started in this process (``ray.init(address="local")``) and ``--actors``
-   no-op actors (``num_cpus=0``, so they fit on any machine; ``max_concurrency = inflight + 1`` and
+2. Dispatch. A local Ray is started in this process (``ray.init(address="local")``; ``--ray-address``
+   joins a running one instead) and ``--actors`` no-op actors (``num_cpus=0``, so they fit on any machine; ``max_concurrency = inflight + 1`` and
    ``max_restarts=0`` as the generate job creates its actors): ``ready()`` returns an info dict and
    ``process_shard(k, attempt)`` returns a minimal marker dict at once. Over ``--shards`` shards, with
    the same actors, already started and warmed up (actor start-up is left out of both):
@@ -327,13 +327,19 @@ class DispatchRow:
         return min(range(len(self.seconds)), key=self.seconds.__getitem__)
 
 
-def measure_dispatch(shards: int, n_actors: int, inflight: int, repeats: int) -> list[DispatchRow]:
-    """(e) and (f) ``repeats`` times on a local Ray started here (and shut down before returning)."""
+def measure_dispatch(shards: int, n_actors: int, inflight: int, repeats: int,
+                     ray_address: str | None = None) -> list[DispatchRow]:
+    """(e) and (f) ``repeats`` times on a local Ray started here, or on the cluster at ``ray_address``
+    (disconnected from, or shut down, before returning)."""
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
-        print(f"ray {ray.__version__}: local instance with {ray.cluster_resources().get('CPU', 0):.0f} CPUs; "
+        where = f"cluster at {ray_address}" if ray_address else "local instance"
+        print(f"ray {ray.__version__}: {where} with {ray.cluster_resources().get('CPU', 0):.0f} CPUs; "
               f"{n_actors} no-op actors (num_cpus=0), {inflight} calls in flight per actor", flush=True)
         rows = [DispatchRow("(e) plain Ray loop, `ray.wait` on the calls in flight", [], []),
                 DispatchRow("(f) synthmill `ShardPool.run`", [], [])]
@@ -416,6 +422,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs of every measurement; the best counts (default 3)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny and fast: 20,000 rows, 200 shards on 2 actors, one repeat, without (b)")
+    p.add_argument("--ray-address", help="part 2 on this Ray cluster instead of a local one started for it "
+                                         "(the test suite's smoke run, to skip a Ray start)")
     return p
 
 
@@ -432,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-driver-") as work:
         plan, check = measure_planning(work, args.rows, args.base_rows, args.row_groups, args.samples_per_shard,
                                        args.repeats, job_imports=not args.smoke)
-    dispatch = measure_dispatch(args.shards, args.actors, args.inflight, args.repeats)
+    dispatch = measure_dispatch(args.shards, args.actors, args.inflight, args.repeats, args.ray_address)
     print(f"load average {os.getloadavg()[0]:.2f}")
     print()
     print(render(plan, check, dispatch, args.shards, args.actors, args.inflight, args.repeats))

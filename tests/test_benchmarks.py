@@ -112,11 +112,11 @@ def test_distill_benchmark_smoke(ray_address) -> None:
     assert re.search(r"^\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", proc.stdout, re.M), proc.stdout
 
 
-def test_driver_benchmark_smoke() -> None:
+def test_driver_benchmark_smoke(ray_address) -> None:
     """``python -m benchmarks driver --smoke``: the dry runs plan without Ray, a model or an output folder,
-    and the pool's dispatch overhead prints next to a plain ``ray.wait`` loop's."""
+    and the pool's dispatch overhead prints next to a plain ``ray.wait`` loop's (on the session's Ray)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "driver", "--smoke"],
+        [sys.executable, "-m", "benchmarks", "driver", "--smoke", "--ray-address", ray_address],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
