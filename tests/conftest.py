@@ -254,3 +254,28 @@ def evaluated(reference, image_folders, inception_file, clip_model, tmp_path_fac
     path.write_text(yaml.safe_dump(spec))
     result = evaluate.run(evaluate.prepare(load_spec(str(path))))
     return spec, result
+
+
+# ---- the hub: a stand-in on 127.0.0.1 (tests/hubserver.py) for validation's hub checks ----
+
+def point_hub_at(monkeypatch, url: str) -> None:
+    """What HF_ENDPOINT=url does when huggingface_hub is imported (this process imported it long ago)."""
+    from huggingface_hub import constants
+
+    template = constants.HUGGINGFACE_CO_URL_TEMPLATE
+    assert template.startswith(constants.ENDPOINT), template
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + template[len(constants.ENDPOINT):])
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A hub stand-in (tests/hubserver.py) that validation's hub checks ask instead of huggingface.co."""
+    from tests.hubserver import HubServer
+
+    server = HubServer({"org/pipe": {"main": {"model_index.json"}, "v1": {"model_index.json"}},
+                        "org/text-model": {"main": {"config.json"}}, "org/clip": {"main": {"open_clip_config.json"}}},
+                       gated=frozenset({"org/gated"}))
+    point_hub_at(monkeypatch, server.url)
+    yield server
+    server.close()

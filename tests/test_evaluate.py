@@ -314,6 +314,25 @@ def test_bad_input(case, bad_context, reference, image_folders, inception_file, 
     assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize("model, needle", [
+    ("hf-hub:org/clip", None),
+    ("hf-hub:org/no-such-clip", "clip.model hf-hub:org/no-such-clip: no such model on http://127.0.0.1:"),
+    ("hf-hub:org/pipe", "clip.model hf-hub:org/pipe: not an open_clip model (no open_clip_config.json on "),
+])
+def test_hf_hub_clip_model_is_asked_of_the_hub(model, needle, hub, image_folders, write_spec, tmp_path, capsys):
+    """An ``hf-hub:`` CLIP model is checked at validate by one HEAD request for its open_clip_config.json
+    (tests/hubserver.py answers as the hub does); before, a mistyped one failed on the actors."""
+    out = tmp_path / "out"
+    path = write_spec(eval_spec(image_folders[0], str(out), "", model, metrics=["clip"]))
+    for command in ("validate",) if needle is None else ("validate", "run"):
+        code = main([command, path])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == (0 if needle is None else 2), (command, err)
+        assert needle is None or err[-1].startswith(f"synthmill: error: {needle}"), err
+        assert not os.path.exists(out)
+    assert hub.model_requests() and set(hub.model_requests()) == {f"/{model[7:]}/resolve/main/open_clip_config.json"}
+
+
 def test_clip_without_captions_is_refused_at_validate_time(clip_model, write_spec, tmp_path, capsys):
     """The first sample to be CLIP-scored must have a caption: exit 2 naming it from validate, before a network
     loads or anything is written (a caption missing further on is found while scoring)."""

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from synthmill.cli import main
-from tests.conftest import REPO, base_spec
+from tests.conftest import REPO, base_spec, point_hub_at
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -281,29 +281,6 @@ def test_shipped_configs_load(name):
 
     spec = load_spec(os.path.join(REPO, "configs", name))
     assert spec.kind in ("generate", "evaluate", "distill")
-
-
-def point_hub_at(monkeypatch, url: str) -> None:
-    """What HF_ENDPOINT=url does when huggingface_hub is imported (this process imported it long ago)."""
-    from huggingface_hub import constants
-
-    template = constants.HUGGINGFACE_CO_URL_TEMPLATE
-    assert template.startswith(constants.ENDPOINT), template
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + template[len(constants.ENDPOINT):])
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """A hub stand-in (tests/hubserver.py) that validation's hub check asks instead of huggingface.co."""
-
-    from tests.hubserver import HubServer
-
-    server = HubServer({"org/pipe": {"main": {"model_index.json"}, "v1": {"model_index.json"}},
-                        "org/text-model": {"main": {"config.json"}}}, gated=frozenset({"org/gated"}))
-    point_hub_at(monkeypatch, server.url)
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("path, revision, needles", [

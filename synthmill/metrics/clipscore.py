@@ -27,6 +27,15 @@ def known_model(model: str, pretrained: str | None) -> str | None:
     import open_clip
 
     if model.startswith("hf-hub:"):
+        from synthmill.models.loading import HUB_LOGIN, hub_file_missing
+
+        repo = model[len("hf-hub:"):]
+        missing, where = hub_file_missing(repo, "open_clip_config.json", None, f"clip.model {model}")
+        if missing in ("repo", "gated"):
+            return (f"clip.model {model}: {'a gated model' if missing == 'gated' else 'no such model'} on {where} "
+                    f"(a private or gated model needs access and a token: {HUB_LOGIN})")
+        if missing == "file":
+            return f"clip.model {model}: not an open_clip model (no open_clip_config.json on {where})"
         return None
     if model.startswith("local-dir:"):
         folder = model[len("local-dir:"):]

@@ -59,11 +59,11 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
     return "local"
 
 
-def check_hub_id(model: Any, field: str = "model") -> None:
-    """Ask the hub (``HF_ENDPOINT``) whether ``FIELD.path`` at ``FIELD.revision`` has a ``model_index.json``,
-    with one HEAD request and no download. A clear no (no such model, revision or file; gated) raises
-    SpecError. No answer (``HF_HUB_OFFLINE``, no network, a timeout, a server error) is logged and left to
-    the load, which may still find the model in the nodes' caches."""
+def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: str) -> tuple[str | None, str]:
+    """Ask the hub (``HF_ENDPOINT``) for ``filename`` of model repo ``repo_id`` at ``revision``, with one HEAD
+    request and no download. Returns (what is missing, the endpoint): None when the file is there or no answer
+    came (``HF_HUB_OFFLINE``: nothing asked; no network, a timeout, a server error: logged after ``label``),
+    else 'repo' (no such model, or private), 'gated', 'revision' or 'file'."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -72,26 +72,47 @@ def check_hub_id(model: Any, field: str = "model") -> None:
         RevisionNotFoundError,
     )
 
+    where = constants.ENDPOINT
     if constants.HF_HUB_OFFLINE:
-        return
-    path, revision, where = model.path, model.revision, constants.ENDPOINT
-    url = hf_hub_url(path, "model_index.json", revision=revision)  # on HF_ENDPOINT, as from_pretrained asks
+        return None, where
+    url = hf_hub_url(repo_id, filename, revision=revision)  # on HF_ENDPOINT, as from_pretrained asks
     try:
         get_hf_file_metadata(url, timeout=HUB_CHECK_TIMEOUT_S)
     except GatedRepoError:  # before RepositoryNotFoundError, its base class
-        raise SpecError(f"{field}.path {path}: a gated model on {where}; accept its terms there and log in "
-                        "(HF_TOKEN or `hf auth login`)") from None
+        return "gated", where
     except RepositoryNotFoundError:
-        raise SpecError(f"{field}.path {path}: no such folder here and no such model on {where} (a private "
-                        "model needs a token: HF_TOKEN or `hf auth login`)") from None
+        return "repo", where
     except RevisionNotFoundError:
-        raise SpecError(f"{field}.revision {revision}: no such revision of {path} on {where}") from None
+        return "revision", where
     except RemoteEntryNotFoundError:
-        raise SpecError(f"{field}.path {path}: not a diffusers pipeline (no model_index.json on {where}"
-                        f"{f' at revision {revision}' if revision else ''})") from None
+        return "file", where
     except Exception as e:  # no answer: the load decides
-        log.info("%s.path %s: not checked, %s did not answer (%s: %s)", field, path, where, type(e).__name__,
+        log.info("%s: not checked, %s did not answer (%s: %s)", label, where, type(e).__name__,
                  str(e).splitlines()[0] if str(e) else "")
+    return None, where
+
+
+#: How to get access to a gated or private hub model.
+HUB_LOGIN = "HF_TOKEN or `hf auth login`"
+
+
+def check_hub_id(model: Any, field: str = "model") -> None:
+    """A hub id in ``FIELD.path``: SpecError when the hub says it has no ``model_index.json`` at ``FIELD.revision``
+    (no such model, revision or file, or gated); see :func:`hub_file_missing`. The load decides otherwise,
+    maybe from the nodes' caches."""
+    path, revision = model.path, model.revision
+    missing, where = hub_file_missing(path, "model_index.json", revision, f"{field}.path {path}")
+    if missing == "gated":
+        raise SpecError(f"{field}.path {path}: a gated model on {where}; accept its terms there and log in "
+                        f"({HUB_LOGIN})")
+    if missing == "repo":
+        raise SpecError(f"{field}.path {path}: no such folder here and no such model on {where} (a private "
+                        f"model needs a token: {HUB_LOGIN})")
+    if missing == "revision":
+        raise SpecError(f"{field}.revision {revision}: no such revision of {path} on {where}")
+    if missing == "file":
+        raise SpecError(f"{field}.path {path}: not a diffusers pipeline (no model_index.json on {where}"
+                        f"{f' at revision {revision}' if revision else ''})")
 
 
 def preload_pipeline_modules(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
