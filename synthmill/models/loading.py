@@ -64,7 +64,12 @@ def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: s
     request and no download. Returns (what is missing, the endpoint): None when the file is there or no answer
     came (``HF_HUB_OFFLINE``: nothing asked; no network, a timeout, a server error: logged after ``label``),
     else 'repo' (no such model, or private), 'gated', 'revision' or 'file'."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import constants  # alone: milliseconds; the client below, ~0.1 s
+
+    where = constants.ENDPOINT
+    if constants.HF_HUB_OFFLINE:
+        return None, where
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
         GatedRepoError,
         RemoteEntryNotFoundError,
@@ -72,9 +77,6 @@ def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: s
         RevisionNotFoundError,
     )
 
-    where = constants.ENDPOINT
-    if constants.HF_HUB_OFFLINE:
-        return None, where
     url = hf_hub_url(repo_id, filename, revision=revision)  # on HF_ENDPOINT, as from_pretrained asks
     try:
         get_hf_file_metadata(url, timeout=HUB_CHECK_TIMEOUT_S)
