@@ -114,13 +114,21 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "status":
         from synthmill import status
 
+        from synthmill.sharding import storage
+
         output, opts = args.output, None
-        if args.output.endswith((".yaml", ".yml")) and os.path.isfile(args.output):
+        if args.output.endswith((".yaml", ".yml")):
+            if not os.path.isfile(args.output):
+                raise SpecError(f"{args.output}: spec file not found")
             spec = load_spec(args.output, args.overrides)
             output, opts = spec.output.path, spec.storage
         elif args.overrides:
             raise SpecError(f"{args.output}: key=value overrides need a job spec YAML, not an output folder")
-        st = status.collect(output, opts)
+        try:
+            with storage.retry_budget(status.RETRY_S):
+                st = status.collect(output, opts)
+        except storage.StorageError as e:  # unreachable, refused: it names the URL
+            raise SpecError(str(e)) from None
         print(json.dumps(st, indent=1) if args.json else status.render(st))
         return 0
     spec = load_spec(args.spec, args.overrides)

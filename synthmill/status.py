@@ -12,6 +12,9 @@ from synthmill.sharding import storage
 from synthmill.sharding.commit import done_shards
 from synthmill.sharding.writer import TMP_SUFFIX
 
+#: Seconds a storage outage may last while status reads before it gives up (as validation does).
+RETRY_S = 10.0
+
 
 def _collect_evaluate(output: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> dict[str, Any]:
     """The state of an evaluate output: units with a committed partial of this job, per set; the metrics."""

@@ -273,9 +273,10 @@ def hub(monkeypatch):
     """A hub stand-in (tests/hubserver.py) that validation's hub checks ask instead of huggingface.co."""
     from tests.hubserver import HubServer
 
-    server = HubServer({"org/pipe": {"main": {"model_index.json"}, "v1": {"model_index.json"}},
+    pipe = {"model_index.json"}
+    server = HubServer({"org/pipe": {"main": pipe, "v1": pipe, "refs/pr/1": pipe},
                         "org/text-model": {"main": {"config.json"}}, "org/clip": {"main": {"open_clip_config.json"}}},
-                       gated=frozenset({"org/gated"}))
+                       gated=frozenset({"org/gated"}), broken=frozenset({"org/broken"}))
     point_hub_at(monkeypatch, server.url)
     yield server
     server.close()

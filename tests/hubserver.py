@@ -18,16 +18,19 @@ from urllib.parse import unquote, urlsplit
 
 
 class HubServer:
-    """``repos``: repo id -> {revision: set of file names}; ``gated``: repo ids that refuse anonymous access."""
+    """``repos``: repo id -> {revision: set of file names}; ``gated``: repo ids that refuse anonymous access;
+    ``broken``: repo ids answered with a 500 (a server error)."""
 
-    def __init__(self, repos: dict[str, dict[str, set[str]]], gated: frozenset[str] = frozenset()):
-        self.repos, self.gated, self.requests = repos, gated, []
+    def __init__(self, repos: dict[str, dict[str, set[str]]], gated: frozenset[str] = frozenset(),
+                 broken: frozenset[str] = frozenset()):
+        self.repos, self.gated, self.broken, self.requests = repos, gated, broken, []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_HEAD(self) -> None:
-                hub.requests.append(unquote(urlsplit(self.path).path))
-                status, headers = hub.answer(hub.requests[-1])
+                parts = [unquote(p) for p in urlsplit(self.path).path.strip("/").split("/")]  # a revision may hold "/"
+                hub.requests.append("/" + "/".join(parts))
+                status, headers = hub.answer(parts)
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -46,11 +49,13 @@ class HubServer:
         """The file requests among ``requests`` (huggingface_hub may also fetch its own registries)."""
         return [r for r in self.requests if "/resolve/" in r]
 
-    def answer(self, path: str) -> tuple[int, dict[str, str]]:
-        parts = path.strip("/").split("/")
+    def answer(self, parts: list[str]) -> tuple[int, dict[str, str]]:
+        """The status and headers for a request path, given as its unquoted "/"-separated parts."""
         if len(parts) < 5 or parts[2] != "resolve":
             return 404, {"Content-Length": "0"}
         repo, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+        if repo in self.broken:
+            return 500, {"Content-Length": "0"}
         if repo in self.gated:
             return 401, {"X-Error-Code": "GatedRepo", "Content-Length": "0"}
         if repo not in self.repos:

@@ -131,16 +131,17 @@ def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, wri
         else:
             started[kind] = (given, out, _start_unreachable(path, f"cluster.address={UNREACHABLE}"))
     deadline = time.monotonic() + 60  # the bound: Ray alone would retry 20 times, ~4 s each here
-    for kind, (given, out, proc) in started.items():
-        try:
+    try:
+        for kind, (given, out, proc) in started.items():
             _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
+            err = "\n".join(ln for ln in stderr.splitlines() if ln.startswith("synthmill:")) or stderr[-3000:]
+            assert proc.returncode == 2, (kind, err)
+            assert err.startswith(f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there") \
+                and len(err.splitlines()) == 1, (kind, err)
+            assert not os.path.exists(out), f"{kind} wrote {sorted(os.listdir(out))} before it connected"
+    finally:
+        for _, _, proc in started.values():
             proc.kill()
-        err = "\n".join(ln for ln in stderr.splitlines() if ln.startswith("synthmill:")) or stderr[-3000:]
-        assert proc.returncode == 2, (kind, err)
-        assert err.startswith(f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there") \
-            and len(err.splitlines()) == 1, (kind, err)
-        assert not os.path.exists(out), f"{kind} wrote {sorted(os.listdir(out))} before it connected"
 
 
 def test_connect_joins_the_cluster_at_an_address_within_the_bound(ray_address):

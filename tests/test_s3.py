@@ -165,6 +165,10 @@ def test_status_of_a_job_spec_uses_its_storage_options(reference, s3, write_spec
     assert main(["status", "s3://synth/runs/a", "output.path=x"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "s3://synth/runs/a: key=value overrides need a job spec YAML, not an output folder")
+    # storage options the endpoint refuses: exit 2 naming the URL, not a traceback, and never the secret
+    assert main(["status", write_spec(s3_spec(ref_spec, s3, "s3://synth/runs/a"))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("synthmill: error: ") and "s3://synth/runs/a" in err and SECRET not in err, err
 
 
 def bad(capsys, write_spec, spec: dict, *needles: str) -> str:

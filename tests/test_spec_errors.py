@@ -252,6 +252,8 @@ def test_options_anywhere_among_overrides(capsys, write_spec, good, tmp_path):
     for argv in (["status", "--json", str(tmp_path)], ["status", str(tmp_path), "--json"]):
         code, line = run_cli(capsys, *argv)
         assert code == 2 and "not a synthmill output" in line, (argv, line)
+    code, line = run_cli(capsys, "status", str(tmp_path / "typo.yaml"), "output.path=x")
+    assert code == 2 and line.endswith(f"{tmp_path / 'typo.yaml'}: spec file not found"), line
     code, line = run_cli(capsys, "status", str(tmp_path), "extra=1")
     assert code == 2 and line.endswith(f"{tmp_path}: key=value overrides need a job spec YAML, not an output folder"), line
     for argv in (["run", path, "--dry-run", "--bogus"], ["status", str(tmp_path), "--bogus"], ["validate", "-v"]):
@@ -300,16 +302,20 @@ def test_hub_id_the_hub_does_not_have_is_exit_2(capsys, write_spec, good, hub, p
 
 
 def test_hub_check_passes_a_pipeline_and_steps_aside_without_an_answer(capsys, write_spec, good, hub, monkeypatch, caplog):
-    """A hub pipeline passes; so does any hub id when the hub cannot answer (the load then decides, maybe from
-    the nodes' caches), with a log line saying it was not checked; HF_HUB_OFFLINE asks nothing."""
+    """A hub pipeline passes; so does any hub id when the hub gives no clear answer (the load then decides, maybe
+    from the nodes' caches), with a log line saying it was not checked; HF_HUB_OFFLINE asks nothing."""
     import logging
     import socket
 
     from huggingface_hub import constants
 
-    good["model"] = {"path": "org/pipe", "revision": "v1"}
+    good["model"] = {"path": "org/pipe", "revision": "refs/pr/1"}  # a revision with "/" in it goes quoted
     assert run_cli(capsys, "validate", write_spec(good))[0] == 0
-    assert hub.model_requests() == ["/org/pipe/resolve/v1/model_index.json"]
+    assert hub.model_requests() == ["/org/pipe/resolve/refs/pr/1/model_index.json"]
+    good["model"] = {"path": "org/broken"}  # the hub answers 500: a warning, and the load decides
+    with caplog.at_level(logging.INFO, logger="synthmill"):
+        assert run_cli(capsys, "validate", write_spec(good))[0] == 0
+    assert f"model.path org/broken: not checked, {hub.url} answered HTTP 500 (" in caplog.text
     good["model"] = {"path": "org/no-such-pipe"}
     path = write_spec(good)
     with socket.socket() as s:  # a port with no server behind it
@@ -322,7 +328,7 @@ def test_hub_check_passes_a_pipeline_and_steps_aside_without_an_answer(capsys, w
     point_hub_at(monkeypatch, hub.url)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert run_cli(capsys, "validate", path)[0] == 0
-    assert len(hub.model_requests()) == 1
+    assert len(hub.model_requests()) == 2
 
 
 def test_hub_checks_reach_distill_teachers_and_honour_hf_endpoint(write_spec, hub, tmp_path):

@@ -88,14 +88,20 @@ def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: s
         return "revision", where
     except RemoteEntryNotFoundError:
         return "file", where
-    except Exception as e:  # no answer: the load decides
-        log.info("%s: not checked, %s did not answer (%s: %s)", label, where, type(e).__name__,
-                 str(e).splitlines()[0] if str(e) else "")
+    except Exception as e:  # no clear answer: the load decides
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is not None:  # e.g. 401 for a token the hub refuses, 429, 5xx
+            log.warning("%s: not checked, %s answered HTTP %s (%s)", label, where, status,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+        else:
+            log.info("%s: not checked, %s did not answer (%s: %s)", label, where, type(e).__name__,
+                     str(e).splitlines()[0] if str(e) else "")
     return None, where
 
 
-#: How to get access to a gated or private hub model.
-HUB_LOGIN = "HF_TOKEN or `hf auth login`"
+#: How to get access to a gated or private hub model; and how to skip the check where only the nodes have it.
+HUB_LOGIN = ("HF_TOKEN or `hf auth login`; if only the cluster's nodes have the access or the hub, set "
+             "HF_HUB_OFFLINE=1 here to skip this check")
 
 
 def check_hub_id(model: Any, field: str = "model") -> None:
@@ -111,7 +117,7 @@ def check_hub_id(model: Any, field: str = "model") -> None:
         raise SpecError(f"{field}.path {path}: no such folder here and no such model on {where} (a private "
                         f"model needs a token: {HUB_LOGIN})")
     if missing == "revision":
-        raise SpecError(f"{field}.revision {revision}: no such revision of {path} on {where}")
+        raise SpecError(f"{field}.revision {revision or 'main'}: no such revision of {path} on {where}")
     if missing == "file":
         raise SpecError(f"{field}.path {path}: not a diffusers pipeline (no model_index.json on {where}"
                         f"{f' at revision {revision}' if revision else ''})")
