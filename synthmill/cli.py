@@ -113,7 +113,6 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.command == "status":
         from synthmill import status
-
         from synthmill.sharding import storage
 
         output, opts = args.output, None
