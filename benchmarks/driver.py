@@ -28,8 +28,8 @@
    hub nothing; online it makes one HEAD request for the id's ``model_index.json``, left out here).
 
 2. Dispatch. A local Ray is started in this process (``ray.init(address="local")``; ``--ray-address``
-   joins a running one instead) and ``--actors`` no-op actors (``num_cpus=0``, so they fit on any machine; ``max_concurrency = inflight + 1`` and
-   ``max_restarts=0`` as the generate job creates its actors): ``ready()`` returns an info dict and
+   joins a running one instead) and ``--actors`` no-op actors (``num_cpus=0``, so they fit on any machine;
+   ``max_concurrency = inflight + 1`` and ``max_restarts=0`` as the generate job creates its actors): ``ready()`` returns an info dict and
    ``process_shard(k, attempt)`` returns a minimal marker dict at once. Over ``--shards`` shards, with
    the same actors, already started and warmed up (actor start-up is left out of both):
 

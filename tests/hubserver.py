@@ -1,8 +1,8 @@
 """An HTTP server on 127.0.0.1 that answers file-metadata requests the way the Hugging Face hub does.
 
 No hub can be reached from the test machines, so validation's hub check (``check_hub_id``) is pointed at
-this server through ``HF_ENDPOINT`` (or ``huggingface_hub.constants.ENDPOINT`` in-process), as users point
-it at a mirror. It speaks only what ``huggingface_hub.get_hf_file_metadata`` reads: a HEAD (or GET) of
+this server through ``HF_ENDPOINT`` (in-process: what it sets, ``tests/conftest.py::point_hub_at``), as
+users point it at a mirror. It speaks only what ``huggingface_hub.get_hf_file_metadata`` reads: a HEAD (or GET) of
 ``/{org}/{name}/resolve/{revision}/{file}`` answered 200 with ``ETag``, ``X-Repo-Commit`` and
 ``Content-Length``, or an error status with the hub's ``X-Error-Code`` header (``RepoNotFound``,
 ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``); any other path is a plain 404. Every request path is

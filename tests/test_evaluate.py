@@ -330,7 +330,7 @@ def test_hf_hub_clip_model_is_asked_of_the_hub(model, needle, hub, image_folders
         assert code == (0 if needle is None else 2), (command, err)
         assert needle is None or err[-1].startswith(f"synthmill: error: {needle}"), err
         assert not os.path.exists(out)
-    assert hub.model_requests() and set(hub.model_requests()) == {f"/{model[7:]}/resolve/main/open_clip_config.json"}
+    assert hub.model_requests() and set(hub.model_requests()) == {f"/{model[len('hf-hub:'):]}/resolve/main/open_clip_config.json"}
 
 
 def test_clip_without_captions_is_refused_at_validate_time(clip_model, write_spec, tmp_path, capsys):
