@@ -16,6 +16,28 @@ from synthmill.sharding.writer import TMP_SUFFIX
 RETRY_S = 10.0
 
 
+def _read(url: str, opts: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON object of the output's (a marker, summary, metrics, failures); a damaged one counts as absent."""
+    obj = storage.read_json(url, opts, damaged_as_missing=True)
+    return obj if isinstance(obj, dict) else None
+
+
+#: plan.json keys that status reads, by job kind, and their types
+PLAN_KEYS = {"generate": {"shards": int, "samples": int, "fingerprint": str},
+             "evaluate": {"sets": dict, "fingerprint": str}, "distill": {}}
+
+
+def _require_keys(output: str, plan: dict[str, Any]) -> None:
+    """SpecError naming plan.json when it lacks what status reads (a damaged or foreign file)."""
+    job = plan.get("kind", "generate")
+    if job not in PLAN_KEYS:
+        raise SpecError(f"{storage.join(output, 'plan.json')}: damaged, unknown job kind {job!r}")
+    for key, kind in PLAN_KEYS[job].items():
+        if not isinstance(plan.get(key), kind) or isinstance(plan.get(key), bool):
+            raise SpecError(f"{storage.join(output, 'plan.json')}: damaged, its '{key}' is missing or not "
+                            f"{'a number' if kind is int else 'an object' if kind is dict else 'text'}")
+
+
 def _collect_evaluate(output: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> dict[str, Any]:
     """The state of an evaluate output: units with a committed partial of this job, per set; the metrics."""
     sets = {}
@@ -23,10 +45,10 @@ def _collect_evaluate(output: str, plan: dict[str, Any], opts: dict[str, Any] | 
         folder = storage.join(output, "partials", name)
         names = storage.list_sizes(folder, opts)
         done = [n for n in names if n.endswith(".json") and n[:-5] + ".npz" in names
-                and (storage.read_json(storage.join(folder, n), opts) or {}).get("fingerprint") == plan["fingerprint"]]
+                and (_read(storage.join(folder, n), opts) or {}).get("fingerprint") == plan["fingerprint"]]
         sets[name] = {"units_done": len(done), "units": info["units"], "samples": info["samples"]}
-    result = storage.read_json(storage.join(output, "metrics.json"), opts)
-    failures = storage.read_json(storage.join(output, "failures.json"), opts) or {}
+    result = _read(storage.join(output, "metrics.json"), opts)
+    failures = _read(storage.join(output, "failures.json"), opts) or {}
     return {
         "output": output, "kind": "evaluate",
         "complete": bool(result and result.get("status") == "complete"),
@@ -59,18 +81,22 @@ def _collect_distill(output: str, plan: dict[str, Any], opts: dict[str, Any] | N
 
     from synthmill.jobs.distill import latest_step
 
-    summary = storage.read_json(storage.join(output, "summary.json"), opts)
+    summary = _read(storage.join(output, "summary.json"), opts)
     try:
-        text = storage.read_bytes(storage.join(output, "metrics.jsonl"), opts).decode()
+        text = storage.read_bytes(storage.join(output, "metrics.jsonl"), opts).decode(errors="replace")
     except FileNotFoundError:
         text = ""
     lines = [ln for ln in text.splitlines() if ln.strip()]
+    try:
+        last = json.loads(lines[-1]) if lines else None
+    except ValueError:  # a line cut off by a crash mid-write (the job rewrites the file from its checkpoint)
+        last = None
     return {
         "output": output, "kind": "distill",
         "complete": bool(summary and summary.get("status") == "complete"),
         "student": plan.get("student"), "teacher": plan.get("teacher"),
         "checkpoint_step": latest_step(output, opts), "max_steps": plan.get("max_steps"),
-        "last_logged": json.loads(lines[-1]) if lines else None,
+        "last_logged": last if isinstance(last, dict) else None,
         "pipeline": summary.get("pipeline") if summary else None,
     }
 
@@ -92,16 +118,17 @@ def _render_distill(st: dict[str, Any]) -> str:
 def collect(output: str, opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """The state of an output folder, from its plan, markers, failures and summary (or metrics); ``opts`` are
     fsspec storage options (a spec's ``storage``)."""
-    plan = storage.read_json(storage.join(output, "plan.json"), opts)
-    if not isinstance(plan, dict):
+    plan = storage.read_plan(output, opts)
+    if plan is None:
         raise SpecError(f"{output}: not a synthmill output (no plan.json)")
+    _require_keys(output, plan)
     if plan.get("kind") == "evaluate":
         return _collect_evaluate(output, plan, opts)
     if plan.get("kind") == "distill":
         return _collect_distill(output, plan, opts)
     markers = done_shards(output, range(plan["shards"]), plan["fingerprint"], storage_options=opts)
-    failures = storage.read_json(storage.join(output, "failures.json"), opts) or {}
-    summary = storage.read_json(storage.join(output, "summary.json"), opts)
+    failures = _read(storage.join(output, "failures.json"), opts) or {}
+    summary = _read(storage.join(output, "summary.json"), opts)
     samples_done = sum(m["count"] for m in markers.values())
     denoise_s = sum(m.get("denoise_s", 0.0) for m in markers.values())
     elapsed_s = sum(m.get("elapsed_s", 0.0) for m in markers.values())

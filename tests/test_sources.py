@@ -167,3 +167,62 @@ def test_plan_arithmetic():
     assert sample_key(20) == "0000000020"
     with pytest.raises(IndexError):
         plan.samples(5)
+
+
+def _corrupt_parquet(path) -> None:
+    """Snappy-compressed pages whose bytes are overwritten; the footer still reads."""
+    pq.write_table(pa.table({"caption": [f"caption number {i} " * 4 for i in range(5000)]}), path, compression="snappy")
+    data = bytearray(path.read_bytes())
+    data[100:2000] = b"\xab" * 1900
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("latin1.txt", "café au lait\nok\n".encode("latin-1"), "latin1.txt: line 1 is not valid UTF-8"),
+    ("first.jsonl", b'{not json}\n{"caption": "a"}\n', "first.jsonl: line 1 is not valid JSON"),
+    ("deep.jsonl", b'{"caption": "a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n", "deep.jsonl: line 2 is not valid JSON"),
+    ("dict.jsonl", b'{"caption": "a"}\n{"caption": {"x": 1}}\n', "'caption' in {path} line 2 is a mapping, not text"),
+    ("list.jsonl", b'{"caption": [1]}\n', "'caption' in {path} line 1 is a list, not text"),
+    ("short.csv", b"id,caption\n1,a\n2\n3,c\n", "short.csv: data row 2 has 1 field and no 'caption' (field 2 of the header)"),
+    ("pages.parquet", None, "pages.parquet: column 'caption' cannot be read ("),
+])
+def test_rows_that_could_not_be_prompts_are_named_at_check_or_scan(tmp_path, name, content, needle):
+    """A bad first row fails ``check()`` as a SpecError (it raised a bare ValueError), JSON nested past the
+    parser's depth is invalid JSON (a RecursionError), a mapping or list is not a prompt (it became its
+    repr), a CSV row without the column is named (it became a blank prompt), and a parquet file whose pages
+    cannot be decoded names the file (an OSError from pyarrow)."""
+    from synthmill.errors import SpecError
+
+    p = tmp_path / name
+    _corrupt_parquet(p) if content is None else p.write_bytes(content)
+    src = open_source(str(p), "caption", None)
+    with pytest.raises(SpecError, match=re.escape(needle.format(path=p))):
+        src.check()
+        src.scan(1)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.txt", b"a cat\nb dog\n"),
+    ("bom.jsonl", b'{"caption": "a cat"}\n{"caption": "b dog"}\n'),
+    ("bom.csv", b"caption,id\na cat,1\nb dog,2\n"),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path, name, content):
+    """Windows tools start UTF-8 files with a byte-order mark: it is neither in the first prompt nor in the
+    CSV header's first column name (which then was not found)."""
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + content)
+    src = open_source(str(p), "caption", None)
+    src.check()
+    assert src.scan(1) == 2
+    assert [r.text for r in src.read_rows(0, 2)] == ["a cat", "b dog"]
+
+
+def test_a_fifo_is_refused_not_read_forever(tmp_path):
+    import os
+
+    from synthmill.errors import SpecError
+
+    p = tmp_path / "prompts.txt"
+    os.mkfifo(p)
+    with pytest.raises(SpecError, match=r"prompts.txt: not a regular file \(other\)"):
+        open_source(str(p), "caption", None)

@@ -345,3 +345,119 @@ def test_hub_checks_reach_distill_teachers_and_honour_hf_endpoint(write_spec, hu
         f"synthmill: error: teacher.path org/no-such-teacher: no such folder here and no such model on {hub.url}"), proc.stderr
     assert hub.model_requests() == ["/org/no-such-teacher/resolve/main/model_index.json"]
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("edit, overrides, needles", [
+    (lambda s: s.update(kind=["generate"]), (), ["field 'kind' is ['generate']", "known kinds"]),
+    (lambda s: s.update(storage=["a", "b"]), (), ["field 'storage': must be a section of keys", "a list"]),
+    (None, ("cluster.resources=[a100]",), ["override 'cluster.resources=[a100]'", "field 'cluster.resources'"]),
+    (lambda s: s["output"].update({None: "x"}), (), ["key None in section 'output' is not a name"]),
+    (lambda s: s["output"].update({3: "x"}), (), ["key 3 in section 'output' is not a name"]),
+    (None, (".output.path=x",), ["override '.output.path=x' is not of the form key=value"]),
+    (None, ("output.=1",), ["override 'output.=1' is not of the form key=value"]),
+    (None, ("a..b=1",), ["override 'a..b=1' is not of the form key=value"]),
+    (lambda s: s["output"].update(path="/tmp/a\0b"), (), ["field 'output.path': contains a NUL character"]),
+    (None, ("cluster.resources.CPU=2",), ["field 'cluster.resources.CPU': is set by synthmill (cluster.cpus_per_actor"]),
+    (None, (f"sampling.seed={2**63}",), ["field 'sampling.seed': must be in 0..2**63-1"]),
+    # 11 prompts x 2 images from 2**63 - 21: the last sample's seed would be 2**63
+    (None, (f"sampling.seed={2**63 - 21}",), ["'sampling.seed'", "22 samples passes the largest seed"]),
+    (None, ("output.path=foo://bucket/out",), ["output.path: foo://bucket/out: no storage for 'foo://' URLs"]),
+    (None, ("prompts.path=foo://bucket/p.tsv",), ["prompts.path: foo://bucket/p.tsv: no storage for 'foo://'"]),
+])
+def test_shapes_keys_and_values_the_schema_alone_would_not_name(capsys, write_spec, good, edit, overrides, needles):
+    """Each of these gave a traceback (exit 1) or a line that named no field before: a list for the kind, a
+    list or scalar where a mapping goes, a key that is not a name, an override key with an empty part, a NUL
+    in a path, a resource Ray takes only as a count, a seed past 64 bits, a URL no filesystem serves."""
+    if edit:
+        edit(good)
+    if None in good["output"] or 3 in good["output"]:  # keys yaml.safe_dump writes as they are
+        import yaml
+
+        path = os.path.join(os.path.dirname(good["output"]["path"]), "spec.yaml")
+        with open(path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(good, fh)
+    else:
+        path = write_spec(good)
+    expect_error(capsys, path, *needles, overrides=overrides, output=good["output"]["path"])
+
+
+def test_a_spec_file_that_is_not_utf8(capsys, tmp_path):
+    p = tmp_path / "utf16.yaml"
+    p.write_bytes("kind: generate\n".encode("utf-16"))
+    expect_error(capsys, str(p), str(p), "a spec file must be UTF-8 text")
+
+
+def test_list_given_a_mapping_names_the_field(tmp_path):
+    from synthmill.errors import SpecError
+    from synthmill.jobs.spec import load_spec
+
+    p = tmp_path / "eval.yaml"
+    p.write_text("kind: evaluate\ngenerated: {path: x}\nmetrics: {fid: 1}\noutput: {path: y}\n", encoding="utf-8")
+    with pytest.raises(SpecError, match=r"field 'metrics': must be a list, got a mapping \{'fid': 1\}"):
+        load_spec(str(p))
+
+
+@pytest.mark.parametrize("damage, needles", [
+    (lambda d: (d / "model_index.json").write_text("{bad", encoding="utf-8"), ["model_index.json cannot be read"]),
+    (lambda d: (d / "model_index.json").write_text("[1]", encoding="utf-8"), ["model_index.json is not a JSON object"]),
+    (lambda d: __import__("shutil").rmtree(d / "unet"),
+     ["names a unet (UNet2DConditionModel) but there is no unet/ folder"]),
+    (None, ["model.variant fp16: no weight file of that variant"]),
+])
+def test_model_folder_whose_index_or_components_are_broken(capsys, write_spec, good, tmp_path, damage, needles):
+    """A local pipeline folder is read before any actor loads it: a damaged model_index.json, a component it
+    names without its folder, or a variant with no weight files is exit 2, not the same load error on
+    every actor."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(good["model"]["path"], folder)
+    if damage:
+        damage(folder)
+    else:
+        good["model"]["variant"] = "fp16"
+    good["model"]["path"] = str(folder)
+    expect_error(capsys, write_spec(good), *needles, output=good["output"]["path"])
+
+
+def test_output_given_as_a_file_url(capsys, write_spec, good, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    good["output"]["path"] = f"file://{f}"
+    expect_error(capsys, write_spec(good), "output.path file://", "is a file, not a folder")
+
+
+@pytest.mark.parametrize("plan, needle", [
+    ("{not json", "plan.json: damaged, not a JSON document"),
+    ("[1, 2]", "plan.json: damaged, not a JSON object"),
+])
+def test_damaged_plan_in_the_output_is_exit_2_for_run_and_status(capsys, write_spec, good, plan, needle):
+    out = good["output"]["path"]
+    os.makedirs(out)
+    with open(os.path.join(out, "plan.json"), "w", encoding="utf-8") as fh:
+        fh.write(plan)
+    before = sorted(os.listdir(out))
+    expect_error(capsys, write_spec(good), needle)
+    code, line = run_cli(capsys, "status", out)
+    assert code == 2 and needle in line, line
+    assert sorted(os.listdir(out)) == before
+
+
+@pytest.mark.parametrize("plan, needle", [
+    ({"kind": "generate", "samples": 4, "fingerprint": "x"}, "its 'shards' is missing or not a number"),
+    ({"kind": "evaluate", "sets": [], "fingerprint": "x"}, "its 'sets' is missing or not an object"),
+    ({"kind": "train"}, "unknown job kind 'train'"),
+])
+def test_status_of_a_plan_without_what_it_reads(capsys, tmp_path, plan, needle):
+    (tmp_path / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    code, line = run_cli(capsys, "status", str(tmp_path))
+    assert code == 2 and needle in line and str(tmp_path / "plan.json") in line, line
+
+
+def test_status_of_a_file_or_an_unknown_protocol(capsys, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, line = run_cli(capsys, "status", str(f))
+    assert code == 2 and line.endswith("afile: not a synthmill output (no plan.json)"), line
+    code, line = run_cli(capsys, "status", "foo://bucket/out")
+    assert code == 2 and "no storage for 'foo://' URLs" in line, line

@@ -252,8 +252,9 @@ def _finish_trained(p: Prepared) -> dict[str, Any]:
     from synthmill.distill.train import checkpoint_name
 
     spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
-    summary = storage.read_json(storage.join(out, "summary.json"), opts)
-    if summary is not None and summary.get("steps") == spec.train.max_steps and summary.get("fingerprint") == p.fingerprint:
+    summary = storage.read_json(storage.join(out, "summary.json"), opts, damaged_as_missing=True)
+    if (isinstance(summary, dict) and summary.get("steps") == spec.train.max_steps
+            and summary.get("fingerprint") == p.fingerprint):
         log.info("%s is trained to step %d already; nothing to do", out, spec.train.max_steps)
         return dict(summary, steps_run=0, steps_resumed=spec.train.max_steps, samples_per_s=None)
     storage_path, filesystem = _storage_for_ray(spec)

@@ -10,7 +10,14 @@ from typing import Any, Dict, Optional, Union
 from omegaconf import MISSING
 
 from synthmill.jobs.generate_spec import ModelSpec
-from synthmill.jobs.spec import one_of, register_kind, require, require_count_or_auto
+from synthmill.jobs.spec import (
+    MAX_SEED,
+    check_resources,
+    one_of,
+    register_kind,
+    require,
+    require_count_or_auto,
+)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -136,14 +143,13 @@ class DistillSpec:
         require(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
         require(t.checkpoints_kept >= 1, "train.checkpoints_kept", f"must be >= 1, got {t.checkpoints_kept}")
         require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
-        require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+        require(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in 0..2**63-1, got {t.seed}")
         require_count_or_auto(c.num_workers, "cluster.num_workers")
         if isinstance(c.use_gpu, str):
             require(c.use_gpu == "auto", "cluster.use_gpu", f"must be true, false or 'auto', got {c.use_gpu!r}")
         require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
         require(c.max_failures >= 0, "cluster.max_failures", f"must be >= 0, got {c.max_failures}")
-        for name, amount in c.resources.items():
-            require(amount > 0, f"cluster.resources.{name}", f"must be > 0, got {amount}")
+        check_resources(c.resources, "cluster.cpus_per_worker")
 
     def fingerprint(self) -> str:
         """Hash of what the trained weights depend on. ``train.max_steps`` is left out (raise it to train

@@ -16,6 +16,7 @@ from typing import Any
 from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs.generate_spec import GenerateSpec
 from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
+from synthmill.jobs.spec import MAX_SEED, require
 from synthmill.models.loading import check_model_path
 from synthmill.sharding import storage
 from synthmill.sharding.commit import done_shards
@@ -79,6 +80,8 @@ def prepare(spec: GenerateSpec) -> Prepared:
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None
     plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
+    require(s.seed + plan.num_samples - 1 <= MAX_SEED, "sampling.seed",
+            f"{s.seed} + {plan.num_samples} samples passes the largest seed, 2**63-1")
     return Prepared(spec, source, plan)
 
 
@@ -155,7 +158,7 @@ def run(p: Prepared) -> dict[str, Any]:
     todo = [k for k in range(plan.num_shards) if k not in markers]
     log.info("%d shards planned, %d already done, %d to run", plan.num_shards, resumed, len(todo))
     if not todo:
-        finished = storage.read_json(storage.join(out, "summary.json"), opts)
+        finished = storage.read_json(storage.join(out, "summary.json"), opts, damaged_as_missing=True)
         if isinstance(finished, dict) and finished.get("status") == "complete" and finished.get("fingerprint") == p.fingerprint:
             log.info("complete already (finished %s): nothing to run", finished.get("finished_at"))
             return {**finished, "complete_already": True}  # nothing is rewritten: its summary stays

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
-from synthmill.jobs.spec import ActorClusterSpec, check_cluster, one_of, register_kind, require
+from synthmill.jobs.spec import MAX_SEED, ActorClusterSpec, check_cluster, one_of, register_kind, require
 from synthmill.models.schedulers import SCHEDULERS
 from synthmill.sharding.encoders import ENCODERS
 
@@ -119,7 +119,7 @@ class GenerateSpec:
             v = getattr(s, name)
             require(8 <= v <= 8192, f"sampling.{name}", f"must be in 8..8192, got {v}")
             require(v % 8 == 0, f"sampling.{name}", f"must be a multiple of 8, got {v} (try {max(8, v // 8 * 8)})")
-        require(s.seed >= 0, "sampling.seed", f"must be >= 0, got {s.seed}")
+        require(0 <= s.seed <= MAX_SEED, "sampling.seed", f"must be in 0..2**63-1, got {s.seed}")
         require(1 <= s.images_per_prompt <= 10000, "sampling.images_per_prompt", f"must be in 1..10000, got {s.images_per_prompt}")
         require(bool(o.path.strip()), "output.path", "must not be empty")
         one_of(o.format, sorted(ENCODERS), "output.format")

@@ -12,7 +12,7 @@ from synthmill.sharding import storage
 
 def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, names: list[str]) -> None:
     """An existing output folder must be empty or hold an earlier run of this same job."""
-    previous = storage.read_json(storage.join(url, "plan.json"), opts)
+    previous = storage.read_plan(url, opts)
     if previous is None:
         if names:
             raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
@@ -38,7 +38,7 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
             raise SpecError(f"output.path {url}: is a file, not a folder (prefix)")
         _check_existing(url, fingerprint, opts, names)
         return
-    path = os.path.abspath(url)
+    path = os.path.abspath(storage.path_of(url))
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpecError(f"output.path {url}: exists and is a file, not a folder")
     if os.path.isdir(path):

@@ -70,10 +70,25 @@ def _kind_of_value(value: Any) -> str:
     return f"{name} {value!r}"
 
 
-def _scalar_section(schema: type, data: Any, prefix: str = "") -> tuple[str, Any] | None:
-    """(dotted field, value) of the first section of ``schema`` that ``data`` gives a value that is not a mapping.
+def _container(cls: Any) -> type | None:
+    """``dict`` for a section (a dataclass) or a ``Dict[...]`` field, ``list`` for a ``List[...]`` field, else None."""
+    import typing
 
-    OmegaConf reports that as "Merge error: str is not a subclass of ModelSpec" without naming the field.
+    if dataclasses.is_dataclass(cls):
+        return dict
+    origin = typing.get_origin(cls)
+    if origin is Union:  # Optional[Dict[...]]
+        inner = [a for a in typing.get_args(cls) if a is not type(None)]
+        return _container(inner[0]) if len(inner) == 1 else None
+    return origin if origin in (dict, list) else None
+
+
+def _scalar_section(schema: type, data: Any, prefix: str = "") -> tuple[str, Any, type] | None:
+    """(dotted field, value, wanted container) of the first field of ``schema`` that must be a mapping (a
+    section or a ``Dict`` field) or a list and that ``data`` gives a value of another shape.
+
+    OmegaConf reports those as "Merge error: str is not a subclass of ModelSpec" or "Cannot merge
+    incompatible container types" without naming the field.
     """
     import typing
 
@@ -82,13 +97,18 @@ def _scalar_section(schema: type, data: Any, prefix: str = "") -> tuple[str, Any
     hints = typing.get_type_hints(schema)
     for name, value in data.items():
         cls = hints.get(name) if isinstance(name, str) else None
-        if cls is None or not dataclasses.is_dataclass(cls) or value is None:
+        want = _container(cls)
+        if want is None or value is None:
             continue  # unknown keys, plain fields and nulls: OmegaConf names them
         if isinstance(value, str) and "${" in value:
             continue  # an interpolation may name a section
+        if want is list:
+            if isinstance(value, dict):
+                return prefix + name, value, list
+            continue  # a scalar for a list: OmegaConf names the field
         if not isinstance(value, dict):
-            return prefix + name, value
-        found = _scalar_section(cls, value, f"{prefix}{name}.")
+            return prefix + name, value, dict
+        found = _scalar_section(cls, value, f"{prefix}{name}.") if dataclasses.is_dataclass(cls) else None
         if found:
             return found
     return None
@@ -98,10 +118,34 @@ def _check_sections(schema: type, data: Any, source: str) -> None:
     """Raise a :class:`SpecError` naming the field when ``data`` gives a section of ``schema`` a scalar or a list."""
     found = _scalar_section(schema, data)
     if found:
-        dotted, value = found
+        dotted, value, want = found
+        if want is list:
+            raise SpecError(f"{source}: field '{dotted}': must be a list, got a mapping {value!r}")
         keys = [f"{dotted}.{k}" for k in _known_keys(schema, dotted)]
-        shown = ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
+        shown = ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "") if keys else "name: value"
         raise SpecError(f"{source}: field '{dotted}': must be a section of keys ({shown}), got {_kind_of_value(value)}")
+
+
+def _check_keys(data: Any, source: str, prefix: str = "") -> None:
+    """Raise a :class:`SpecError` for a mapping key that is not a name (``null:``, ``1:``, ``[a]:``)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if not isinstance(key, str):
+                where = f"section '{prefix[:-1]}'" if prefix else "the top level"
+                raise SpecError(f"{source}: key {key!r} in {where} is not a name (keys are strings)")
+            _check_keys(value, source, f"{prefix}{key}.")
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _check_keys(value, source, f"{prefix}{i}.")
+
+
+def _check_strings(data: Any, source: str, prefix: str = "") -> None:
+    """Raise a :class:`SpecError` for a string value with a NUL character (no path or name can hold one)."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        if isinstance(value, str) and "\0" in value:
+            raise SpecError(f"{source}: field '{prefix}{key}': contains a NUL character")
+        _check_strings(value, source, f"{prefix}{key}.")
 
 
 def _override_error(overrides: list[str] | tuple[str, ...], exc: Exception) -> SpecError:
@@ -140,6 +184,8 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         raise SpecError(f"{path}: spec file not found") from None
     except OSError as e:
         raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: a spec file must be UTF-8 text; byte {e.start} is not") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -149,15 +195,16 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job spec must be a YAML mapping with a 'kind' key")
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    bad = [o for o in overrides if "=" not in o or "" in o.partition("=")[0].split(".")]
     if bad:
-        raise SpecError(f"override '{bad[0]}' is not of the form key=value")
+        raise SpecError(f"override '{bad[0]}' is not of the form key=value (a key is dotted names: output.path=...)")
+    _check_keys(raw, path)
     try:
         over = OmegaConf.from_dotlist(list(overrides))
     except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value is parsed as YAML: 'a.b=[1' fails there
         raise _override_error(overrides, e) from None
     kind = over.get("kind", raw.get("kind"))
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         known = ", ".join(sorted(KINDS))
         raise SpecError(f"{path}: field 'kind' is {kind!r}; known kinds: {known}")
     schema = KINDS[kind]
@@ -170,6 +217,7 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise SpecError(f"{path}: field '{missing[0]}' is required and has no value")
+        _check_strings(OmegaConf.to_container(cfg), path)
         spec = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _explain(e, schema, path) from None
@@ -224,5 +272,16 @@ def check_cluster(c: Any) -> None:
     require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {c.inflight_per_actor}")
     require(1 <= c.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {c.max_attempts}")
     require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
-    for name, amount in c.resources.items():
+    check_resources(c.resources, "cluster.cpus_per_actor")
+
+
+#: Largest seed: seeds go to torch.Generator.manual_seed and index columns as signed 64-bit integers.
+MAX_SEED = 2**63 - 1
+
+
+def check_resources(resources: dict[str, float], cpus_field: str) -> None:
+    """Extra Ray resources: positive amounts, and not CPU or GPU, which Ray takes only as counts of their own."""
+    for name, amount in resources.items():
+        require(name not in ("CPU", "GPU"), f"cluster.resources.{name}",
+                f"is set by synthmill ({cpus_field}; one GPU each where the cluster has GPUs), not here")
         require(amount > 0, f"cluster.resources.{name}", f"must be > 0, got {amount}")

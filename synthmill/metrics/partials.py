@@ -52,7 +52,7 @@ def done(output: str, set_name: str, identities: dict[int, str], fingerprint: st
     candidates = [k for k in identities if shard_name(k) + ".json" in sizes and shard_name(k) + ".npz" in sizes]
 
     def verify(k: int) -> dict[str, Any] | None:
-        m = storage.read_json(marker_url(output, set_name, k), storage_options)
+        m = storage.read_json(marker_url(output, set_name, k), storage_options, damaged_as_missing=True)
         ok = (isinstance(m, dict) and m.get("fingerprint") == fingerprint and m.get("identity") == identities[k]
               and m.get("unit") == k and m.get("size") == sizes[shard_name(k) + ".npz"])
         return m if ok else None

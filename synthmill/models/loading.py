@@ -8,6 +8,7 @@ only safetensors weights load unless ``model.allow_pickle`` is set, and remote c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -47,6 +48,7 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
         raise SpecError(f"{field}.path {path}: folder not found (and not a hub id of the form org/name)")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise SpecError(f"{field}.path {path}: not a diffusers pipeline folder (no model_index.json)")
+    _check_components(path, field, getattr(model, "variant", None))
     if not model.allow_pickle:
         for root, _, files in os.walk(path):
             weights = [f for f in files if f.endswith(_PICKLE_SUFFIXES + (".safetensors",))]
@@ -57,6 +59,29 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
                     f"set {field}.allow_pickle=true to load it (pickle can run code)"
                 )
     return "local"
+
+
+def _check_components(path: str, field: str, variant: str | None) -> None:
+    """A local pipeline folder's ``model_index.json`` is a JSON object whose components have their folders;
+    with a ``variant``, some weight file of that variant is there."""
+    index_file = os.path.join(path, "model_index.json")
+    try:
+        with open(index_file, encoding="utf-8") as fh:
+            index = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{field}.path {path}: model_index.json cannot be read ({e})") from None
+    if not isinstance(index, dict):
+        raise SpecError(f"{field}.path {path}: model_index.json is not a JSON object")
+    for name, value in index.items():
+        present = isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+        if not name.startswith("_") and present and not os.path.isdir(os.path.join(path, name)):
+            raise SpecError(f"{field}.path {path}: model_index.json names a {name} ({value[1]}) but there is no "
+                            f"{name}/ folder")
+    if variant:
+        weights = [f for _, _, files in os.walk(path) for f in files if f".{variant}." in f]
+        if not weights:
+            raise SpecError(f"{field}.variant {variant}: no weight file of that variant in {path} (such as "
+                            f"diffusion_pytorch_model.{variant}.safetensors)")
 
 
 def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: str) -> tuple[str | None, str]:

@@ -79,7 +79,7 @@ def done_shards(
     ]
 
     def verify(k: int) -> dict[str, Any] | None:
-        m = storage.read_json(marker_url(output, k), storage_options)
+        m = storage.read_json(marker_url(output, k), storage_options, damaged_as_missing=True)
         if not isinstance(m, dict) or m.get("fingerprint") != fingerprint or m.get("shard") != k:
             return None
         if m.get("size") != tars[shard_name(k) + ".tar"]:

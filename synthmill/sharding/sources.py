@@ -41,6 +41,10 @@ class Row:
     blank: bool
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark: skipped at the start of a text file
+NOT_TEXT = (dict, list)  # JSON values that are not a prompt (null, numbers and booleans are read as text)
+
+
 def _clean(value: Any) -> tuple[str, bool]:
     if value is None:
         return "", True
@@ -139,14 +143,15 @@ class _LineSource(PromptSource):
         for raw in fh:
             if hashed is not None:
                 hashed.feed(raw)
-            yield index, pos, raw.rstrip(b"\n").rstrip(b"\r")
+            line = raw.rstrip(b"\n").rstrip(b"\r")
+            yield index, pos, line[len(BOM):] if pos == 0 and line.startswith(BOM) else line
             pos += len(raw)
             index += 1
 
     def check(self) -> None:
         with self.open() as fh:
             for _, _, line in self._lines(fh, 0):
-                self._parse(line, 1)
+                self._check_lines([line], 0)
                 return
         raise SpecError(f"prompts.path {self.url}: the prompt source is empty (no rows)")
 
@@ -211,12 +216,16 @@ class JsonlSource(_LineSource):
             return "", True
         try:
             obj = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep for the parser
             raise ValueError(f"{self.url}: line {lineno} is not valid JSON: {e}") from None
         if not isinstance(obj, dict) or self.column not in obj:
             keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
             raise SpecError(f"prompts.column '{self.column}' not found in {self.url} line {lineno} (it has: {keys})")
-        return _clean(obj[self.column])
+        value = obj[self.column]
+        if isinstance(value, (dict, list)):
+            raise SpecError(f"prompts.column '{self.column}' in {self.url} line {lineno} is a "
+                            f"{'mapping' if isinstance(value, dict) else 'list'}, not text")
+        return _clean(value)
 
     def _check_lines(self, lines: list[bytes], first: int) -> None:
         # One json.loads for the batch (as an array of its non-blank lines) is ~10x faster than one a
@@ -224,9 +233,10 @@ class JsonlSource(_LineSource):
         filled = [line for line in lines if line.strip()]
         try:
             objs = json.loads(b"[" + b",".join(filled) + b"]")
-            if len(objs) == len(filled) and all(type(o) is dict and self.column in o for o in objs):
+            if len(objs) == len(filled) and all(type(o) is dict and self.column in o
+                                                and type(o[self.column]) not in NOT_TEXT for o in objs):
                 return
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         super()._check_lines(lines, first)
 
@@ -246,7 +256,7 @@ class DelimitedSource(PromptSource):
             if hashed is not None:
                 hashed.feed(raw)
             try:
-                yield raw.decode("utf-8")
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: a byte-order mark is not text
             except UnicodeDecodeError:
                 raise SpecError(f"prompts.path {self.url}: line {lineno} is not valid UTF-8") from None
 
@@ -292,8 +302,17 @@ class DelimitedSource(PromptSource):
         hashed = _PrefixHash()
         with self.open() as fh:
             records, header = self._reader(fh, hashed)
-            self.col_index = self._col(header)
-            return self._record((pos for pos, _ in records), stride, hashed)
+            self.col_index = col = self._col(header)
+
+            def positions() -> Iterator[int]:
+                for row, (pos, rec) in enumerate(records, 1):
+                    if len(rec) <= col and rec:  # an empty line is a blank row
+                        fields = f"{len(rec)} field{'s' if len(rec) > 1 else ''}"
+                        raise SpecError(f"prompts.path {self.url}: data row {row} has {fields} and no "
+                                        f"'{self.column}' (field {col + 1} of the header)")
+                    yield pos
+
+            return self._record(positions(), stride, hashed)
 
     def read_rows(self, start: int, stop: int) -> list[Row]:
         block = start // self.stride
@@ -346,7 +365,7 @@ class ParquetSource(PromptSource):
         with self.open() as fh:
             pf = self._file(fh)
             self.num_rows = left = self._cap(pf.metadata.num_rows)
-            for batch in pf.iter_batches(batch_size=65536, columns=[self.column]):
+            for batch in self._batches(pf):
                 if left <= 0:
                     break
                 col = batch.column(0)[:left]
@@ -365,6 +384,20 @@ class ParquetSource(PromptSource):
         self.stride = stride
         self.digest = "sha256:" + hashlib.sha256(nulls.digest() + lengths.digest() + data.digest()).hexdigest()
         return self.num_rows
+
+    def _batches(self, pf) -> Iterator[Any]:
+        """The prompt column in record batches; a page that cannot be decoded is a SpecError naming the file."""
+        import pyarrow as pa
+
+        batches = pf.iter_batches(batch_size=65536, columns=[self.column])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError) as e:
+                raise SpecError(f"prompts.path {self.url}: column '{self.column}' cannot be read ({e})") from None
+            if batch is None:
+                return
+            yield batch
 
     def read_rows(self, start: int, stop: int) -> list[Row]:
         out: list[Row] = []
@@ -401,6 +434,9 @@ def open_source(url: str, column: str, limit: int | None, storage_options: dict[
     fs, path = filesystem(url, storage_options)
     if not retrying(url, "open", lambda: fs.exists(path)):
         raise SpecError(f"prompts.path {url}: file not found")
-    if retrying(url, "open", lambda: fs.isdir(path)):
+    info = retrying(url, "open", lambda: fs.info(path))
+    if info.get("type") == "directory":
         raise SpecError(f"prompts.path {url}: is a folder, not a prompt file")
+    if info.get("type") not in ("file", None):  # a FIFO or a device would block or never end
+        raise SpecError(f"prompts.path {url}: not a regular file ({info.get('type')})")
     return SOURCES[suffix](url=url, column=column, limit=limit, storage_options=storage_options)

@@ -65,8 +65,23 @@ def is_local(url: str) -> bool:
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for ``url`` and the path inside it (options apply to remote URLs only)."""
-    return url_to_fs(url, **({} if is_local(url) else dict(storage_options or {})))
+    """The filesystem for ``url`` and the path inside it (options apply to remote URLs only).
+
+    A URL no filesystem serves (an unknown protocol, one whose package is not installed, a chained URL
+    whose archive cannot be opened) raises :class:`StorageError` naming it.
+    """
+    try:
+        return url_to_fs(url, **({} if is_local(url) else dict(storage_options or {})))
+    except ImportError as e:  # fsspec knows the protocol; its package is missing
+        raise StorageError(f"{url}: {e}") from None
+    except ValueError as e:
+        if "Protocol not known" in str(e):
+            protocol = url.split("://", 1)[0]
+            raise StorageError(f"{url}: no storage for '{protocol}://' URLs (local paths, file://, s3://, "
+                               "and other fsspec protocols whose package is installed)") from None
+        raise
+    except OSError as e:
+        raise StorageError(f"{url}: cannot be opened ({type(e).__name__}: {e})") from None
 
 
 def redact(options: dict[str, Any]) -> dict[str, Any]:
@@ -128,14 +143,15 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
-def _local_path(url: str) -> str:
+def path_of(url: str) -> str:
+    """The file-system path of a local ``url`` (a plain path or ``file://``)."""
     return url[len("file://"):] if url.startswith("file://") else url
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``data`` to ``url`` so that readers see either nothing or all of it."""
     if is_local(url):
-        path = _local_path(url)
+        path = path_of(url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
@@ -155,7 +171,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
 def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Move or upload a finished local file to ``url``, atomically (see module doc)."""
     if is_local(url):
-        dest = _local_path(url)
+        dest = path_of(url)
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
         try:
             os.replace(local_path, dest)
@@ -187,12 +203,32 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
     return retrying(url, "read", lambda: fs.cat_file(path))
 
 
-def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
-    """Read a JSON file; ``None`` if it does not exist."""
+def read_json(url: str, storage_options: dict[str, Any] | None = None, damaged_as_missing: bool = False) -> Any:
+    """Read a JSON file; ``None`` if it does not exist, or with ``damaged_as_missing`` if it is not JSON (a
+    marker or summary damaged in place counts as never written: its work is redone)."""
     try:
         return json.loads(read_bytes(url, storage_options))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a folder on the way is a file
         return None
+    except ValueError:  # not JSON, or not UTF-8
+        if damaged_as_missing:
+            return None
+        raise
+
+
+def read_plan(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """An output folder's ``plan.json`` (``None`` if there is none); a damaged one is a SpecError naming it."""
+    from synthmill.errors import SpecError
+
+    plan_url = join(url, "plan.json")
+    try:
+        plan = read_json(plan_url, storage_options)
+    except ValueError as e:
+        raise SpecError(f"{plan_url}: damaged, not a JSON document ({e}); this folder's job cannot be "
+                        "resumed or read") from None
+    if plan is not None and not isinstance(plan, dict):
+        raise SpecError(f"{plan_url}: damaged, not a JSON object; this folder's job cannot be resumed or read")
+    return plan
 
 
 def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
