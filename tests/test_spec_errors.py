@@ -363,6 +363,8 @@ def test_hub_checks_reach_distill_teachers_and_honour_hf_endpoint(write_spec, hu
     (None, (f"sampling.seed={2**63 - 21}",), ["'sampling.seed'", "22 samples passes the largest seed"]),
     (None, ("output.path=foo://bucket/out",), ["output.path: foo://bucket/out: no storage for 'foo://' URLs"]),
     (None, ("prompts.path=foo://bucket/p.tsv",), ["prompts.path: foo://bucket/p.tsv: no storage for 'foo://'"]),
+    (None, ("output.path=memory://out",), ["output.path memory://out: memory:// lives inside one process"]),
+    (None, (f"output.path=/tmp/{'x' * 256}/out",), ["a folder name of 256 bytes is longer than a file system allows"]),
 ])
 def test_shapes_keys_and_values_the_schema_alone_would_not_name(capsys, write_spec, good, edit, overrides, needles):
     """Each of these gave a traceback (exit 1) or a line that named no field before: a list for the kind, a
@@ -387,13 +389,18 @@ def test_a_spec_file_that_is_not_utf8(capsys, tmp_path):
     expect_error(capsys, str(p), str(p), "a spec file must be UTF-8 text")
 
 
-def test_list_given_a_mapping_names_the_field(tmp_path):
+def test_list_given_a_mapping_and_an_infinite_loss_weight(tmp_path):
     from synthmill.errors import SpecError
     from synthmill.jobs.spec import load_spec
 
     p = tmp_path / "eval.yaml"
     p.write_text("kind: evaluate\ngenerated: {path: x}\nmetrics: {fid: 1}\noutput: {path: y}\n", encoding="utf-8")
     with pytest.raises(SpecError, match=r"field 'metrics': must be a list, got a mapping \{'fid': 1\}"):
+        load_spec(str(p))
+    p = tmp_path / "distill.yaml"
+    p.write_text("kind: distill\nteacher: {path: t}\nstudent: {arch: bk-small}\ndata: {path: d}\nloss: {task: .inf}\n"
+                 "train: {max_steps: 2}\noutput: {path: y}\n", encoding="utf-8")
+    with pytest.raises(SpecError, match=r"field 'loss.task': must be >= 0 and finite, got inf"):
         load_spec(str(p))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Union
 
@@ -124,7 +125,7 @@ class DistillSpec:
         require(0 <= d.loader_workers <= 64, "data.loader_workers", f"must be in 0..64, got {d.loader_workers}")
         require(1 <= d.samples_per_unit <= 1_000_000, "data.samples_per_unit", f"must be in 1..1000000, got {d.samples_per_unit}")
         for name in ("task", "output_kd", "feature_kd"):
-            require(getattr(lo, name) >= 0, f"loss.{name}", f"must be >= 0, got {getattr(lo, name)}")
+            require(0 <= getattr(lo, name) < math.inf, f"loss.{name}", f"must be >= 0 and finite, got {getattr(lo, name)}")
         require(lo.task + lo.output_kd + lo.feature_kd > 0, "loss", "at least one of task, output_kd, feature_kd must be > 0")
         require(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
         require(1 <= t.batch_size <= 4096, "train.batch_size", f"must be in 1..4096, got {t.batch_size}")

@@ -25,6 +25,9 @@ def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, nam
 
 def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None) -> None:
     """``output.path`` must be new, empty, or an earlier run of this same job, and writable."""
+    if url.startswith("memory://"):
+        raise SpecError(f"output.path {url}: memory:// lives inside one process; actors could not share it "
+                        "and it is gone when the job ends")
     if not storage.is_local(url):
         fs, path = storage.filesystem(url, opts)
         try:  # listing first: bad credentials surface here as PermissionError, not as "no bucket"
@@ -43,6 +46,10 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
         raise SpecError(f"output.path {url}: exists and is a file, not a folder")
     if os.path.isdir(path):
         _check_existing(path, fingerprint, opts, os.listdir(path))
+    long = [part for part in path.split(os.sep) if len(part.encode()) > 255]
+    if long:
+        raise SpecError(f"output.path {url}: a folder name of {len(long[0].encode())} bytes is longer than a file "
+                        "system allows (255)")
     parent = path
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
