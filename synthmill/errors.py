@@ -16,3 +16,9 @@ class JobFailed(RuntimeError):
     """The job ran and some of its work failed (the message names the failed shards). Exit code 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or the name of its type when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from synthmill.cli import main
-from tests.conftest import initial_malloc_env
+from tests.conftest import initial_malloc_env, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("ray_address")
 
@@ -369,6 +369,53 @@ def test_bad_inputs(sd_teacher, reference, write_spec, capsys, tmp_path):
     assert "teacher.path" in msg
     msg = _bad(write_spec, capsys, spec, "loss.task=0", "loss.output_kd=0", "loss.feature_kd=0")
     assert "loss" in msg
+
+
+def _config_teacher(folder, unet: str | None = None, vae: str | None = None) -> str:
+    """A teacher folder of configs only (validation reads no weights); ``unet`` / ``vae`` replace a config.json."""
+    from synthmill.models.tiny import tiny_unet_config
+
+    configs = {"unet": unet or json.dumps(tiny_unet_config("sd")), "vae": vae or '{"block_out_channels": [16, 32]}'}
+    for name, text in configs.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text(text)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return str(folder)
+
+
+def _file(folder, name: str, data: bytes) -> str:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(data)
+    return str(folder / name)
+
+
+# Teacher, student and data files that cannot be read as what they stand for: the field, how the test makes one in
+# tmp_path, and what the one error line says. All are found by validation, which reads no weights.
+BAD_FILES = {
+    "unet config not JSON": ("teacher.path", lambda t: _config_teacher(t / "bad", unet="{not json"),
+                             "unet/config.json is not valid JSON"),
+    "unet config a list": ("teacher.path", lambda t: _config_teacher(t / "bad", unet="[1, 2]"),
+                           "unet/config.json holds a JSON list"),
+    "vae channels a number": ("teacher.path", lambda t: _config_teacher(t / "bad", vae='{"block_out_channels": 5}'),
+                              "vae/config.json gives block_out_channels 5"),
+    "student config a list": ("student.arch", lambda t: os.path.dirname(_file(t / "student", "config.json", b"[1]")),
+                              "config.json' holds a JSON list"),
+    "data not a tar": ("data.path", lambda t: _file(t, "fake.tar", b"not a tar file"),
+                       "fake.tar: not a readable tar file"),
+    "data plan.json not JSON": ("data.path", lambda t: os.path.dirname(_file(t / "out", "plan.json", b"{not json")),
+                                "plan.json: damaged, not a JSON document"),
+    "data caption not UTF-8": ("data.path", lambda t: os.path.dirname(_file(t / "data", "000000.txt", b"\xff")),
+                               "000000.png: its caption (.txt) is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_files(case, write_spec, capsys, tmp_path):
+    field, make, what = BAD_FILES[case]
+    data = write_image_folder(tmp_path / "data", 4)
+    spec = distill_spec(_config_teacher(tmp_path / "teacher"), data, str(tmp_path / "never"))
+    msg = _bad(write_spec, capsys, spec, f"{field}={make(tmp_path)}")
+    assert field in msg and what in msg, msg
 
 
 def test_caption_missing_deep_in_the_stream_is_exit_2(sd_teacher, reference, write_spec, capsys, tmp_path):

@@ -18,6 +18,7 @@ import shutil
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,6 +313,132 @@ def test_bad_input(case, bad_context, reference, image_folders, inception_file, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("synthmill: error:") and where in err and what in err, err
     assert not os.path.exists(out)
+
+
+def _images(tmp, bad_image: str | None = None, caption: bytes | None = None) -> str:
+    """Three 32x32 PNGs with captions; ``bad_image`` replaced by bytes that are no image, the first caption by
+    ``caption``."""
+    folder = write_image_folder(tmp / "images", 3)
+    if bad_image:
+        Path(folder, bad_image).write_bytes(b"not an image")
+    if caption is not None:
+        Path(folder, "000000.txt").write_bytes(caption)
+    return folder
+
+
+def _file(tmp, name: str, data: bytes) -> str:
+    (tmp / name).write_bytes(data)
+    return str(tmp / name)
+
+
+def _tar(path, members: dict[str, bytes]) -> str:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _npz(tmp, name: str, **arrays) -> str:
+    np.savez(tmp / name, **arrays)
+    return str(tmp / name)
+
+
+def _generate_output(tmp, plan: dict | str, job_yaml: str | None = None) -> str:
+    """A folder that looks like a generate job's output: ``plan``, ``job_yaml``, one committed shard of two PNGs."""
+    import hashlib
+
+    from PIL import Image
+
+    out = tmp / "gen_output"
+    (out / "shards").mkdir(parents=True)
+    (out / "index").mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(png, "PNG")
+    tar = Path(_tar(out / "shards" / "000000.tar", {"a.png": png.getvalue(), "a.txt": b"a", "b.png": png.getvalue()}))
+    marker = {"shard": 0, "fingerprint": "f", "size": tar.stat().st_size, "count": 2,
+              "sha256": hashlib.sha256(tar.read_bytes()).hexdigest()}
+    (out / "shards" / "000000.json").write_text(json.dumps(marker))
+    (out / "index" / "000000.parquet").write_bytes(b"")
+    (out / "plan.json").write_text(plan if isinstance(plan, str) else json.dumps({"fingerprint": "f", **plan}))
+    if job_yaml is not None:
+        (out / "job.yaml").write_text(job_yaml)
+    return str(out)
+
+
+# Files that cannot be read as what they stand for: the field given them, how the test makes one in tmp_path,
+# and what the error line says. All are found by validation: no network loads, no Ray.
+BAD_FILES = {
+    "unreadable first image": ("generated", lambda t: _images(t, bad_image="000000.png"),
+                               ["000000.png: not a readable image (UnidentifiedImageError)"]),
+    "unreadable later image": ("generated", lambda t: _images(t, bad_image="000002.png"),
+                               ["000002.png: not a readable image"]),
+    "tar of unreadable images": ("generated", lambda t: _tar(t / "g.tar", {"0.png": b"no image", "0.txt": b"a"}),
+                                 ["g.tar:0: not a readable image"]),
+    "not a tar": ("generated", lambda t: _file(t, "fake.tar", b"this is not a tar file"),
+                  ["fake.tar: not a readable tar file"]),
+    "a file, not a folder": ("generated", lambda t: os.path.join(_images(t), "000000.png"),
+                             ["000000.png: not a folder, a .tar or a glob of tars"]),
+    "caption not UTF-8": ("generated", lambda t: _images(t, caption=b"\xff\xfe bad"),
+                          ["000000.png: its caption (.txt) is not UTF-8 text"]),
+    "plan.json not JSON": ("generated", lambda t: _generate_output(t, "{not json"),
+                           ["plan.json: damaged, not a JSON document"]),
+    "plan.json without shards": ("generated", lambda t: _generate_output(t, {"kind": "generate"}),
+                                 ['plan.json: "shards" is None, not a positive whole number']),
+    "plan.json shards not a number": ("generated", lambda t: _generate_output(t, {"kind": "generate", "shards": "x"}),
+                                      ['plan.json: "shards" is \'x\'']),
+    "plan.json with no shards": ("generated", lambda t: _generate_output(t, {"kind": "generate", "shards": 0}),
+                                 ['plan.json: "shards" is 0']),
+    "job.yaml width not a number": ("generated", lambda t: _generate_output(t, {"kind": "generate", "shards": 1},
+                                                                          "sampling: {width: abc, height: 32}"),
+                                    ["job.yaml: sampling.width 'abc' and sampling.height 32 must be"]),
+    "stats of strings": ("reference", lambda t: _npz(t, "s.npz", mu=np.array(["a"] * 3), sigma=np.zeros((3, 3))),
+                         ["s.npz: mu holds str", "values, not real numbers"]),
+    "stats of complex numbers": ("reference", lambda t: _npz(t, "c.npz", mu=np.zeros(3, complex), sigma=np.zeros(1)),
+                                 ["c.npz: mu holds complex128 values"]),
+    "stats file a folder": ("reference", lambda t: write_image_folder(t / "dir.npz", 1),
+                            ["dir.npz: cannot read it (Is a directory)"]),
+    "empty weights file": ("fid.weights", lambda t: _file(t, "empty.pth", b""), ["empty.pth: an empty file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_input_files(case, write_spec, tmp_path, capsys):
+    import torch
+
+    field, make, needles = BAD_FILES[case]
+    bad = make(tmp_path)
+    weights = str(tmp_path / "w.pth")
+    torch.save({"w": torch.zeros(1)}, weights)  # validation checks the file holds tensors, not which
+    out = str(tmp_path / "out")
+    spec = eval_spec(write_image_folder(tmp_path / "gen", 3), out, weights, "ViT-B-32", metrics=["fid_stats"])
+    if field == "fid.weights":
+        spec["fid"]["weights"] = bad
+    else:
+        spec[field]["path"] = bad
+        if field == "reference":
+            spec["metrics"] = ["fid"]
+    assert main(["run", write_spec(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([ln for ln in err if ln.startswith("synthmill: error:")]) == 1, err
+    assert err[-1].startswith(f"synthmill: error: {field}") and all(n in err[-1] for n in needles), err[-1]
+    assert not os.path.exists(out)
+
+
+def test_weights_error_with_an_empty_message(tmp_path, monkeypatch):
+    """torch.load may fail with an empty message: the error still says what failed, in one line."""
+    import torch
+
+    from synthmill.metrics import weights
+
+    def fail(*args, **kwargs):
+        raise EOFError()
+
+    (tmp_path / "w.pth").write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(weights.WeightsError, match=r"w\.pth: not a PyTorch state dict of plain tensors \(EOFError"):
+        weights.load_state_dict(str(tmp_path / "w.pth"))
 
 
 @pytest.mark.parametrize("model, needle", [

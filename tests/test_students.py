@@ -345,6 +345,12 @@ def test_folder_arch_that_does_not_fit(tmp_path, tiny_sd_teacher):
         make_student(tiny_sd_teacher, tmp_path)
     with pytest.raises(ValueError, match="no config.json"):
         make_student(tiny_sd_teacher, tmp_path / "nothing")  # a Path is always taken as a folder
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="config.json' holds a JSON list, not a UNet config"):
+        make_student(tiny_sd_teacher, tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="cannot read the student UNet config .*config.json'"):
+        make_student(tiny_sd_teacher, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------

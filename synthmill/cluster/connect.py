@@ -75,7 +75,7 @@ def _join(address: str, source: str) -> None:
     naming ``source`` (the setting that gave the address), raised before the job writes anything."""
     import ray
 
-    from synthmill.errors import SpecError
+    from synthmill.errors import SpecError, first_line
 
     saved = {k: os.environ.get(k) for k in CONNECT_ENV}
     for k, v in CONNECT_ENV.items():
@@ -83,8 +83,7 @@ def _join(address: str, source: str) -> None:
     try:
         ray.init(address=address, log_to_driver=True)
     except (ConnectionError, TimeoutError, ValueError) as e:  # no GCS there, Ray Client timed out, not an address
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecError(f"{source} {address}: no Ray cluster answers there ({first}); give the address of a "
+        raise SpecError(f"{source} {address}: no Ray cluster answers there ({first_line(e)}); give the address of a "
                         "running cluster's head (host:6379 by default), or leave cluster.address and RAY_ADDRESS "
                         "unset to start a local Ray") from None
     finally:

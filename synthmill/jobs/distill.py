@@ -54,10 +54,18 @@ def _component_config(spec: DistillSpec, name: str) -> dict[str, Any]:
         except Exception as e:
             raise SpecError(f"teacher.path {path}: cannot read {name}/config.json ({type(e).__name__}: {e})") from None
     url = storage.join(path, name, "config.json")
-    cfg = storage.read_json(url, spec.storage)
+    try:
+        cfg = storage.read_json(url, spec.storage)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise SpecError(f"teacher.path {path}: {name}/config.json is not valid JSON ({e})") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise SpecError(f"teacher.path {path}: cannot read {name}/config.json ({e.strerror})") from None
     if cfg is None:
         raise SpecError(f"teacher.path {path}: has no {name}/config.json; a distill teacher is a text-to-image "
                         "pipeline with a UNet and a VAE")
+    if not isinstance(cfg, dict):
+        raise SpecError(f"teacher.path {path}: {name}/config.json holds a JSON {type(cfg).__name__}, not an object "
+                        "of settings")
     return cfg
 
 
@@ -86,7 +94,11 @@ def _plan_student(spec: DistillSpec, unet_cfg: dict[str, Any]) -> tuple[int, int
 
 
 def _check_resolution(spec: DistillSpec, vae_cfg: dict[str, Any], unet_cfg: dict[str, Any], student_down: int) -> None:
-    vae_factor = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    channels = vae_cfg.get("block_out_channels", [0, 0, 0, 0])
+    if not isinstance(channels, list) or not channels:
+        raise SpecError(f"teacher.path {spec.teacher.path}: vae/config.json gives block_out_channels {channels!r}, "
+                        "not a list of channel counts")
+    vae_factor = 2 ** (len(channels) - 1)
     res = spec.data.resolution
     if res % vae_factor:
         raise SpecError(f"field 'data.resolution': {res} is not a multiple of the VAE's downsampling factor {vae_factor}")

@@ -27,7 +27,14 @@ from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
 from synthmill.metrics import partials
 from synthmill.metrics.frechet import GaussianSums, frechet_distance
 from synthmill.sharding import storage
-from synthmill.sharding.images import ImageSet, ImageSetError, check_first_sample, first_image_size, open_image_set
+from synthmill.sharding.images import (
+    ImageSet,
+    ImageSetError,
+    check_first_sample,
+    first_image_size,
+    image_size,
+    open_image_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,8 @@ def _load_stats(path: str, opts: dict[str, Any] | None) -> ReferenceStats:
         data = storage.read_bytes(path, opts)
     except FileNotFoundError:
         raise SpecError(f"reference.path {path}: file not found") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise SpecError(f"reference.path {path}: cannot read it ({e.strerror})") from None
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -66,6 +75,9 @@ def _load_stats(path: str, opts: dict[str, Any] | None) -> ReferenceStats:
         raise SpecError(f"reference.path {path}: not a readable .npz ({type(e).__name__}: {e})") from None
     if "mu" not in arrays or "sigma" not in arrays:
         raise SpecError(f"reference.path {path}: needs arrays 'mu' and 'sigma' (has: {', '.join(arrays) or 'none'})")
+    for key in ("mu", "sigma"):
+        if arrays[key].dtype.kind not in "iuf":
+            raise SpecError(f"reference.path {path}: {key} holds {arrays[key].dtype.name} values, not real numbers")
     mu, sigma = np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64)
     if mu.shape != (FID_DIM,) or sigma.shape != (FID_DIM, FID_DIM):
         raise SpecError(f"reference.path {path}: mu {mu.shape} and sigma {sigma.shape} must be ({FID_DIM},) and "
@@ -91,15 +103,13 @@ def _check_sizes(name: str, images: ImageSet, opts: dict[str, Any] | None) -> tu
         return images.image_size
     size = first_image_size(images.units[0], opts)
     if images.kind == "folder" and storage.is_local(images.path):
-        from PIL import Image
-
         for unit in images.units:
             for f in unit.files:
-                with Image.open(f) as im:
-                    if im.size != size:
-                        raise SpecError(
-                            f"{name}.path: {f} is {im.size[0]}x{im.size[1]}, the first image is {size[0]}x{size[1]}; "
-                            "images of mixed sizes (set fid.resize_to to score every image at one size)")
+                w, h = image_size(f, f)
+                if (w, h) != size:
+                    raise SpecError(
+                        f"{name}.path: {f} is {w}x{h}, the first image is {size[0]}x{size[1]}; "
+                        "images of mixed sizes (set fid.resize_to to score every image at one size)")
     return size
 
 

@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Union
 
-from synthmill.errors import SpecError
+from synthmill.errors import SpecError, first_line
 
 #: kind -> schema class; filled by the job modules through :func:`register_kind`.
 KINDS: dict[str, type] = {}
@@ -46,7 +46,7 @@ def _explain(exc: Exception, schema: type, source: str) -> SpecError:
     from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
 
     full_key = getattr(exc, "full_key", None) or ""
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = first_line(exc)
     if isinstance(exc, ConfigKeyError) and full_key:
         parent, _, leaf = full_key.rpartition(".")
         known = _known_keys(schema, parent)
@@ -156,10 +156,10 @@ def _override_error(overrides: list[str] | tuple[str, ...], exc: Exception) -> S
         try:
             OmegaConf.from_dotlist([o])
         except Exception as e:  # noqa: BLE001 - YAML or OmegaConf errors, reported below
-            problem = getattr(e, "problem", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+            problem = getattr(e, "problem", None) or first_line(e)
             what = "its value is not valid YAML" if getattr(e, "problem", None) else "cannot be read"
             return SpecError(f"override '{o}': {what}: {problem}")
-    return SpecError(f"overrides: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return SpecError(f"overrides: {first_line(exc)}")
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -191,7 +191,7 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job spec must be a YAML mapping with a 'kind' key")

@@ -18,6 +18,7 @@ import os
 import uuid
 from typing import Any
 
+from synthmill.errors import first_line
 from synthmill.sharding import storage
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,13 @@ def load_state_dict(path: str) -> dict[str, Any]:
     """The file's tensors, loaded without running pickled code (``weights_only``)."""
     import torch
 
+    if os.path.getsize(path) == 0:
+        raise WeightsError(f"{path}: an empty file, not a PyTorch state dict")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{path}: not a PyTorch state dict of plain tensors ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]})") from None
+                           f"{first_line(e)[:200]})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from synthmill.errors import SpecError
+from synthmill.errors import SpecError, first_line
 from synthmill.sharding import storage
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: s
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status is not None:  # e.g. 401 for a token the hub refuses, 429, 5xx
             log.warning("%s: not checked, %s answered HTTP %s (%s)", label, where, status,
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        first_line(e))
         else:
             log.info("%s: not checked, %s did not answer (%s: %s)", label, where, type(e).__name__,
                      str(e).splitlines()[0] if str(e) else "")

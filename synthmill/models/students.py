@@ -328,9 +328,11 @@ def _folder_config(path: Path) -> dict[str, Any]:
     else:
         raise ValueError(f"student arch folder {str(path)!r} has no config.json (nor unet/config.json)")
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read the student UNet config {str(cfg_file)!r}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(cfg_file)!r} holds a JSON {type(cfg).__name__}, not a UNet config (an object of settings)")
     if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ValueError(
             f"{str(cfg_file)!r} describes a {cfg.get('_class_name')}, not a UNet2DConditionModel"

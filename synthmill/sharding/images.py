@@ -65,25 +65,54 @@ def _has_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 
+def _read_plan(path: str, opts: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The folder's ``plan.json`` (None if it has none): a synthmill output has one."""
+    from synthmill.errors import SpecError
+
+    try:
+        return storage.read_plan(path, opts)
+    except SpecError as e:  # damaged: named under the set's field by the caller
+        raise ImageSetError(str(e)) from None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _job_size(path: str, opts: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(width, height) of every image of a generate output, from its ``job.yaml``; None if it does not say."""
+    import yaml
+
+    url = storage.join(path, "job.yaml")
+    try:
+        job = yaml.safe_load(storage.read_bytes(url, opts))
+    except FileNotFoundError:
+        return None  # then the first image's header says
+    except yaml.YAMLError as e:
+        raise ImageSetError(f"{url}: not valid YAML ({type(e).__name__})") from None
+    s = job.get("sampling") if isinstance(job, dict) else None
+    if not isinstance(s, dict) or "width" not in s or "height" not in s:
+        return None
+    if not (_is_count(s["width"]) and _is_count(s["height"])):
+        raise ImageSetError(f"{url}: sampling.width {s['width']!r} and sampling.height {s['height']!r} must be "
+                            "positive whole numbers")
+    return s["width"], s["height"]
+
+
 def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> ImageSet:
     from synthmill.sharding.commit import done_shards, tar_url
 
-    n = int(plan["shards"])
-    done = done_shards(path, range(n), plan["fingerprint"], storage_options=opts)
+    n = plan.get("shards")
+    if not _is_count(n):
+        raise ImageSetError(f"{storage.join(path, 'plan.json')}: \"shards\" is {n!r}, not a positive whole number; "
+                            "not the plan of a synthmill generate job")
+    done = done_shards(path, range(n), plan.get("fingerprint"), storage_options=opts)
     if len(done) < n:
         raise ImageSetError(
             f"{path}: the generate job there is not complete ({len(done)} of {n} shards committed); "
             "run it to the end first (the same synthmill run command resumes it)")
-    size = None
-    job = storage.read_bytes(storage.join(path, "job.yaml"), opts) if plan.get("kind") == "generate" else None
-    if job:
-        import yaml
-
-        s = (yaml.safe_load(job) or {}).get("sampling", {})
-        if "width" in s and "height" in s:
-            size = (int(s["width"]), int(s["height"]))
     units = [Unit(k, f"sha256:{done[k]['sha256']}", int(done[k]["count"]), tar=tar_url(path, k)) for k in range(n)]
-    return ImageSet("synthmill", path, units, size)
+    return ImageSet("synthmill", path, units, _job_size(path, opts))
 
 
 def _count_tar(url: str, opts: dict[str, Any] | None) -> int | None:
@@ -91,12 +120,15 @@ def _count_tar(url: str, opts: dict[str, Any] | None) -> int | None:
     if not storage.is_local(url):
         return None
     keys = set()
-    with tarfile.open(url, "r") as tf:
-        for m in tf:
-            if m.isreg():
-                stem, _, ext = os.path.basename(m.name).partition(".")
-                if ext.lower() in IMAGE_EXTS:
-                    keys.add(os.path.join(os.path.dirname(m.name), stem))
+    try:
+        with tarfile.open(url, "r") as tf:
+            for m in tf:
+                if m.isreg():
+                    stem, _, ext = os.path.basename(m.name).partition(".")
+                    if ext.lower() in IMAGE_EXTS:
+                        keys.add(os.path.join(os.path.dirname(m.name), stem))
+    except (tarfile.TarError, EOFError) as e:
+        raise ImageSetError(f"{url}: not a readable tar file ({type(e).__name__})") from None
     return len(keys)
 
 
@@ -147,17 +179,21 @@ def open_image_set(path: str, opts: dict[str, Any] | None = None, samples_per_un
             raise ImageSetError(f"{path}: no files match")
     if _has_glob(path) or path.endswith(".tar"):
         return _tar_set(path, opts)
-    plan = storage.read_json(storage.join(path, "plan.json"), opts)
-    if isinstance(plan, dict) and plan.get("kind") == "generate":
-        return _synthmill_set(path, plan, opts)
     fs, inner = storage.filesystem(path, opts)
     if not storage.retrying(path, "check", lambda: fs.isdir(inner)):
         raise ImageSetError(f"{path}: not a folder, a .tar or a glob of tars")
+    plan = _read_plan(path, opts)
+    if isinstance(plan, dict) and plan.get("kind") == "generate":
+        return _synthmill_set(path, plan, opts)
     return _folder_set(path, opts, samples_per_unit)
 
 
-def _text(data: bytes | None) -> str | None:
-    return None if data is None else data.decode("utf-8")
+def _text(data: bytes | None, name: str) -> str | None:
+    """A caption's text; ImageSetError naming the sample when it is not UTF-8."""
+    try:
+        return None if data is None else data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ImageSetError(f"{name}: its caption (.txt) is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def iter_unit(unit: Unit, opts: dict[str, Any] | None = None) -> Iterator[Sample]:
@@ -167,11 +203,15 @@ def iter_unit(unit: Unit, opts: dict[str, Any] | None = None) -> Iterator[Sample
 
         fs, inner = storage.filesystem(unit.tar, opts)
         with fs.open(inner, "rb") as fh:
-            for s in group_by_keys(dict(f, __url__=unit.tar) for f in tar_file_iterator(fh)):
-                ext = next((e for e in IMAGE_EXTS if e in s), None)
-                if ext is None:
-                    continue  # a sample without an image (say, metadata only)
-                yield Sample(s["__key__"], f"{unit.tar}:{s['__key__']}", s[ext], _text(s.get("txt")))
+            try:
+                for s in group_by_keys(dict(f, __url__=unit.tar) for f in tar_file_iterator(fh)):
+                    ext = next((e for e in IMAGE_EXTS if e in s), None)
+                    if ext is None:
+                        continue  # a sample without an image (say, metadata only)
+                    name = f"{unit.tar}:{s['__key__']}"
+                    yield Sample(s["__key__"], name, s[ext], _text(s.get("txt"), name))
+            except tarfile.TarError as e:
+                raise ImageSetError(f"{unit.tar}: not a readable tar file ({type(e).__name__})") from None
         return
     for url in unit.files:
         fs, inner = storage.filesystem(url, opts)
@@ -181,7 +221,7 @@ def iter_unit(unit: Unit, opts: dict[str, Any] | None = None) -> Iterator[Sample
             caption = fs.cat_file(inner.rsplit(".", 1)[0] + ".txt")
         except FileNotFoundError:
             pass
-        yield Sample(os.path.basename(inner.rsplit(".", 1)[0]), url, data, _text(caption))
+        yield Sample(os.path.basename(inner.rsplit(".", 1)[0]), url, data, _text(caption, url))
 
 
 def check_first_sample(images: ImageSet, opts: dict[str, Any] | None, why: str) -> None:
@@ -207,11 +247,20 @@ def check_first_sample(images: ImageSet, opts: dict[str, Any] | None, why: str) 
         raise ImageSetError(f"{images.path}: {sample.name}: not a readable image ({type(e).__name__})") from None
 
 
-def first_image_size(unit: Unit, opts: dict[str, Any] | None = None) -> tuple[int, int]:
-    """(width, height) of the unit's first image, reading only that image's header."""
+def image_size(image: bytes | str, name: str) -> tuple[int, int]:
+    """(width, height) from the header of an image (its bytes, or a local file); ImageSetError naming ``name``
+    when it is not a readable image."""
     from PIL import Image
 
-    for s in iter_unit(unit, opts):
-        with Image.open(io.BytesIO(s.image)) as im:
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
             return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise ImageSetError(f"{name}: not a readable image ({type(e).__name__})") from None
+
+
+def first_image_size(unit: Unit, opts: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(width, height) of the unit's first image, reading only that image's header."""
+    for s in iter_unit(unit, opts):
+        return image_size(s.image, s.name)
     raise ImageSetError(f"{unit.tar or unit.files[0]}: holds no images")

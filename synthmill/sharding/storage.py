@@ -226,6 +226,8 @@ def read_plan(url: str, storage_options: dict[str, Any] | None = None) -> dict[s
     except ValueError as e:
         raise SpecError(f"{plan_url}: damaged, not a JSON document ({e}); this folder's job cannot be "
                         "resumed or read") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise SpecError(f"{plan_url}: cannot be read ({e.strerror})") from None
     if plan is not None and not isinstance(plan, dict):
         raise SpecError(f"{plan_url}: damaged, not a JSON object; this folder's job cannot be resumed or read")
     return plan
