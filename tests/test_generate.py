@@ -361,7 +361,7 @@ def test_other_prompts_in_the_same_file_are_another_job(reference, write_spec, t
     original = moved.read_text(encoding="utf-8")
     lines = original.splitlines(keepends=True)
     one_changed = "".join(lines[:3] + [lines[3].replace("\t", "\tedited: ", 1)] + lines[4:])
-    for edited in (one_changed, original + "one more prompt\n"):
+    for edited in (one_changed, original + "99\tone more prompt\n"):
         moved.write_text(edited, encoding="utf-8")
         for command in ("validate", "run"):
             assert main([command, path]) == 2
