@@ -128,6 +128,8 @@ def _main(args: argparse.Namespace) -> int:
                 st = status.collect(output, opts)
         except storage.StorageError as e:  # unreachable, refused: it names the URL
             raise SpecError(str(e)) from None
+        except OSError as e:  # a local folder that cannot be read: a loop of links, no permission
+            raise SpecError(f"{output}: cannot be read ({e.strerror or e})") from None
         print(json.dumps(st, indent=1) if args.json else status.render(st))
         return 0
     spec = load_spec(args.spec, args.overrides)
@@ -142,6 +144,11 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(message: str) -> str:
+    """A message on one line, whatever a path or value quoted in it holds."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except SpecError as e:
-        print(f"synthmill: error: {e}", file=sys.stderr)
+        print(f"synthmill: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except JobFailed as e:
         print(f"synthmill: job failed: {e}", file=sys.stderr)

@@ -327,6 +327,7 @@ def _images(tmp, bad_image: str | None = None, caption: bytes | None = None) -> 
 
 
 def _file(tmp, name: str, data: bytes) -> str:
+    tmp.mkdir(exist_ok=True)
     (tmp / name).write_bytes(data)
     return str(tmp / name)
 
@@ -400,21 +401,35 @@ BAD_FILES = {
     "stats file a folder": ("reference", lambda t: write_image_folder(t / "dir.npz", 1),
                             ["dir.npz: cannot read it (Is a directory)"]),
     "empty weights file": ("fid.weights", lambda t: _file(t, "empty.pth", b""), ["empty.pth: an empty file"]),
+    "weights of another network": ("fid.weights", lambda t: _torch_file(t, "other.pth", {"w": np.zeros(1)}),
+                                   ["other.pth: not the weights of the FID Inception network (Missing key(s)"]),
+    "sigma not a covariance": ("reference", lambda t: _npz(t, "neg.npz", mu=np.zeros(2048), sigma=-np.eye(2048)),
+                               ["neg.npz: sigma is not a covariance matrix"]),
+    "protocol an array": ("reference", lambda t: _npz(t, "meta.npz", mu=np.zeros(2048), sigma=np.eye(2048),
+                                                      protocol=np.array(["a", "b"])),
+                          ["meta.npz: 'protocol' is an array of shape (2,)"]),
+    "clip config not JSON": ("clip.model", lambda t: "local-dir:" + os.path.dirname(
+        _file(t / "clip", "open_clip_config.json", b"{not json")), ["open_clip_config.json cannot be read"]),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_input_files(case, write_spec, tmp_path, capsys):
+def _torch_file(tmp, name: str, arrays: dict) -> str:
     import torch
 
+    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp / name)
+    return str(tmp / name)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_input_files(case, inception_file, write_spec, tmp_path, capsys):
     field, make, needles = BAD_FILES[case]
     bad = make(tmp_path)
-    weights = str(tmp_path / "w.pth")
-    torch.save({"w": torch.zeros(1)}, weights)  # validation checks the file holds tensors, not which
     out = str(tmp_path / "out")
-    spec = eval_spec(write_image_folder(tmp_path / "gen", 3), out, weights, "ViT-B-32", metrics=["fid_stats"])
+    spec = eval_spec(write_image_folder(tmp_path / "gen", 3), out, inception_file, "ViT-B-32", metrics=["fid_stats"])
     if field == "fid.weights":
         spec["fid"]["weights"] = bad
+    elif field == "clip.model":
+        spec["clip"]["model"], spec["metrics"] = bad, ["clip"]
     else:
         spec[field]["path"] = bad
         if field == "reference":

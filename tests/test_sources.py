@@ -226,3 +226,19 @@ def test_a_fifo_is_refused_not_read_forever(tmp_path):
     os.mkfifo(p)
     with pytest.raises(SpecError, match=r"prompts.txt: not a regular file \(other\)"):
         open_source(str(p), "caption", None)
+
+
+def test_a_quote_the_file_never_closes(tmp_path):
+    """Python's csv reads an unclosed quote to the end of the file, rows and all, into one field: two rows
+    became one prompt. A quoted field that spans lines and is closed, and PartiPrompts' row that starts with a
+    quote, still read."""
+    from synthmill.errors import SpecError
+
+    p = tmp_path / "open.csv"
+    p.write_bytes(b'id,caption\n1,a cat\n2,"a dog\n3,a bird\n')
+    with pytest.raises(SpecError, match=r"open.csv: data row 2 opens a quoted field that is not closed before"):
+        open_source(str(p), "caption", None).scan(1)
+    p.write_bytes(b'id,caption\n1,a cat\n2,"a dog\non two lines"\n')
+    src = open_source(str(p), "caption", None)
+    assert src.scan(1) == 2 and src.read_rows(1, 2)[0].text == "a dog\non two lines"
+    assert open_source(str(PARTI), "Prompt", None).scan(100) == 1632

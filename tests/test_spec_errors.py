@@ -468,3 +468,68 @@ def test_status_of_a_file_or_an_unknown_protocol(capsys, tmp_path):
     assert code == 2 and line.endswith("afile: not a synthmill output (no plan.json)"), line
     code, line = run_cli(capsys, "status", "foo://bucket/out")
     assert code == 2 and "no storage for 'foo://' URLs" in line, line
+
+
+LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else ', '.join('x' * 10)}]\n" for i in range(7))
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("output: {path: a}\noutput: {path: b}\n", ["malformed YAML at line", "key 'output' is given twice in this mapping"]),
+    ("extra: {steps: 2, steps: 3}\n", ["key 'steps' is given twice"]),
+    (LAUGHS, ["expands to more than 100000 values (YAML aliases"]),
+    ("extra: " + "[" * 5000 + "]" * 5000 + "\n", ["values nested too deeply (at most 64 levels)"]),
+    ("extra: " + "{a: " * 100 + "1" + "}" * 100 + "\n", ["values nested too deeply"]),
+])
+def test_yaml_that_hides_what_it_says_or_would_not_end(capsys, write_spec, good, tmp_path, text, needles):
+    """A key given twice (PyYAML keeps the last without a word), aliases that expand to a billion values
+    (validate ran for minutes), nesting past Python's recursion limit (a RecursionError traceback)."""
+    import yaml
+
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(good) + text, encoding="utf-8")
+    expect_error(capsys, str(p), str(p), *needles, output=good["output"]["path"])
+
+
+def test_spec_path_that_is_not_a_small_regular_file(capsys, tmp_path):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would block for ever
+    expect_error(capsys, str(fifo), "fifo.yaml: not a regular file")
+    expect_error(capsys, str(tmp_path), "not a regular file but a folder")
+    big = tmp_path / "big.yaml"
+    big.write_text("kind: generate\n" + "# padding\n" * 120_000, encoding="utf-8")
+    expect_error(capsys, str(big), "a spec file is at most 1048576 bytes")
+
+
+def test_override_bytes_that_are_not_utf8(capsys, write_spec, good):
+    """What a shell passes for $'\\xff' reaches Python as a surrogate; YAML's parser raised on it."""
+    bad = os.fsdecode(b"model.path=/tmp/\xff\xfe")
+    expect_error(capsys, write_spec(good), "override 'model.path=/tmp/\\udcff\\udcfe': not UTF-8 text", overrides=(bad,))
+
+
+def test_a_newline_in_a_path_stays_on_the_error_line(capsys, write_spec, good):
+    good["model"]["path"] = "/tmp/no\nsuch"
+    path = write_spec(good)
+    code = main(["validate", path])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["synthmill: error: model.path /tmp/no\\nsuch: folder not found (and not a hub id "
+                                 "of the form org/name)"], err
+
+
+def test_output_through_a_loop_of_links(capsys, write_spec, good, tmp_path):
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    for out in (tmp_path / "a", tmp_path / "a" / "out"):
+        good["output"]["path"] = str(out)
+        expect_error(capsys, write_spec(good), f"output.path {out}: symbolic links on the way form a loop")
+    code, line = run_cli(capsys, "status", str(tmp_path / "a"))
+    assert code == 2 and line.endswith("a: cannot be read (Too many levels of symbolic links)"), line
+
+
+def test_more_shards_than_a_job_holds(capsys, write_spec, good, monkeypatch):
+    """22 samples one a shard is 22 shards: over a limit of 10, exit 2 before the plan is walked shard by
+    shard (2 * 10**10 shards kept validate busy for minutes)."""
+    from synthmill.jobs import generate
+
+    monkeypatch.setattr(generate, "MAX_SHARDS", 10)
+    expect_error(capsys, write_spec(good), "field 'output.samples_per_shard': 22 samples at 1 a shard are 22 shards, "
+                 "more than a job holds (10", overrides=("output.samples_per_shard=1",), output=good["output"]["path"])

@@ -84,7 +84,14 @@ def _load_stats(path: str, opts: dict[str, Any] | None) -> ReferenceStats:
                         f"({FID_DIM}, {FID_DIM}) (pool3 statistics of the FID Inception network)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise SpecError(f"reference.path {path}: mu or sigma holds NaN or infinite values")
+    if (np.diag(sigma) < 0).any() or not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8):
+        raise SpecError(f"reference.path {path}: sigma is not a covariance matrix (it must be symmetric, with no "
+                        "negative variance on its diagonal)")
     meta = {k: v.item() for k, v in arrays.items() if k not in ("mu", "sigma") and v.ndim == 0}
+    odd = [k for k in ("protocol", "resize_to", "weights_sha256") if k in arrays and arrays[k].ndim != 0]
+    if odd:  # what _check_reference_meta compares: an array there would skip the check
+        raise SpecError(f"reference.path {path}: '{odd[0]}' is an array of shape {arrays[odd[0]].shape}, not the "
+                        "single value that says how the statistics were made")
     return ReferenceStats(path, mu, sigma, meta)
 
 
@@ -142,7 +149,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             if spec.needs_fid_features or "is" in spec.metrics:
                 try:
                     path, sha = weights.resolve(spec.fid.weights, spec.fid.weights_sha256, opts)
-                    weights.load_state_dict(path)
+                    weights.check_fid_inception(weights.load_state_dict(path), path)
                 except weights.WeightsError as e:
                     raise SpecError(f"fid.weights: {e}") from None
             if "clip" in spec.metrics:

@@ -59,6 +59,9 @@ def check_output(spec: GenerateSpec, source: PromptSource) -> None:
         raise
 
 
+#: Most shards in one job: each is a tar, an index part and a marker, and the driver tracks each.
+MAX_SHARDS = 10_000_000
+
 #: Seconds a storage outage may last during validation before the input counts as unreachable.
 VALIDATE_RETRY_S = 10.0
 
@@ -82,6 +85,9 @@ def prepare(spec: GenerateSpec) -> Prepared:
     plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
     require(s.seed + plan.num_samples - 1 <= MAX_SEED, "sampling.seed",
             f"{s.seed} + {plan.num_samples} samples passes the largest seed, 2**63-1")
+    require(plan.num_shards <= MAX_SHARDS, "output.samples_per_shard",
+            f"{plan.num_samples:,} samples at {plan.samples_per_shard:,} a shard are {plan.num_shards:,} shards, more "
+            f"than a job holds ({MAX_SHARDS:,}: a file each, and a marker); raise it")
     return Prepared(spec, source, plan)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 from typing import Any
@@ -42,6 +43,11 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
         _check_existing(url, fingerprint, opts, names)
         return
     path = os.path.abspath(storage.path_of(url))
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SpecError(f"output.path {url}: symbolic links on the way form a loop") from None
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpecError(f"output.path {url}: exists and is a file, not a folder")
     if os.path.isdir(path):

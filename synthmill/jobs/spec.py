@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -148,6 +150,91 @@ def _check_strings(data: Any, source: str, prefix: str = "") -> None:
         _check_strings(value, source, f"{prefix}{key}.")
 
 
+#: Limits on a spec file: its size, and the values it expands to (YAML aliases repeat a value without
+#: copying it; "billion laughs" specs expand to 10**9) and how deeply they nest.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_VALUES = 100_000
+MAX_SPEC_DEPTH = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class SpecLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: set = set()
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *base' then a key of base's: an override YAML allows
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"key {key!r} is given twice in this mapping", key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return SpecLoader
+
+
+def _read_yaml(path: str) -> Any:
+    """The YAML document of the spec file at ``path``; SpecError for anything that is not one."""
+    import stat
+
+    import yaml
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{path}: not a regular file" + (" but a folder" if stat.S_ISDIR(st.st_mode) else ""))
+        if st.st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: {st.st_size} bytes; a spec file is at most {MAX_SPEC_BYTES} bytes")
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: a spec file must be UTF-8 text; byte {e.start} is not") from None
+    try:
+        return yaml.load(text, Loader=_spec_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: values nested too deeply (at most {MAX_SPEC_DEPTH} levels)") from None
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse a document that expands to more than MAX_SPEC_VALUES values or nests deeper than MAX_SPEC_DEPTH.
+
+    Counted without expanding: each mapping or list (shared ones once, as aliases share them) is sized from
+    its children's sizes, in an explicit stack rather than by recursion."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, int, bool]] = [(data, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{source}: values nested too deeply (at most {MAX_SPEC_DEPTH} levels)")
+        children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None or id(node) in sizes:
+            continue
+        if not done:
+            stack.append((node, depth, True))
+            stack.extend((c, depth + 1, False) for c in children if isinstance(c, (dict, list)) and id(c) not in sizes)
+            continue
+        sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+        if sizes[id(node)] > MAX_SPEC_VALUES:
+            raise SpecError(f"{source}: expands to more than {MAX_SPEC_VALUES} values (YAML aliases repeat "
+                            "a value each time they are used); a job spec is far smaller")
+
+
 def _override_error(overrides: list[str] | tuple[str, ...], exc: Exception) -> SpecError:
     """One line naming the override that OmegaConf's dotlist parser (which reads values as YAML) rejects."""
     from omegaconf import OmegaConf
@@ -177,27 +264,18 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     import synthmill.jobs.evaluate_spec  # noqa: F401
     import synthmill.jobs.generate_spec  # noqa: F401
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found") from None
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise SpecError(f"{path}: a spec file must be UTF-8 text; byte {e.start} is not") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or first_line(e)
-        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job spec must be a YAML mapping with a 'kind' key")
+    _check_size(raw, path)
     bad = [o for o in overrides if "=" not in o or "" in o.partition("=")[0].split(".")]
     if bad:
         raise SpecError(f"override '{bad[0]}' is not of the form key=value (a key is dotted names: output.path=...)")
+    for o in overrides:
+        try:
+            o.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (Python keeps them as surrogates)
+            raise SpecError(f"override {ascii(o)}: not UTF-8 text") from None
     _check_keys(raw, path)
     try:
         over = OmegaConf.from_dotlist(list(overrides))

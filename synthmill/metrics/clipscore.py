@@ -12,6 +12,7 @@ MLPerf form, the mean of ``100 * max(cosine, 0)`` (e.g. 31.7).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -39,8 +40,16 @@ def known_model(model: str, pretrained: str | None) -> str | None:
         return None
     if model.startswith("local-dir:"):
         folder = model[len("local-dir:"):]
-        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+        config = os.path.join(folder, "open_clip_config.json")
+        if not os.path.isfile(config):
             return f"clip.model {model}: no open_clip_config.json in {folder}"
+        try:
+            with open(config, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, ValueError) as e:
+            return f"clip.model {model}: {config} cannot be read ({e})"
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+            return f"clip.model {model}: {config} has no model_cfg object (open_clip's local-dir layout)"
         return None
     names = open_clip.list_models()
     if model not in names:

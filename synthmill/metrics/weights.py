@@ -116,3 +116,18 @@ def load_state_dict(path: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def check_fid_inception(state: dict[str, Any], path: str) -> None:
+    """WeightsError unless ``state`` fits pytorch-fid's FID Inception network, key for key and shape for
+    shape (the network is built on the meta device: no memory, no initialisation)."""
+    import torch
+
+    from synthmill.metrics.inception import pytorch_fid_network
+
+    try:
+        with torch.device("meta"):
+            pytorch_fid_network(state, "pytorch-fid")
+    except RuntimeError as e:  # load_state_dict: "Error(s) in loading ...:\n\tMissing key(s) ...: ..."
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [first_line(e)]
+        raise WeightsError(f"{path}: not the weights of the FID Inception network ({lines[0][:200]})") from None

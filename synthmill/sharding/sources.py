@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -303,6 +304,7 @@ class DelimitedSource(PromptSource):
         with self.open() as fh:
             records, header = self._reader(fh, hashed)
             self.col_index = col = self._col(header)
+            last: list[tuple[int, int, list[str]]] = []
 
             def positions() -> Iterator[int]:
                 for row, (pos, rec) in enumerate(records, 1):
@@ -310,9 +312,26 @@ class DelimitedSource(PromptSource):
                         fields = f"{len(rec)} field{'s' if len(rec) > 1 else ''}"
                         raise SpecError(f"prompts.path {self.url}: data row {row} has {fields} and no "
                                         f"'{self.column}' (field {col + 1} of the header)")
+                    last[:] = [(row, pos, rec)]
                     yield pos
 
-            return self._record(positions(), stride, hashed)
+            n = self._record(positions(), stride, hashed)
+            if last and any("\n" in f or "\r" in f for f in last[0][2]):
+                self._check_closed(fh, *last[0][:2])
+            return n
+
+    def _check_closed(self, fh, row: int, pos: int) -> None:
+        """A SpecError when the record at byte ``pos`` (a field of it spans lines) opens a quote that the file
+        never closes: Python's csv then reads the rest of the file into that field, rows and all."""
+        fh.seek(pos)
+        text = io.StringIO(fh.read().decode("utf-8", errors="replace"), newline="")
+        try:
+            for _ in csv.reader(text, delimiter=self.delimiter, strict=True):
+                pass
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise SpecError(f"prompts.path {self.url}: data row {row} opens a quoted field that is not closed "
+                                "before the end of the file") from None
 
     def read_rows(self, start: int, stop: int) -> list[Row]:
         block = start // self.stride
