@@ -146,7 +146,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _one_line(message: str) -> str:
     """A message on one line, whatever a path or value quoted in it holds."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    return "\\n".join(message.splitlines()) or message  # splitlines: \n, \r, \x0b, \x1c, \u2028, ...
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,12 +30,15 @@ PLAN_KEYS = {"generate": {"shards": int, "samples": int, "fingerprint": str},
 def _require_keys(output: str, plan: dict[str, Any]) -> None:
     """SpecError naming plan.json when it lacks what status reads (a damaged or foreign file)."""
     job = plan.get("kind", "generate")
-    if job not in PLAN_KEYS:
+    if not isinstance(job, str) or job not in PLAN_KEYS:
         raise SpecError(f"{storage.join(output, 'plan.json')}: damaged, unknown job kind {job!r}")
     for key, kind in PLAN_KEYS[job].items():
         if not isinstance(plan.get(key), kind) or isinstance(plan.get(key), bool):
             raise SpecError(f"{storage.join(output, 'plan.json')}: damaged, its '{key}' is missing or not "
                             f"{'a number' if kind is int else 'an object' if kind is dict else 'text'}")
+    sets = plan.get("sets", {}) if job == "evaluate" else {}
+    if not all(isinstance(v, dict) and isinstance(v.get("units"), int) for v in sets.values()):
+        raise SpecError(f"{storage.join(output, 'plan.json')}: damaged, a set in its 'sets' has no count of units")
 
 
 def _collect_evaluate(output: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> dict[str, Any]:
@@ -46,7 +49,7 @@ def _collect_evaluate(output: str, plan: dict[str, Any], opts: dict[str, Any] | 
         names = storage.list_sizes(folder, opts)
         done = [n for n in names if n.endswith(".json") and n[:-5] + ".npz" in names
                 and (_read(storage.join(folder, n), opts) or {}).get("fingerprint") == plan["fingerprint"]]
-        sets[name] = {"units_done": len(done), "units": info["units"], "samples": info["samples"]}
+        sets[name] = {"units_done": len(done), "units": info["units"], "samples": info.get("samples")}
     result = _read(storage.join(output, "metrics.json"), opts)
     failures = _read(storage.join(output, "failures.json"), opts) or {}
     return {

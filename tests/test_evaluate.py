@@ -542,3 +542,25 @@ def test_validate_and_dry_run_of_an_evaluate_spec(evaluated, write_spec, capsys)
     assert plan["generated"]["units_done"] == 5 and plan["generated"]["samples"] == 22
     assert plan["reference"]["units"] == 3 and plan["reference"]["kind"] == "folder"
     assert stamps() == before
+
+
+def test_weights_check_is_quiet_and_captions_are_read_only_for_clip(inception_file, tmp_path):
+    """Validation builds the FID network on the meta device to compare keys and shapes: without a warning
+    per tensor (there were 566). A caption that is not UTF-8 fails only what reads captions (clip, distill):
+    the samples of an FID or IS pass come without them."""
+    import warnings
+
+    from synthmill.distill.data import BadData, _samples
+    from synthmill.metrics import weights
+    from synthmill.sharding.images import ImageSetError, iter_unit, open_image_set
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        weights.check_fid_inception(weights.load_state_dict(inception_file), inception_file)
+    assert [str(w.message) for w in caught] == []
+    unit = open_image_set(_images(tmp_path, caption=b"\xff\xfe bad")).units[0]
+    assert [s.caption for s in iter_unit(unit, captions=False)] == [None] * 3
+    with pytest.raises(ImageSetError, match="caption .* is not UTF-8 text"):
+        list(iter_unit(unit))
+    with pytest.raises(BadData, match=r"^data.path: .*000000.png: its caption \(.txt\) is not UTF-8 text"):
+        list(_samples(unit, None))

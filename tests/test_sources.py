@@ -242,3 +242,18 @@ def test_a_quote_the_file_never_closes(tmp_path):
     src = open_source(str(p), "caption", None)
     assert src.scan(1) == 2 and src.read_rows(1, 2)[0].text == "a dog\non two lines"
     assert open_source(str(PARTI), "Prompt", None).scan(100) == 1632
+
+
+def test_limits_blank_lines_and_a_mark_inside_the_file(tmp_path):
+    """The unclosed-quote check only looks past the last counted row when the scan reached the end of the
+    file (a limit stops it earlier, and the row past it is not this job's); a row of spaces is a blank
+    prompt like an empty line; a U+FEFF that starts a row inside the file is the row's, whatever the stride."""
+    p = tmp_path / "p.csv"
+    p.write_bytes(b'id,caption\n1,a cat\n2,"a dog\non two lines"\n3,bird\n4,"never closed\n')
+    assert open_source(str(p), "caption", 2).scan(1) == 2
+    p.write_bytes("id,caption\n1,a cat\n   \n3,\ufeffb\n".encode("utf-8"))
+    for stride in (1, 2, 3):
+        src = open_source(str(p), "caption", None)
+        assert src.scan(stride) == 3
+        rows = src.read_rows(0, 3)
+        assert [(r.text, r.blank) for r in rows] == [("a cat", False), ("", True), ("\ufeffb", False)], stride

@@ -364,6 +364,9 @@ def test_hub_checks_reach_distill_teachers_and_honour_hf_endpoint(write_spec, hu
     (None, ("output.path=foo://bucket/out",), ["output.path: foo://bucket/out: no storage for 'foo://' URLs"]),
     (None, ("prompts.path=foo://bucket/p.tsv",), ["prompts.path: foo://bucket/p.tsv: no storage for 'foo://'"]),
     (None, ("output.path=memory://out",), ["output.path memory://out: memory:// lives inside one process"]),
+    (None, ("output.path=simplecache::memory://out",), ["memory:// lives inside one process"]),
+    (lambda s: s["output"].update(path="/tmp/x\udcff/out"), (),
+     ["field 'output.path': holds '/tmp/x\\udcff/out', not UTF-8"]),
     (None, (f"output.path=/tmp/{'x' * 256}/out",), ["a folder name of 256 bytes is longer than a file system allows"]),
 ])
 def test_shapes_keys_and_values_the_schema_alone_would_not_name(capsys, write_spec, good, edit, overrides, needles):
@@ -402,6 +405,21 @@ def test_list_given_a_mapping_and_an_infinite_loss_weight(tmp_path):
                  "train: {max_steps: 2}\noutput: {path: y}\n", encoding="utf-8")
     with pytest.raises(SpecError, match=r"field 'loss.task': must be >= 0 and finite, got inf"):
         load_spec(str(p))
+
+
+def test_a_safety_checker_the_job_does_not_load_may_be_missing(capsys, write_spec, good, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(good["model"]["path"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]  # named, folder deleted
+    (folder / "model_index.json").write_text(json.dumps(index))
+    good["model"]["path"] = str(folder)
+    expect_error(capsys, write_spec(good), "names a safety_checker (StableDiffusionSafetyChecker) but there is no "
+                 "safety_checker/ folder")
+    good["model"]["safety_checker"] = False
+    assert run_cli(capsys, "validate", write_spec(good))[0] == 0
 
 
 @pytest.mark.parametrize("damage, needles", [
@@ -454,6 +472,8 @@ def test_damaged_plan_in_the_output_is_exit_2_for_run_and_status(capsys, write_s
     ({"kind": "generate", "samples": 4, "fingerprint": "x"}, "its 'shards' is missing or not a number"),
     ({"kind": "evaluate", "sets": [], "fingerprint": "x"}, "its 'sets' is missing or not an object"),
     ({"kind": "train"}, "unknown job kind 'train'"),
+    ({"kind": []}, "unknown job kind []"),
+    ({"kind": "evaluate", "sets": {"generated": 1}, "fingerprint": "x"}, "a set in its 'sets' has no count of units"),
 ])
 def test_status_of_a_plan_without_what_it_reads(capsys, tmp_path, plan, needle):
     (tmp_path / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
@@ -474,7 +494,8 @@ LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else ', '.j
 
 
 @pytest.mark.parametrize("text, needles", [
-    ("output: {path: a}\noutput: {path: b}\n", ["malformed YAML at line", "key 'output' is given twice in this mapping"]),
+    ("output: {path: a}\noutput: {path: b}\n",
+     ["key 'output' is given twice in one mapping (lines ", "YAML would keep the last silently"]),
     ("extra: {steps: 2, steps: 3}\n", ["key 'steps' is given twice"]),
     (LAUGHS, ["expands to more than 100000 values (YAML aliases"]),
     ("extra: " + "[" * 5000 + "]" * 5000 + "\n", ["values nested too deeply (at most 64 levels)"]),
@@ -490,14 +511,40 @@ def test_yaml_that_hides_what_it_says_or_would_not_end(capsys, write_spec, good,
     expect_error(capsys, str(p), str(p), *needles, output=good["output"]["path"])
 
 
-def test_spec_path_that_is_not_a_small_regular_file(capsys, tmp_path):
+def test_spec_read_from_a_pipe_and_specs_that_are_not_one(capsys, write_spec, good, tmp_path):
+    """A spec may come through a pipe (`synthmill run <(envsubst < job.yaml)`); a device that never ends
+    (/dev/zero was read until the kernel killed it) stops at 1 MiB; a folder is named as one."""
+    import threading
+
+    import yaml
+
     fifo = tmp_path / "fifo.yaml"
-    os.mkfifo(fifo)  # reading it would block for ever
-    expect_error(capsys, str(fifo), "fifo.yaml: not a regular file")
-    expect_error(capsys, str(tmp_path), "not a regular file but a folder")
-    big = tmp_path / "big.yaml"
-    big.write_text("kind: generate\n" + "# padding\n" * 120_000, encoding="utf-8")
-    expect_error(capsys, str(big), "a spec file is at most 1048576 bytes")
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(yaml.safe_dump(good), encoding="utf-8"))
+    writer.start()
+    code, _ = run_cli(capsys, "validate", str(fifo))
+    writer.join(timeout=10)
+    assert code == 0
+    expect_error(capsys, "/dev/zero", "/dev/zero: over 1048576 bytes; a spec file is at most that")
+    expect_error(capsys, str(tmp_path), "a folder, not a spec file")
+
+
+def test_yaml_merge_keys_are_not_duplicates(write_spec, good, tmp_path):
+    """A mapping that overrides a key it merges (`<<: *base`) is not a key given twice, also when the
+    merged mapping is itself merged elsewhere (PyYAML rewrites merged mappings in place)."""
+    import yaml
+
+    from synthmill.jobs.spec import load_spec
+
+    text = yaml.safe_dump(good) + (
+        "storage:\n"
+        "  config_kwargs: &west {<<: &base {region_name: us-east-1, connect_timeout: 5}, region_name: us-west-2}\n"
+        "  client_kwargs: {<<: *west}\n")
+    p = tmp_path / "merge.yaml"
+    p.write_text(text, encoding="utf-8")
+    spec = load_spec(str(p))
+    assert spec.storage["client_kwargs"] == {"region_name": "us-west-2", "connect_timeout": 5}
+    assert spec.storage["config_kwargs"] == spec.storage["client_kwargs"]
 
 
 def test_override_bytes_that_are_not_utf8(capsys, write_spec, good):

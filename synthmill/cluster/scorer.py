@@ -24,7 +24,7 @@ import ray
 
 from synthmill.metrics import partials
 from synthmill.metrics.frechet import GaussianSums
-from synthmill.sharding.images import ImageSet, Sample, iter_unit
+from synthmill.sharding.images import ImageSet, ImageSetError, Sample, iter_unit
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ class Scorer:
         bs = self.spec.cluster.batch_size
         batch: list = []
         try:
-            decoded = _ahead(iter_unit(unit, self.work.storage), lambda s: self._decode(job, s), self.decoders, 2 * bs)
+            samples = iter_unit(unit, self.work.storage, captions=job.clip)
+            decoded = _ahead(samples, lambda s: self._decode(job, s), self.decoders, 2 * bs)
             for item in decoded:
                 batch.append(item)
                 if len(batch) == bs:
@@ -158,7 +159,7 @@ class Scorer:
                     batch = []
             if batch:
                 self._batch(job, batch, acc)
-        except BadImage as e:
+        except (BadImage, ImageSetError) as e:  # ImageSetError: a caption that is not UTF-8, a broken tar
             return {"bad_input": str(e)}
         if unit.count is not None and acc["n"] != unit.count:
             raise RuntimeError(f"{unit.tar or unit.files[0]}: read {acc['n']} images, expected {unit.count}")

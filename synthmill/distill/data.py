@@ -23,11 +23,19 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from synthmill.sharding.images import Sample, Unit, iter_unit
+from synthmill.sharding.images import ImageSetError, Sample, Unit, iter_unit
 
 
 class BadData(ValueError):
     """A sample the training stream cannot use (no caption, unreadable image); the message names it."""
+
+
+def _samples(unit: Unit, opts: dict[str, Any] | None) -> Iterator[Sample]:
+    """The unit's samples; a caption that is not UTF-8 or a tar that breaks off is bad data, not a crash."""
+    try:
+        yield from iter_unit(unit, opts)
+    except ImageSetError as e:
+        raise BadData(f"data.path: {e}") from None
 
 
 def _seed(*parts: Any) -> int:
@@ -86,11 +94,11 @@ class ShardStream:
             def mine() -> Iterator[Sample]:
                 if len(order) >= consumers:
                     for unit in order[consumer::consumers]:
-                        yield from iter_unit(unit, s.storage_options)
+                        yield from _samples(unit, s.storage_options)
                 else:
                     k = 0
                     for unit in order:
-                        for sample in iter_unit(unit, s.storage_options):
+                        for sample in _samples(unit, s.storage_options):
                             if k % consumers == consumer:
                                 yield sample
                             k += 1

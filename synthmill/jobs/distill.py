@@ -12,6 +12,7 @@ when ``train.ema``), ``model_index.json`` last, and ``OUTPUT/summary.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -126,7 +127,8 @@ def prepare(spec: DistillSpec) -> Prepared:
     field = "teacher.path"
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
-            check_model_path(spec.teacher, spec.storage, field="teacher")
+            # load_teacher never loads the teacher's safety checker: its folder may be missing
+            check_model_path(dataclasses.replace(spec.teacher, safety_checker=False), spec.storage, field="teacher")
             unet_cfg = _component_config(spec, "unet")
             vae_cfg = _component_config(spec, "vae")
             teacher_params, student_params, student_down = _plan_student(spec, unet_cfg)

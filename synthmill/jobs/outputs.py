@@ -26,7 +26,7 @@ def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, nam
 
 def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None) -> None:
     """``output.path`` must be new, empty, or an earlier run of this same job, and writable."""
-    if url.startswith("memory://"):
+    if "memory://" in url:  # also chained: simplecache::memory://
         raise SpecError(f"output.path {url}: memory:// lives inside one process; actors could not share it "
                         "and it is gone when the job ends")
     if not storage.is_local(url):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Union
@@ -147,6 +146,11 @@ def _check_strings(data: Any, source: str, prefix: str = "") -> None:
     for key, value in items:
         if isinstance(value, str) and "\0" in value:
             raise SpecError(f"{source}: field '{prefix}{key}': contains a NUL character")
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a "\udcff" escape: no file name can hold it
+                raise SpecError(f"{source}: field '{prefix}{key}': holds {ascii(value)}, not UTF-8 text") from None
         _check_strings(value, source, f"{prefix}{key}.")
 
 
@@ -157,51 +161,65 @@ MAX_SPEC_VALUES = 100_000
 MAX_SPEC_DEPTH = 64
 
 
-@functools.lru_cache(maxsize=None)
-def _spec_loader() -> type:
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+def _duplicate_key(root: Any) -> tuple[str, int, int] | None:
+    """(key, line, first line) of the first key given twice in one mapping of a composed YAML document.
+
+    Checked on the node graph before anything is constructed: PyYAML keeps the last value silently, and
+    merging (``<<: *base``) rewrites mappings in place as it constructs them, so a key a mapping overrides
+    from its base is not a duplicate; only a mapping's own keys are compared.
+    """
     import yaml
 
-    class SpecLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen: set = set()
-            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # '<<: *base' then a key of base's: an override YAML allows
-                key = self.construct_object(key_node, deep=True)
-                if isinstance(key, (str, int, float, bool)) or key is None:
-                    if key in seen:
-                        raise yaml.constructor.ConstructorError(
-                            "while constructing a mapping", node.start_mark,
-                            f"key {key!r} is given twice in this mapping", key_node.start_mark)
-                    seen.add(key)
-            return super().construct_mapping(node, deep)
-
-    return SpecLoader
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes or not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+            continue
+        keys: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            stack.extend((key, value))
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in keys:
+                    return key.value, line, keys[(key.tag, key.value)]
+                keys[(key.tag, key.value)] = line
+    return None
 
 
 def _read_yaml(path: str) -> Any:
     """The YAML document of the spec file at ``path``; SpecError for anything that is not one."""
-    import stat
-
     import yaml
 
+    if os.path.isdir(path):
+        raise SpecError(f"{path}: a folder, not a spec file")
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise SpecError(f"{path}: not a regular file" + (" but a folder" if stat.S_ISDIR(st.st_mode) else ""))
-        if st.st_size > MAX_SPEC_BYTES:
-            raise SpecError(f"{path}: {st.st_size} bytes; a spec file is at most {MAX_SPEC_BYTES} bytes")
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:  # not only a file: `synthmill run <(envsubst < job.yaml)` reads a pipe
+            data = fh.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"{path}: spec file not found") from None
     except OSError as e:
         raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: over {MAX_SPEC_BYTES} bytes; a spec file is at most that")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"{path}: a spec file must be UTF-8 text; byte {e.start} is not") from None
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.load(text, Loader=_spec_loader())  # noqa: S506 - a SafeLoader subclass
+        root = loader.get_single_node()
+        duplicate = _duplicate_key(root) if root is not None else None
+        if duplicate:
+            key, line, first = duplicate
+            where = f"line {line}" if line == first else f"lines {first} and {line}"
+            raise SpecError(f"{path}: key '{key}' is given twice in one mapping ({where}); "
+                            "YAML would keep the last silently")
+        return loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -209,6 +227,8 @@ def _read_yaml(path: str) -> Any:
         raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
     except RecursionError:
         raise SpecError(f"{path}: values nested too deeply (at most {MAX_SPEC_DEPTH} levels)") from None
+    finally:
+        loader.dispose()
 
 
 def _check_size(data: Any, source: str) -> None:

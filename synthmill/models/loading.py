@@ -48,7 +48,8 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
         raise SpecError(f"{field}.path {path}: folder not found (and not a hub id of the form org/name)")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise SpecError(f"{field}.path {path}: not a diffusers pipeline folder (no model_index.json)")
-    _check_components(path, field, getattr(model, "variant", None))
+    passed = () if getattr(model, "safety_checker", True) else ("safety_checker",)  # load_pipeline passes None
+    _check_components(path, field, getattr(model, "variant", None), passed)
     if not model.allow_pickle:
         for root, _, files in os.walk(path):
             weights = [f for f in files if f.endswith(_PICKLE_SUFFIXES + (".safetensors",))]
@@ -61,9 +62,10 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
     return "local"
 
 
-def _check_components(path: str, field: str, variant: str | None) -> None:
-    """A local pipeline folder's ``model_index.json`` is a JSON object whose components have their folders;
-    with a ``variant``, some weight file of that variant is there."""
+def _check_components(path: str, field: str, variant: str | None, passed: tuple[str, ...] = ()) -> None:
+    """A local pipeline folder's ``model_index.json`` is a JSON object whose components (but those in
+    ``passed``, which the load passes itself) have their folders; with a ``variant``, some weight file of
+    that variant is there."""
     index_file = os.path.join(path, "model_index.json")
     try:
         with open(index_file, encoding="utf-8") as fh:
@@ -74,7 +76,7 @@ def _check_components(path: str, field: str, variant: str | None) -> None:
         raise SpecError(f"{field}.path {path}: model_index.json is not a JSON object")
     for name, value in index.items():
         present = isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
-        if not name.startswith("_") and present and not os.path.isdir(os.path.join(path, name)):
+        if not name.startswith("_") and name not in passed and present and not os.path.isdir(os.path.join(path, name)):
             raise SpecError(f"{field}.path {path}: model_index.json names a {name} ({value[1]}) but there is no "
                             f"{name}/ folder")
     if variant:

@@ -196,8 +196,9 @@ def _text(data: bytes | None, name: str) -> str | None:
         raise ImageSetError(f"{name}: its caption (.txt) is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def iter_unit(unit: Unit, opts: dict[str, Any] | None = None) -> Iterator[Sample]:
-    """The unit's samples in order, streamed (one sample's bytes at a time)."""
+def iter_unit(unit: Unit, opts: dict[str, Any] | None = None, captions: bool = True) -> Iterator[Sample]:
+    """The unit's samples in order, streamed (one sample's bytes at a time); ``captions=False``: without
+    their captions (None), which are then neither read from a folder nor decoded."""
     if unit.tar is not None:
         from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -209,7 +210,7 @@ def iter_unit(unit: Unit, opts: dict[str, Any] | None = None) -> Iterator[Sample
                     if ext is None:
                         continue  # a sample without an image (say, metadata only)
                     name = f"{unit.tar}:{s['__key__']}"
-                    yield Sample(s["__key__"], name, s[ext], _text(s.get("txt"), name))
+                    yield Sample(s["__key__"], name, s[ext], _text(s.get("txt"), name) if captions else None)
             except tarfile.TarError as e:
                 raise ImageSetError(f"{unit.tar}: not a readable tar file ({type(e).__name__})") from None
         return
@@ -218,7 +219,7 @@ def iter_unit(unit: Unit, opts: dict[str, Any] | None = None) -> Iterator[Sample
         data = storage.retrying(url, "read", lambda: fs.cat_file(inner))
         caption = None
         try:
-            caption = fs.cat_file(inner.rsplit(".", 1)[0] + ".txt")
+            caption = fs.cat_file(inner.rsplit(".", 1)[0] + ".txt") if captions else None
         except FileNotFoundError:
             pass
         yield Sample(os.path.basename(inner.rsplit(".", 1)[0]), url, data, _text(caption, url))

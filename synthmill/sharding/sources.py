@@ -24,13 +24,12 @@ from __future__ import annotations
 import abc
 import csv
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from synthmill.errors import SpecError
-from synthmill.sharding.storage import filesystem, retrying
+from synthmill.sharding.storage import filesystem, is_transient, retrying
 
 
 @dataclass
@@ -252,12 +251,13 @@ class DelimitedSource(PromptSource):
     def _lines(self, fh, hashed: _PrefixHash | None, consumed: list[int]) -> Iterator[str]:
         """The file's lines, decoded one by one (a bad byte is named by its line); ``consumed[0]`` counts
         the bytes handed out so far."""
+        at_start = fh.tell() == 0  # a byte-order mark there is not text; a U+FEFF that starts a later row is
         for lineno, raw in enumerate(fh, 1):
             consumed[0] += len(raw)
             if hashed is not None:
                 hashed.feed(raw)
             try:
-                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: a byte-order mark is not text
+                yield raw.decode("utf-8-sig" if lineno == 1 and at_start else "utf-8")
             except UnicodeDecodeError:
                 raise SpecError(f"prompts.path {self.url}: line {lineno} is not valid UTF-8") from None
 
@@ -308,7 +308,7 @@ class DelimitedSource(PromptSource):
 
             def positions() -> Iterator[int]:
                 for row, (pos, rec) in enumerate(records, 1):
-                    if len(rec) <= col and rec:  # an empty line is a blank row
+                    if len(rec) <= col and any(f.strip() for f in rec):  # an empty or blank line is a blank row
                         fields = f"{len(rec)} field{'s' if len(rec) > 1 else ''}"
                         raise SpecError(f"prompts.path {self.url}: data row {row} has {fields} and no "
                                         f"'{self.column}' (field {col + 1} of the header)")
@@ -316,18 +316,19 @@ class DelimitedSource(PromptSource):
                     yield pos
 
             n = self._record(positions(), stride, hashed)
-            if last and any("\n" in f or "\r" in f for f in last[0][2]):
+            to_the_end = self.limit is None or n < self.limit  # else the scan stopped before the end of the file
+            if to_the_end and last and any("\n" in f or "\r" in f for f in last[0][2]):
                 self._check_closed(fh, *last[0][:2])
             return n
 
     def _check_closed(self, fh, row: int, pos: int) -> None:
-        """A SpecError when the record at byte ``pos`` (a field of it spans lines) opens a quote that the file
-        never closes: Python's csv then reads the rest of the file into that field, rows and all."""
+        """A SpecError when the last record, at byte ``pos`` (a field of it spans lines), opens a quote that the
+        file never closes: Python's csv then reads the rest of the file into that field, rows and all. One
+        record is read again, in strict mode (its field is at most csv's field size limit)."""
         fh.seek(pos)
-        text = io.StringIO(fh.read().decode("utf-8", errors="replace"), newline="")
+        lines = (raw.decode("utf-8", errors="replace") for raw in fh)
         try:
-            for _ in csv.reader(text, delimiter=self.delimiter, strict=True):
-                pass
+            next(csv.reader(lines, delimiter=self.delimiter, strict=True), None)
         except csv.Error as e:
             if "unexpected end of data" in str(e):
                 raise SpecError(f"prompts.path {self.url}: data row {row} opens a quoted field that is not closed "
@@ -412,7 +413,11 @@ class ParquetSource(PromptSource):
         while True:
             try:
                 batch = next(batches, None)
-            except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError) as e:
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise SpecError(f"prompts.path {self.url}: column '{self.column}' cannot be read ({e})") from None
+            except OSError as e:  # pyarrow's ArrowIOError is OSError: corrupt pages, but also the network
+                if e.errno is not None or type(e) is not OSError or is_transient(e):
+                    raise  # the storage's trouble, not the file's
                 raise SpecError(f"prompts.path {self.url}: column '{self.column}' cannot be read ({e})") from None
             if batch is None:
                 return
