@@ -112,6 +112,13 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
     import yaml
 
     spec_path.write_text(yaml.safe_dump(spec))
+    # 3) the same job straight through, elsewhere, as a user types it: `synthmill run` with no cluster address,
+    # so the job starts (and stops) its own local Ray. It runs while 1) and 2) run on the session's Ray: one
+    # job alone leaves ~30% of the 2 cores idle (Ray Train's start), and the three take ~2 minutes in a row.
+    log = open(folder / "local.log", "w+", encoding="utf-8")  # a file, not a pipe: Ray's output would fill one
+    local = subprocess.Popen([sys.executable, "-m", "synthmill.cli", "run", str(spec_path), f"output.path={straight}"],
+                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
     # 1) a run that dies (SIGKILL to the driver) right after its first checkpoint
     env = dict(os.environ, RAY_ADDRESS=ray_address)
     proc = subprocess.Popen([sys.executable, "-m", "synthmill.cli", "run", str(spec_path)], env=env,
@@ -155,13 +162,15 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
 
     def train_workers() -> list:
         """This session's Ray Train worker actor processes: the raylet is this test process's child, the
-        workers its children (not their DataLoader processes, which are forked and carry the same title)."""
+        workers its children (not their DataLoader processes, which are forked and carry the same title, nor
+        the workers of 3)'s local Ray, which descend from its process)."""
         import psutil
 
         def is_worker(proc: psutil.Process) -> bool:
             try:
                 return ("RayTrainWorker" in " ".join(proc.cmdline())
-                        and "RayTrainWorker" not in " ".join(proc.parent().cmdline()))
+                        and "RayTrainWorker" not in " ".join(proc.parent().cmdline())
+                        and local.pid not in {p.pid for p in proc.parents()})
             except (psutil.Error, AttributeError):
                 return False
 
@@ -174,17 +183,20 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
     killer.start()
     summary = distill.run(distill.prepare(load_spec(str(spec_path))))
     killer.join(timeout=5)
-    # 3) the same job straight through, elsewhere, as a user types it: `synthmill run` with no cluster address,
-    # so the job starts (and stops) its own local Ray
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    local = subprocess.run([sys.executable, "-m", "synthmill.cli", "run", str(spec_path), f"output.path={straight}"],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert local.returncode == 0, local.stderr[-3000:]
+    try:
+        local.wait(timeout=300)
+    finally:
+        if local.poll() is None:
+            os.killpg(local.pid, signal.SIGKILL)
+    log.seek(0)
+    local_output = log.read()
+    log.close()
+    assert local.returncode == 0, local_output[-3000:]
     with open(os.path.join(straight, "summary.json"), encoding="utf-8") as fh:
         straight_summary = json.load(fh)
     return {"spec": spec, "spec_path": str(spec_path), "resumed": resumed, "straight": straight, "killed_at": killed_at,
             "summary": summary, "straight_summary": straight_summary, "worker_killed": worker_killed,
-            "worker_env": worker_env, "local_output": local.stdout + local.stderr}
+            "worker_env": worker_env, "local_output": local_output}
 
 
 def test_kill_and_rerun_resumes_exactly(distilled):
