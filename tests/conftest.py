@@ -44,6 +44,58 @@ def ray_cluster():
     cluster.shutdown()
 
 
+# Benchmark smokes that need neither Ray nor a model of the session: when their tests are selected, they start
+# at the session's start, at the lowest CPU priority, and use the CPU time the other tests leave idle (waiting
+# on Ray, on subprocesses, on sleeps); their tests then only read what they printed.
+BACKGROUND_SMOKES = {
+    "test_extract_benchmark_smoke": ["-m", "benchmarks", "extract", "--smoke"],
+    "test_fid_benchmark_smoke": ["-m", "benchmarks", "fid", "--smoke"],
+}
+
+
+class BackgroundRun:
+    """One command started now in a fresh interpreter at nice 19, its output to files."""
+
+    def __init__(self, args: list[str], folder: Path) -> None:
+        import subprocess
+        import sys
+
+        self.out, self.err = open(folder / "stdout", "w+", encoding="utf-8"), open(folder / "stderr", "w+", encoding="utf-8")
+        self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, *args], cwd=REPO, stdout=self.out,
+                                     stderr=self.err)
+
+    def result(self, timeout: float) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) once it ends; its process is killed after ``timeout`` seconds more."""
+        import subprocess
+
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.out.seek(0)
+        self.err.seek(0)
+        return code, self.out.read(), self.err.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+        self.err.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_smokes(request, tmp_path_factory):
+    """name of a selected test in BACKGROUND_SMOKES -> its BackgroundRun, started before the first test."""
+    selected = {item.originalname for item in request.session.items}
+    runs = {name: BackgroundRun(args, tmp_path_factory.mktemp(name))
+            for name, args in BACKGROUND_SMOKES.items() if name in selected}
+    yield runs
+    for run in runs.values():
+        run.close()
+
+
 @pytest.fixture(scope="session")
 def ray_address(ray_cluster) -> str:
     return ray_cluster.address

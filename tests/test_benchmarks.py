@@ -64,9 +64,9 @@ def test_chaos_benchmark_smoke(ray_address) -> None:
     assert figures["shards_identical"].strip() == figures["shards"].strip(), proc.stdout
 
 
-def test_fid_benchmark_smoke() -> None:
+def test_fid_benchmark_smoke(background_smokes) -> None:
     """``benchmarks.fid`` in smoke mode: synthmill's Frechet distance equals pytorch-fid's, both timed;
-    ``python -m benchmarks fid --smoke`` prints the verdict line."""
+    ``python -m benchmarks fid --smoke`` (started with the session, tests/conftest.py) prints the verdict line."""
     from benchmarks import fid
 
     result = fid.run(**fid.SMOKE)
@@ -76,26 +76,21 @@ def test_fid_benchmark_smoke() -> None:
         assert result[key] > 0, result
     assert len(result["pytorch_fid_all_s"]) == len(result["synthmill_all_s"]) == fid.SMOKE["repeats"], result
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "fid", "--smoke"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, stdout, stderr = background_smokes["test_fid_benchmark_smoke"].result(timeout=300)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(r"^ratio: pytorch-fid / synthmill = \d+\.\d+ .*relative difference = \S+ \(goal <= 1e-06: met\)$",
-                     proc.stdout, re.M), proc.stdout
+                     stdout, re.M), stdout
 
 
-def test_extract_benchmark_smoke() -> None:
-    """``python -m benchmarks extract --smoke``: runs (a)-(c), ratios printed, statistics agree with pytorch-fid."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "extract", "--smoke"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_extract_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks extract --smoke`` (started with the session, tests/conftest.py): runs (a)-(c),
+    ratios printed, statistics agree with pytorch-fid."""
+    code, stdout, stderr = background_smokes["test_extract_benchmark_smoke"].result(timeout=300)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     m = re.search(r"^ratios: \(b\)/\(a\) = \d+\.\d+, \(c\)/\(a\) = \d+\.\d+; "
-                  r"statistics \(b\) vs \(a\): max relative difference (\S+)$", proc.stdout, re.M)
-    assert m, proc.stdout
-    assert float(m.group(1)) <= 1e-4, proc.stdout
+                  r"statistics \(b\) vs \(a\): max relative difference (\S+)$", stdout, re.M)
+    assert m, stdout
+    assert float(m.group(1)) <= 1e-4, stdout
 
 
 def test_distill_benchmark_smoke(ray_address) -> None:
