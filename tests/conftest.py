@@ -6,6 +6,7 @@ import glob
 import hashlib
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,15 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 COCO = REPO / "configs" / "prompts" / "coco2014_5k_captions.tsv"
 PARTI = REPO / "configs" / "prompts" / "PartiPrompts.tsv"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -30,15 +40,22 @@ def ray_cluster():
     # Ray Train's controller polls its workers every 2 s by default; the suite's tiny runs take a few
     # seconds per attempt, so poll faster (processes started by this cluster inherit the variable).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # `ray job submit` entrypoints run the console scripts of this interpreter, as in an activated venv
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
             "num_cpus": 2,
-            "include_dashboard": False,
+            "include_dashboard": True,  # its job server: tests/test_connect.py submits with `ray job submit`
+            "dashboard_port": 0,
+            "dashboard_agent_listen_port": free_port(),  # not Ray's fixed default: another Ray may hold that one
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
         },
     )
-    ray.init(address=cluster.address, log_to_driver=False)
+    context = ray.init(address=cluster.address, log_to_driver=False)
+    cluster.dashboard_url = "http://" + context.dashboard_url
     yield cluster
     ray.shutdown()
     cluster.shutdown()
@@ -58,7 +75,6 @@ class BackgroundRun:
 
     def __init__(self, args: list[str], folder: Path) -> None:
         import subprocess
-        import sys
 
         self.out, self.err = open(folder / "stdout", "w+", encoding="utf-8"), open(folder / "stderr", "w+", encoding="utf-8")
         self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, *args], cwd=REPO, stdout=self.out,

@@ -154,3 +154,46 @@ def test_connect_joins_the_cluster_at_an_address_within_the_bound(ray_address):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cpus, wait_env = json.loads(proc.stdout.strip().splitlines()[-1])
     assert cpus > 0 and wait_env is None, proc.stdout
+
+
+# ---- `ray job submit -- synthmill run JOB.yaml` (DESIGN.md: must work unchanged) ----
+
+def test_ray_job_submit_runs_the_same_command(ray_cluster, tiny_sd, prompts_tsv, tmp_path):
+    """The job server starts the entrypoint in its copy of ``--working-dir`` with RAY_ADDRESS set: the same
+    command joins the cluster, reads the relative prompts path from that copy, and writes to the absolute
+    output folder. A relative output.path there is exit 2 naming the field (each node would write into its own
+    copy of the working dir), which the job's status and log say."""
+    import shutil
+
+    import yaml
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(prompts_tsv, work / "prompts.tsv")
+    spec = base_spec(tiny_sd, "prompts.tsv", str(tmp_path / "out"))
+    spec["prompts"]["limit"] = 3
+    spec["sampling"]["images_per_prompt"] = 1
+    spec["cluster"]["num_actors"] = 1
+    (work / "job.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def submit(*overrides: str) -> subprocess.CompletedProcess:
+        deadline = time.monotonic() + 60
+        while True:
+            proc = subprocess.run(["ray", "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir",
+                                   str(work), "--", "synthmill", "run", "job.yaml", *overrides],
+                                  env=env, capture_output=True, text=True, timeout=300)
+            # a cluster seconds old: the head's dashboard agent has not registered yet (Ray says to try again)
+            if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+                return proc
+            time.sleep(1)
+
+    done = submit()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "done: 3 samples in 1 shards at " + str(tmp_path / "out") in done.stdout, done.stdout[-3000:]
+    assert sorted(os.listdir(tmp_path / "out" / "shards")) == ["000000.json", "000000.tar"]
+    refused = submit("output.path=out")
+    log = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "Job entrypoint command failed with exit code 2" in log, log[-3000:]
+    assert "synthmill: error: field 'output.path': 'out' is relative, and this job runs in Ray's copy of its " \
+           "working_dir (" in log, log[-3000:]

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from synthmill.cli import main
 from tests.conftest import base_spec, files_under, read_wds, run_job, tar_hashes
@@ -204,16 +205,23 @@ def test_status_command(reference, capsys):
 
 
 def test_driver_killed_midway_resumes_without_regenerating(reference, ray_address, write_spec, tmp_path):
-    """SIGKILL the `synthmill run` process after its first commit; the same command finishes the job."""
+    """SIGKILL the `synthmill run` process after its first commit; the same command finishes the job.
+
+    The command runs in another directory than the one the cluster was started in (where its actors run),
+    with the spec's paths relative to it: they name the same files for the actors as for the driver."""
     spec, out = reference
     target = str(tmp_path / "killed")
     # One actor and one shard in flight: the job commits shard by shard, slowly enough to interrupt.
-    killed = dict(spec, output=dict(spec["output"], path=target),
+    killed = dict(spec, output=dict(spec["output"], path="killed"),
+                  model=dict(spec["model"], path=os.path.relpath(spec["model"]["path"], tmp_path)),
+                  prompts=dict(spec["prompts"], path=os.path.relpath(spec["prompts"]["path"], tmp_path)),
                   cluster=dict(spec["cluster"], num_actors=1, inflight_per_actor=1))
-    path = write_spec(killed)
+    path = os.path.basename(write_spec(killed))
+    assert os.path.realpath(os.getcwd()) != os.path.realpath(tmp_path)  # the cluster's (and its actors') directory
     exe = os.path.join(os.path.dirname(sys.executable), "synthmill")
     env = dict(os.environ, RAY_ADDRESS=ray_address)
-    proc = subprocess.Popen([exe, "run", path], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([exe, "run", path], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not glob.glob(os.path.join(target, "shards", "*.json")):
         time.sleep(0.05)
@@ -223,7 +231,7 @@ def test_driver_killed_midway_resumes_without_regenerating(reference, ray_addres
     assert 1 <= len(committed) < 5, "the driver was not killed mid-job"
     assert not os.path.exists(os.path.join(target, "summary.json"))
     before = files_under(target)
-    rerun = subprocess.run([exe, "run", path], env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([exe, "run", path], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     after = files_under(target)
     done_before = [os.path.basename(m)[:6] for m in committed]
@@ -232,6 +240,8 @@ def test_driver_killed_midway_resumes_without_regenerating(reference, ray_addres
     summary = json.load(open(os.path.join(target, "summary.json")))
     assert summary["shards_resumed"] >= len(done_before)
     assert tar_hashes(target) == tar_hashes(out)
+    written = yaml.safe_load(open(os.path.join(target, "job.yaml")))
+    assert (written["model"]["path"], written["output"]["path"]) == (spec["model"]["path"], target)
 
 
 def test_sdxl_pipeline_with_two_text_encoders(ray_address, tiny_sdxl, prompts_tsv, write_spec, tmp_path):

@@ -580,3 +580,76 @@ def test_more_shards_than_a_job_holds(capsys, write_spec, good, monkeypatch):
     monkeypatch.setattr(generate, "MAX_SHARDS", 10)
     expect_error(capsys, write_spec(good), "field 'output.samples_per_shard': 22 samples at 1 a shard are 22 shards, "
                  "more than a job holds (10", overrides=("output.samples_per_shard=1",), output=good["output"]["path"])
+
+
+# ---- relative paths: what the driver reads is what the actors read ----
+
+def test_relative_paths_are_made_absolute_for_the_actors(monkeypatch, tmp_path):
+    """Actors run in the directory their cluster was started in, not the driver's: every relative local path a
+    spec names is made absolute against the driver's directory when the spec loads. Hub ids, names, URLs and
+    absolute paths stay as written; a name that is also a folder here is that folder (what diffusers would
+    load), except a student layout's name."""
+    from synthmill.jobs.spec import load_spec
+
+    for folder in ("models/sd", "org", "bk-small", "clip"):
+        (tmp_path / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    specs = {
+        "generate": "kind: generate\nmodel: {path: models/sd, custom_pipeline: lpw_stable_diffusion, trust_remote_code: true}\n"
+                    "prompts: {path: ./p.tsv}\noutput: {path: out/run1}\n",
+        "evaluate": "kind: evaluate\ngenerated: {path: 'out/run1/shards/*.tar'}\nreference: {path: stats.npz}\n"
+                    "fid: {weights: 'https://example.com/w.pth'}\nclip: {model: 'local-dir:clip', pretrained: openai}\n"
+                    "output: {path: s3://bucket/eval}\n",
+        "distill": "kind: distill\nteacher: {path: org/teacher}\nstudent: {arch: bk-small}\ndata: {path: out/run1}\n"
+                   "train: {max_steps: 10}\noutput: {path: /abs/distilled}\n",
+    }
+    loaded = {}
+    for kind, text in specs.items():
+        (tmp_path / f"{kind}.yaml").write_text(text, encoding="utf-8")
+        loaded[kind] = load_spec(f"{kind}.yaml")
+    g, e, d = loaded["generate"], loaded["evaluate"], loaded["distill"]
+    here = str(tmp_path)
+    assert (g.model.path, g.model.custom_pipeline, g.prompts.path, g.output.path) == (
+        f"{here}/models/sd", "lpw_stable_diffusion", f"{here}/p.tsv", f"{here}/out/run1")
+    assert (e.generated.path, e.reference.path, e.fid.weights, e.clip.model, e.clip.pretrained, e.output.path) == (
+        f"{here}/out/run1/shards/*.tar", f"{here}/stats.npz", "https://example.com/w.pth", f"local-dir:{here}/clip",
+        "openai", "s3://bucket/eval")
+    assert (d.teacher.path, d.student.arch, d.data.path, d.output.path) == (
+        "org/teacher", "bk-small", f"{here}/out/run1", "/abs/distilled")
+    assert load_spec("distill.yaml", ["teacher.path=org", "student.arch=org"]).student.arch == f"{here}/org"
+
+
+def test_relative_output_of_a_ray_job_with_a_working_dir_is_exit_2(capsys, monkeypatch, write_spec, good, tmp_path):
+    """Under ``ray job submit --working-dir`` the job runs in the node's copy of that folder, as each of its actors
+    does in its own node's: relative inputs stay relative (each finds its copy), a relative output.path is refused
+    (each node would write into its own copy, which Ray may delete once the job ends). An absolute one runs."""
+    import shutil
+
+    from synthmill.jobs.spec import load_spec
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}))
+    shutil.copy(good["prompts"]["path"], tmp_path / "prompts.tsv")
+    monkeypatch.chdir(tmp_path)
+    good.update(prompts=dict(good["prompts"], path="prompts.tsv"), output=dict(good["output"], path="out"))
+    expect_error(capsys, write_spec(good), "field 'output.path': 'out' is relative, and this job runs in Ray's copy of "
+                 f"its working_dir ({tmp_path})", "give an absolute path on storage every node shares, or an s3:// URL",
+                 output=str(tmp_path / "out"))
+    spec = load_spec(write_spec(good), [f"output.path={tmp_path}/out"])
+    assert (spec.prompts.path, spec.output.path) == ("prompts.tsv", f"{tmp_path}/out")
+    assert run_cli(capsys, "validate", write_spec(good), f"output.path={tmp_path}/out")[0] == 0
+
+
+def test_an_actor_that_does_not_see_the_drivers_output_folder_says_so(tmp_path):
+    """A local output.path must be one folder for every node: an actor whose node does not see the plan.json
+    the driver wrote before starting it stops before it loads anything, naming the folder and what to do."""
+    from synthmill.jobs.outputs import check_node_sees_output
+
+    with pytest.raises(RuntimeError, match=f"output.path {tmp_path}: this node .* does not see the plan.json the "
+                                           "driver wrote there; a local output.path must be a folder every node of "
+                                           "the cluster shares .*, else use s3://"):
+        check_node_sees_output(str(tmp_path))
+    (tmp_path / "plan.json").write_text("{}", encoding="utf-8")
+    check_node_sees_output(str(tmp_path))
+    check_node_sees_output(f"file://{tmp_path}")
+    check_node_sees_output("s3://bucket/out")  # the driver checked that one; every node reads the same bucket

@@ -93,7 +93,8 @@ class DistillOutputSpec:
     path: str = MISSING
 
 
-@register_kind("distill")
+@register_kind("distill", paths={"teacher.path": "name_or_path", "teacher.custom_pipeline": "name_or_path",
+                                 "student.arch": "arch", "data.path": "input", "output.path": "output"})
 @dataclass
 class DistillSpec:
     """A distill job: train a smaller student UNet on a teacher's outputs and features."""

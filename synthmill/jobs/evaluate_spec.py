@@ -64,7 +64,8 @@ class EvalClusterSpec(ActorClusterSpec):
     decode_threads: int = 4
 
 
-@register_kind("evaluate")
+@register_kind("evaluate", paths={"generated.path": "input", "reference.path": "input", "fid.weights": "input",
+                                  "clip.model": "clip", "clip.pretrained": "name_or_path", "output.path": "output"})
 @dataclass
 class EvaluateSpec:
     """An evaluate job: FID / IS / CLIP score of a generated set."""

@@ -83,7 +83,8 @@ class ClusterSpec(ActorClusterSpec):
     encode_threads: int = 4
 
 
-@register_kind("generate")
+@register_kind("generate", paths={"model.path": "name_or_path", "model.custom_pipeline": "name_or_path",
+                                  "prompts.path": "input", "output.path": "output"})
 @dataclass
 class GenerateSpec:
     """A generate job: prompts -> images -> WebDataset shards."""

@@ -63,6 +63,22 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
         raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
 
 
+def check_node_sees_output(url: str) -> None:
+    """In an actor, before it loads anything: a local ``output.path`` must be the driver's own folder.
+
+    The driver writes ``plan.json`` there before it starts any actor. A node that does not see it would
+    write its shards to its own disk, where the driver never finds them: a local output folder needs a
+    file system that every node of the cluster shares.
+    """
+    import socket
+
+    if storage.is_local(url) and not os.path.isfile(os.path.join(storage.path_of(url), "plan.json")):
+        raise RuntimeError(
+            f"output.path {url}: this node ({socket.gethostname()}) does not see the plan.json the driver wrote "
+            "there; a local output.path must be a folder every node of the cluster shares (NFS or the like), "
+            "else use s3://")
+
+
 def write_job_yaml(spec: Any) -> None:
     """``OUTPUT/job.yaml``: the resolved spec, with the values of its storage options redacted."""
     from omegaconf import OmegaConf

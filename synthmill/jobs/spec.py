@@ -18,16 +18,81 @@ from synthmill.errors import SpecError, first_line
 
 #: kind -> schema class; filled by the job modules through :func:`register_kind`.
 KINDS: dict[str, type] = {}
+#: kind -> {dotted field: how a relative local path in it is made absolute}; see :func:`resolve_paths`.
+PATHS: dict[str, dict[str, str]] = {}
 
 
-def register_kind(name: str) -> Callable[[type], type]:
-    """Class decorator: make ``kind: name`` load into the decorated dataclass."""
+def register_kind(name: str, paths: dict[str, str] | None = None) -> Callable[[type], type]:
+    """Class decorator: make ``kind: name`` load into the decorated dataclass.
+
+    ``paths`` names its fields that may hold a local path: ``"input"`` (a file or folder to read),
+    ``"output"`` (the job's output folder), ``"name_or_path"`` (a hub id or name, or a local folder or file
+    when one exists at that path), ``"arch"`` (a student layout's name, else as ``"name_or_path"``) and
+    ``"clip"`` (an open_clip name, ``local-dir:PATH`` among them).
+    """
 
     def deco(cls: type) -> type:
         KINDS[name] = cls
+        PATHS[name] = dict(paths or {})
         return cls
 
     return deco
+
+
+def ray_job_working_dir() -> str | None:
+    """The ``working_dir`` of the Ray job this process is the entrypoint of (``ray job submit --working-dir``).
+
+    Ray's job supervisor starts the entrypoint in the node's copy of that folder and passes the job's
+    runtime environment in ``RAY_JOB_CONFIG_JSON_ENV_VAR``; every actor of the job runs in its own node's copy.
+    """
+    import json
+
+    try:
+        env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    working_dir = env.get("working_dir") if isinstance(env, dict) else None
+    return str(working_dir) if working_dir else None
+
+
+def resolve_paths(spec: Any, kind: str) -> None:
+    """Make the spec's relative local paths absolute, against the directory synthmill runs in.
+
+    Ray's actors and workers do not run in the driver's directory: on a cluster joined through an address
+    they run where that cluster was started. A relative path would name another file there (or none), and a
+    relative output folder would be split between the driver's and the actors' directories. Remote URLs,
+    hub ids and names stay as they are.
+
+    Under ``ray job submit --working-dir`` every process of the job runs in its own node's copy of that folder,
+    so relative inputs stay relative (each resolves in its copy), and a relative ``output.path`` is refused:
+    each node would write into its own copy, which Ray may delete once the job ends.
+    """
+    working_dir = ray_job_working_dir()
+    for dotted, how in PATHS.get(kind, {}).items():
+        *parents, leaf = dotted.split(".")
+        section = spec
+        for part in parents:
+            section = getattr(section, part)
+        value = getattr(section, leaf)
+        prefix = "local-dir:" if how == "clip" and isinstance(value, str) and value.startswith("local-dir:") else ""
+        if not isinstance(value, str) or (how == "clip" and not prefix):
+            continue
+        path = value[len(prefix):]
+        if not path or "://" in path or "::" in path or os.path.isabs(path):
+            continue
+        if how == "output" and working_dir:
+            raise SpecError(
+                f"field '{dotted}': {value!r} is relative, and this job runs in Ray's copy of its working_dir "
+                f"({os.getcwd()}): each node would write into its own copy, which Ray may delete once the job "
+                "ends; give an absolute path on storage every node shares, or an s3:// URL")
+        if how == "arch":
+            from synthmill.models.students import arch_name
+
+            if arch_name(path):
+                continue
+        if working_dir or (how in ("name_or_path", "arch") and not os.path.exists(path)):
+            continue
+        setattr(section, leaf, prefix + os.path.abspath(path))
 
 
 def _known_keys(schema: type, dotted: str) -> list[str]:
@@ -319,6 +384,7 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         spec = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _explain(e, schema, path) from None
+    resolve_paths(spec, kind)
     spec.check()
     return spec
 

@@ -156,15 +156,21 @@ class CopyReport:
         )
 
 
+def arch_name(arch: str) -> str | None:
+    """The known layout that ``arch`` names (spelt in any case, with ``_`` or an alias), or None."""
+    name = arch.strip().lower().replace("_", "-")
+    name = ARCH_ALIASES.get(name, name)
+    return name if name in KNOWN_ARCHS else None
+
+
 def _normalise_arch(arch: str | os.PathLike) -> str | Path:
     """A known arch name, or a Path for a folder arch; ValueError for anything else."""
     if isinstance(arch, os.PathLike):
         return Path(arch)
     if not isinstance(arch, str):
         raise TypeError(f"student arch must be a name or a path, not {type(arch).__name__}")
-    name = arch.strip().lower().replace("_", "-")
-    name = ARCH_ALIASES.get(name, name)
-    if name in KNOWN_ARCHS:
+    name = arch_name(arch)
+    if name:
         return name
     if os.path.exists(arch):
         return Path(arch)
