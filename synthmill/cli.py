@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 from synthmill.errors import JobFailed, SpecError
@@ -144,8 +145,17 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+_URL_PASSWORD = re.compile(r"(\w://[^/\s:@]+):[^/\s@]*@")
+
+
+def _hide_passwords(message: str) -> str:
+    """``message`` with the password of each ``scheme://user:password@`` in it replaced."""
+    return _URL_PASSWORD.sub(r"\1:<redacted>@", message)
+
+
 def _one_line(message: str) -> str:
-    """A message on one line, whatever a path or value quoted in it holds."""
+    """A message on one line, whatever a path or value quoted in it holds, without a URL's password."""
+    message = _hide_passwords(message)
     return "\\n".join(message.splitlines()) or message  # splitlines: \n, \r, \x0b, \x1c, \u2028, ...
 
 
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthmill: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except JobFailed as e:
-        print(f"synthmill: job failed: {e}", file=sys.stderr)
+        print(f"synthmill: job failed: {_hide_passwords(str(e))}", file=sys.stderr)
         return e.exit_code
     finally:
         from synthmill.cluster.connect import shutdown_local

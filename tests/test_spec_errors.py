@@ -653,3 +653,35 @@ def test_an_actor_that_does_not_see_the_drivers_output_folder_says_so(tmp_path):
     check_node_sees_output(str(tmp_path))
     check_node_sees_output(f"file://{tmp_path}")
     check_node_sees_output("s3://bucket/out")  # the driver checked that one; every node reads the same bucket
+
+
+def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_path):
+    """job.yaml records the resolved spec without its secrets: a storage option naming one is replaced whole
+    (a header, Azure's connection string, a token in a list), and a URL keeps its user but not its password.
+    Options that are not secrets stay, so the record still says where the data was."""
+    import yaml
+
+    from synthmill.jobs.outputs import write_job_yaml
+    from synthmill.jobs.spec import load_spec
+
+    secrets = ["Bearer H3ADER", "AccountKey=C0NN", "T0KEN", "PASSW0RD", "S3CRET"]
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "kind": "generate", "model": {"path": "org/model"},
+        "prompts": {"path": f"https://reader:{secrets[3]}@data.example.com/prompts.txt"},
+        "output": {"path": str(tmp_path / "out")},
+        "storage": {"endpoint_url": "http://minio.internal:9000", "secret": secrets[4],
+                    "client_kwargs": {"headers": {"Authorization": secrets[0], "User-Agent": "synthmill-test"}},
+                    "connection_string": secrets[1], "extra": [{"token": secrets[2]}]},
+    }), encoding="utf-8")
+    write_job_yaml(load_spec(str(spec_path)))
+    text = (tmp_path / "out" / "job.yaml").read_text(encoding="utf-8")
+    assert not [s for s in secrets if s in text], text
+    written = yaml.safe_load(text)
+    assert written["prompts"]["path"] == "https://reader:<redacted>@data.example.com/prompts.txt"
+    assert written["storage"]["client_kwargs"]["headers"] == {"Authorization": "<redacted>", "User-Agent": "synthmill-test"}
+    assert written["storage"]["endpoint_url"] == "http://minio.internal:9000"
+    # nor does an error line that names the URL (here: fsspec's HTTP client has no use for these options)
+    code, line = run_cli(capsys, "validate", str(spec_path))
+    assert code == 2 and "prompts.path: open https://reader:<redacted>@data.example.com/prompts.txt: " in line, line
+    assert not [s for s in secrets if s in line], line

@@ -80,11 +80,17 @@ def check_node_sees_output(url: str) -> None:
 
 
 def write_job_yaml(spec: Any) -> None:
-    """``OUTPUT/job.yaml``: the resolved spec, with the values of its storage options redacted."""
+    """``OUTPUT/job.yaml``: the resolved spec, with its storage options' secrets and its URLs' passwords redacted."""
     from omegaconf import OmegaConf
+
+    from synthmill.jobs.spec import PATHS
 
     resolved = OmegaConf.structured(spec)
     resolved.storage = storage.redact(spec.storage)
+    for dotted in PATHS.get(spec.kind, {}):  # a URL's user:password@
+        value = OmegaConf.select(resolved, dotted)
+        if isinstance(value, str):
+            OmegaConf.update(resolved, dotted, storage.redact_url(value))
     storage.write_bytes(storage.join(spec.output.path, "job.yaml"), OmegaConf.to_yaml(resolved).encode(), spec.storage)
 
 

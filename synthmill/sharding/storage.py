@@ -46,8 +46,11 @@ def retry_budget(seconds: float) -> Iterator[None]:
         _budget.reset(token)
 
 
-#: Storage option keys whose values are secrets: never written to job.yaml, logs or messages.
-SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential", "session")
+#: Storage option keys whose values are secrets: never written to job.yaml, logs or messages. A key that
+#: holds one of these words hides its whole value, a mapping or list included (``headers: {Authorization:
+#: ...}``, Azure's ``connection_string``, ``sas_token``, ``client_kwargs.auth``).
+SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "creds", "session", "auth",
+                       "cookie", "signature", "sas", "connection_string", "private")
 
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
               ValueError, TypeError, KeyError)
@@ -84,17 +87,32 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         raise StorageError(f"{url}: cannot be opened ({type(e).__name__}: {e})") from None
 
 
-def redact(options: dict[str, Any]) -> dict[str, Any]:
-    """Storage options with secret values replaced, for job.yaml and messages."""
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(w in k.lower() for w in SECRET_OPTION_WORDS) and v is not None:
-            out[k] = "<redacted>"
-        else:
-            out[k] = v
-    return out
+def redact(options: Any) -> Any:
+    """Storage options with secret values replaced, for job.yaml and messages.
+
+    Mappings and lists are walked; the value of a key naming a secret (:data:`SECRET_OPTION_WORDS`) is
+    replaced whole; a string that is a URL loses the password of its ``user:password@``.
+    """
+    if isinstance(options, dict):
+        return {k: "<redacted>" if v is not None and any(w in str(k).lower() for w in SECRET_OPTION_WORDS)
+                else redact(v) for k, v in options.items()}
+    if isinstance(options, (list, tuple)):
+        return [redact(v) for v in options]
+    if isinstance(options, str):
+        return redact_url(options)
+    return options
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the password of a ``scheme://user:password@host`` part (for job.yaml and messages)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:<redacted>@{host}{slash}{path}"
 
 
 def is_transient(exc: BaseException) -> bool:
