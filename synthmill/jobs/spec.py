@@ -56,7 +56,7 @@ def ray_job_working_dir() -> str | None:
 
 
 def resolve_paths(spec: Any, kind: str) -> None:
-    """Make the spec's relative local paths absolute, against the directory synthmill runs in.
+    """Make the spec's relative local paths absolute, against the directory synthmill runs in, and normal.
 
     Ray's actors and workers do not run in the driver's directory: on a cluster joined through an address
     they run where that cluster was started. A relative path would name another file there (or none), and a
@@ -78,7 +78,11 @@ def resolve_paths(spec: Any, kind: str) -> None:
         if not isinstance(value, str) or (how == "clip" and not prefix):
             continue
         path = value[len(prefix):]
-        if not path or "://" in path or "::" in path or os.path.isabs(path):
+        if not path or "://" in path or "::" in path:
+            continue
+        if os.path.isabs(path):  # spelt one way: a trailing / or a /./ is not another model or folder
+            if how not in ("name_or_path", "arch") or os.path.exists(path):
+                setattr(section, leaf, prefix + os.path.normpath(path))
             continue
         if how == "output" and working_dir:
             raise SpecError(
