@@ -120,28 +120,56 @@ def job_specs(tiny_sd, prompts_tsv, clip_model, tmp_path_factory) -> dict:
 
 def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, write_spec, tmp_path):
     """Each job kind connects before it writes; the message names the setting that gave the address (one
-    kind through RAY_ADDRESS). The three commands run at once: each mostly imports, then waits on Ray."""
+    kind through RAY_ADDRESS). And an actor larger than any node of the local Ray that synthmill starts, which
+    Ray would keep pending until cluster.start_timeout_s (30 minutes by default), is exit 2 naming the field.
+    The four commands run at once: each mostly imports, then waits on Ray."""
     started = {}
-    for kind, given in (("generate", "cluster.address"), ("evaluate", "RAY_ADDRESS"), ("distill", "cluster.address")):
-        out = tmp_path / kind / "out"
+    for kind, given in (("generate", "cluster.address"), ("evaluate", "RAY_ADDRESS"), ("distill", "cluster.address"),
+                        ("generate", "cluster.cpus_per_actor")):
+        out = tmp_path / given / "out"
         spec = dict(job_specs[kind], output=dict(job_specs[kind]["output"], path=str(out)))
         path = write_spec(spec)
         if given == "RAY_ADDRESS":
-            started[kind] = (given, out, _start_unreachable(path, ray_address=UNREACHABLE))
-        else:
-            started[kind] = (given, out, _start_unreachable(path, f"cluster.address={UNREACHABLE}"))
+            proc = _start_unreachable(path, ray_address=UNREACHABLE)
+            expected = f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there"
+        elif given == "cluster.address":
+            proc = _start_unreachable(path, f"{given}={UNREACHABLE}")
+            expected = f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there"
+        else:  # no address: a local Ray starts, with this machine's CPUs
+            proc = _start_unreachable(path, f"{given}=64")
+            expected = "synthmill: error: cluster.cpus_per_actor: one actor needs CPU 64, and no node of the Ray " \
+                       "cluster has that much (its nodes: CPU "
+        started[given] = (kind, expected, out, proc)
     deadline = time.monotonic() + 60  # the bound: Ray alone would retry 20 times, ~4 s each here
     try:
-        for kind, (given, out, proc) in started.items():
+        for given, (kind, expected, out, proc) in started.items():
             _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             err = "\n".join(ln for ln in stderr.splitlines() if ln.startswith("synthmill:")) or stderr[-3000:]
             assert proc.returncode == 2, (kind, err)
-            assert err.startswith(f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there") \
-                and len(err.splitlines()) == 1, (kind, err)
+            assert err.startswith(expected) and len(err.splitlines()) == 1, (kind, err)
             assert not os.path.exists(out), f"{kind} wrote {sorted(os.listdir(out))} before it connected"
     finally:
-        for _, _, proc in started.values():
+        for _, _, _, proc in started.values():
             proc.kill()
+
+
+def test_an_actor_no_node_of_a_joined_cluster_can_hold_is_named_while_the_job_waits(ray_address, job_specs,
+                                                                                     write_spec, tmp_path, caplog):
+    """A joined cluster's autoscaler may add a node that fits, so the job warns at once, naming the field,
+    and waits cluster.start_timeout_s for it."""
+    from synthmill.errors import JobFailed
+    from tests.conftest import run_job
+
+    spec = dict(job_specs["generate"], output={"path": str(tmp_path / "out"), "samples_per_shard": 5},
+                cluster=dict(job_specs["generate"]["cluster"], cpus_per_actor=64, resources={"ssd": 1},
+                             start_timeout_s=1))
+    with pytest.raises(JobFailed, match="no actor became ready within 1s"):
+        run_job(write_spec, spec)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "one actor needs" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(
+        "cluster.cpus_per_actor / cluster.resources: one actor needs CPU 64, ssd 1, and no node of the Ray cluster has "
+        "that much (its nodes: CPU ") and warned[0].endswith(
+        "; waiting up to cluster.start_timeout_s=1s for the autoscaler to add one"), warned
 
 
 def test_connect_joins_the_cluster_at_an_address_within_the_bound(ray_address):

@@ -149,6 +149,35 @@ def actor_count(requested: int | str, resources: dict[str, float], cpus_per_acto
     return int(requested), gpus > 0
 
 
+def check_actor_fits(cluster: Any, resources: dict[str, float]) -> None:
+    """Say at once when no node of the cluster can hold one actor of ``cluster`` (an ``ActorClusterSpec``).
+
+    Ray would keep the actor pending, and the job would wait ``cluster.start_timeout_s`` for it. A local Ray
+    that :func:`connect` started has no more to give: that is bad input (exit 2, before anything is written).
+    A joined cluster's autoscaler may still add a node that fits: a warning, and the job waits.
+    """
+    import ray
+
+    from synthmill.errors import SpecError
+
+    _, use_gpu = actor_count(cluster.num_actors, resources, cluster.cpus_per_actor)
+    options = actor_options(cluster, use_gpu)
+    need = {"CPU": float(options["num_cpus"]), "GPU": float(options.get("num_gpus", 0)),
+            **{k: float(v) for k, v in options.get("resources", {}).items()}}
+    need = {k: v for k, v in need.items() if v > 0}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        return
+    fields = "cluster.cpus_per_actor" + (" / cluster.resources" if cluster.resources else "")
+    have = "; ".join(", ".join(f"{k} {node.get(k, 0):g}" for k in need) for node in nodes[:4])
+    message = (f"{fields}: one actor needs {', '.join(f'{k} {v:g}' for k, v in need.items())}, and no node of the "
+               f"Ray cluster has that much (its nodes: {have}{' ...' if len(nodes) > 4 else ''})")
+    if started_local_ray():
+        raise SpecError(message)
+    log.warning("%s; waiting up to cluster.start_timeout_s=%gs for the autoscaler to add one", message,
+                cluster.start_timeout_s)
+
+
 def _gpu_devices() -> bool:
     """Whether this machine shows an NVIDIA or AMD GPU device file (cheap: no CUDA, no NVML)."""
     return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")

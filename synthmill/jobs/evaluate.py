@@ -281,7 +281,7 @@ def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int
 
 def run(p: Prepared) -> dict[str, Any]:
     """Score what is not scored yet, merge, and write the stats files and ``metrics.json``."""
-    from synthmill.cluster.connect import connect
+    from synthmill.cluster.connect import check_actor_fits, connect
     from synthmill.metrics.inception import IS_CONVENTION, PROTOCOLS, RESIZE_TO, inception_score
 
     spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
@@ -291,6 +291,8 @@ def run(p: Prepared) -> dict[str, Any]:
     todo = [(name, u.index) for name, job in p.sets.items() for u in job.images.units if u.index not in markers[name]]
     # Ray first: a cluster address that does not answer is bad input, and nothing is written for it.
     resources = connect(spec.cluster.address) if todo else None
+    if resources is not None:
+        check_actor_fits(spec.cluster, resources)
     write_job_yaml(spec)
     storage.write_json(storage.join(out, "plan.json"), {
         "kind": "evaluate", "fingerprint": p.fingerprint,

@@ -149,7 +149,7 @@ def run(p: Prepared) -> dict[str, Any]:
     """Run the job to the end; return the summary. Raises JobFailed naming failed shards."""
     import ray
 
-    from synthmill.cluster.connect import actor_count, actor_options, connect
+    from synthmill.cluster.connect import actor_count, actor_options, check_actor_fits, connect
     from synthmill.cluster.generator import GeneratorActor
     from synthmill.cluster.pool import ProgressBar, ShardPool
     from synthmill.sharding.index import merge_index
@@ -171,6 +171,7 @@ def run(p: Prepared) -> dict[str, Any]:
     if todo:  # connected before anything is written: a cluster that cannot be reached leaves no trace
         resources = connect(spec.cluster.address)
         startup["ray_connected_s"] = round(time.perf_counter() - t0, 3)
+        check_actor_fits(spec.cluster, resources)
     _write_start_files(p)
     report = None
     committed_at: dict[int, float] = {}  # driver wall clock when each shard of this run was committed
