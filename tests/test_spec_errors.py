@@ -687,3 +687,29 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
     code, line = run_cli(capsys, "validate", str(spec_path))
     assert code == 2 and "prompts.path: open https://reader:<redacted>@data.example.com/prompts.txt: " in line, line
     assert not [s for s in secrets if s in line], line
+
+
+def test_a_missing_local_folder_spelt_like_a_hub_id_is_exit_2_without_the_hub(capsys, monkeypatch, write_spec, good,
+                                                                                tmp_path):
+    """``models/sd-typo`` beside a ``models/`` folder, with no hub to ask (HF_HUB_OFFLINE here; no network is
+    the same) and not in this machine's hub cache, is a local folder that is not there: exit 2, not the same
+    load error on every actor. A hub id whose first part is no folder here, or that the hub cache holds, is
+    left to the load as before."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    good["model"]["path"] = "models/sd-typo"
+    expect_error(capsys, write_spec(good), "model.path models/sd-typo: folder not found (models/ is here, without "
+                 "sd-typo); as a hub id it was not checked (", "and this machine's hub cache does not hold it")
+    good["model"]["path"] = "org/pipe"
+    assert run_cli(capsys, "validate", write_spec(good))[0] == 0
+    snapshot = tmp_path / "hub" / "models--models--sd-typo" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "hub" / "models--models--sd-typo" / "refs").mkdir()
+    (tmp_path / "hub" / "models--models--sd-typo" / "refs" / "main").write_text("0123abcd", encoding="utf-8")
+    good["model"]["path"] = "models/sd-typo"
+    assert run_cli(capsys, "validate", write_spec(good))[0] == 0

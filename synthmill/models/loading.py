@@ -88,14 +88,14 @@ def _check_components(path: str, field: str, variant: str | None, passed: tuple[
 
 def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: str) -> tuple[str | None, str]:
     """Ask the hub (``HF_ENDPOINT``) for ``filename`` of model repo ``repo_id`` at ``revision``, with one HEAD
-    request and no download. Returns (what is missing, the endpoint): None when the file is there or no answer
-    came (``HF_HUB_OFFLINE``: nothing asked; no network, a timeout, a server error: logged after ``label``),
-    else 'repo' (no such model, or private), 'gated', 'revision' or 'file'."""
+    request and no download. Returns (what is missing, the endpoint): None when the file is there, 'unknown' when
+    no answer came (``HF_HUB_OFFLINE``: nothing asked; no network, a timeout, a server error: logged after
+    ``label``), else 'repo' (no such model, or private), 'gated', 'revision' or 'file'."""
     from huggingface_hub import constants  # alone: milliseconds; the client below, ~0.1 s
 
     where = constants.ENDPOINT
     if constants.HF_HUB_OFFLINE:
-        return None, where
+        return "unknown", where
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -123,6 +123,7 @@ def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: s
         else:
             log.info("%s: not checked, %s did not answer (%s: %s)", label, where, type(e).__name__,
                      str(e).splitlines()[0] if str(e) else "")
+        return "unknown", where
     return None, where
 
 
@@ -133,10 +134,17 @@ HUB_LOGIN = ("HF_TOKEN or `hf auth login`; if only the cluster's nodes have the 
 
 def check_hub_id(model: Any, field: str = "model") -> None:
     """A hub id in ``FIELD.path``: SpecError when the hub says it has no ``model_index.json`` at ``FIELD.revision``
-    (no such model, revision or file, or gated); see :func:`hub_file_missing`. The load decides otherwise,
-    maybe from the nodes' caches."""
+    (no such model, revision or file, or gated); see :func:`hub_file_missing`. Without an answer the load decides,
+    maybe from the nodes' caches; but a path whose first folder is here (``models/sd-typo`` beside ``models/``)
+    and that this machine's hub cache does not hold either is taken for a local folder that is not there."""
     path, revision = model.path, model.revision
     missing, where = hub_file_missing(path, "model_index.json", revision, f"{field}.path {path}")
+    if missing == "unknown":
+        parent = path.split("/")[0]
+        if os.path.isdir(parent) and not _in_hub_cache(path, "model_index.json", revision):
+            raise SpecError(f"{field}.path {path}: folder not found ({parent}/ is here, without "
+                            f"{path.split('/', 1)[1]}); as a hub id it was not checked ({where} did not answer) "
+                            "and this machine's hub cache does not hold it")
     if missing == "gated":
         raise SpecError(f"{field}.path {path}: a gated model on {where}; accept its terms there and log in "
                         f"({HUB_LOGIN})")
@@ -148,6 +156,16 @@ def check_hub_id(model: Any, field: str = "model") -> None:
     if missing == "file":
         raise SpecError(f"{field}.path {path}: not a diffusers pipeline (no model_index.json on {where}"
                         f"{f' at revision {revision}' if revision else ''})")
+
+
+def _in_hub_cache(repo_id: str, filename: str, revision: str | None) -> bool:
+    """Whether this machine's hub cache holds ``filename`` of model ``repo_id`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+    except Exception:  # noqa: BLE001 - an unreadable cache holds nothing we can use
+        return False
 
 
 def preload_pipeline_modules(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
