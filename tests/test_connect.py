@@ -120,12 +120,13 @@ def job_specs(tiny_sd, prompts_tsv, clip_model, tmp_path_factory) -> dict:
 
 def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, write_spec, tmp_path):
     """Each job kind connects before it writes; the message names the setting that gave the address (one
-    kind through RAY_ADDRESS). And an actor larger than any node of the local Ray that synthmill starts, which
-    Ray would keep pending until cluster.start_timeout_s (30 minutes by default), is exit 2 naming the field.
-    The four commands run at once: each mostly imports, then waits on Ray."""
+    kind through RAY_ADDRESS). And an actor or training worker larger than any node of the local Ray that
+    synthmill starts, which Ray would keep pending (until cluster.start_timeout_s, 30 minutes by default, or
+    for ever with Ray Train), is exit 2 naming the field. The five commands run at once: each mostly imports,
+    then waits on Ray."""
     started = {}
     for kind, given in (("generate", "cluster.address"), ("evaluate", "RAY_ADDRESS"), ("distill", "cluster.address"),
-                        ("generate", "cluster.cpus_per_actor")):
+                        ("generate", "cluster.cpus_per_actor"), ("distill", "cluster.cpus_per_worker")):
         out = tmp_path / given / "out"
         spec = dict(job_specs[kind], output=dict(job_specs[kind]["output"], path=str(out)))
         path = write_spec(spec)
@@ -137,8 +138,9 @@ def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, wri
             expected = f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there"
         else:  # no address: a local Ray starts, with this machine's CPUs
             proc = _start_unreachable(path, f"{given}=64")
-            expected = "synthmill: error: cluster.cpus_per_actor: one actor needs CPU 64, and no node of the Ray " \
-                       "cluster has that much (its nodes: CPU "
+            what = "one actor" if kind == "generate" else "one training worker"
+            expected = f"synthmill: error: {given}: {what} needs CPU 64, and no node of the Ray cluster has that " \
+                       "much (its nodes: CPU "
         started[given] = (kind, expected, out, proc)
     deadline = time.monotonic() + 60  # the bound: Ray alone would retry 20 times, ~4 s each here
     try:
@@ -169,7 +171,7 @@ def test_an_actor_no_node_of_a_joined_cluster_can_hold_is_named_while_the_job_wa
     assert len(warned) == 1 and warned[0].startswith(
         "cluster.cpus_per_actor / cluster.resources: one actor needs CPU 64, ssd 1, and no node of the Ray cluster has "
         "that much (its nodes: CPU ") and warned[0].endswith(
-        "; waiting up to cluster.start_timeout_s=1s for the autoscaler to add one"), warned
+        "; the job waits up to cluster.start_timeout_s=1s for the autoscaler to add one"), warned
 
 
 def test_connect_joins_the_cluster_at_an_address_within_the_bound(ray_address):

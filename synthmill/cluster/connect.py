@@ -150,32 +150,36 @@ def actor_count(requested: int | str, resources: dict[str, float], cpus_per_acto
 
 
 def check_actor_fits(cluster: Any, resources: dict[str, float]) -> None:
-    """Say at once when no node of the cluster can hold one actor of ``cluster`` (an ``ActorClusterSpec``).
+    """Say at once when no node of the cluster can hold one actor of ``cluster`` (an ``ActorClusterSpec``):
+    see :func:`check_fits`. Ray would keep the actor pending, and the job would wait ``cluster.start_timeout_s``."""
+    _, use_gpu = actor_count(cluster.num_actors, resources, cluster.cpus_per_actor)
+    options = actor_options(cluster, use_gpu)
+    need = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
+    check_fits("one actor", need, "cluster.cpus_per_actor" + (" / cluster.resources" if cluster.resources else ""),
+               f"the job waits up to cluster.start_timeout_s={cluster.start_timeout_s:g}s")
 
-    Ray would keep the actor pending, and the job would wait ``cluster.start_timeout_s`` for it. A local Ray
-    that :func:`connect` started has no more to give: that is bad input (exit 2, before anything is written).
-    A joined cluster's autoscaler may still add a node that fits: a warning, and the job waits.
+
+def check_fits(what: str, need: dict[str, float], fields: str, waits: str) -> None:
+    """Whether some live node of the cluster has ``need`` (Ray resources) for ``what``, set by ``fields``.
+
+    A local Ray that :func:`connect` started has no more to give: no such node is bad input (exit 2, before
+    anything is written). A joined cluster's autoscaler may still add a node that fits: a warning, and the
+    job ``waits``.
     """
     import ray
 
     from synthmill.errors import SpecError
 
-    _, use_gpu = actor_count(cluster.num_actors, resources, cluster.cpus_per_actor)
-    options = actor_options(cluster, use_gpu)
-    need = {"CPU": float(options["num_cpus"]), "GPU": float(options.get("num_gpus", 0)),
-            **{k: float(v) for k, v in options.get("resources", {}).items()}}
-    need = {k: v for k, v in need.items() if v > 0}
+    need = {k: float(v) for k, v in need.items() if v}
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
         return
-    fields = "cluster.cpus_per_actor" + (" / cluster.resources" if cluster.resources else "")
     have = "; ".join(", ".join(f"{k} {node.get(k, 0):g}" for k in need) for node in nodes[:4])
-    message = (f"{fields}: one actor needs {', '.join(f'{k} {v:g}' for k, v in need.items())}, and no node of the "
+    message = (f"{fields}: {what} needs {', '.join(f'{k} {v:g}' for k, v in need.items())}, and no node of the "
                f"Ray cluster has that much (its nodes: {have}{' ...' if len(nodes) > 4 else ''})")
     if started_local_ray():
         raise SpecError(message)
-    log.warning("%s; waiting up to cluster.start_timeout_s=%gs for the autoscaler to add one", message,
-                cluster.start_timeout_s)
+    log.warning("%s; %s for the autoscaler to add one", message, waits)
 
 
 def _gpu_devices() -> bool:

@@ -324,7 +324,7 @@ def run(p: Prepared) -> dict[str, Any]:
     """Train to ``train.max_steps`` (resuming), export the pipeline, write the summary."""
     from ray.train import TrainingFailedError
 
-    from synthmill.cluster.connect import connect, started_local_ray
+    from synthmill.cluster.connect import check_fits, connect, started_local_ray
 
     spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
     if p.steps_done >= spec.train.max_steps:
@@ -332,6 +332,10 @@ def run(p: Prepared) -> dict[str, Any]:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address, dashboard=True))  # Ray Train: see connect()
+    c = spec.cluster
+    check_fits("one training worker", {"CPU": c.cpus_per_worker, "GPU": int(use_gpu), **c.resources},
+               "cluster.cpus_per_worker" + (" / cluster.resources" if c.resources else ""),
+               "Ray Train waits (retrying the worker group's start every minute)")
     if started_local_ray():
         # One machine has no node to lose to preemption; Ray Train's watcher for it (an actor process per
         # attempt) also logs an error-level line as it starts. The user's own setting wins.
