@@ -619,6 +619,7 @@ def test_relative_paths_are_made_absolute_for_the_actors(monkeypatch, tmp_path):
     assert load_spec("distill.yaml", ["teacher.path=org", "student.arch=org"]).student.arch == f"{here}/org"
     # one folder spelt two ways is one model (the fingerprint holds its path)
     assert load_spec("generate.yaml", [f"model.path={here}/models/./sd/"]).model.path == f"{here}/models/sd"
+    assert load_spec("generate.yaml", ["output.path=file://out"]).output.path == f"file://{here}/out"
 
 
 def test_relative_output_of_a_ray_job_with_a_working_dir_is_exit_2(capsys, monkeypatch, write_spec, good, tmp_path):

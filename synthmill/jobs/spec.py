@@ -77,6 +77,8 @@ def resolve_paths(spec: Any, kind: str) -> None:
         prefix = "local-dir:" if how == "clip" and isinstance(value, str) and value.startswith("local-dir:") else ""
         if not isinstance(value, str) or (how == "clip" and not prefix):
             continue
+        if value.startswith("file://"):  # a local path too
+            prefix = "file://"
         path = value[len(prefix):]
         if not path or "://" in path or "::" in path:
             continue
