@@ -218,11 +218,15 @@ def test_ray_job_submit_runs_the_same_command(ray_cluster, tiny_sd, prompts_tsv,
                 return proc
             time.sleep(1)
 
-    done = submit()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # two jobs at once: the second is refused while the first runs
+        running = pool.submit(submit)
+        refused = pool.submit(submit, "output.path=out").result()
+        done = running.result()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "done: 3 samples in 1 shards at " + str(tmp_path / "out") in done.stdout, done.stdout[-3000:]
     assert sorted(os.listdir(tmp_path / "out" / "shards")) == ["000000.json", "000000.tar"]
-    refused = submit("output.path=out")
     log = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "Job entrypoint command failed with exit code 2" in log, log[-3000:]
     assert "synthmill: error: field 'output.path': 'out' is relative, and this job runs in Ray's copy of its " \
