@@ -643,19 +643,45 @@ def test_relative_output_of_a_ray_job_with_a_working_dir_is_exit_2(capsys, monke
     assert run_cli(capsys, "validate", write_spec(good), f"output.path={tmp_path}/out")[0] == 0
 
 
-def test_an_actor_that_does_not_see_the_drivers_output_folder_says_so(tmp_path):
-    """A local output.path must be one folder for every node: an actor whose node does not see the plan.json
-    the driver wrote before starting it stops before it loads anything, naming the folder and what to do."""
-    from synthmill.jobs.outputs import check_node_sees_output
+def test_an_actor_that_does_not_see_the_drivers_files_says_so(tmp_path, prompts_tsv, tiny_sd):
+    """A local path must name one file for every node: an actor whose node does not see an input the driver
+    checked, or the plan.json the driver wrote in a local output.path before starting it, stops before it loads
+    anything, naming the field, the path and what to do. Hub ids, names and URLs are not local files."""
+    import shutil
 
-    with pytest.raises(RuntimeError, match=f"output.path {tmp_path}: this node .* does not see the plan.json the "
-                                           "driver wrote there; a local output.path must be a folder every node of "
-                                           "the cluster shares .*, else use s3://"):
-        check_node_sees_output(str(tmp_path))
-    (tmp_path / "plan.json").write_text("{}", encoding="utf-8")
-    check_node_sees_output(str(tmp_path))
-    check_node_sees_output(f"file://{tmp_path}")
-    check_node_sees_output("s3://bucket/out")  # the driver checked that one; every node reads the same bucket
+    from synthmill.jobs.outputs import check_node_sees
+    from synthmill.jobs.spec import load_spec
+
+    model, prompts = shutil.copytree(tiny_sd, tmp_path / "model"), shutil.copy(prompts_tsv, tmp_path / "p.tsv")
+    out = tmp_path / "out"
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(f"kind: generate\nmodel: {{path: {model}}}\nprompts: {{path: {prompts}}}\n"
+                         f"output: {{path: {out}}}\n", encoding="utf-8")
+    spec = load_spec(str(spec_path))
+    with pytest.raises(RuntimeError, match=f"^output.path {out}: this node .* does not see the plan.json the driver "
+                                           "wrote there; a local path must be on storage every node of the cluster "
+                                           "shares .*, else use s3://$"):
+        check_node_sees(spec)
+    out.mkdir()
+    (out / "plan.json").write_text("{}", encoding="utf-8")
+    check_node_sees(spec)
+    os.rename(prompts, tmp_path / "elsewhere.tsv")
+    with pytest.raises(RuntimeError, match=f"^prompts.path {prompts}: this node .* does not see it; "):
+        check_node_sees(spec)
+    spec.prompts.path, spec.output.path = "s3://bucket/p.tsv", "s3://bucket/out"
+    spec.model.path = str(tmp_path / "gone")
+    with pytest.raises(RuntimeError, match=f"^model.path {tmp_path}/gone: this node"):
+        check_node_sees(spec)
+    spec.model.path = "org/model"
+    check_node_sees(spec)
+    ev = tmp_path / "eval.yaml"
+    ev.write_text(f"kind: evaluate\nmetrics: [clip]\ngenerated: {{path: '{out}/shards/*.tar'}}\nclip: {{model: 'local-dir:{tmp_path}'}}\n"
+                  f"output: {{path: {out}}}\n", encoding="utf-8")
+    with pytest.raises(RuntimeError, match=r"^generated.path .*/out/shards/\*.tar: this node .* does not see it"):
+        check_node_sees(load_spec(str(ev)))
+    (out / "shards").mkdir()
+    (out / "shards" / "000000.tar").write_bytes(b"")
+    check_node_sees(load_spec(str(ev)))
 
 
 def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_path):

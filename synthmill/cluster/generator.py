@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from synthmill.jobs.outputs import check_node_sees_output
+from synthmill.jobs.outputs import check_node_sees
 from synthmill.sharding import storage
 from synthmill.sharding.commit import commit_shard
 from synthmill.sharding.encoders import ENCODERS
@@ -235,7 +235,7 @@ class GeneratorActor:
     """Ray actor around :class:`ShardGenerator` (created with num_gpus=1 on GPU clusters)."""
 
     def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
-        check_node_sees_output(spec.output.path)
+        check_node_sees(spec)
         self.gen = ShardGenerator(spec, source, plan)
 
     def ready(self) -> dict[str, Any]:

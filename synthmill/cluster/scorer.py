@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import ray
 
-from synthmill.jobs.outputs import check_node_sees_output
+from synthmill.jobs.outputs import check_node_sees
 from synthmill.metrics import partials
 from synthmill.metrics.frechet import GaussianSums
 from synthmill.sharding.images import ImageSet, ImageSetError, Sample, iter_unit
@@ -180,7 +180,7 @@ class Scorer:
 @ray.remote(num_cpus=1)
 class ScorerActor:
     def __init__(self, spec: Any, work: Work):
-        check_node_sees_output(spec.output.path)
+        check_node_sees(spec)
         self.scorer = Scorer(spec, work)
 
     def ready(self) -> dict[str, Any]:

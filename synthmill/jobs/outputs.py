@@ -63,20 +63,39 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
         raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
 
 
-def check_node_sees_output(url: str) -> None:
-    """In an actor, before it loads anything: a local ``output.path`` must be the driver's own folder.
+def check_node_sees(spec: Any) -> None:
+    """In an actor, before it loads anything: the local files of ``spec`` are the driver's, here too.
 
-    The driver writes ``plan.json`` there before it starts any actor. A node that does not see it would
-    write its shards to its own disk, where the driver never finds them: a local output folder needs a
+    The driver checked every input it names, and wrote ``plan.json`` in a local ``output.path`` before it
+    started any actor. A node that does not see them has its own disk, not the driver's: it would fail each
+    shard on a missing file, or write its shards where the driver never finds them. A local path needs a
     file system that every node of the cluster shares.
     """
+    import glob
     import socket
 
-    if storage.is_local(url) and not os.path.isfile(os.path.join(storage.path_of(url), "plan.json")):
-        raise RuntimeError(
-            f"output.path {url}: this node ({socket.gethostname()}) does not see the plan.json the driver wrote "
-            "there; a local output.path must be a folder every node of the cluster shares (NFS or the like), "
-            "else use s3://")
+    from synthmill.jobs.spec import PATHS
+
+    for dotted, how in PATHS.get(spec.kind, {}).items():
+        value: Any = spec
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if not isinstance(value, str) or not value:
+            continue
+        path = value[len("local-dir:"):] if how == "clip" and value.startswith("local-dir:") else value
+        if not storage.is_local(path) or (how == "clip" and path == value):
+            continue
+        path = storage.path_of(path)
+        if how in ("name_or_path", "arch") and not os.path.isabs(path):
+            continue  # a hub id or a name (the driver made every local one absolute)
+        if how == "output":
+            seen, what = os.path.isfile(os.path.join(path, "plan.json")), "the plan.json the driver wrote there"
+        else:
+            seen, what = (bool(glob.glob(path)) if glob.has_magic(path) else os.path.exists(path)), "it"
+        if not seen:
+            raise RuntimeError(
+                f"{dotted} {value}: this node ({socket.gethostname()}) does not see {what}; a local path must be "
+                "on storage every node of the cluster shares (NFS or the like), else use s3://")
 
 
 def write_job_yaml(spec: Any) -> None:
