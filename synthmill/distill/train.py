@@ -120,6 +120,9 @@ def _frozen_dtype(mixed_precision: str, device: Any):
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
+    from synthmill.jobs.outputs import check_node_sees
+
+    check_node_sees(config["spec"])  # the teacher, the data and the output folder are the driver's, here too
     try:
         _train(config)
     except BadData as e:
