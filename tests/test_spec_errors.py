@@ -591,9 +591,11 @@ def test_relative_paths_are_made_absolute_for_the_actors(monkeypatch, tmp_path):
     load), except a student layout's name."""
     from synthmill.jobs.spec import load_spec
 
-    for folder in ("models/sd", "org", "bk-small", "clip"):
+    for folder in ("models/sd", "org", "bk-small", "clip", "openai", "elsewhere/sub", "home"):
         (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(tmp_path / "elsewhere" / "sub")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     specs = {
         "generate": "kind: generate\nmodel: {path: models/sd, custom_pipeline: lpw_stable_diffusion, trust_remote_code: true}\n"
                     "prompts: {path: ./p.tsv}\noutput: {path: out/run1}\n",
@@ -613,13 +615,16 @@ def test_relative_paths_are_made_absolute_for_the_actors(monkeypatch, tmp_path):
         f"{here}/models/sd", "lpw_stable_diffusion", f"{here}/p.tsv", f"{here}/out/run1")
     assert (e.generated.path, e.reference.path, e.fid.weights, e.clip.model, e.clip.pretrained, e.output.path) == (
         f"{here}/out/run1/shards/*.tar", f"{here}/stats.npz", "https://example.com/w.pth", f"local-dir:{here}/clip",
-        "openai", "s3://bucket/eval")
+        "openai", "s3://bucket/eval")  # a tag, though a folder ./openai is here: the reader takes a file or a tag
     assert (d.teacher.path, d.student.arch, d.data.path, d.output.path) == (
         "org/teacher", "bk-small", f"{here}/out/run1", "/abs/distilled")
     assert load_spec("distill.yaml", ["teacher.path=org", "student.arch=org"]).student.arch == f"{here}/org"
     # one folder spelt two ways is one model (the fingerprint holds its path)
     assert load_spec("generate.yaml", [f"model.path={here}/models/./sd/"]).model.path == f"{here}/models/sd"
     assert load_spec("generate.yaml", ["output.path=file://out"]).output.path == f"file://{here}/out"
+    assert load_spec("generate.yaml", ["prompts.path=~/p.tsv"]).prompts.path == f"{here}/home/p.tsv"
+    # lnk/.. is where the link leads (elsewhere/), not this folder: a .. stays as written
+    assert load_spec("generate.yaml", ["prompts.path=lnk/../p.tsv"]).prompts.path == f"{here}/lnk/../p.tsv"
 
 
 def test_relative_output_of_a_ray_job_with_a_working_dir_is_exit_2(capsys, monkeypatch, write_spec, good, tmp_path):
@@ -646,12 +651,14 @@ def test_relative_output_of_a_ray_job_with_a_working_dir_is_exit_2(capsys, monke
 def test_an_actor_that_does_not_see_the_drivers_files_says_so(tmp_path, prompts_tsv, tiny_sd):
     """A local path must name one file for every node: an actor whose node does not see an input the driver
     checked, or the plan.json the driver wrote in a local output.path before starting it, stops before it loads
-    anything, naming the field, the path and what to do. Hub ids, names and URLs are not local files."""
+    anything, naming the field, the path and what to do. Hub ids, names and URLs are not local files, and only
+    the paths the actor reads count (not here: a reference .npz, which the driver reads)."""
     import shutil
 
     from synthmill.jobs.outputs import check_node_sees
     from synthmill.jobs.spec import load_spec
 
+    GENERATOR, SCORER = ("model.path", "prompts.path", "output.path"), ("generated.path", "output.path")
     model, prompts = shutil.copytree(tiny_sd, tmp_path / "model"), shutil.copy(prompts_tsv, tmp_path / "p.tsv")
     out = tmp_path / "out"
     spec_path = tmp_path / "job.yaml"
@@ -661,27 +668,27 @@ def test_an_actor_that_does_not_see_the_drivers_files_says_so(tmp_path, prompts_
     with pytest.raises(RuntimeError, match=f"^output.path {out}: this node .* does not see the plan.json the driver "
                                            "wrote there; a local path must be on storage every node of the cluster "
                                            "shares .*, else use s3://$"):
-        check_node_sees(spec)
+        check_node_sees(spec, GENERATOR)
     out.mkdir()
     (out / "plan.json").write_text("{}", encoding="utf-8")
-    check_node_sees(spec)
+    check_node_sees(spec, GENERATOR)
     os.rename(prompts, tmp_path / "elsewhere.tsv")
     with pytest.raises(RuntimeError, match=f"^prompts.path {prompts}: this node .* does not see it; "):
-        check_node_sees(spec)
+        check_node_sees(spec, GENERATOR)
     spec.prompts.path, spec.output.path = "s3://bucket/p.tsv", "s3://bucket/out"
     spec.model.path = str(tmp_path / "gone")
     with pytest.raises(RuntimeError, match=f"^model.path {tmp_path}/gone: this node"):
-        check_node_sees(spec)
+        check_node_sees(spec, GENERATOR)
     spec.model.path = "org/model"
-    check_node_sees(spec)
+    check_node_sees(spec, GENERATOR)
     ev = tmp_path / "eval.yaml"
-    ev.write_text(f"kind: evaluate\nmetrics: [clip]\ngenerated: {{path: '{out}/shards/*.tar'}}\nclip: {{model: 'local-dir:{tmp_path}'}}\n"
+    ev.write_text(f"kind: evaluate\nmetrics: [clip]\nreference: {{path: {tmp_path}/unused.npz}}\ngenerated: {{path: '{out}/shards/*.tar'}}\nclip: {{model: 'local-dir:{tmp_path}'}}\n"
                   f"output: {{path: {out}}}\n", encoding="utf-8")
     with pytest.raises(RuntimeError, match=r"^generated.path .*/out/shards/\*.tar: this node .* does not see it"):
-        check_node_sees(load_spec(str(ev)))
+        check_node_sees(load_spec(str(ev)), SCORER)
     (out / "shards").mkdir()
     (out / "shards" / "000000.tar").write_bytes(b"")
-    check_node_sees(load_spec(str(ev)))
+    check_node_sees(load_spec(str(ev)), SCORER)
 
 
 def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_path):

@@ -235,7 +235,7 @@ class GeneratorActor:
     """Ray actor around :class:`ShardGenerator` (created with num_gpus=1 on GPU clusters)."""
 
     def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
-        check_node_sees(spec)
+        check_node_sees(spec, ("model.path", "prompts.path", "output.path"))
         self.gen = ShardGenerator(spec, source, plan)
 
     def ready(self) -> dict[str, Any]:

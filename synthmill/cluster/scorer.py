@@ -180,7 +180,7 @@ class Scorer:
 @ray.remote(num_cpus=1)
 class ScorerActor:
     def __init__(self, spec: Any, work: Work):
-        check_node_sees(spec)
+        check_node_sees(spec, (*(f"{name}.path" for name in work.sets), "output.path"))  # the sets it scores
         self.scorer = Scorer(spec, work)
 
     def ready(self) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
     from synthmill.jobs.outputs import check_node_sees
 
-    check_node_sees(config["spec"])  # the teacher, the data and the output folder are the driver's, here too
+    check_node_sees(config["spec"], ("teacher.path", "data.path", "output.path"))
     try:
         _train(config)
     except BadData as e:

@@ -65,7 +65,7 @@ class EvalClusterSpec(ActorClusterSpec):
 
 
 @register_kind("evaluate", paths={"generated.path": "input", "reference.path": "input", "fid.weights": "input",
-                                  "clip.model": "clip", "clip.pretrained": "name_or_path", "output.path": "output"})
+                                  "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output"})
 @dataclass
 class EvaluateSpec:
     """An evaluate job: FID / IS / CLIP score of a generated set."""

@@ -63,8 +63,9 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
         raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
 
 
-def check_node_sees(spec: Any) -> None:
-    """In an actor, before it loads anything: the local files of ``spec`` are the driver's, here too.
+def check_node_sees(spec: Any, fields: tuple[str, ...]) -> None:
+    """In an actor, before it loads anything: the local files of ``spec`` that it reads (its path ``fields``)
+    are the driver's, here too.
 
     The driver checked every input it names, and wrote ``plan.json`` in a local ``output.path`` before it
     started any actor. A node that does not see them has its own disk, not the driver's: it would fail each
@@ -76,7 +77,8 @@ def check_node_sees(spec: Any) -> None:
 
     from synthmill.jobs.spec import PATHS
 
-    for dotted, how in PATHS.get(spec.kind, {}).items():
+    for dotted in fields:
+        how = PATHS[spec.kind][dotted]
         value: Any = spec
         for part in dotted.split("."):
             value = getattr(value, part)

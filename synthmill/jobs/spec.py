@@ -27,8 +27,9 @@ def register_kind(name: str, paths: dict[str, str] | None = None) -> Callable[[t
 
     ``paths`` names its fields that may hold a local path: ``"input"`` (a file or folder to read),
     ``"output"`` (the job's output folder), ``"name_or_path"`` (a hub id or name, or a local folder or file
-    when one exists at that path), ``"arch"`` (a student layout's name, else as ``"name_or_path"``) and
-    ``"clip"`` (an open_clip name, ``local-dir:PATH`` among them).
+    when one exists at that path), ``"file_or_name"`` (a name, or a file when one exists there), ``"arch"`` (a
+    student layout's name, else as ``"name_or_path"``) and ``"clip"`` (an open_clip name, ``local-dir:PATH``
+    among them). A leading ``~`` is the user's home.
     """
 
     def deco(cls: type) -> type:
@@ -56,7 +57,7 @@ def ray_job_working_dir() -> str | None:
 
 
 def resolve_paths(spec: Any, kind: str) -> None:
-    """Make the spec's relative local paths absolute, against the directory synthmill runs in, and normal.
+    """Make the spec's local paths absolute (against the directory synthmill runs in) and spelt one way.
 
     Ray's actors and workers do not run in the driver's directory: on a cluster joined through an address
     they run where that cluster was started. A relative path would name another file there (or none), and a
@@ -82,11 +83,9 @@ def resolve_paths(spec: Any, kind: str) -> None:
         path = value[len(prefix):]
         if not path or "://" in path or "::" in path:
             continue
-        if os.path.isabs(path):  # spelt one way: a trailing / or a /./ is not another model or folder
-            if how not in ("name_or_path", "arch") or os.path.exists(path):
-                setattr(section, leaf, prefix + os.path.normpath(path))
-            continue
-        if how == "output" and working_dir:
+        if path.startswith("~"):  # a shell would have expanded it; the image and weight readers did
+            path = os.path.expanduser(path)
+        if how == "output" and working_dir and not os.path.isabs(path):
             raise SpecError(
                 f"field '{dotted}': {value!r} is relative, and this job runs in Ray's copy of its working_dir "
                 f"({os.getcwd()}): each node would write into its own copy, which Ray may delete once the job "
@@ -96,9 +95,18 @@ def resolve_paths(spec: Any, kind: str) -> None:
 
             if arch_name(path):
                 continue
-        if working_dir or (how in ("name_or_path", "arch") and not os.path.exists(path)):
+        if how == "file_or_name" and not os.path.isfile(path):
+            continue  # a name (a pretrained tag), as its reader takes it
+        if (working_dir and not os.path.isabs(path)) or (how in ("name_or_path", "arch") and not os.path.exists(path)):
             continue
-        setattr(section, leaf, prefix + os.path.abspath(path))
+        setattr(section, leaf, prefix + _tidy(os.path.join(os.getcwd(), path)))
+
+
+def _tidy(path: str) -> str:
+    """``path`` without empty and ``.`` parts and trailing ``/``: one folder spelt one way. ``..`` stays, since
+    it leaves the folder a symbolic link leads to, not the one written before it."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return "/" + "/".join(parts)
 
 
 def _known_keys(schema: type, dotted: str) -> list[str]:
