@@ -145,12 +145,14 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-_URL_PASSWORD = re.compile(r"(\w://[^/\s:@]+):[^/\s@]*@")
+_URL = re.compile(r"\w+://\S+")
 
 
 def _hide_passwords(message: str) -> str:
-    """``message`` with the password of each ``scheme://user:password@`` in it replaced."""
-    return _URL_PASSWORD.sub(r"\1:<redacted>@", message)
+    """``message`` with the password of each ``scheme://user:password@`` URL in it replaced."""
+    from synthmill.sharding.storage import redact_url
+
+    return _URL.sub(lambda m: redact_url(m.group(0)), message)
 
 
 def _one_line(message: str) -> str:

@@ -700,7 +700,7 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
     from synthmill.jobs.outputs import write_job_yaml
     from synthmill.jobs.spec import load_spec
 
-    secrets = ["Bearer H3ADER", "AccountKey=C0NN", "T0KEN", "PASSW0RD", "S3CRET"]
+    secrets = ["Bearer H3ADER", "AccountKey=C0NN", "T0KEN", "PASSW0RD", "S3CRET", "PHR4SE"]
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump({
         "kind": "generate", "model": {"path": "org/model"},
@@ -708,7 +708,8 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
         "output": {"path": str(tmp_path / "out")},
         "storage": {"endpoint_url": "http://minio.internal:9000", "secret": secrets[4],
                     "client_kwargs": {"headers": {"Authorization": secrets[0], "User-Agent": "synthmill-test"}},
-                    "connection_string": secrets[1], "extra": [{"token": secrets[2]}]},
+                    "connection_string": secrets[1], "extra": [{"token": secrets[2]}], "passphrase": secrets[5],
+                    "config_kwargs": {"signature_version": "s3v4"}},
     }), encoding="utf-8")
     write_job_yaml(load_spec(str(spec_path)))
     text = (tmp_path / "out" / "job.yaml").read_text(encoding="utf-8")
@@ -717,10 +718,14 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
     assert written["prompts"]["path"] == "https://reader:<redacted>@data.example.com/prompts.txt"
     assert written["storage"]["client_kwargs"]["headers"] == {"Authorization": "<redacted>", "User-Agent": "synthmill-test"}
     assert written["storage"]["endpoint_url"] == "http://minio.internal:9000"
+    assert written["storage"]["config_kwargs"] == {"signature_version": "s3v4"}
     # nor does an error line that names the URL (here: fsspec's HTTP client has no use for these options)
     code, line = run_cli(capsys, "validate", str(spec_path))
     assert code == 2 and "prompts.path: open https://reader:<redacted>@data.example.com/prompts.txt: " in line, line
     assert not [s for s in secrets if s in line], line
+    code, line = run_cli(capsys, "validate", str(spec_path), f"prompts.path=https://:{secrets[3]}@127.0.0.1:9/p.txt",
+                         "storage={}")
+    assert code == 2 and "https://:<redacted>@127.0.0.1:9/p.txt" in line and secrets[3] not in line, line
 
 
 def test_a_missing_local_folder_spelt_like_a_hub_id_is_exit_2_without_the_hub(capsys, monkeypatch, write_spec, good,
@@ -737,7 +742,7 @@ def test_a_missing_local_folder_spelt_like_a_hub_id_is_exit_2_without_the_hub(ca
     monkeypatch.chdir(tmp_path)
     good["model"]["path"] = "models/sd-typo"
     expect_error(capsys, write_spec(good), "model.path models/sd-typo: folder not found (models/ is here, without "
-                 "sd-typo); as a hub id it was not checked (", "and this machine's hub cache does not hold it")
+                 "sd-typo); as a hub id it was not checked (HF_HUB_OFFLINE is set) and this machine's hub cache does not hold it")
     good["model"]["path"] = "org/pipe"
     assert run_cli(capsys, "validate", write_spec(good))[0] == 0
     snapshot = tmp_path / "hub" / "models--models--sd-typo" / "snapshots" / "0123abcd"

@@ -142,8 +142,11 @@ def check_hub_id(model: Any, field: str = "model") -> None:
     if missing == "unknown":
         parent = path.split("/")[0]
         if os.path.isdir(parent) and not _in_hub_cache(path, "model_index.json", revision):
+            from huggingface_hub import constants
+
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} did not answer"
             raise SpecError(f"{field}.path {path}: folder not found ({parent}/ is here, without "
-                            f"{path.split('/', 1)[1]}); as a hub id it was not checked ({where} did not answer) "
+                            f"{path.split('/', 1)[1]}); as a hub id it was not checked ({why}) "
                             "and this machine's hub cache does not hold it")
     if missing == "gated":
         raise SpecError(f"{field}.path {path}: a gated model on {where}; accept its terms there and log in "

@@ -48,9 +48,9 @@ def retry_budget(seconds: float) -> Iterator[None]:
 
 #: Storage option keys whose values are secrets: never written to job.yaml, logs or messages. A key that
 #: holds one of these words hides its whole value, a mapping or list included (``headers: {Authorization:
-#: ...}``, Azure's ``connection_string``, ``sas_token``, ``client_kwargs.auth``).
-SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "creds", "session", "auth",
-                       "cookie", "signature", "sas", "connection_string", "private")
+#: ...}``, Azure's ``connection_string``, ``sas_token``, ``client_kwargs.auth``, an sftp ``passphrase``).
+SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "passwd", "pwd", "passphrase", "credential", "creds",
+                       "session", "auth", "bearer", "cookie", "sas", "connection_string", "private")
 
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
               ValueError, TypeError, KeyError)
@@ -148,7 +148,7 @@ def retrying(url: str, what: str, fn: Callable[[], T], budget_s: float | None = 
             if time.monotonic() + delay > deadline:
                 raise StorageError(f"{what} {url}: still failing after {budget:.0f}s of retries: "
                                    f"{type(e).__name__}: {e}") from e
-            log.warning("%s %s: %s; retrying in %.1fs", what, url, type(e).__name__, delay)
+            log.warning("%s %s: %s; retrying in %.1fs", what, redact_url(url), type(e).__name__, delay)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 8.0)
 
