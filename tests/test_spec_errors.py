@@ -625,6 +625,8 @@ def test_relative_paths_are_made_absolute_for_the_actors(monkeypatch, tmp_path):
     assert load_spec("generate.yaml", ["prompts.path=~/p.tsv"]).prompts.path == f"{here}/home/p.tsv"
     # lnk/.. is where the link leads (elsewhere/), not this folder: a .. stays as written
     assert load_spec("generate.yaml", ["prompts.path=lnk/../p.tsv"]).prompts.path == f"{here}/lnk/../p.tsv"
+    assert load_spec("generate.yaml", ["prompts.path=models/sd/../../p.tsv"]).prompts.path == f"{here}/p.tsv"
+    assert load_spec("generate.yaml", ["prompts.path=lnk/x/../../p.tsv"]).prompts.path == f"{here}/lnk/../p.tsv"
 
 
 def test_relative_output_of_a_ray_job_with_a_working_dir_is_exit_2(capsys, monkeypatch, write_spec, good, tmp_path):

@@ -103,10 +103,18 @@ def resolve_paths(spec: Any, kind: str) -> None:
 
 
 def _tidy(path: str) -> str:
-    """``path`` without empty and ``.`` parts and trailing ``/``: one folder spelt one way. ``..`` stays, since
-    it leaves the folder a symbolic link leads to, not the one written before it."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    return "/" + "/".join(parts)
+    """Absolute ``path`` spelt one way: no empty or ``.`` parts, no trailing ``/``, and each ``..`` folded into the
+    part before it, unless that part is a symbolic link (``lnk/..`` is the folder above the link's target, which
+    only the file system can say, so it stays as written)."""
+    out: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." and out and out[-1] != ".." and not os.path.islink("/" + "/".join(out)):
+            out.pop()
+            continue
+        out.append(part)
+    return "/" + "/".join(out)
 
 
 def _known_keys(schema: type, dotted: str) -> list[str]:
