@@ -728,6 +728,13 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
     code, line = run_cli(capsys, "validate", str(spec_path), f"prompts.path=https://:{secrets[3]}@127.0.0.1:9/p.txt",
                          "storage={}")
     assert code == 2 and "https://:<redacted>@127.0.0.1:9/p.txt" in line and secrets[3] not in line, line
+    # a presigned URL's signature, credential and session token, and an Azure SAS signature, go; the rest stays
+    presigned = ("https://127.0.0.1:9/p.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDSECRET%2F20261201"
+                 "&X-Amz-Expires=3600&X-Amz-Signature=SIGN4TURE&X-Amz-Security-Token=SESS10N&sv=2022&sig=SAS51G")
+    code, line = run_cli(capsys, "validate", str(spec_path), f"prompts.path={presigned}", "storage={}")
+    assert code == 2 and not [s for s in ("AKIDSECRET", "SIGN4TURE", "SESS10N", "SAS51G") if s in line], line
+    assert ("https://127.0.0.1:9/p.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=<redacted>&X-Amz-Expires=3600"
+            "&X-Amz-Signature=<redacted>&X-Amz-Security-Token=<redacted>&sv=2022&sig=<redacted>") in line, line
 
 
 def test_a_missing_local_folder_spelt_like_a_hub_id_is_exit_2_without_the_hub(capsys, monkeypatch, write_spec, good,

@@ -155,7 +155,7 @@ class ShardGenerator:
         return {
             "key": sample_key(sample.index), "shard": shard, "prompt": sample.prompt,
             "negative_prompt": s.negative_prompt, "seed": sample.seed, "steps": s.steps,
-            "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width, "model": m.path,
+            "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width, "model": storage.redact_url(m.path),
             "scheduler": self.scheduler, "dtype": self.dtype, "prompt_index": sample.prompt_index,
             "image_index": sample.image_index, "source_row": sample.prompt_index,
             "prompt_tokens": sample.prompt_tokens, "truncated": sample.truncated,

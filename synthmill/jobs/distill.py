@@ -159,11 +159,11 @@ def prepare(spec: DistillSpec) -> Prepared:
 def plan_summary(p: Prepared) -> dict[str, Any]:
     s, t = p.spec, p.spec.train
     return {
-        "teacher": s.teacher.path,
+        "teacher": storage.redact_url(s.teacher.path),
         "student": s.student.arch,
         "teacher_params": p.teacher_params,
         "student_params": p.student_params,
-        "data": s.data.path,
+        "data": storage.redact_url(s.data.path),
         "data_kind": p.data.kind,
         "data_units": len(p.data.units),
         "data_samples": p.data.num_samples,
@@ -171,7 +171,7 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
         "batch_per_worker": t.batch_size * t.gradient_accumulation,
         "max_steps": t.max_steps,
         "steps_done": p.steps_done,
-        "output": s.output.path,
+        "output": storage.redact_url(s.output.path),
         "fingerprint": p.fingerprint,
     }
 
@@ -297,7 +297,7 @@ def _summary(p: Prepared, scaling: tuple[int, bool] | None, t0: float, t_train: 
         "status": "complete",
         "kind": "distill",
         "fingerprint": p.fingerprint,
-        "teacher": spec.teacher.path,
+        "teacher": storage.redact_url(spec.teacher.path),
         "student": spec.student.arch,
         "teacher_params": p.teacher_params,
         "student_params": p.student_params,

@@ -197,14 +197,14 @@ def _identities(job: SetJob) -> dict[int, str]:
 def plan_summary(p: Prepared) -> dict[str, Any]:
     """What ``--dry-run`` prints: the units of each set and how many are already scored."""
     out: dict[str, Any] = {"metrics": list(p.spec.metrics), "protocol": p.spec.fid.protocol,
-                           "resize_to": p.spec.fid.resize_to, "output": p.spec.output.path,
+                           "resize_to": p.spec.fid.resize_to, "output": storage.redact_url(p.spec.output.path),
                            "fingerprint": p.fingerprint}
     for name, job in p.sets.items():
         done = partials.done(p.spec.output.path, name, _identities(job), p.fingerprint, p.spec.storage)
-        out[name] = {"path": job.images.path, "kind": job.images.kind, "units": len(job.images.units),
+        out[name] = {"path": storage.redact_url(job.images.path), "kind": job.images.kind, "units": len(job.images.units),
                      "samples": job.images.num_samples, "units_done": len(done)}
     if p.reference_stats is not None:
-        out["reference"] = {"path": p.reference_stats.path, "kind": "stats"}
+        out["reference"] = {"path": storage.redact_url(p.reference_stats.path), "kind": "stats"}
     return out
 
 
@@ -296,7 +296,7 @@ def run(p: Prepared) -> dict[str, Any]:
     write_job_yaml(spec)
     storage.write_json(storage.join(out, "plan.json"), {
         "kind": "evaluate", "fingerprint": p.fingerprint,
-        "sets": {n: {"path": j.images.path, "units": len(j.images.units), "samples": j.images.num_samples}
+        "sets": {n: {"path": storage.redact_url(j.images.path), "units": len(j.images.units), "samples": j.images.num_samples}
                  for n, j in p.sets.items()}}, opts)
     resumed = sum(len(m) for m in markers.values())
     log.info("%d units to score, %d already scored", len(todo), resumed)
@@ -316,15 +316,15 @@ def run(p: Prepared) -> dict[str, Any]:
         if "fid" in spec.metrics:
             if p.reference_stats is not None:
                 ref_mu, ref_sigma, ref_desc = p.reference_stats.mu, p.reference_stats.sigma, {
-                    "kind": "stats", "path": p.reference_stats.path, **p.reference_stats.meta}
+                    "kind": "stats", "path": storage.redact_url(p.reference_stats.path), **p.reference_stats.meta}
             else:
                 ref = _merge(p, "reference", markers["reference"])
                 samples["reference"] = ref["n"]
                 _check_counts(spec, gen["n"], ref["n"])
                 ref_mu, ref_sigma = ref["fid"].mean_cov()
                 storage.write_bytes(storage.join(out, "reference_stats.npz"), _stats_file(ref_mu, ref_sigma, ref["n"], p), opts)
-                ref_desc = {"kind": p.sets["reference"].images.kind, "path": spec.reference.path,
-                            "stats_written": storage.join(out, "reference_stats.npz")}
+                ref_desc = {"kind": p.sets["reference"].images.kind, "path": storage.redact_url(spec.reference.path),
+                            "stats_written": storage.redact_url(storage.join(out, "reference_stats.npz"))}
             metrics["fid"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
             metrics["fid_reference"] = ref_desc
             if min(samples.values()) <= FID_DIM:

@@ -102,7 +102,7 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
         "samples_per_shard": p.plan.samples_per_shard,
         "shards_done": len(done),
         "samples_done": sum(m["count"] for m in done.values()),
-        "output": p.spec.output.path,
+        "output": storage.redact_url(p.spec.output.path),
         "fingerprint": p.fingerprint,
     }
 

@@ -104,15 +104,32 @@ def redact(options: Any) -> Any:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without the password of a ``scheme://user:password@host`` part (for job.yaml and messages)."""
+    """``url`` without its secrets, for job.yaml and messages.
+
+    The password of a ``scheme://user:password@host`` part goes, and so does the value of each query
+    parameter that names a secret: a presigned S3 or GCS URL's ``X-Amz-Signature`` / ``X-Amz-Credential`` /
+    ``X-Amz-Security-Token`` / ``X-Goog-Signature``, an Azure SAS ``sig``, an API ``key`` or ``token``.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    rest, question, query = rest.partition("?")
     authority, slash, path = rest.partition("/")
     userinfo, at, host = authority.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:<redacted>@{host}{slash}{path}"
+    if at and ":" in userinfo:
+        authority = f"{userinfo.split(':', 1)[0]}:<redacted>@{host}"
+    if question:
+        query = "&".join(_redact_parameter(p) for p in query.split("&"))
+    return f"{scheme}://{authority}{slash}{path}{question}{query}"
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, value = parameter.partition("=")
+    lowered = name.lower()
+    if equals and value and (lowered == "sig" or "signature" in lowered
+                             or any(w in lowered for w in SECRET_OPTION_WORDS)):
+        return f"{name}=<redacted>"
+    return parameter
 
 
 def is_transient(exc: BaseException) -> bool:
