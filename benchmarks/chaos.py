@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "may run GeneratorActors on this machine meanwhile: the killer picks them by process title)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.prompts, args.size, args.steps, args.kills, args.interval = 8, 32, 2, 1, 1.0
+        # one actor: the kill still makes the pool restart it and retry its shard, with two actor starts
+        # (a fresh interpreter importing torch and diffusers each) fewer than two actors would need
+        args.prompts, args.size, args.steps, args.kills, args.interval, args.actors = 8, 32, 2, 1, 1.0, 1
     import ray
 
     if args.ray_address:
