@@ -99,7 +99,8 @@ def _done_line(kind: str, summary: dict, output: str) -> str:
     m = summary["metrics"]
     parts = []
     if "fid" in m:
-        parts.append(f"FID {m['fid']:.4f}")
+        # two identical sets: the exact 0 comes out of float64 as +-1e-12; "-0.0000" would read as a sign
+        parts.append(f"FID {round(m['fid'], 4) + 0.0:.4f}")
     if "inception_score" in m:
         parts.append(f"IS {m['inception_score']['mean']:.4f} +- {m['inception_score']['std']:.4f}")
     if "clip_score" in m:

@@ -761,3 +761,15 @@ def test_a_missing_local_folder_spelt_like_a_hub_id_is_exit_2_without_the_hub(ca
     (tmp_path / "hub" / "models--models--sd-typo" / "refs" / "main").write_text("0123abcd", encoding="utf-8")
     good["model"]["path"] = "models/sd-typo"
     assert run_cli(capsys, "validate", write_spec(good))[0] == 0
+
+
+def test_done_line_of_two_identical_sets_reads_fid_zero():
+    """FID of a set against itself is 0; float64 gives it as a tiny negative or positive number, which the
+    done line prints as 0.0000 (not -0.0000); metrics.json keeps the number as computed."""
+    from synthmill.cli import _done_line
+
+    summary = {"metrics": {"fid": -3.2e-12}, "samples": {"generated": 22, "reference": 22}, "units_resumed": 0,
+               "units_run": 10, "elapsed_s": 1.0}
+    assert _done_line("evaluate", summary, "/o").startswith("done: FID 0.0000 (generated 22, reference 22 samples;")
+    summary["metrics"]["fid"] = 12.345678
+    assert _done_line("evaluate", summary, "/o").startswith("done: FID 12.3457 (")
