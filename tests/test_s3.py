@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -204,7 +205,8 @@ def test_bad_s3_inputs_exit_2_naming_the_url(reference, s3, write_spec, capsys, 
     from synthmill.sharding import storage
 
     monkeypatch.setattr(storage, "RETRY_SECONDS", 2.0)  # SYNTHMILL_STORAGE_RETRY_SECONDS=2 caps validation's 10 s
-    bad(capsys, write_spec, spec, "s3://synth/", "still failing after 2s of retries", "Could not connect")
+    line = bad(capsys, write_spec, spec, "s3://synth/", "s (retry budget 2s): ", "Could not connect")
+    assert re.search(r"still failing after \d+ attempts in \d+s \(retry budget 2s\)", line), line
     assert not s3["fs"].exists("synth/runs/bad")
 
 

@@ -153,8 +153,10 @@ def retrying(url: str, what: str, fn: Callable[[], T], budget_s: float | None = 
     if is_local(url):
         return fn()
     budget = budget_s if budget_s is not None else (_budget.get() or RETRY_SECONDS)
-    deadline, delay = time.monotonic() + budget, 0.25
+    start, attempts, delay = time.monotonic(), 0, 0.25
+    deadline = start + budget
     while True:
+        attempts += 1
         try:
             return fn()
         except FileNotFoundError:
@@ -163,7 +165,9 @@ def retrying(url: str, what: str, fn: Callable[[], T], budget_s: float | None = 
             if not is_transient(e):
                 raise StorageError(f"{what} {url}: {type(e).__name__}: {e}") from e
             if time.monotonic() + delay > deadline:
-                raise StorageError(f"{what} {url}: still failing after {budget:.0f}s of retries: "
+                # the elapsed time, not the budget: one attempt may spend seconds in the client's own retries
+                raise StorageError(f"{what} {url}: still failing after {attempts} attempts in "
+                                   f"{time.monotonic() - start:.0f}s (retry budget {budget:g}s): "
                                    f"{type(e).__name__}: {e}") from e
             log.warning("%s %s: %s; retrying in %.1fs", what, redact_url(url), type(e).__name__, delay)
             time.sleep(delay * (0.5 + random.random()))
