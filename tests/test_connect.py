@@ -122,11 +122,12 @@ def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, wri
     """Each job kind connects before it writes; the message names the setting that gave the address (one
     kind through RAY_ADDRESS). And an actor or training worker larger than any node of the local Ray that
     synthmill starts, which Ray would keep pending (until cluster.start_timeout_s, 30 minutes by default, or
-    for ever with Ray Train), is exit 2 naming the field. The five commands run at once: each mostly imports,
+    for ever with Ray Train), is exit 2 naming the field, and so are more training workers than the local Ray
+    holds at once (Ray Train would retry starting them every minute, for ever). The five commands run at once: each mostly imports,
     then waits on Ray."""
     started = {}
     for kind, given in (("generate", "cluster.address"), ("evaluate", "RAY_ADDRESS"), ("distill", "cluster.address"),
-                        ("generate", "cluster.cpus_per_actor"), ("distill", "cluster.cpus_per_worker")):
+                        ("generate", "cluster.cpus_per_actor"), ("distill", "cluster.num_workers")):
         out = tmp_path / given / "out"
         spec = dict(job_specs[kind], output=dict(job_specs[kind]["output"], path=str(out)))
         path = write_spec(spec)
@@ -136,11 +137,15 @@ def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, wri
         elif given == "cluster.address":
             proc = _start_unreachable(path, f"{given}={UNREACHABLE}")
             expected = f"synthmill: error: {given} {UNREACHABLE}: no Ray cluster answers there"
-        else:  # no address: a local Ray starts, with this machine's CPUs
+        elif kind == "generate":  # no address: a local Ray starts, with this machine's CPUs
             proc = _start_unreachable(path, f"{given}=64")
-            what = "one actor" if kind == "generate" else "one training worker"
-            expected = f"synthmill: error: {given}: {what} needs CPU 64, and no node of the Ray cluster has that " \
-                       "much (its nodes: CPU "
+            expected = f"synthmill: error: {given}: one actor needs CPU 64, and no node of the Ray cluster has " \
+                       "that much (its nodes: CPU "
+        else:  # Ray Train starts every worker at once: each of these fits on this machine, two do not
+            cpus = os.cpu_count() // 2 + 1
+            proc = _start_unreachable(path, f"{given}=2", f"cluster.cpus_per_worker={cpus}", "data.loader_workers=1")
+            expected = f"synthmill: error: {given} / cluster.cpus_per_worker: 2 training workers need CPU {cpus} " \
+                       "each, all at once, and the Ray cluster holds 1 at most (its nodes: CPU "
         started[given] = (kind, expected, out, proc)
     deadline = time.monotonic() + 60  # the bound: Ray alone would retry 20 times, ~4 s each here
     try:

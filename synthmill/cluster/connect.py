@@ -155,15 +155,18 @@ def check_actor_fits(cluster: Any, resources: dict[str, float]) -> None:
     _, use_gpu = actor_count(cluster.num_actors, resources, cluster.cpus_per_actor)
     options = actor_options(cluster, use_gpu)
     need = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
-    check_fits("one actor", need, "cluster.cpus_per_actor" + (" / cluster.resources" if cluster.resources else ""),
+    check_fits("actor", need, "cluster.cpus_per_actor" + (" / cluster.resources" if cluster.resources else ""),
                f"the job waits up to cluster.start_timeout_s={cluster.start_timeout_s:g}s")
 
 
-def check_fits(what: str, need: dict[str, float], fields: str, waits: str) -> None:
-    """Whether some live node of the cluster has ``need`` (Ray resources) for ``what``, set by ``fields``.
+def check_fits(what: str, need: dict[str, float], fields: str, waits: str, count: int = 1,
+               count_field: str = "") -> None:
+    """Whether the live nodes of the cluster have ``need`` (Ray resources, set by ``fields``) for ``count`` of
+    ``what`` at once (``count_field`` sets it: Ray Train starts all its workers together, in one placement
+    group; an actor pool needs one actor to start).
 
-    A local Ray that :func:`connect` started has no more to give: no such node is bad input (exit 2, before
-    anything is written). A joined cluster's autoscaler may still add a node that fits: a warning, and the
+    A local Ray that :func:`connect` started has no more to give: too little is bad input (exit 2, before
+    anything is written). A joined cluster's autoscaler may still add nodes that fit: a warning, and the
     job ``waits``.
     """
     import ray
@@ -172,14 +175,20 @@ def check_fits(what: str, need: dict[str, float], fields: str, waits: str) -> No
 
     need = {k: float(v) for k, v in need.items() if v}
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+    holds = sum(int(min(node.get(k, 0) // v for k, v in need.items())) if need else count for node in nodes)
+    if holds >= count:
         return
     have = "; ".join(", ".join(f"{k} {node.get(k, 0):g}" for k in need) for node in nodes[:4])
-    message = (f"{fields}: {what} needs {', '.join(f'{k} {v:g}' for k, v in need.items())}, and no node of the "
-               f"Ray cluster has that much (its nodes: {have}{' ...' if len(nodes) > 4 else ''})")
+    have += " ..." if len(nodes) > 4 else ""
+    needs = ", ".join(f"{k} {v:g}" for k, v in need.items())
+    if holds == 0:
+        message = f"{fields}: one {what} needs {needs}, and no node of the Ray cluster has that much (its nodes: {have})"
+    else:
+        message = (f"{count_field} / {fields}: {count} {what}s need {needs} each, all at once, and the Ray "
+                   f"cluster holds {holds} at most (its nodes: {have})")
     if started_local_ray():
         raise SpecError(message)
-    log.warning("%s; %s for the autoscaler to add one", message, waits)
+    log.warning("%s; %s for the autoscaler to add %s", message, waits, "one" if holds == 0 else "nodes")
 
 
 def _gpu_devices() -> bool:

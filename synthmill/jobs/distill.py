@@ -333,9 +333,10 @@ def run(p: Prepared) -> dict[str, Any]:
     t0 = time.perf_counter()
     n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address, dashboard=True))  # Ray Train: see connect()
     c = spec.cluster
-    check_fits("one training worker", {"CPU": c.cpus_per_worker, "GPU": int(use_gpu), **c.resources},
+    check_fits("training worker", {"CPU": c.cpus_per_worker, "GPU": int(use_gpu), **c.resources},
                "cluster.cpus_per_worker" + (" / cluster.resources" if c.resources else ""),
-               "Ray Train waits (retrying the worker group's start every minute)")
+               "Ray Train waits (retrying the worker group's start every minute)", n_workers,
+               "cluster.num_workers" if isinstance(c.num_workers, int) else "cluster.num_workers=auto (a worker per GPU)")
     if started_local_ray():
         # One machine has no node to lose to preemption; Ray Train's watcher for it (an actor process per
         # attempt) also logs an error-level line as it starts. The user's own setting wins.
