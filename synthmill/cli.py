@@ -171,7 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return _main(args)
+        code = _main(args)
+        sys.stdout.flush()  # here, where a reader that went away (`| head`) is caught below, not at exit
+        return code
+    except BrokenPipeError:
+        # stdout's reader stopped reading: nothing more to tell it, and no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE
+    except KeyboardInterrupt:
+        print("synthmill: interrupted; what was committed is kept, and the same command resumes from it",
+              file=sys.stderr)
+        return 130
     except SpecError as e:
         print(f"synthmill: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code

@@ -773,3 +773,29 @@ def test_done_line_of_two_identical_sets_reads_fid_zero():
     assert _done_line("evaluate", summary, "/o").startswith("done: FID 0.0000 (generated 22, reference 22 samples;")
     summary["metrics"]["fid"] = 12.345678
     assert _done_line("evaluate", summary, "/o").startswith("done: FID 12.3457 (")
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(good, write_spec, tmp_path):
+    """``synthmill run JOB.yaml --dry-run | head -1``: the reader closes the pipe before synthmill writes;
+    synthmill stops with 141 (as a process ended by SIGPIPE) and no traceback, at once or at exit."""
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)  # a reader that has gone already
+    proc = subprocess.run([sys.executable, "-m", "synthmill.cli", "run", write_spec(good), "--dry-run"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    os.close(write)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, good, write_spec):
+    """Ctrl-C during a job (a KeyboardInterrupt out of the job's wait on Ray) says what is kept, not a traceback."""
+    from synthmill import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert cli.main(["run", write_spec(good)]) == 130
+    assert capsys.readouterr().err == ("synthmill: interrupted; what was committed is kept, and the same command "
+                                       "resumes from it\n")
