@@ -564,3 +564,32 @@ def test_weights_check_is_quiet_and_captions_are_read_only_for_clip(inception_fi
         list(iter_unit(unit))
     with pytest.raises(BadData, match=r"^data.path: .*000000.png: its caption \(.txt\) is not UTF-8 text"):
         list(_samples(unit, None))
+
+
+def test_a_folder_image_or_caption_rewritten_in_place_changes_its_units_identity(tmp_path):
+    """A resumed evaluation reuses a unit's partial only for the same input: an image rewritten at the same
+    size (a BMP of other colours) or an edited caption gives its unit another identity; the other units and
+    an unchanged folder keep theirs."""
+    from PIL import Image
+
+    from synthmill.sharding.images import open_image_set
+
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.bmp")
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}", encoding="utf-8")
+
+    def identities() -> list[str]:
+        return [u.identity for u in open_image_set(str(tmp_path), samples_per_unit=2).units]
+
+    first = identities()
+    assert len(set(first)) == 2 and identities() == first
+    size = os.path.getsize(tmp_path / "3.bmp")
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "3.bmp")
+    os.utime(tmp_path / "3.bmp", ns=(os.stat(tmp_path / "3.bmp").st_atime_ns, os.stat(tmp_path / "3.bmp").st_mtime_ns + 10**9))
+    assert os.path.getsize(tmp_path / "3.bmp") == size
+    second = identities()
+    assert second[0] == first[0] and second[1] != first[1]
+    (tmp_path / "0.txt").write_text("caption X", encoding="utf-8")  # same size, other words
+    os.utime(tmp_path / "0.txt", ns=(0, os.stat(tmp_path / "0.txt").st_mtime_ns + 10**9))
+    third = identities()
+    assert third[0] != second[0] and third[1] == second[1]

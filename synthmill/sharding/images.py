@@ -3,8 +3,8 @@
 A set is cut into units, the evaluate job's shards: one unit per tar, or ``samples_per_unit`` files
 of a folder in sorted order. Units are what actors score and what partial results are committed
 for, so an interrupted evaluation resumes unit by unit. Each unit carries an ``identity`` (the tar's
-commit sha256, or its size and modification stamp, or the names and sizes of its files): a partial
-result counts only for the exact input it was computed from.
+commit sha256, or its size and modification stamp, or the names, sizes and modification stamps of its
+files and of their captions): a partial result counts only for the input it was computed from.
 
 Reading is a stream: a tar is read front to back through fsspec (local or ``s3://``) with
 webdataset's own tar iterator and key grouping; a folder unit reads its files one by one. A
@@ -152,20 +152,30 @@ def _tar_set(path: str, opts: dict[str, Any] | None) -> ImageSet:
 def _folder_set(path: str, opts: dict[str, Any] | None, per_unit: int) -> ImageSet:
     fs, inner = storage.filesystem(path, opts)
     listing = storage.retrying(path, "list", lambda: fs.find(inner, detail=True))
+
+    def stamp(name: str) -> list:
+        """What says a file changed: its size and modification time or ETag (an image rewritten at the same
+        size, a BMP of other colours, is then scored again), or None for a file that is not there."""
+        info = listing.get(name)
+        if info is None:
+            return None
+        when = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+        return [int(info.get("size") or 0), str(when)]
+
     images = sorted(
-        (k, int(v.get("size") or 0)) for k, v in listing.items()
+        (k, stamp(k), stamp(k.rsplit(".", 1)[0] + ".txt")) for k in listing
         if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and not os.path.basename(k).startswith(".")
     )
     if not images:
         raise ImageSetError(f"{path}: no image files ({', '.join(IMAGE_EXTS)}) in this folder")
     if not storage.is_local(path):
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        images = [(f"{proto}://{k}", s) for k, s in images]
+        images = [(f"{proto}://{k}", *rest) for k, *rest in images]
     units = []
     for i in range(0, len(images), per_unit):
-        chunk = images[i:i + per_unit]
+        chunk = images[i:i + per_unit]  # each image with its caption's stamp: a changed caption changes CLIP
         ident = hashlib.sha256(json.dumps(chunk).encode()).hexdigest()[:32]
-        units.append(Unit(len(units), f"files:{ident}", len(chunk), files=[k for k, _ in chunk]))
+        units.append(Unit(len(units), f"files:{ident}", len(chunk), files=[k for k, *_ in chunk]))
     return ImageSet("folder", path, units)
 
 
