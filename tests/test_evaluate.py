@@ -175,6 +175,12 @@ def test_reference_stats_file_and_protocol_mismatch(evaluated, reference, incept
     err = capsys.readouterr().err
     assert "protocol='pytorch-fid'" in err and "reference.path" in err
     assert not os.path.exists(tmp_path / "o2")
+    # stats of images at their own size (resize_to null, stored as 0) are named as the spec says it
+    resized = dict(again, fid={"weights": inception_file, "resize_to": 64}, output={"path": str(tmp_path / "o3")})
+    assert main(["run", write_spec(resized)]) == 2
+    err = capsys.readouterr().err
+    assert "was computed with fid.resize_to=None, this job uses fid.resize_to=64; " in err, err
+    assert not os.path.exists(tmp_path / "o3")
 
 
 def test_clean_protocol_resizes_like_clean_fid(image_folders):

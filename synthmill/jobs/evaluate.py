@@ -100,8 +100,12 @@ def _check_reference_meta(ref: ReferenceStats, spec: EvaluateSpec, sha: str | No
     want = {"protocol": spec.fid.protocol, "resize_to": spec.fid.resize_to or 0, "weights_sha256": sha}
     for key, value in want.items():
         if key in ref.meta and ref.meta[key] != value:
-            raise SpecError(f"reference.path {ref.path}: was computed with {key}={ref.meta[key]!r}, this job uses "
-                            f"{key}={value!r}; FID across protocols is not comparable")
+            # a stats file stores resize_to null (images at their own size) as 0: say it as the spec does
+            theirs, ours = ((None if v == 0 else v) for v in (ref.meta[key], value)) if key == "resize_to" else (
+                ref.meta[key], value)
+            field = {"weights_sha256": "fid.weights of sha256"}.get(key, f"fid.{key}")
+            raise SpecError(f"reference.path {ref.path}: was computed with {field}={theirs!r}, this job uses "
+                            f"{field}={ours!r}; FID across protocols is not comparable")
 
 
 def _check_sizes(name: str, images: ImageSet, opts: dict[str, Any] | None) -> tuple[int, int]:
