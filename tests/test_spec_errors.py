@@ -400,6 +400,11 @@ def test_list_given_a_mapping_and_an_infinite_loss_weight(tmp_path):
     p.write_text("kind: evaluate\ngenerated: {path: x}\nmetrics: {fid: 1}\noutput: {path: y}\n", encoding="utf-8")
     with pytest.raises(SpecError, match=r"field 'metrics': must be a list, got a mapping \{'fid': 1\}"):
         load_spec(str(p))
+    # a single name for a list (metrics=fid on the command line), not OmegaConf's "AnyNode is not a ListConfig"
+    p.write_text("kind: evaluate\ngenerated: {path: x}\nmetrics: [fid]\noutput: {path: y}\n", encoding="utf-8")
+    with pytest.raises(SpecError, match=r"^override 'metrics=fid': field 'metrics': must be a list, got a string "
+                                        r"'fid' \(write \[fid\]\)$"):
+        load_spec(str(p), ["metrics=fid"])
     p = tmp_path / "distill.yaml"
     p.write_text("kind: distill\nteacher: {path: t}\nstudent: {arch: bk-small}\ndata: {path: d}\nloss: {task: .inf}\n"
                  "train: {max_steps: 2}\noutput: {path: y}\n", encoding="utf-8")

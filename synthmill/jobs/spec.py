@@ -191,9 +191,9 @@ def _scalar_section(schema: type, data: Any, prefix: str = "") -> tuple[str, Any
         if isinstance(value, str) and "${" in value:
             continue  # an interpolation may name a section
         if want is list:
-            if isinstance(value, dict):
+            if not isinstance(value, list):  # OmegaConf: "AnyNode is not a ListConfig, TupleConfig, ..."
                 return prefix + name, value, list
-            continue  # a scalar for a list: OmegaConf names the field
+            continue
         if not isinstance(value, dict):
             return prefix + name, value, dict
         found = _scalar_section(cls, value, f"{prefix}{name}.") if dataclasses.is_dataclass(cls) else None
@@ -208,7 +208,9 @@ def _check_sections(schema: type, data: Any, source: str) -> None:
     if found:
         dotted, value, want = found
         if want is list:
-            raise SpecError(f"{source}: field '{dotted}': must be a list, got a mapping {value!r}")
+            got = f"a mapping {value!r}" if isinstance(value, dict) else _kind_of_value(value)
+            example = f" (write [{value}])" if isinstance(value, str) else ""
+            raise SpecError(f"{source}: field '{dotted}': must be a list, got {got}{example}")
         keys = [f"{dotted}.{k}" for k in _known_keys(schema, dotted)]
         shown = ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "") if keys else "name: value"
         raise SpecError(f"{source}: field '{dotted}': must be a section of keys ({shown}), got {_kind_of_value(value)}")
