@@ -156,6 +156,12 @@ def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path, monk
     from synthmill import status
 
     st = status.collect(copy)  # the old summary.json must not make a damaged output look complete
+    # a temporary of an attempt that died before this run goes; one written since (another run's writer into
+    # this folder, still at work: its file's time is after this run's start) stays
+    dead, live = (os.path.join(copy, "shards", f".00000{k}.x.tar.tmp") for k in (1, 3))
+    for path, when in ((dead, time.time() - 3600), (live, time.time() + 3600)):
+        open(path, "wb").close()
+        os.utime(path, (when, when))
     before = files_under(copy)
     seen_during_run: list[bool] = []
     from synthmill.cluster.pool import ShardPool
@@ -175,6 +181,7 @@ def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path, monk
     assert after["shards/000000.tar"] == before["shards/000000.tar"], "a done shard was rewritten"
     assert after["shards/000003.tar"] != before["shards/000003.tar"]
     assert tar_hashes(copy) == tar_hashes(out)
+    assert not os.path.exists(dead) and os.path.exists(live)
 
 
 def test_resume_with_sha256_check_catches_same_size_corruption(reference, write_spec, tmp_path):

@@ -6,6 +6,7 @@ done is read from the shard markers every time, so running the same command agai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -212,8 +213,13 @@ def run(p: Prepared) -> dict[str, Any]:
     assert n_index == plan.num_samples, f"index has {n_index} rows for {plan.num_samples} samples"
     if storage.is_local(out):
         for name in os.listdir(os.path.join(out, "shards")):
-            if name.startswith(".") and name.endswith(TMP_SUFFIX):  # temporaries of attempts that died
-                os.unlink(os.path.join(out, "shards", name))
+            # temporaries of attempts that died before this run began; one written since may be another run's
+            # into this folder, still writing (this run's own dead attempts' go with the next run)
+            path = os.path.join(out, "shards", name)
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_mtime < wall0:
+                        os.unlink(path)
     elapsed = time.perf_counter() - t0
     if report and report.actor_infos:
         first = min(report.actor_infos, key=lambda i: i["ready_at"])
