@@ -417,3 +417,30 @@ def test_model_that_cannot_load_fails_once_with_its_error(ray_address, tiny_sd, 
     assert "Unable to load weights" in err and "diffusion_pytorch_model.safetensors" in err
     assert time.monotonic() - t0 < 120
     assert not os.path.exists(os.path.join(spec["output"]["path"], "summary.json"))
+
+
+def test_a_model_rewritten_in_place_is_not_resumed_into_its_old_output(reference, write_spec, tmp_path, capsys):
+    """plan.json records the model folder's files (size and time each); a rerun into the output after the
+    folder changed (a distill export into the same pipeline/ folder, a weight swapped) is exit 2 naming the
+    file, before anything is written: its shards would mix two models."""
+    import shutil
+
+    from synthmill.models.loading import model_files
+
+    spec, out = reference
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    assert plan["model_files"] == model_files(spec["model"]["path"]) and "unet/config.json" in plan["model_files"]
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    spec_path = write_spec(dict(spec, output=dict(spec["output"], path=copy)))
+    assert main(["run", spec_path, "--dry-run"]) == 0  # the model as it was: resumable
+    capsys.readouterr()
+    plan["model_files"]["unet/diffusion_pytorch_model.safetensors"][1] = "1.5"  # the file as it was then
+    with open(os.path.join(copy, "plan.json"), "w") as fh:
+        json.dump(plan, fh)
+    before = files_under(copy)
+    assert main(["run", spec_path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"synthmill: error: model.path {spec['model']['path']}: its files changed since {copy} was "
+                          "started from it (unet/diffusion_pytorch_model.safetensors: "), err
+    assert files_under(copy) == before

@@ -18,7 +18,7 @@ from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs.generate_spec import GenerateSpec
 from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
 from synthmill.jobs.spec import MAX_SEED, require
-from synthmill.models.loading import check_model_path
+from synthmill.models.loading import check_model_path, model_files
 from synthmill.sharding import storage
 from synthmill.sharding.commit import done_shards
 from synthmill.sharding.plan import ShardPlan
@@ -35,14 +35,16 @@ class Prepared:
     spec: GenerateSpec
     source: PromptSource
     plan: ShardPlan
+    model_files: dict[str, list] | None = None  # see synthmill.models.loading.model_files
 
     @property
     def fingerprint(self) -> str:
         return self.spec.fingerprint(self.source.digest)
 
 
-def check_output(spec: GenerateSpec, source: PromptSource) -> None:
-    """``output.path`` must be new, empty, or an earlier run of this same job (with the same prompts)."""
+def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list] | None = None) -> None:
+    """``output.path`` must be new, empty, or an earlier run of this same job (with the same prompts, and the
+    model's files as they were: ``files``, see :func:`~synthmill.models.loading.model_files`)."""
     out, opts = spec.output.path, spec.storage
     try:
         check_output_folder(out, spec.fingerprint(source.digest), opts)
@@ -58,6 +60,15 @@ def check_output(spec: GenerateSpec, source: PromptSource) -> None:
                 f"({previous.get('prompts')} prompts then, {source.num_rows} now, other content); restore "
                 "them, or use a new output.path") from None
         raise
+    previous = storage.read_plan(out, opts)
+    before = previous.get("model_files") if isinstance(previous, dict) else None
+    if isinstance(before, dict) and files is not None and before != files:  # outputs of older code lack it
+        changed = sorted(set(before) ^ set(files) | {k for k in before.keys() & files.keys() if before[k] != files[k]})
+        raise SpecError(
+            f"model.path {spec.model.path}: its files changed since {out} was started from it ({changed[0]}"
+            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}: other size, time or presence; a "
+            "distill run exporting again into the same folder does this); the shards done were made by the "
+            "files it replaced, so resuming would mix two models: use a new output.path, or restore the model")
 
 
 #: Most shards in one job: each is a tar, an index part and a marker, and the driver tracks each.
@@ -73,6 +84,7 @@ def prepare(spec: GenerateSpec) -> Prepared:
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
             check_model_path(spec.model, spec.storage)
+            files = model_files(spec.model.path, spec.storage)
             field = "prompts.path"
             source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage)
             source.check()
@@ -80,7 +92,7 @@ def prepare(spec: GenerateSpec) -> Prepared:
             plan = ShardPlan(0, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
             source.scan(plan.rows_per_shard())  # every row parsed, the content digest taken
             field = "output.path"
-            check_output(spec, source)
+            check_output(spec, source, files)
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None
     plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
@@ -89,7 +101,7 @@ def prepare(spec: GenerateSpec) -> Prepared:
     require(plan.num_shards <= MAX_SHARDS, "output.samples_per_shard",
             f"{plan.num_samples:,} samples at {plan.samples_per_shard:,} a shard are {plan.num_shards:,} shards, more "
             f"than a job holds ({MAX_SHARDS:,}: a file each, and a marker); raise it")
-    return Prepared(spec, source, plan)
+    return Prepared(spec, source, plan, files)
 
 
 def plan_summary(p: Prepared) -> dict[str, Any]:
@@ -114,7 +126,7 @@ def _write_start_files(p: Prepared) -> None:
     storage.write_json(
         storage.join(out, "plan.json"),
         {"kind": "generate", "fingerprint": p.fingerprint, "prompts": p.plan.num_prompts,
-         "prompts_digest": p.source.digest,
+         "prompts_digest": p.source.digest, "model_files": p.model_files,
          "samples": p.plan.num_samples, "shards": p.plan.num_shards,
          "samples_per_shard": p.plan.samples_per_shard},
         opts,

@@ -62,6 +62,26 @@ def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, 
     return "local"
 
 
+def model_files(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, list] | None:
+    """relative name -> [size, modification time or ETag] of each file of a pipeline folder, local or remote;
+    None for a hub id (its revision names its content). What a job's ``plan.json`` records, so that a model
+    rewritten in place (a distill run that exports again into the same ``pipeline/``) is not mixed into one
+    output with the files it replaced."""
+    if is_hub_id(path):
+        return None
+    fs, inner = storage.filesystem(path, storage_options)
+    inner = inner.rstrip("/")
+    listing = storage.retrying(path, "list", lambda: fs.find(inner, detail=True))
+    files = {}
+    for name, info in listing.items():
+        rel = name[len(inner):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # .cache/ of huggingface_hub downloads, editors' files
+        when = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        files[rel] = [int(info.get("size") or 0), str(when)]
+    return dict(sorted(files.items()))
+
+
 def _check_components(path: str, field: str, variant: str | None, passed: tuple[str, ...] = ()) -> None:
     """A local pipeline folder's ``model_index.json`` is a JSON object whose components (but those in
     ``passed``, which the load passes itself) have their folders; with a ``variant``, some weight file of
