@@ -206,6 +206,15 @@ def test_output_folder_of_another_job(capsys, write_spec, good):
         json.dump({"fingerprint": "0123456789abcdef", "shards": 1, "samples": 1}, fh)
     expect_error(capsys, write_spec(good), "output.path", "different job")
     assert sorted(os.listdir(out)) == ["plan.json"]
+    # another kind's output says so; and other prompts with other settings are not blamed on the prompts
+    with open(os.path.join(out, "plan.json"), "w") as fh:
+        json.dump({"kind": "evaluate", "fingerprint": "0123456789abcdef"}, fh)
+    expect_error(capsys, write_spec(good), f"output.path {out}: holds the output of an evaluate job, and this is "
+                 "a generate job; use a new output.path")
+    with open(os.path.join(out, "plan.json"), "w") as fh:
+        json.dump({"kind": "generate", "fingerprint": "0123456789abcdef", "prompts_digest": "other rows"}, fh)
+    line = expect_error(capsys, write_spec(good), f"output.path {out}: holds a different job")
+    assert "prompts.path" not in line, line
 
 
 def test_output_folder_not_empty(capsys, write_spec, good):

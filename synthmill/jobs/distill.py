@@ -146,7 +146,7 @@ def prepare(spec: DistillSpec) -> Prepared:
                 raise SpecError(f"data.path {spec.data.path}: {n} samples cannot feed {readers} readers "
                                 f"(cluster.num_workers x data.loader_workers); use fewer, or more data")
             field = "output.path"
-            check_output_folder(spec.output.path, spec.fingerprint(), spec.storage)
+            check_output_folder(spec.output.path, spec.fingerprint(), spec.storage, "distill")
             done = steps_done(spec)
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None

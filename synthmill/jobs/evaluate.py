@@ -186,7 +186,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             _check_counts(spec, gen.num_samples, sets["reference"].images.num_samples if "reference" in sets else None)
             fingerprint = spec.fingerprint(sha)
             field = "output.path"
-            check_output_folder(spec.output.path, fingerprint, opts)
+            check_output_folder(spec.output.path, fingerprint, opts, "evaluate")
     except ImageSetError as e:
         raise SpecError(f"{field}: {e}") from None
     except storage.StorageError as e:

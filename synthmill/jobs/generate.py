@@ -47,14 +47,16 @@ def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list
     model's files as they were: ``files``, see :func:`~synthmill.models.loading.model_files`)."""
     out, opts = spec.output.path, spec.storage
     try:
-        check_output_folder(out, spec.fingerprint(source.digest), opts)
+        check_output_folder(out, spec.fingerprint(source.digest), opts, "generate")
     except SpecError:
         try:  # say which setting differs when it is the prompts' content
             previous = storage.read_json(storage.join(out, "plan.json"), opts)
         except (OSError, ValueError, storage.StorageError):  # output.path is a file, or under one
             previous = None
         before = previous.get("prompts_digest") if isinstance(previous, dict) else None
-        if before and before != source.digest:
+        # blame the prompts only when they are all that differs: the spec with the earlier rows gives the
+        # earlier fingerprint (another job's folder differs in its settings too)
+        if before and before != source.digest and spec.fingerprint(before) == previous.get("fingerprint"):
             raise SpecError(
                 f"prompts.path {spec.prompts.path}: its rows differ from those {out} was generated from "
                 f"({previous.get('prompts')} prompts then, {source.num_rows} now, other content); restore "

@@ -11,12 +11,16 @@ from synthmill.errors import SpecError
 from synthmill.sharding import storage
 
 
-def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, names: list[str]) -> None:
+def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, names: list[str], kind: str = "") -> None:
     """An existing output folder must be empty or hold an earlier run of this same job."""
     previous = storage.read_plan(url, opts)
     if previous is None:
         if names:
             raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
+    elif kind and previous.get("kind") not in (None, kind):
+        theirs = str(previous.get("kind"))
+        raise SpecError(f"output.path {url}: holds the output of {'an' if theirs[:1] in 'aeiou' else 'a'} {theirs} "
+                        f"job, and this is {'an' if kind[:1] in 'aeiou' else 'a'} {kind} job; use a new output.path")
     elif previous.get("fingerprint") != fingerprint:
         raise SpecError(
             f"output.path {url}: holds a different job (settings that shape its results differ from "
@@ -24,8 +28,8 @@ def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, nam
         )
 
 
-def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None) -> None:
-    """``output.path`` must be new, empty, or an earlier run of this same job, and writable."""
+def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None, kind: str = "") -> None:
+    """``output.path`` must be new, empty, or an earlier run of this same job (of this ``kind``), and writable."""
     if "memory://" in url:  # also chained: simplecache::memory://
         raise SpecError(f"output.path {url}: memory:// lives inside one process; actors could not share it "
                         "and it is gone when the job ends")
@@ -40,7 +44,7 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
             names = []
         if storage.retrying(url, "check", lambda: fs.isfile(path)):
             raise SpecError(f"output.path {url}: is a file, not a folder (prefix)")
-        _check_existing(url, fingerprint, opts, names)
+        _check_existing(url, fingerprint, opts, names, kind)
         return
     path = os.path.abspath(storage.path_of(url))
     try:
@@ -51,7 +55,7 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None)
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpecError(f"output.path {url}: exists and is a file, not a folder")
     if os.path.isdir(path):
-        _check_existing(path, fingerprint, opts, os.listdir(path))
+        _check_existing(path, fingerprint, opts, os.listdir(path), kind)
     long = [part for part in path.split(os.sep) if len(part.encode()) > 255]
     if long:
         raise SpecError(f"output.path {url}: a folder name of {len(long[0].encode())} bytes is longer than a file "
