@@ -444,3 +444,24 @@ def test_a_model_rewritten_in_place_is_not_resumed_into_its_old_output(reference
     assert err.startswith(f"synthmill: error: model.path {spec['model']['path']}: its files changed since {copy} was "
                           "started from it (unet/diffusion_pytorch_model.safetensors: "), err
     assert files_under(copy) == before
+
+
+def test_a_resume_on_other_cpu_threads_is_refused(reference, write_spec, tmp_path, capsys):
+    """On a CPU, cluster.cpus_per_actor is the actor's torch thread count, which changes the float32 images:
+    plan.json records what made the shards done, and a resume with another count is exit 2 naming the field,
+    before anything is written (it connects, and starts no actor)."""
+    import shutil
+
+    spec, out = reference
+    assert json.load(open(os.path.join(out, "plan.json")))["compute"] == {"device": "cpu", "cpu_threads": 1}
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    os.unlink(os.path.join(copy, "shards", "000002.json"))  # one shard to redo
+    spec_path = write_spec(dict(spec, output=dict(spec["output"], path=copy)))
+    before = files_under(copy)
+    assert main(["run", spec_path, "cluster.cpus_per_actor=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"synthmill: error: cluster.cpus_per_actor: the shards done in {copy} were made by CPU actors with 1 "
+                   "torch thread, and this run's would have 2; on a CPU the thread count changes the float32 images, "
+                   "so set cluster.cpus_per_actor=1 to resume, or use a new output.path"), err
+    assert files_under(copy) == before

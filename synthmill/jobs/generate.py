@@ -122,7 +122,28 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
     }
 
 
-def _write_start_files(p: Prepared) -> None:
+def _same_compute(p: Prepared, before: dict[str, Any] | None, use_gpu: bool) -> dict[str, Any]:
+    """What this run's actors compute on, which must be what made the shards already done (``before``, from
+    plan.json; None when none are done, or for outputs of earlier code): a GPU's float16 and a CPU's float32
+    give other images, and so does another number of torch threads on a CPU (``cluster.cpus_per_actor``
+    sets it), so a resume that changes either would mix two numerics in one dataset."""
+    c = p.spec.cluster
+    compute = {"device": "cuda" if use_gpu else "cpu", "cpu_threads": None if use_gpu else c.cpus_per_actor}
+    if isinstance(before, dict) and before != compute:
+        out = p.spec.output.path
+        if before.get("device") != compute["device"]:
+            raise SpecError(f"cluster: the shards done in {out} were made on {before.get('device')} actors, and this "
+                            f"cluster's actors would run on {compute['device']}, which gives other images; resume "
+                            "it on the same kind of device, or use a new output.path")
+        n = before.get("cpu_threads")
+        raise SpecError(f"cluster.cpus_per_actor: the shards done in {out} were made by CPU actors with {n} torch "
+                        f"thread{'' if n == 1 else 's'}, and this run's would have {c.cpus_per_actor}; on a "
+                        f"CPU the thread count changes the float32 images, so set cluster.cpus_per_actor="
+                        f"{n} to resume, or use a new output.path")
+    return compute
+
+
+def _write_start_files(p: Prepared, compute: dict[str, Any] | None = None) -> None:
     out, opts = p.spec.output.path, p.spec.storage
     write_job_yaml(p.spec)
     storage.write_json(
@@ -130,7 +151,7 @@ def _write_start_files(p: Prepared) -> None:
         {"kind": "generate", "fingerprint": p.fingerprint, "prompts": p.plan.num_prompts,
          "prompts_digest": p.source.digest, "model_files": p.model_files,
          "samples": p.plan.num_samples, "shards": p.plan.num_shards,
-         "samples_per_shard": p.plan.samples_per_shard},
+         "samples_per_shard": p.plan.samples_per_shard, "compute": compute},
         opts,
     )
 
@@ -183,17 +204,20 @@ def run(p: Prepared) -> dict[str, Any]:
         if isinstance(finished, dict) and finished.get("status") == "complete" and finished.get("fingerprint") == p.fingerprint:
             log.info("complete already (finished %s): nothing to run", finished.get("finished_at"))
             return {**finished, "complete_already": True}  # nothing is rewritten: its summary stays
+    previous = storage.read_plan(out, opts)
+    compute = previous.get("compute") if isinstance(previous, dict) else None
     if todo:  # connected before anything is written: a cluster that cannot be reached leaves no trace
         resources = connect(spec.cluster.address)
         startup["ray_connected_s"] = round(time.perf_counter() - t0, 3)
         check_actor_fits(spec.cluster, resources)
-    _write_start_files(p)
+        n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
+        compute = _same_compute(p, compute if resumed else None, use_gpu)
+    _write_start_files(p, compute)
     report = None
     committed_at: dict[int, float] = {}  # driver wall clock when each shard of this run was committed
     if todo:
         # summary.json is the job's commit: withdraw it while any shard is being redone.
         storage.remove(storage.join(out, "summary.json"), opts)
-        n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
         n_actors = min(n_actors, len(todo))
         source_ref, plan_ref = ray.put(p.source), ray.put(plan)
         options = actor_options(spec.cluster, use_gpu)
