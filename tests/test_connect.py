@@ -182,12 +182,16 @@ def test_an_actor_no_node_of_a_joined_cluster_can_hold_is_named_while_the_job_wa
 def test_connect_joins_the_cluster_at_an_address_within_the_bound(ray_address):
     """The one-attempt bound leaves joining a live cluster as it was, and the environment as it was."""
     probe = ("import json, os; from synthmill.cluster.connect import connect; r = connect(os.environ.pop('ADDR')); "
-             "print(json.dumps([r.get('CPU', 0), os.environ.get('RAY_gcs_server_port_wait_time_s')]))")
+             "print('PROBE', json.dumps([r.get('CPU', 0), os.environ.get('RAY_gcs_server_port_wait_time_s')]))")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-c", probe], env=dict(env, ADDR=ray_address), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cpus, wait_env = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the line marked PROBE: a driver of the session's cluster also gets its autoscaler's messages on stdout (an
+    # earlier test's actor that no node holds: "No available node types can fulfill resource request ...")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert len(lines) == 1, proc.stdout
+    cpus, wait_env = json.loads(lines[0][len("PROBE "):])
     assert cpus > 0 and wait_env is None, proc.stdout
 
 
