@@ -77,8 +77,7 @@ def model_files(path: str, storage_options: dict[str, Any] | None = None) -> dic
         rel = name[len(inner):].lstrip("/")
         if any(part.startswith(".") for part in rel.split("/")):
             continue  # .cache/ of huggingface_hub downloads, editors' files
-        when = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
-        files[rel] = [int(info.get("size") or 0), str(when)]
+        files[rel] = [int(info.get("size") or 0), storage.modified_stamp(info)]
     return dict(sorted(files.items()))
 
 

@@ -144,8 +144,7 @@ def _tar_set(path: str, opts: dict[str, Any] | None) -> ImageSet:
     units = []
     for i, (name, info) in enumerate(tars):
         url = name if storage.is_local(path) else f"{fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]}://{name}"
-        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
-        units.append(Unit(i, f"size:{info.get('size')}:{stamp}", _count_tar(url, opts), tar=url))
+        units.append(Unit(i, f"size:{info.get('size')}:{storage.modified_stamp(info)}", _count_tar(url, opts), tar=url))
     return ImageSet("tars", path, units)
 
 
@@ -159,8 +158,7 @@ def _folder_set(path: str, opts: dict[str, Any] | None, per_unit: int) -> ImageS
         info = listing.get(name)
         if info is None:
             return None
-        when = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or ""
-        return [int(info.get("size") or 0), str(when)]
+        return [int(info.get("size") or 0), storage.modified_stamp(info)]
 
     images = sorted(
         (k, stamp(k), stamp(k.rsplit(".", 1)[0] + ".txt")) for k in listing

@@ -174,6 +174,11 @@ def retrying(url: str, what: str, fn: Callable[[], T], budget_s: float | None = 
             delay = min(delay * 2, 8.0)
 
 
+def modified_stamp(info: dict[str, Any]) -> str:
+    """What in an fsspec listing entry changes when the file is rewritten: S3's ETag, else the modification time."""
+    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+
+
 def join(url: str, *parts: str) -> str:
     """Join URL path segments with '/' (also for local paths)."""
     out = url.rstrip("/")
