@@ -103,7 +103,7 @@ def _scorer(folder: str, weights: str, batch: int, unit: int, isc: bool, out: st
     sums = GaussianSums.empty(2048)
     for u in images.units:
         p = partials.load(out, "generated", u.index)
-        sums.merge(GaussianSums(int(p["n"]), p["sum"], p["outer"]))
+        sums.merge_unit(p)
     return secs, (sums, scorer.device)
 
 

@@ -13,6 +13,13 @@ get the same four arrays, ``--repeats`` times each, interleaved so that drifts i
 the best time of each counts. Goals: pytorch-fid time / synthmill time >= 5, and
 |synthmill - pytorch-fid| / |pytorch-fid| <= 1e-6.
 
+Then the merge of an evaluate job's partials, the other half of FID's final step: ``--units`` units of
+``--unit-rows`` feature rows each (30 x 1,000 by default: MS-COCO 30K in generate's default shards),
+committed as npz files to a temporary folder in both forms a unit can take (its float32 rows, what
+units of fewer than 4,096 commit, or its float64 sums), then read back and merged in unit order as the
+driver does. Reported: bytes a unit, the scorer's time to turn a unit into its partial, the driver's
+time to read and merge all of them, and the two forms' merged statistics against each other.
+
     python -m benchmarks.fid             # the CPU numbers of RESULTS.md
     python -m benchmarks.fid --smoke     # 64-d, seconds; what tests/test_benchmarks.py runs
 """
@@ -20,6 +27,7 @@ the best time of each counts. Goals: pytorch-fid time / synthmill time >= 5, and
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -33,6 +41,7 @@ REL_DIFF_GOAL = 1e-6  # |synthmill - pytorch-fid| / |pytorch-fid|
 COV_CHECK_GOAL = 1e-9  # GaussianSums vs np.cov, relative Frobenius norm
 CHUNK = 4096  # rows drawn and added to the sums at a time
 SMOKE = {"dim": 64, "n1": 3000, "n2": 4050, "repeats": 3}
+SMOKE_MERGE = {"units": 4, "unit_rows": 50}
 
 
 def feature_models(dim: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -145,6 +154,71 @@ def run(dim: int = 2048, n1: int = 30000, n2: int = 40504, repeats: int = 3, see
     }
 
 
+def merge_run(dim: int = 2048, units: int = 30, unit_rows: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Write ``units`` partials of ``unit_rows`` rows in each form, read them back and merge; time both."""
+    import tempfile
+
+    from synthmill.metrics import partials
+    from synthmill.metrics.frechet import GaussianSums, UnitFeatures
+
+    rng = np.random.default_rng(seed)
+    model = feature_models(dim, rng)[0]
+    forms = {"rows": {"bytes": 0, "commit_s": 0.0}, "sums": {"bytes": 0, "commit_s": 0.0}}
+    with tempfile.TemporaryDirectory(prefix="fid-merge-") as tmp:
+        for k in range(units):
+            x = draw(model, unit_rows, rng).astype(np.float32)  # Inception's pool3 features are float32
+            for form in forms:
+                t0 = time.perf_counter()
+                if form == "rows":
+                    arrays = {"features": x}
+                else:
+                    sums = GaussianSums.empty(dim)
+                    sums.add(x)
+                    arrays = {"sum": sums.total, "outer": sums.outer}
+                data = partials.npz_bytes(dict(arrays, n=np.array(unit_rows)))
+                forms[form]["commit_s"] += time.perf_counter() - t0
+                forms[form]["bytes"] += len(data)
+                with open(os.path.join(tmp, f"{form}-{k}.npz"), "wb") as fh:
+                    fh.write(data)
+        if unit_rows < 2 * dim:  # what a scorer commits for a unit of this size
+            check = UnitFeatures(dim)
+            check.add(x)
+            assert "features" in check.arrays()
+        merged = {}
+        for form in forms:
+            t0 = time.perf_counter()
+            total = GaussianSums.empty(dim)
+            for k in range(units):
+                with open(os.path.join(tmp, f"{form}-{k}.npz"), "rb") as fh:
+                    with np.load(io.BytesIO(fh.read())) as z:
+                        total.merge_unit({name: z[name] for name in z.files})
+            forms[form]["merge_s"] = time.perf_counter() - t0
+            merged[form] = total.mean_cov()
+    diff = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(merged["rows"], merged["sums"]))
+    print(f"merge: {units} units of {unit_rows} {dim}-d rows; rows form {forms['rows']['bytes'] / units / 2**20:.2f} "
+          f"MiB a unit, merged in {forms['rows']['merge_s']:.2f} s; sums form "
+          f"{forms['sums']['bytes'] / units / 2**20:.2f} MiB a unit, formed in {forms['sums']['commit_s']:.2f} s, "
+          f"merged in {forms['sums']['merge_s']:.2f} s; largest relative difference {diff:.1e}", flush=True)
+    return {"units": units, "unit_rows": unit_rows, "dim": dim, "forms": forms, "merged_rel_diff": diff,
+            "bytes_ratio": forms["sums"]["bytes"] / forms["rows"]["bytes"]}
+
+
+def render_merge(m: dict[str, Any]) -> str:
+    """The merge table: bytes and seconds of both forms, the ratios sums / rows."""
+    rows, sums = m["forms"]["rows"], m["forms"]["sums"]
+    lines = [f"| partial form ({m['units']} units of {m['unit_rows']}) | MiB a unit | scorer: form the partial, s "
+             "| driver: read + merge, s | scorer + driver, s |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, f in (("float32 feature rows (synthmill, units < 4,096)", rows), ("float64 sums (units >= 4,096)", sums)):
+        lines.append(f"| {name} | {f['bytes'] / m['units'] / 2**20:.2f} | {f['commit_s']:.3f} | {f['merge_s']:.3f} "
+                     f"| {f['commit_s'] + f['merge_s']:.3f} |")
+    lines.append("")
+    lines.append(f"ratio sums / rows: bytes {m['bytes_ratio']:.2f}, driver's merge "
+                 f"{sums['merge_s'] / rows['merge_s']:.2f}, scorer + driver "
+                 f"{(sums['commit_s'] + sums['merge_s']) / (rows['commit_s'] + rows['merge_s']):.2f}; "
+                 f"merged statistics differ by {m['merged_rel_diff']:.1e} (relative)")
+    return "\n".join(lines)
+
+
 def render(result: dict[str, Any]) -> str:
     """The markdown table and the verdict line."""
     timed = f"best of {result['repeats']}"
@@ -169,6 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed calls of each implementation, best counts "
                    "(default 3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--units", type=int, default=30, help="partials merged (default 30)")
+    p.add_argument("--unit-rows", type=int, default=1000, help="feature rows a partial (default 1000)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny fast run: {SMOKE['dim']}-d, {SMOKE['n1']} and {SMOKE['n2']} samples")
     return p
@@ -179,15 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.smoke:
         args.dim, args.n1, args.n2, args.repeats = SMOKE["dim"], SMOKE["n1"], SMOKE["n2"], SMOKE["repeats"]
-    for name in ("dim", "repeats"):
+        args.units, args.unit_rows = SMOKE_MERGE["units"], SMOKE_MERGE["unit_rows"]
+    for name in ("dim", "repeats", "units", "unit_rows"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1")
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("n1", "n2"):
         if getattr(args, name) < 2:
             raise SystemExit(f"--{name} must be >= 2")
     result = run(args.dim, args.n1, args.n2, args.repeats, args.seed)
+    merge = merge_run(args.dim, args.units, args.unit_rows, args.seed)
     print()
     print(render(result))
+    print()
+    print(render_merge(merge))
     return 0
 
 

@@ -75,10 +75,15 @@ def test_fid_benchmark_smoke(background_smokes) -> None:
     for key in ("pytorch_fid_s", "synthmill_s", "speedup"):
         assert result[key] > 0, result
     assert len(result["pytorch_fid_all_s"]) == len(result["synthmill_all_s"]) == fid.SMOKE["repeats"], result
+    merge = fid.merge_run(fid.SMOKE["dim"], **fid.SMOKE_MERGE)  # 50 rows of 64 floats against 64 x 64 doubles
+    assert merge["merged_rel_diff"] <= 1e-12 and 2.5 <= merge["bytes_ratio"] <= 2.6, merge
+    assert all(f["merge_s"] > 0 and f["commit_s"] > 0 for f in merge["forms"].values()), merge
 
     code, stdout, stderr = background_smokes["test_fid_benchmark_smoke"].result(timeout=300)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(r"^ratio: pytorch-fid / synthmill = \d+\.\d+ .*relative difference = \S+ \(goal <= 1e-06: met\)$",
+                     stdout, re.M), stdout
+    assert re.search(r"^ratio sums / rows: bytes 2\.5\d, driver's merge \d+\.\d+, .* differ by \S+ \(relative\)$",
                      stdout, re.M), stdout
 
 

@@ -123,6 +123,12 @@ def test_merge_over_actors_equals_one_pass(evaluated, reference, inception_file)
     torch.set_num_threads(threads)
     x = np.concatenate(feats)
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    rows = []  # a unit of a few images commits its float32 feature rows (8 KiB each), not 32 MiB of sums
+    for k in range(5):
+        with np.load(os.path.join(spec["output"]["path"], "partials", "generated", f"{k:06d}.npz")) as part:
+            assert "outer" not in part.files and part["features"].dtype == np.float32
+            rows.append(part["features"])
+    assert np.array_equal(np.concatenate(rows).astype(np.float64), x)
     with np.load(os.path.join(spec["output"]["path"], "reference_stats.npz")) as ref:
         one_pass = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     with np.load(os.path.join(spec["output"]["path"], "fid_stats.npz")) as st:
@@ -130,6 +136,32 @@ def test_merge_over_actors_equals_one_pass(evaluated, reference, inception_file)
         assert np.abs(st["sigma"] - sigma).max() <= 1e-9 * np.abs(sigma).max()
         assert int(st["n"]) == 22 and str(st["protocol"]) == "pytorch-fid"
     assert _relative(result["metrics"]["fid"], one_pass) <= 1e-9
+
+
+def test_a_unit_keeps_its_feature_rows_until_the_sums_are_smaller():
+    """Rows while they are fewer than 2 * d, then float64 sums; the driver's merge of any mix of the two
+    forms (and of partials written as sums by earlier versions) equals one pass over all rows."""
+    from synthmill.metrics.frechet import GaussianSums, UnitFeatures
+
+    d = 8
+    rng = np.random.default_rng(3)
+    units = [rng.random((n, d), dtype=np.float32) for n in (3, 15, 16, 40)]
+    arrays = []
+    for x in units:
+        u = UnitFeatures(d)
+        for lo in range(0, len(x), 5):  # batches of 5
+            u.add(x[lo:lo + 5])
+        arrays.append(dict(u.arrays(), n=np.array(len(x))))
+    assert [sorted(a) for a in arrays] == [["features", "n"], ["features", "n"], ["n", "outer", "sum"], ["n", "outer", "sum"]]
+    assert np.array_equal(arrays[1]["features"], units[1])
+    assert UnitFeatures(d).arrays()["features"].shape == (0, d)
+    merged, one_pass = GaussianSums.empty(d), GaussianSums.empty(d)
+    for a in arrays:
+        merged.merge_unit(a)
+    one_pass.add(np.concatenate(units))
+    assert merged.n == one_pass.n == 74
+    for got, want in zip(merged.mean_cov(), one_pass.mean_cov()):
+        assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
 
 
 def test_metrics_json_records_how(evaluated, inception_file):

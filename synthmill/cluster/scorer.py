@@ -24,7 +24,7 @@ import ray
 
 from synthmill.jobs.outputs import check_node_sees
 from synthmill.metrics import partials
-from synthmill.metrics.frechet import GaussianSums
+from synthmill.metrics.frechet import UnitFeatures
 from synthmill.sharding.images import ImageSet, ImageSetError, Sample, iter_unit
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Scorer:
         job = self.work.sets[set_name]
         unit = job.images.units[k]
         t0 = time.perf_counter()
-        acc: dict[str, Any] = {"n": 0, "fid": GaussianSums.empty(2048), "logits": [], "cos": [], "truncated": 0}
+        acc: dict[str, Any] = {"n": 0, "fid": UnitFeatures(2048), "logits": [], "cos": [], "truncated": 0}
         bs = self.spec.cluster.batch_size
         batch: list = []
         try:
@@ -166,7 +166,7 @@ class Scorer:
             raise RuntimeError(f"{unit.tar or unit.files[0]}: read {acc['n']} images, expected {unit.count}")
         arrays: dict[str, np.ndarray] = {"n": np.array(acc["n"])}
         if job.fid:
-            arrays["sum"], arrays["outer"] = acc["fid"].total, acc["fid"].outer
+            arrays.update(acc["fid"].arrays())
         if job.isc:
             arrays["logits"] = np.concatenate(acc["logits"]) if acc["logits"] else np.zeros((0, 1008), np.float32)
         if job.clip:

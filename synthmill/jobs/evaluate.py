@@ -227,7 +227,7 @@ def _merge(p: Prepared, name: str, markers: dict[int, dict[str, Any]]) -> dict[s
     for k in range(len(job.images.units)):
         part = partials.load(p.spec.output.path, name, k, p.spec.storage)
         if job.fid:
-            sums.merge(GaussianSums(int(part["n"]), part["sum"], part["outer"]))
+            sums.merge_unit(part)
         if job.isc:
             logits.append(part["logits"])
         if job.clip:

@@ -1,7 +1,8 @@
 """Per-unit partial results of an evaluate job, committed like generate's shards.
 
 Unit ``k`` of set ``S`` (``generated`` or ``reference``) is committed as ``partials/S/K.npz`` (the
-float64 sums, logits and cosines of its samples) and then ``partials/S/K.json``, the marker: sample
+FID features of its samples, or their float64 sums for a unit of 4,096 or more, their IS logits and CLIP
+cosines) and then ``partials/S/K.json``, the marker: sample
 count, npz size and sha256, the job fingerprint and the identity of the input it was computed from.
 A unit is done only if its marker matches all three, so a rerun resumes, and a changed input or
 changed settings are computed again rather than mixed in.
