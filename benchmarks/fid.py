@@ -18,7 +18,10 @@ Then the merge of an evaluate job's partials, the other half of FID's final step
 committed as npz files to a temporary folder in both forms a unit can take (its float32 rows, what
 units of fewer than 4,096 commit, or its float64 sums), then read back and merged in unit order as the
 driver does. Reported: bytes a unit, the scorer's time to turn a unit into its partial, the driver's
-time to read and merge all of them, and the two forms' merged statistics against each other.
+time to read and merge all of them, and the two forms' merged statistics against each other. Then the
+rows form again from ``s3://`` (moto on 127.0.0.1 behind ``benchmarks/slowlink.py``: ``--s3-rate`` MB/s and
+``--s3-latency`` a response per connection, like one S3 GET stream), read one unit at a time against the
+driver's four reads in flight.
 
     python -m benchmarks.fid             # the CPU numbers of RESULTS.md
     python -m benchmarks.fid --smoke     # 64-d, seconds; what tests/test_benchmarks.py runs
@@ -27,7 +30,6 @@ time to read and merge all of them, and the two forms' merged statistics against
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -154,8 +156,23 @@ def run(dim: int = 2048, n1: int = 30000, n2: int = 40504, repeats: int = 3, see
     }
 
 
-def merge_run(dim: int = 2048, units: int = 30, unit_rows: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Write ``units`` partials of ``unit_rows`` rows in each form, read them back and merge; time both."""
+def _merge_all(output: str, units: int, dim: int, options: dict[str, Any] | None, depth: int) -> tuple[float, Any]:
+    """The driver's merge of ``units`` partials of set ``generated``: (seconds, the float64 sums)."""
+    from synthmill.metrics import partials
+    from synthmill.metrics.frechet import GaussianSums
+
+    t0 = time.perf_counter()
+    total = GaussianSums.empty(dim)
+    for part in partials.load_in_order(output, "generated", range(units), options, depth=depth):
+        total.merge_unit(part)
+    return time.perf_counter() - t0, total
+
+
+def merge_run(dim: int = 2048, units: int = 30, unit_rows: int = 1000, seed: int = 0, s3_rate: float = 0.0,
+              s3_latency: float = 0.03, repeats: int = 2) -> dict[str, Any]:
+    """Write ``units`` partials of ``unit_rows`` rows in each form, read them back and merge as the driver
+    does; time both. With ``s3_rate`` (MB/s a connection), the rows form also from ``s3://`` through a
+    link of that rate and ``s3_latency``: one read at a time against the driver's 4 in flight."""
     import tempfile
 
     from synthmill.metrics import partials
@@ -164,6 +181,7 @@ def merge_run(dim: int = 2048, units: int = 30, unit_rows: int = 1000, seed: int
     rng = np.random.default_rng(seed)
     model = feature_models(dim, rng)[0]
     forms = {"rows": {"bytes": 0, "commit_s": 0.0}, "sums": {"bytes": 0, "commit_s": 0.0}}
+    result: dict[str, Any] = {"units": units, "unit_rows": unit_rows, "dim": dim, "forms": forms}
     with tempfile.TemporaryDirectory(prefix="fid-merge-") as tmp:
         for k in range(units):
             x = draw(model, unit_rows, rng).astype(np.float32)  # Inception's pool3 features are float32
@@ -178,7 +196,9 @@ def merge_run(dim: int = 2048, units: int = 30, unit_rows: int = 1000, seed: int
                 data = partials.npz_bytes(dict(arrays, n=np.array(unit_rows)))
                 forms[form]["commit_s"] += time.perf_counter() - t0
                 forms[form]["bytes"] += len(data)
-                with open(os.path.join(tmp, f"{form}-{k}.npz"), "wb") as fh:
+                path = partials.npz_url(os.path.join(tmp, form), "generated", k)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as fh:
                     fh.write(data)
         if unit_rows < 2 * dim:  # what a scorer commits for a unit of this size
             check = UnitFeatures(dim)
@@ -186,21 +206,43 @@ def merge_run(dim: int = 2048, units: int = 30, unit_rows: int = 1000, seed: int
             assert "features" in check.arrays()
         merged = {}
         for form in forms:
-            t0 = time.perf_counter()
-            total = GaussianSums.empty(dim)
-            for k in range(units):
-                with open(os.path.join(tmp, f"{form}-{k}.npz"), "rb") as fh:
-                    with np.load(io.BytesIO(fh.read())) as z:
-                        total.merge_unit({name: z[name] for name in z.files})
-            forms[form]["merge_s"] = time.perf_counter() - t0
+            forms[form]["merge_s"], total = _merge_all(os.path.join(tmp, form), units, dim, None, 4)
             merged[form] = total.mean_cov()
+        if s3_rate:
+            result["s3"] = _merge_s3(os.path.join(tmp, "rows"), units, dim, s3_rate, s3_latency, repeats, merged["rows"])
     diff = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(merged["rows"], merged["sums"]))
     print(f"merge: {units} units of {unit_rows} {dim}-d rows; rows form {forms['rows']['bytes'] / units / 2**20:.2f} "
           f"MiB a unit, merged in {forms['rows']['merge_s']:.2f} s; sums form "
           f"{forms['sums']['bytes'] / units / 2**20:.2f} MiB a unit, formed in {forms['sums']['commit_s']:.2f} s, "
           f"merged in {forms['sums']['merge_s']:.2f} s; largest relative difference {diff:.1e}", flush=True)
-    return {"units": units, "unit_rows": unit_rows, "dim": dim, "forms": forms, "merged_rel_diff": diff,
-            "bytes_ratio": forms["sums"]["bytes"] / forms["rows"]["bytes"]}
+    return dict(result, merged_rel_diff=diff, bytes_ratio=forms["sums"]["bytes"] / forms["rows"]["bytes"])
+
+
+def _merge_s3(folder: str, units: int, dim: int, rate: float, latency: float, repeats: int,
+              want: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """The rows-form partials of ``folder`` from s3:// behind a SlowLink: one read at a time vs 4 in flight."""
+    from benchmarks.slowlink import SlowLink
+    from benchmarks.startup import s3_model
+
+    with s3_model(folder) as (url, options):
+        host, port = options["endpoint_url"].rsplit("/", 1)[1].split(":")
+        link = SlowLink((host, int(port)), rate * 1e6, latency)
+        options = dict(options, endpoint_url=link.url)
+        times: dict[int, list[float]] = {1: [], 4: []}
+        try:
+            for _ in range(repeats):  # interleaved, so drifts in machine speed hit both alike
+                for depth in times:
+                    secs, total = _merge_all(url, units, dim, options, depth)
+                    times[depth].append(secs)
+                    assert all(np.array_equal(a, b) for a, b in zip(total.mean_cov(), want)), "s3 merge differs"
+        finally:
+            link.close()
+    out = {"rate_mb_s": rate, "latency_s": latency, "one_at_a_time_s": min(times[1]), "in_flight_4_s": min(times[4]),
+           "all_s": times}
+    print(f"merge from s3:// (moto on 127.0.0.1, {rate:g} MB/s and {latency * 1000:g} ms a response per connection), "
+          f"rows form, best of {repeats}: one read at a time {out['one_at_a_time_s']:.2f} s, "
+          f"4 in flight (the driver) {out['in_flight_4_s']:.2f} s; merged statistics equal to the local merge's", flush=True)
+    return out
 
 
 def render_merge(m: dict[str, Any]) -> str:
@@ -216,6 +258,11 @@ def render_merge(m: dict[str, Any]) -> str:
                  f"{sums['merge_s'] / rows['merge_s']:.2f}, scorer + driver "
                  f"{(sums['commit_s'] + sums['merge_s']) / (rows['commit_s'] + rows['merge_s']):.2f}; "
                  f"merged statistics differ by {m['merged_rel_diff']:.1e} (relative)")
+    if "s3" in m:
+        s3 = m["s3"]
+        lines.append(f"ratio from s3:// ({s3['rate_mb_s']:g} MB/s, {s3['latency_s'] * 1000:g} ms a response): one read at a time / "
+                     f"4 in flight = {s3['one_at_a_time_s'] / s3['in_flight_4_s']:.2f} "
+                     f"({s3['one_at_a_time_s']:.2f} vs {s3['in_flight_4_s']:.2f} s)")
     return "\n".join(lines)
 
 
@@ -245,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--units", type=int, default=30, help="partials merged (default 30)")
     p.add_argument("--unit-rows", type=int, default=1000, help="feature rows a partial (default 1000)")
+    p.add_argument("--s3-rate", type=float, default=50.0, help="MB/s a connection of the s3:// merge (moto on "
+                   "127.0.0.1 behind a throttling proxy; default 50, 0 skips it)")
+    p.add_argument("--s3-latency", type=float, default=0.03, help="seconds before each response (default 0.03)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny fast run: {SMOKE['dim']}-d, {SMOKE['n1']} and {SMOKE['n2']} samples")
     return p
@@ -263,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 2:
             raise SystemExit(f"--{name} must be >= 2")
     result = run(args.dim, args.n1, args.n2, args.repeats, args.seed)
-    merge = merge_run(args.dim, args.units, args.unit_rows, args.seed)
+    merge = merge_run(args.dim, args.units, args.unit_rows, args.seed, args.s3_rate, args.s3_latency)
     print()
     print(render(result))
     print()

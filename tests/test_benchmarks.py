@@ -85,6 +85,9 @@ def test_fid_benchmark_smoke(background_smokes) -> None:
                      stdout, re.M), stdout
     assert re.search(r"^ratio sums / rows: bytes 2\.5\d, driver's merge \d+\.\d+, .* differ by \S+ \(relative\)$",
                      stdout, re.M), stdout
+    # the driver's merge from s3:// through a throttled link: one read at a time against its 4 in flight
+    assert re.search(r"^ratio from s3:// \(50 MB/s, 30 ms a response\): one read at a time / 4 in flight = \d+\.\d+ ",
+                     stdout, re.M), stdout
 
 
 def test_extract_benchmark_smoke(background_smokes) -> None:

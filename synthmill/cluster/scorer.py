@@ -14,10 +14,9 @@ import logging
 import os
 import socket
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -25,6 +24,7 @@ import ray
 from synthmill.jobs.outputs import check_node_sees
 from synthmill.metrics import partials
 from synthmill.metrics.frechet import UnitFeatures
+from synthmill.sharding import storage
 from synthmill.sharding.images import ImageSet, ImageSetError, Sample, iter_unit
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,6 @@ class Work:
     weights_sha256: str | None  # its full digest, as the driver found it; every node checks against it
     output: str
     storage: dict[str, Any] = field(default_factory=dict)
-
-
-def _ahead(items: Iterator[Sample], fn: Any, pool: ThreadPoolExecutor, depth: int) -> Iterator[Any]:
-    """``fn(item)`` for each item, in order, with up to ``depth`` computed ahead in ``pool``."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 class Scorer:
@@ -152,7 +141,7 @@ class Scorer:
         batch: list = []
         try:
             samples = iter_unit(unit, self.work.storage, captions=job.clip)
-            decoded = _ahead(samples, lambda s: self._decode(job, s), self.decoders, 2 * bs)
+            decoded = storage.ahead(samples, lambda s: self._decode(job, s), self.decoders, 2 * bs)
             for item in decoded:
                 batch.append(item)
                 if len(batch) == bs:

@@ -224,8 +224,7 @@ def _merge(p: Prepared, name: str, markers: dict[int, dict[str, Any]]) -> dict[s
     job = p.sets[name]
     sums = GaussianSums.empty(FID_DIM)
     logits, cos = [], []
-    for k in range(len(job.images.units)):
-        part = partials.load(p.spec.output.path, name, k, p.spec.storage)
+    for part in partials.load_in_order(p.spec.output.path, name, range(len(job.images.units)), p.spec.storage):
         if job.fid:
             sums.merge_unit(part)
         if job.isc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -67,3 +67,11 @@ def load(output: str, set_name: str, k: int, storage_options: dict[str, Any] | N
     data = storage.read_bytes(npz_url(output, set_name, k), storage_options)
     with np.load(io.BytesIO(data)) as z:
         return {name: z[name] for name in z.files}
+
+
+def load_in_order(output: str, set_name: str, units: Iterable[int], storage_options: dict[str, Any] | None = None,
+                  depth: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """Each unit's arrays in the order of ``units``, with up to ``depth`` reads in flight: on object
+    storage, the next units download while the caller adds this one (``depth=1``: one at a time)."""
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="partials") as pool:
+        yield from storage.ahead(iter(units), lambda k: load(output, set_name, k, storage_options), pool, depth)

@@ -19,6 +19,8 @@ import os
 import random
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, TypeVar
@@ -299,3 +301,15 @@ def list_sizes(url: str, storage_options: dict[str, Any] | None = None) -> dict[
     except FileNotFoundError:
         return {}
     return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+
+
+def ahead(items: Iterator[Any], fn: Callable[[Any], T], pool: Executor, depth: int) -> Iterator[T]:
+    """``fn(item)`` for each item, in order, with up to ``depth`` of them computed ahead in ``pool``
+    (reads of the next files while the caller works on this one)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
