@@ -242,7 +242,14 @@ def test_distill_on_its_own_local_ray_says_only_what_happened(distilled):
 
 def test_rerun_of_a_finished_job_trains_nothing(distilled, capsys):
     before = os.stat(os.path.join(distilled["resumed"], "pipeline", "model_index.json")).st_mtime_ns
+    # a run killed while it exported the pipeline or wrote summary.json left their temporaries: they go
+    dead = [os.path.join(distilled["resumed"], ".pipeline.tmp-x1y2"), os.path.join(distilled["resumed"], "summary.json.tmp-" + "0a" * 16)]
+    os.makedirs(os.path.join(dead[0], "unet"))
+    open(dead[1], "wb").close()
+    for path in dead:
+        os.utime(path, (time.time() - 60, time.time() - 60))
     assert main(["run", distilled["spec_path"]]) == 0
+    assert not any(map(os.path.exists, dead))
     out = capsys.readouterr().out
     assert "at step 6" in out and "0 steps run" in out
     assert os.stat(os.path.join(distilled["resumed"], "pipeline", "model_index.json")).st_mtime_ns == before

@@ -130,11 +130,28 @@ def test_image_equals_bare_diffusers_call(reference):
     assert np.abs((other * 255).round() - np.asarray(Image.open(io.BytesIO(samples[0]["png"])))).max() > 10
 
 
-def test_rerun_elsewhere_with_one_actor_is_byte_identical(reference, write_spec, tmp_path):
-    """Shard bytes do not depend on output.path, the number of actors, or timing."""
+def test_rerun_elsewhere_with_one_actor_is_byte_identical(reference, write_spec, tmp_path, monkeypatch):
+    """Shard bytes do not depend on output.path, the number of actors, or timing. The first try dies as
+    it writes plan.json, its first file (as if killed there): the same command then runs in that folder."""
     spec, out = reference
     other = dict(spec, output=dict(spec["output"], path=str(tmp_path / "again")),
                  cluster=dict(spec["cluster"], num_actors=1))
+    from synthmill.sharding import storage
+
+    class Killed(BaseException):
+        pass
+
+    real_write_json = storage.write_json
+
+    def dies_at_the_plan(url, *a, **kw):
+        if url.endswith("/plan.json"):
+            raise Killed
+        return real_write_json(url, *a, **kw)
+
+    monkeypatch.setattr(storage, "write_json", dies_at_the_plan)
+    with pytest.raises(Killed):
+        run_job(write_spec, other)
+    monkeypatch.setattr(storage, "write_json", real_write_json)
     run_job(write_spec, other)
     assert tar_hashes(str(tmp_path / "again")) == tar_hashes(out)
 
@@ -159,7 +176,13 @@ def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path, monk
     # a temporary of an attempt that died before this run goes; one written since (another run's writer into
     # this folder, still at work: its file's time is after this run's start) stays
     dead, live = (os.path.join(copy, "shards", f".00000{k}.x.tar.tmp") for k in (1, 3))
-    for path, when in ((dead, time.time() - 3600), (live, time.time() + 3600)):
+    # so do the temporaries of atomic writes (a kill inside summary.json's or an index part's write);
+    # a name that only looks like one stays
+    hexid = "0123456789abcdef" * 2
+    dead_writes = [os.path.join(copy, f"summary.json.tmp-{hexid}"), os.path.join(copy, "index", f"000002.parquet.tmp-{hexid}")]
+    live_write, lookalike = os.path.join(copy, f"index.parquet.tmp-{hexid}"), os.path.join(copy, "summary.json.tmp-mine")
+    for path, when in ((dead, time.time() - 3600), (live, time.time() + 3600), *((d, time.time() - 3600) for d in dead_writes),
+                       (live_write, time.time() + 3600), (lookalike, time.time() - 3600)):
         open(path, "wb").close()
         os.utime(path, (when, when))
     before = files_under(copy)
@@ -182,6 +205,22 @@ def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path, monk
     assert after["shards/000003.tar"] != before["shards/000003.tar"]
     assert tar_hashes(copy) == tar_hashes(out)
     assert not os.path.exists(dead) and os.path.exists(live)
+    assert not any(map(os.path.exists, dead_writes)) and os.path.exists(live_write) and os.path.exists(lookalike)
+
+
+def test_a_folder_holding_only_a_killed_runs_first_temporary_is_taken_as_empty(tmp_path):
+    """A run killed while it wrote plan.json (its first file) left only ``plan.json.tmp-<hex>``: the rerun
+    takes the folder as empty (and removes the temporary at its end); any other file still makes it foreign."""
+    from synthmill.errors import SpecError
+    from synthmill.jobs.outputs import check_output_folder
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / ("plan.json.tmp-" + "ab" * 16)).write_bytes(b'{"kind": "gen')
+    check_output_folder(str(folder), "fp", None, "generate")  # no error
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(SpecError, match="folder is not empty and holds no synthmill job"):
+        check_output_folder(str(folder), "fp", None, "generate")
 
 
 def test_resume_with_sha256_check_catches_same_size_corruption(reference, write_spec, tmp_path):

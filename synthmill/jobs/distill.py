@@ -322,13 +322,19 @@ def _summary(p: Prepared, scaling: tuple[int, bool] | None, t0: float, t_train: 
 
 def run(p: Prepared) -> dict[str, Any]:
     """Train to ``train.max_steps`` (resuming), export the pipeline, write the summary."""
+    wall0 = time.time()
+    summary = _finish_trained(p) if p.steps_done >= p.spec.train.max_steps else _train(p)
+    # what runs killed while writing left: a pipeline being exported, summary.json's temporary
+    storage.remove_stale_temporaries(p.spec.output.path, wall0)
+    return summary
+
+
+def _train(p: Prepared) -> dict[str, Any]:
     from ray.train import TrainingFailedError
 
     from synthmill.cluster.connect import check_fits, connect, started_local_ray
 
     spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
-    if p.steps_done >= spec.train.max_steps:
-        return _finish_trained(p)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address, dashboard=True))  # Ray Train: see connect()
@@ -344,8 +350,8 @@ def run(p: Prepared) -> dict[str, Any]:
     # Ray Train's controller learns that its workers finished (or died) at its next poll of them, every 2 s by
     # default; every 0.5 s ended a short run ~2.8 s sooner here (benchmarks/RESULTS.md). Yours wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    storage.write_json(storage.join(out, "plan.json"), {"kind": "distill", **plan_summary(p)}, opts)  # first: see generate
     write_job_yaml(spec)
-    storage.write_json(storage.join(out, "plan.json"), {"kind": "distill", **plan_summary(p)}, opts)
     storage.remove(storage.join(out, "summary.json"), opts)
     log.info("distill %s -> %s: %d workers (%s), steps %d..%d", spec.teacher.path, spec.student.arch, n_workers,
              "GPU" if use_gpu else "CPU", p.steps_done, spec.train.max_steps)

@@ -296,11 +296,11 @@ def run(p: Prepared) -> dict[str, Any]:
     resources = connect(spec.cluster.address) if todo else None
     if resources is not None:
         check_actor_fits(spec.cluster, resources)
-    write_job_yaml(spec)
-    storage.write_json(storage.join(out, "plan.json"), {
+    storage.write_json(storage.join(out, "plan.json"), {  # first: it makes the folder this job's
         "kind": "evaluate", "fingerprint": p.fingerprint,
         "sets": {n: {"path": storage.redact_url(j.images.path), "units": len(j.images.units), "samples": j.images.num_samples}
                  for n, j in p.sets.items()}}, opts)
+    write_job_yaml(spec)
     resumed = sum(len(m) for m in markers.values())
     log.info("%d units to score, %d already scored", len(todo), resumed)
     report = None
@@ -376,6 +376,7 @@ def run(p: Prepared) -> dict[str, Any]:
         "versions": versions(("synthmill", "torch", "torchvision", "numpy", "scipy", "pillow", "pytorch-fid",
                               "torch-fidelity", "open_clip_torch", "ray")),
     }
+    storage.remove_stale_temporaries(out, started.timestamp())  # what runs killed while writing left
     storage.write_json(storage.join(out, "metrics.json"), result, opts)
     return result
 

@@ -6,9 +6,7 @@ done is read from the shard markers every time, so running the same command agai
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +21,6 @@ from synthmill.sharding import storage
 from synthmill.sharding.commit import done_shards
 from synthmill.sharding.plan import ShardPlan
 from synthmill.sharding.sources import PromptSource, open_source
-from synthmill.sharding.writer import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +142,7 @@ def _same_compute(p: Prepared, before: dict[str, Any] | None, use_gpu: bool) -> 
 
 def _write_start_files(p: Prepared, compute: dict[str, Any] | None = None) -> None:
     out, opts = p.spec.output.path, p.spec.storage
-    write_job_yaml(p.spec)
-    storage.write_json(
+    storage.write_json(  # first: it makes the folder this job's, so a run killed after it resumes
         storage.join(out, "plan.json"),
         {"kind": "generate", "fingerprint": p.fingerprint, "prompts": p.plan.num_prompts,
          "prompts_digest": p.source.digest, "model_files": p.model_files,
@@ -154,6 +150,7 @@ def _write_start_files(p: Prepared, compute: dict[str, Any] | None = None) -> No
          "samples_per_shard": p.plan.samples_per_shard, "compute": compute},
         opts,
     )
+    write_job_yaml(p.spec)
 
 
 def actor_utilisation(infos: list[dict[str, Any]], markers: dict[int, dict[str, Any]],
@@ -249,15 +246,9 @@ def run(p: Prepared) -> dict[str, Any]:
     storage.remove(storage.join(out, "failures.json"), opts)
     n_index = merge_index(out, range(plan.num_shards), opts)
     assert n_index == plan.num_samples, f"index has {n_index} rows for {plan.num_samples} samples"
-    if storage.is_local(out):
-        for name in os.listdir(os.path.join(out, "shards")):
-            # temporaries of attempts that died before this run began; one written since may be another run's
-            # into this folder, still writing (this run's own dead attempts' go with the next run)
-            path = os.path.join(out, "shards", name)
-            if name.startswith(".") and name.endswith(TMP_SUFFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    if os.stat(path).st_mtime < wall0:
-                        os.unlink(path)
+    # temporaries of runs killed while writing (a shard, a marker, summary.json); one written since this run
+    # began may be another run's into this folder, still writing (this run's own dead attempts' go with the next run)
+    storage.remove_stale_temporaries(out, wall0)
     elapsed = time.perf_counter() - t0
     if report and report.actor_infos:
         first = min(report.actor_infos, key=lambda i: i["ready_at"])

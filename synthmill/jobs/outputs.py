@@ -15,7 +15,8 @@ def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, nam
     """An existing output folder must be empty or hold an earlier run of this same job."""
     previous = storage.read_plan(url, opts)
     if previous is None:
-        if names:
+        # a run killed while it wrote its first file (plan.json) left only that file's temporary
+        if [n for n in names if not storage.is_temporary(n.rstrip("/").rsplit("/", 1)[-1])]:
             raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
     elif kind and previous.get("kind") not in (None, kind):
         theirs = str(previous.get("kind"))

@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import random
+import re
+import shutil
 import time
 import uuid
 from collections import deque
@@ -194,6 +196,39 @@ def path_of(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$|^\..*\.tar\.tmp$|^\.pipeline\.tmp-")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one synthmill gives an unfinished local file: ``X.tmp-<uuid hex>`` (write_bytes,
+    put_file), a shard being written (``.000001.*.tar.tmp``) or a pipeline being exported (``.pipeline.tmp-*``)."""
+    return bool(_TEMPORARY.search(name))
+
+
+def remove_stale_temporaries(url: str, before: float) -> int:
+    """Delete the temporaries anywhere under the local folder ``url`` last modified before ``before`` (epoch
+    seconds): what runs killed while writing left. Newer ones may be another run's into the same folder,
+    still writing. Object stores get none (a write there is one request). Returns how many went."""
+    if not is_local(url):
+        return 0
+    removed = 0
+    for folder, dirs, files in os.walk(path_of(url)):
+        for name in [d for d in dirs if is_temporary(d)] + [f for f in files if is_temporary(f)]:
+            path = os.path.join(folder, name)
+            try:
+                if os.lstat(path).st_mtime >= before:
+                    continue
+                if name in dirs:
+                    dirs.remove(name)
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``data`` to ``url`` so that readers see either nothing or all of it."""
     if is_local(url):
@@ -224,8 +259,6 @@ def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None =
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            import shutil
-
             tmp = f"{dest}.tmp-{uuid.uuid4().hex}"  # another device: copy next to the target, then rename
             try:
                 shutil.copyfile(local_path, tmp)
