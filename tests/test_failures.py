@@ -139,3 +139,39 @@ def test_zombie_writer_cannot_corrupt_or_duplicate(reference, write_spec, tmp_pa
     assert racer.returncode == 0, racer.stderr.read()[-2000:]
     assert summary["shards_run"] == 2
     assert_exactly_reference(out, ref_out)
+
+
+class DiesOnTheLastShard:
+    """A shard actor (the methods ``ShardPool`` calls) whose process SIGKILLs itself on its first try of
+    shard ``last``."""
+
+    def __init__(self, last: int):
+        self.last = last
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "device": "cpu"}
+
+    def progress(self) -> int:
+        return 0
+
+    def process_shard(self, k: int, attempt: int = 1) -> dict:
+        if k == self.last and attempt == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"shard": k, "attempt": attempt, "pid": os.getpid()}
+
+
+def test_the_only_actor_lost_with_the_last_shard_is_replaced(ray_address):
+    """One actor, SIGKILLed while it holds the last shard: a replacement runs that shard. (A helper's
+    fuzzing found evaluate jobs failing there with 'not run: no actor could be started': the lost shard went
+    back to the queue only after the actor was retired, and retiring starts a replacement only while
+    shards wait.)"""
+    import ray
+
+    from synthmill.cluster.pool import ShardPool
+
+    cls = ray.remote(num_cpus=0, max_restarts=0)(DiesOnTheLastShard)
+    results: dict = {}
+    report = ShardPool(lambda: cls.remote(2), 1, inflight=1).run([0, 1, 2], results.__setitem__)
+    assert report.failed == {} and sorted(results) == [0, 1, 2], report
+    assert results[2]["attempt"] == 2 and results[2]["pid"] != results[0]["pid"]
+    assert (report.actors_started, report.actors_lost) == (2, 1)

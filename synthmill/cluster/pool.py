@@ -202,8 +202,10 @@ class ShardPool:
                 try:
                     result = ray.get(ref)
                 except RayActorError as e:
-                    retire(slot, _short(e))
+                    # back in the queue first: retire() starts a replacement only while shards are waiting,
+                    # and this one may be the last (its actor the only one left)
                     self._attempt_failed(k, f"actor lost: {_short(e)}", queue, report)
+                    retire(slot, _short(e))
                     continue
                 except Exception as e:  # the task raised: count it against the shard
                     self._attempt_failed(k, _short(e), queue, report)
