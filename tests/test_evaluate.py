@@ -165,6 +165,28 @@ def test_a_unit_keeps_its_feature_rows_until_the_sums_are_smaller():
         assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
 
 
+def test_partials_are_read_ahead_on_threads_and_parsed_by_the_caller(tmp_path, monkeypatch):
+    """The merge reads the next units' npz bytes on threads but parses each in its own thread: numpy parses
+    npz headers with ast.literal_eval, which CPython 3.11 can break on several threads at once (a helper saw
+    "SystemError: AST constructor recursion depth mismatch" once in ~20 merges)."""
+    from synthmill.metrics import partials
+
+    rng = np.random.default_rng(0)
+    units = [rng.random((3, 4), dtype=np.float32) for _ in range(6)]
+    for k, x in enumerate(units):
+        partials.commit(str(tmp_path), "generated", k, {"features": x}, {"identity": str(k)})
+    parsed_on, real_load = [], np.load
+
+    def spying_load(*a, **kw):
+        parsed_on.append(threading.current_thread())
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(np, "load", spying_load)
+    got = [part["features"] for part in partials.load_in_order(str(tmp_path), "generated", range(6))]
+    assert all(np.array_equal(a, b) for a, b in zip(got, units)) and len(got) == 6
+    assert parsed_on == [threading.current_thread()] * 6
+
+
 def test_metrics_json_records_how(evaluated, inception_file):
     spec, result = evaluated
     on_disk = json.load(open(os.path.join(spec["output"]["path"], "metrics.json")))

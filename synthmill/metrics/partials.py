@@ -64,7 +64,10 @@ def done(output: str, set_name: str, identities: dict[int, str], fingerprint: st
 
 
 def load(output: str, set_name: str, k: int, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    data = storage.read_bytes(npz_url(output, set_name, k), storage_options)
+    return _parse(storage.read_bytes(npz_url(output, set_name, k), storage_options))
+
+
+def _parse(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data)) as z:
         return {name: z[name] for name in z.files}
 
@@ -72,6 +75,14 @@ def load(output: str, set_name: str, k: int, storage_options: dict[str, Any] | N
 def load_in_order(output: str, set_name: str, units: Iterable[int], storage_options: dict[str, Any] | None = None,
                   depth: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """Each unit's arrays in the order of ``units``, with up to ``depth`` reads in flight: on object
-    storage, the next units download while the caller adds this one (``depth=1``: one at a time)."""
+    storage, the next units download while the caller adds this one (``depth=1``: one at a time).
+
+    The threads only read bytes; the npz is parsed in the calling thread. numpy parses each array's header
+    with ``ast.literal_eval``, and CPython 3.11 can fail parsing on several threads at once ("AST constructor
+    recursion depth mismatch", gh-106905): a helper's run hit it once in about 20 merges.
+    """
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="partials") as pool:
-        yield from storage.ahead(iter(units), lambda k: load(output, set_name, k, storage_options), pool, depth)
+        reads = storage.ahead(iter(units), lambda k: storage.read_bytes(npz_url(output, set_name, k), storage_options),
+                              pool, depth)
+        for data in reads:
+            yield _parse(data)
