@@ -13,6 +13,15 @@ import time
 RESPONSE_GAP_S = 0.05
 
 
+def shut_down(*sockets: socket.socket) -> None:
+    """End both directions of each socket (the other pipe thread of the pair then sees the end too)."""
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class SlowLink:
     """Forward ``127.0.0.1:<port>`` to ``target``; server-to-client bytes go at ``rate`` bytes/s a
     connection, after ``latency`` seconds at the start of each response."""
@@ -58,11 +67,7 @@ class SlowLink:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_down(src, dst)
 
     def close(self) -> None:
         self._listener.close()

@@ -9,6 +9,8 @@ import socket
 import threading
 import time
 
+from benchmarks.slowlink import shut_down
+
 
 class FlakyProxy:
     """Forward 127.0.0.1:<port> to ``target``; :meth:`outage` refuses and resets for ``seconds``."""
@@ -67,11 +69,7 @@ class FlakyProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_down(src, dst)
 
     def outage(self, seconds: float) -> None:
         """Close the port (new connections are refused), reset open connections, reopen after ``seconds``."""
