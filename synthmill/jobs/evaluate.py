@@ -358,7 +358,8 @@ def run(p: Prepared) -> dict[str, Any]:
                       "clip_score": "mean cosine of image and caption embeddings",
                       "clip_score_x100": "mean of 100 * max(cosine, 0) (torchmetrics, MLPerf)"}
                      if "clip" in spec.metrics else None),
-            "statistics": "float64 sums per unit, merged in unit order; covariance with divisor n-1",
+            "statistics": "per unit its float32 features (float64 sums from 4,096 samples), added to float64 sums "
+                          "in unit order; covariance with divisor n-1",
             "tf32": False,
         },
         "weights": ({"file": spec.fid.weights or "standard (pytorch-fid's URL)", "sha256": p.weights_sha256,
