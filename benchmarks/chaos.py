@@ -42,7 +42,7 @@ def actor_pids(title: str = "ray::GeneratorActor") -> list[int]:
 
 def write_inputs(folder: Path, prompts: int, size: int, steps: int, per_shard: int, actors: int) -> dict:
     """Tiny pipeline, prompt file and a spec dict (output path filled in per run)."""
-    from synthmill.models.tiny import save_tiny_pipeline
+    from synthmill.testing.tiny import save_tiny_pipeline
 
     model = save_tiny_pipeline(folder / "model", "sd", seed=0)
     with open(COCO, encoding="utf-8") as fh:

@@ -1,6 +1,6 @@
 """Distillation training throughput: a plain PyTorch loop vs ``synthmill run`` of a distill job, same run.
 
-A teacher pipeline is built in code (``--teacher tiny``: models/tiny.py's full SD 1.x block structure at
+A teacher pipeline is built in code (``--teacher tiny``: testing/tiny.py's full SD 1.x block structure at
 tiny widths; ``--teacher sd-v1.4``: the real SD v1.4 UNet, VAE and CLIP ViT-L text encoder layouts with
 random weights, for a GPU) and saved with ``save_pretrained``; ``--images`` seeded PNGs of ``--size``
 pixels with COCO captions beside them are the data. Then, with the same student layout (``--arch``),
@@ -41,12 +41,12 @@ SMOKE = {"images": 4, "size": 32, "batch": 2, "steps": 2, "warmup": 1, "workers"
 def make_teacher(kind: str, folder: str) -> str:
     """Save the teacher pipeline ``kind`` (tiny | sd-v1.4) to ``folder``."""
     if kind == "tiny":
-        from synthmill.models.tiny import save_tiny_pipeline
+        from synthmill.testing.tiny import save_tiny_pipeline
 
         return save_tiny_pipeline(folder, "sd", seed=0, unet_layout="full")
     if kind != "sd-v1.4":
         raise SystemExit(f"unknown --teacher {kind!r}; choose tiny or sd-v1.4")
-    from synthmill.models.full_size import save_random_pipeline
+    from synthmill.testing.full_size import save_random_pipeline
 
     return save_random_pipeline(folder, "sd15", seed=0)  # SD v1.x's UNet, VAE and CLIP ViT-L layouts
 

@@ -128,7 +128,7 @@ def _end_to_end(folder: str, weights: str, batch: int, unit: int, threads: int, 
 def run(images: int, size: int, batch: int, unit: int, end_to_end: bool = True) -> dict[str, Any]:
     import torch
 
-    from synthmill.metrics.random_weights import save_random_inception
+    from synthmill.testing.random_weights import save_random_inception
 
     work = tempfile.mkdtemp(prefix="synthmill-bench-extract-")
     try:

@@ -27,7 +27,7 @@ start and load included), and reported without and with that Ray start (``import
 ``ray.init``, timed on their own). Its tars are read back with ``webdataset`` to count the samples, and
 their decoded images are compared with (a)'s, as (b)'s are. ``--smoke`` includes (d): about 25 s more on
 a 2-core CPU machine at rest (Ray start about 8 s, the actor's start and load most of the rest).
-Without ``--model`` a tiny seeded SD pipeline (``synthmill.models.tiny``) is built in a temporary folder.
+Without ``--model`` a tiny seeded SD pipeline (``synthmill.testing.tiny``) is built in a temporary folder.
 On CUDA all use float16 (what ``dtype: auto`` picks), on CPU float32. On a CPU the benchmark reruns
 itself in a child process under the glibc malloc settings synthmill gives its CPU actors
 (``synthmill.cluster.connect.CPU_MALLOC_ENV``; read only at process start), so that (b) runs its
@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synthmill.models.full_size import FULL_SIZE_ARCHS
+from synthmill.testing.full_size import FULL_SIZE_ARCHS
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_TSV = REPO / "configs" / "prompts" / "coco2014_5k_captions.tsv"
@@ -101,7 +101,7 @@ def full_size_model(arch: str, folder: str) -> str:
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         print(f"model: reusing {folder}", flush=True)
         return folder
-    from synthmill.models.full_size import save_random_pipeline
+    from synthmill.testing.full_size import save_random_pipeline
 
     device, dtype = device_and_dtype()
     t0 = time.perf_counter()
@@ -623,7 +623,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="diffusers pipeline folder (default: a tiny seeded SD pipeline built here)")
     p.add_argument("--arch", choices=FULL_SIZE_ARCHS,
-                   help="instead of --model: a full-size pipeline with random weights (synthmill.models.full_size), "
+                   help="instead of --model: a full-size pipeline with random weights (synthmill.testing.full_size), "
                         "built on the GPU when there is one")
     p.add_argument("--model-dir", help="with --arch: keep the built pipeline here and reuse it when present")
     p.add_argument("--compile", action="store_true", help="model.compile=true for (b) and (c)")
@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.arch:
             model = full_size_model(args.arch, args.model_dir or os.path.join(work, args.arch))
         elif model is None:
-            from synthmill.models.tiny import save_tiny_pipeline
+            from synthmill.testing.tiny import save_tiny_pipeline
 
             model = save_tiny_pipeline(os.path.join(work, "tiny-sd"), "sd")
         model = os.path.abspath(model) if os.path.exists(model) else model

@@ -31,9 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
-from benchmarks.generate import REPO, PROMPTS_TSV, Settings, synthmill_command, write_spec
+from benchmarks.generate import PROMPTS_TSV, REPO, Settings, synthmill_command, write_spec
 
 PLAIN_FIRST_BATCH = r"""
 import sys, time
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-startup-") as work:
         model = args.model
         if model is None:
-            from synthmill.models.tiny import save_tiny_pipeline
+            from synthmill.testing.tiny import save_tiny_pipeline
 
             model = save_tiny_pipeline(os.path.join(work, "tiny-sd"), "sd", seed=0)
         with contextlib.ExitStack() as stack:

@@ -7,8 +7,9 @@ import hashlib
 import io
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -120,7 +121,7 @@ def ray_address(ray_cluster) -> str:
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> str:
     """A tiny SD 1.x-layout pipeline folder (safetensors), saved with save_pretrained."""
-    from synthmill.models.tiny import save_tiny_pipeline
+    from synthmill.testing.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd", "sd", seed=0)
 
@@ -128,7 +129,7 @@ def tiny_sd(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> str:
     """A tiny SDXL-layout pipeline folder (two text encoders)."""
-    from synthmill.models.tiny import save_tiny_pipeline
+    from synthmill.testing.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl", seed=0)
 
@@ -237,14 +238,14 @@ def reference(ray_address, tiny_sd, prompts_tsv, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def inception_file(tmp_path_factory) -> str:
-    from synthmill.metrics.random_weights import save_random_inception
+    from synthmill.testing.random_weights import save_random_inception
 
     return save_random_inception(str(tmp_path_factory.mktemp("weights") / "inception.pth"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def clip_model(tmp_path_factory) -> str:
-    from synthmill.metrics.random_weights import save_tiny_clip
+    from synthmill.testing.random_weights import save_tiny_clip
 
     return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny"), seed=0)
 

@@ -105,7 +105,7 @@ def _start_unreachable(spec_path: str, *overrides: str, ray_address: str | None 
 @pytest.fixture(scope="module")
 def job_specs(tiny_sd, prompts_tsv, clip_model, tmp_path_factory) -> dict:
     """A small valid spec of each kind (inputs that pass validation), as dicts without output.path."""
-    from synthmill.models.tiny import save_tiny_pipeline
+    from synthmill.testing.tiny import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("unreachable")
     data = write_image_folder(root / "data", 4)

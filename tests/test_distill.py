@@ -1,6 +1,6 @@
 """Distill jobs end to end on the session's Ray: Ray Train workers (gloo on CPU), tiny teachers built in code.
 
-The teacher has the full SD 1.x block structure at tiny widths (models/tiny.py, ``unet_layout="full"``),
+The teacher has the full SD 1.x block structure at tiny widths (testing/tiny.py, ``unet_layout="full"``),
 saved with ``save_pretrained`` and loaded back by ``from_pretrained``; the data are the suite's reference
 generate job (22 image-caption samples in 5 WebDataset shards). One run is killed with SIGKILL after its
 first checkpoint and run again; a second run trains the same steps without stopping; their weights must be
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("ray_address")
 
 @pytest.fixture(scope="session")
 def sd_teacher(tmp_path_factory) -> str:
-    from synthmill.models.tiny import save_tiny_pipeline
+    from synthmill.testing.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("teacher") / "sd", "sd", seed=3, unet_layout="full")
 
@@ -265,8 +265,8 @@ def test_loss_goes_down(distilled, sd_teacher, reference):
     """On fixed samples, noise and timesteps, the trained student's loss is below the copied student's."""
     from diffusers import UNet2DConditionModel
 
-    from synthmill.jobs.generate_spec import ModelSpec
     from synthmill.distill.train import load_teacher
+    from synthmill.jobs.generate_spec import ModelSpec
     from synthmill.models.kd import LossWeights
     from synthmill.models.students import make_student
 
@@ -392,7 +392,7 @@ def test_bad_inputs(sd_teacher, reference, write_spec, capsys, tmp_path):
 
 def _config_teacher(folder, unet: str | None = None, vae: str | None = None) -> str:
     """A teacher folder of configs only (validation reads no weights); ``unet`` / ``vae`` replace a config.json."""
-    from synthmill.models.tiny import tiny_unet_config
+    from synthmill.testing.tiny import tiny_unet_config
 
     configs = {"unet": unet or json.dumps(tiny_unet_config("sd")), "vae": vae or '{"block_out_channels": [16, 32]}'}
     for name, text in configs.items():

@@ -315,7 +315,7 @@ def test_distill_sdxl_teacher_data_checkpoints_and_pipeline_on_s3(reference, s3,
 
     from synthmill.jobs import distill
     from synthmill.jobs.spec import load_spec
-    from synthmill.models.tiny import save_tiny_pipeline
+    from synthmill.testing.tiny import save_tiny_pipeline
     from tests.test_distill import distill_spec
 
     fs = s3["fs"]

@@ -19,8 +19,8 @@ from synthmill.models.students import (
     make_student,
     student_config,
 )
-from synthmill.models.tiny import tiny_unet_config
-from synthmill.models.unet_configs import build_unet, get_unet_config
+from synthmill.testing.tiny import tiny_unet_config
+from synthmill.testing.unet_configs import build_unet, get_unet_config
 
 SD_ARCHS = ("bk-base", "bk-small", "bk-tiny")
 SDXL_ARCHS = ("ssd-1b", "vega")
@@ -380,8 +380,8 @@ def test_meta_teacher_gives_meta_student(arch, tiny_sd_teacher, tiny_sdxl_teache
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "ssd-1b"])
 def test_full_size_random_pipelines_have_the_published_parameter_counts(arch):
-    """The benchmark pipelines (models/full_size.py): every component as big as the hub's (meta device)."""
-    from synthmill.models.full_size import build_random_pipeline
+    """The benchmark pipelines (testing/full_size.py): every component as big as the hub's (meta device)."""
+    from synthmill.testing.full_size import build_random_pipeline
 
     pipe = build_random_pipeline(arch, device="meta")
     counts = {name: count_parameters(getattr(pipe, name))

@@ -54,8 +54,13 @@ class ShardGenerator:
     """Holds one pipeline; :meth:`process_shard` may be called from several threads at once."""
 
     def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
-        from synthmill.models.loading import (fetch_in_background, load_pipeline, optimize_pipeline,
-                                              preload_pipeline_modules, prompt_tokenizer)
+        from synthmill.models.loading import (
+            fetch_in_background,
+            load_pipeline,
+            optimize_pipeline,
+            preload_pipeline_modules,
+            prompt_tokenizer,
+        )
 
         t_imports = time.perf_counter()
         fetched = fetch_in_background(spec.model, spec.storage)  # a remote model downloads during the imports
@@ -246,6 +251,3 @@ class GeneratorActor:
 
     def progress(self) -> int:
         return self.gen.samples_done
-
-    def busy_seconds(self) -> float:
-        return self.gen.busy_s

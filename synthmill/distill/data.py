@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from synthmill.sharding.images import ImageSetError, Sample, Unit, iter_unit
 

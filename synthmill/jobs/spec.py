@@ -413,10 +413,6 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     return spec
 
 
-def spec_to_dict(spec: Any) -> dict[str, Any]:
-    """A plain dict of a loaded spec (for ``job.yaml`` and fingerprints)."""
-    return dataclasses.asdict(spec)
-
 
 def require(cond: bool, field: str, message: str) -> None:
     """Raise a :class:`SpecError` naming ``field`` unless ``cond`` holds."""

@@ -29,7 +29,7 @@ class GaussianSums:
     outer: np.ndarray  # (d, d) sum of outer products
 
     @classmethod
-    def empty(cls, dim: int) -> "GaussianSums":
+    def empty(cls, dim: int) -> GaussianSums:
         return cls(0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64))
 
     def add(self, features: np.ndarray) -> None:
@@ -39,7 +39,7 @@ class GaussianSums:
         self.total += x.sum(axis=0)
         self.outer += x.T @ x
 
-    def merge(self, other: "GaussianSums") -> None:
+    def merge(self, other: GaussianSums) -> None:
         self.n += other.n
         self.total += other.total
         self.outer += other.outer

@@ -23,7 +23,6 @@ from synthmill.sharding import storage
 
 log = logging.getLogger(__name__)
 
-STANDARD_NAME = "pt_inception-2015-12-05-6726825d.pth"
 STANDARD_SHA256_PREFIX = "6726825d"
 
 

@@ -32,14 +32,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def block_names(unet: torch.nn.Module) -> list[str]:
-    """Names of the blocks whose outputs feature KD compares, in order."""
-    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
-    if getattr(unet, "mid_block", None) is not None:
-        names.append("mid_block")
-    names += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-    return names
-
 
 def stage_pairs(student: torch.nn.Module, teacher: torch.nn.Module) -> list[tuple[str, str]]:
     """(student block, teacher block) pairs for feature KD.

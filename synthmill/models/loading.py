@@ -264,11 +264,10 @@ def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | Non
     ``fetched``, the future of :func:`fetch_in_background` (whose errors it raises).
     """
     import diffusers
+    import transformers
     from diffusers import DiffusionPipeline
 
     from synthmill.models.schedulers import apply_scheduler
-
-    import transformers
 
     diffusers.utils.logging.set_verbosity_error()  # truncation is recorded per sample instead
     diffusers.utils.logging.disable_progress_bar()

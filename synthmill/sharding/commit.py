@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any
 
 from synthmill.sharding import storage
 from synthmill.sharding.plan import shard_name

@@ -7,7 +7,7 @@ with fixed parameters), which is what makes a re-run shard byte-identical (DESIG
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -25,8 +25,9 @@ import abc
 import csv
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from synthmill.errors import SpecError
 from synthmill.sharding.storage import filesystem, is_transient, retrying
@@ -84,7 +85,7 @@ class PromptSource(abc.ABC):
     def _cap(self, n: int) -> int:
         return n if self.limit is None else min(n, self.limit)
 
-    def _record(self, positions: Iterator[int], stride: int, hashed: "_PrefixHash") -> int:
+    def _record(self, positions: Iterator[int], stride: int, hashed: _PrefixHash) -> int:
         """Count rows from their byte positions (up to ``limit``), keeping every ``stride``-th one; the
         digest covers the bytes before the first row past the limit, or the whole file."""
         self.stride, self.offsets = stride, []

@@ -11,7 +11,6 @@ import os
 import tempfile
 from typing import BinaryIO
 
-
 #: mtime of every member (2000-01-01T00:00:00Z): fixed so tars are reproducible.
 FIXED_MTIME = 946684800
 TMP_SUFFIX = ".tar.tmp"
@@ -46,11 +45,9 @@ class ShardTarWriter:
         from webdataset import TarWriter  # here, not at import: webdataset imports torch (seconds)
 
         self._tar = TarWriter(self._hashing, encoder=False, mtime=FIXED_MTIME, user="synthmill", group="synthmill")
-        self.count = 0
 
     def write(self, sample: dict[str, bytes | str]) -> None:
         self._tar.write(sample)
-        self.count += 1
 
     def close(self) -> tuple[str, int, str]:
         """Finish the tar; return (local path, size in bytes, sha256 hex)."""

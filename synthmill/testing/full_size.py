@@ -4,7 +4,7 @@ Throughput depends on layouts, not on weight values, so a GPU machine with no hu
 measure images/s for the real architectures. Each component follows the hub file it is named after:
 
 * ``sd15``: SD v1.x (``CompVis/stable-diffusion-v1-4``, ``runwayml/stable-diffusion-v1-5``): the
-  859.5M-parameter UNet of :mod:`synthmill.models.unet_configs`, the 83.7M-parameter KL VAE, CLIP
+  859.5M-parameter UNet of :mod:`synthmill.testing.unet_configs`, the 83.7M-parameter KL VAE, CLIP
   ViT-L/14's 123.1M-parameter text tower, PNDM.
 * ``sdxl``: ``stabilityai/stable-diffusion-xl-base-1.0``: the 2.57B-parameter UNet, the same VAE layout
   with SDXL's scaling factor and ``force_upcast`` (decoded in float32, as diffusers does for it), CLIP
@@ -12,7 +12,7 @@ measure images/s for the real architectures. Each component follows the hub file
 * ``ssd-1b``: ``segmind/SSD-1B``: SDXL with the 1.33B-parameter student UNet of
   :func:`synthmill.models.students.student_config`.
 
-The tokenizer is the byte-level CLIP tokenizer of :mod:`synthmill.models.tiny` (prompts still pad to 77
+The tokenizer is the byte-level CLIP tokenizer of :mod:`synthmill.testing.tiny` (prompts still pad to 77
 tokens, so every text encoder does its real amount of work); the embedding tables keep CLIP's 49,408 rows,
 so parameter counts are the published ones.
 """
@@ -53,7 +53,7 @@ def text_encoder_config(which: str) -> dict[str, Any]:
 
 def unet_config(arch: str) -> dict[str, Any]:
     from synthmill.models.students import student_config
-    from synthmill.models.unet_configs import get_unet_config
+    from synthmill.testing.unet_configs import get_unet_config
 
     if arch == "sd15":
         return get_unet_config("sd-v1.4")
@@ -73,10 +73,9 @@ def build_random_pipeline(arch: str, seed: int = 0, device: Any = "cpu", dtype: 
 
     import diffusers
     import torch
-
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from synthmill.models.tiny import write_tiny_clip_tokenizer
+    from synthmill.testing.tiny import write_tiny_clip_tokenizer
 
     unet_cfg = unet_config(arch)
     with tempfile.TemporaryDirectory() as tmp:
