@@ -1,9 +1,12 @@
-"""``python -m benchmarks`` runs the generate, Frechet-distance, feature-extraction, distill, driver-scale and start-up benchmarks with their defaults.
+"""``python -m benchmarks`` runs the generate, Frechet-distance, feature-extraction, distill, driver-scale and
+start-up benchmarks with their defaults.
 
     python -m benchmarks                    # generate, fid, extract, distill, driver, startup
-    python -m benchmarks fid --smoke        # one benchmark by name (generate, fid, extract, distill, chaos, driver, startup), with its own flags
+    python -m benchmarks fid --smoke        # one benchmark by name, with its own flags
+                                            # (generate, fid, extract, distill, chaos, driver, startup)
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
-    python -m benchmarks gpu                # on a GPU machine: generate at full size (SD 1.5 @512, SSD-1B and SDXL @1024) and distill
+    python -m benchmarks gpu                # on a GPU machine: generate at full size
+                                            # (SD 1.5 @512, SSD-1B and SDXL @1024) and distill
     python -m benchmarks gpu 0 3            # only those entries of GPU_RUNS (0-based), in the order given
 
 Every run but a ``--smoke`` one is recorded in ``benchmarks/RESULTS.md`` (benchmarks/record.py): its printed
@@ -31,7 +34,8 @@ BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
     name: _runner(name, returns_code=name != "chaos")
     for name in ("generate", "fid", "extract", "distill", "driver", "startup", "chaos")
 }
-DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")  # what a bare ``python -m benchmarks`` runs, in this order
+# what a bare ``python -m benchmarks`` runs, in this order
+DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")
 
 #: ``python -m benchmarks gpu``: (name, arguments) in order; each a separate recorded run. Random full-size
 #: weights (synthmill.testing.full_size), float16, the plain diffusers loop as the baseline in every row.
@@ -68,7 +72,8 @@ def gpu_runs(indices: list[str]) -> tuple[tuple[str, list[str]], ...]:
     try:
         return tuple(GPU_RUNS[int(i)] for i in indices)
     except (ValueError, IndexError):
-        raise SystemExit(f"gpu takes entry numbers 0-{len(GPU_RUNS) - 1} of GPU_RUNS, got {' '.join(indices)}") from None
+        raise SystemExit(f"gpu takes entry numbers 0-{len(GPU_RUNS) - 1} of GPU_RUNS, "
+                         f"got {' '.join(indices)}") from None
 
 
 def run_recorded(name: str, argv: list[str], record_it: bool = True) -> int:

@@ -93,13 +93,14 @@ def plain_loop(teacher: str, data: str, args: argparse.Namespace) -> dict[str, A
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     units = open_image_set(data, None, 1000).units
-    stream = ShardStream(StreamSpec(units, args.size, True, False, 0, args.batch, 0), tokenizers(pipe), 0, 1).iter_as(0, 1)
+    stream = ShardStream(StreamSpec(units, args.size, True, False, 0, args.batch, 0),
+                         tokenizers(pipe), 0, 1).iter_as(0, 1)
     items = [next(stream) for _ in range(args.batch)]
     batch = {k: torch.stack([s[k] for s in items]) for k in items[0]}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for step in range(args.steps):
+    for _step in range(args.steps):
         t0 = time.perf_counter()
         with torch.no_grad():
             latents = pipe.vae.encode(batch["pixel_values"].to(device, frozen)).latent_dist.sample()
@@ -146,8 +147,8 @@ def synthmill_job(teacher: str, data: str, workdir: str, workers: int, args: arg
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(spec, fh)
     try:
-        wall, _ = run_streamed([sys.executable, "-m", "synthmill.cli", "run", path], f"synthmill run ({workers} worker)",
-                               cwd=REPO)
+        wall, _ = run_streamed([sys.executable, "-m", "synthmill.cli", "run", path],
+                               f"synthmill run ({workers} worker)", cwd=REPO)
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:

@@ -29,9 +29,10 @@
 
 2. Dispatch. A local Ray is started in this process (``ray.init(address="local")``; ``--ray-address``
    joins a running one instead) and ``--actors`` no-op actors (``num_cpus=0``, so they fit on any machine;
-   ``max_concurrency = inflight + 1`` and ``max_restarts=0`` as the generate job creates its actors): ``ready()`` returns an info dict and
-   ``process_shard(k, attempt)`` returns a minimal marker dict at once. Over ``--shards`` shards, with
-   the same actors, already started and warmed up (actor start-up is left out of both):
+   ``max_concurrency = inflight + 1`` and ``max_restarts=0`` as the generate job creates its actors):
+   ``ready()`` returns an info dict and ``process_shard(k, attempt)`` returns a minimal marker dict at once.
+   Over ``--shards`` shards, with the same actors, already started and warmed up (actor start-up is left
+   out of both):
 
    (e) a plain Ray loop: ``--inflight`` calls queued per actor, ``ray.wait(num_returns=1)`` on all calls
        in flight, the actor that answered gets the next shard;
@@ -44,7 +45,8 @@
    Ray is shut down at the end.
 
     python -m benchmarks driver            # the numbers in RESULTS.md: 10,000,000 rows; 2,000 shards on 8 actors
-    python -m benchmarks driver --smoke    # 20,000 rows, no (b); 200 shards on 2 actors; what tests/test_benchmarks.py runs
+    python -m benchmarks driver --smoke    # 20,000 rows, no (b); 200 shards on 2 actors;
+                                           # what tests/test_benchmarks.py runs
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def measure_planning(work: str, rows: int, base_rows: int, row_groups: int, samp
     ]
     table = [PlanRow(name, n, -(-n // samples_per_shard) if n else None, [], [], []) for name, n, _, _ in runs]
     for r in range(repeats):
-        for row, (name, n, cmd, output) in zip(table, runs):
+        for row, (name, n, cmd, output) in zip(table, runs, strict=True):
             if cmd[-1] == IMPORT_JOBS and not job_imports:
                 continue
             child = run_child(cmd, name)
@@ -242,8 +244,9 @@ def measure_planning(work: str, rows: int, base_rows: int, row_groups: int, samp
             row.cpu_s.append(child.cpu_s)
             row.peak_rss.append(child.peak_rss)
         print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{row.name.split()[0]} {row.seconds[-1]:.2f} s "
-                                                       f"(CPU {row.cpu_s[-1]:.2f} s) {row.peak_rss[-1] / 2**20:.0f} MiB" for row in table
-                                                       if row.seconds),
+                                                       f"(CPU {row.cpu_s[-1]:.2f} s) "
+                                                       f"{row.peak_rss[-1] / 2**20:.0f} MiB"
+                                                       for row in table if row.seconds),
               flush=True)
     spec, output = files[rows]
     check = json.loads(run_child([py, "-c", CHECK_NO_RAY, spec], "in-process dry run").stdout)
@@ -346,8 +349,9 @@ def measure_dispatch(shards: int, n_actors: int, inflight: int, repeats: int,
         warmup = 4 * inflight
         for r in range(repeats):
             actors = start_actors(n_actors, inflight, warmup)
-            for row, loop in zip(rows, (plain_loop, pool_loop)):
-                args = (actors, shards, inflight) + ((lambda: start_actors(1, inflight, 0)[0],) if loop is pool_loop else ())
+            for row, loop in zip(rows, (plain_loop, pool_loop), strict=True):
+                extra = (lambda: start_actors(1, inflight, 0)[0],) if loop is pool_loop else ()
+                args = (actors, shards, inflight) + extra
                 c0, t0 = time.process_time(), time.perf_counter()
                 results = loop(*args)
                 row.seconds.append(time.perf_counter() - t0)

@@ -87,7 +87,7 @@ def gaussian(model: dict[str, np.ndarray], n: int, rng: np.random.Generator,
         if check and lo == 0:
             part = GaussianSums.empty(dim)
             cuts = [0, len(x) // 5, len(x) // 2, len(x)]
-            for a, b in zip(cuts, cuts[1:]):
+            for a, b in zip(cuts, cuts[1:], strict=False):
                 part.add(x[a:b])
             mu, cov = part.mean_cov()
             np_mu, np_cov = x.mean(axis=0), np.cov(x, rowvar=False)
@@ -209,8 +209,10 @@ def merge_run(dim: int = 2048, units: int = 30, unit_rows: int = 1000, seed: int
             forms[form]["merge_s"], total = _merge_all(os.path.join(tmp, form), units, dim, None, 4)
             merged[form] = total.mean_cov()
         if s3_rate:
-            result["s3"] = _merge_s3(os.path.join(tmp, "rows"), units, dim, s3_rate, s3_latency, repeats, merged["rows"])
-    diff = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(merged["rows"], merged["sums"]))
+            result["s3"] = _merge_s3(os.path.join(tmp, "rows"), units, dim, s3_rate, s3_latency, repeats,
+                                     merged["rows"])
+    diff = max(float(np.abs(a - b).max() / np.abs(b).max())
+               for a, b in zip(merged["rows"], merged["sums"], strict=True))
     print(f"merge: {units} units of {unit_rows} {dim}-d rows; rows form {forms['rows']['bytes'] / units / 2**20:.2f} "
           f"MiB a unit, merged in {forms['rows']['merge_s']:.2f} s; sums form "
           f"{forms['sums']['bytes'] / units / 2**20:.2f} MiB a unit, formed in {forms['sums']['commit_s']:.2f} s, "
@@ -234,14 +236,16 @@ def _merge_s3(folder: str, units: int, dim: int, rate: float, latency: float, re
                 for depth in times:
                     secs, total = _merge_all(url, units, dim, options, depth)
                     times[depth].append(secs)
-                    assert all(np.array_equal(a, b) for a, b in zip(total.mean_cov(), want)), "s3 merge differs"
+                    assert all(np.array_equal(a, b)
+                               for a, b in zip(total.mean_cov(), want, strict=True)), "s3 merge differs"
         finally:
             link.close()
     out = {"rate_mb_s": rate, "latency_s": latency, "one_at_a_time_s": min(times[1]), "in_flight_4_s": min(times[4]),
            "all_s": times}
     print(f"merge from s3:// (moto on 127.0.0.1, {rate:g} MB/s and {latency * 1000:g} ms a response per connection), "
           f"rows form, best of {repeats}: one read at a time {out['one_at_a_time_s']:.2f} s, "
-          f"4 in flight (the driver) {out['in_flight_4_s']:.2f} s; merged statistics equal to the local merge's", flush=True)
+          f"4 in flight (the driver) {out['in_flight_4_s']:.2f} s; merged statistics equal to the local merge's",
+          flush=True)
     return out
 
 
@@ -260,7 +264,8 @@ def render_merge(m: dict[str, Any]) -> str:
                  f"merged statistics differ by {m['merged_rel_diff']:.1e} (relative)")
     if "s3" in m:
         s3 = m["s3"]
-        lines.append(f"ratio from s3:// ({s3['rate_mb_s']:g} MB/s, {s3['latency_s'] * 1000:g} ms a response): one read at a time / "
+        lines.append(f"ratio from s3:// ({s3['rate_mb_s']:g} MB/s, {s3['latency_s'] * 1000:g} ms a response): "
+                     "one read at a time / "
                      f"4 in flight = {s3['one_at_a_time_s'] / s3['in_flight_4_s']:.2f} "
                      f"({s3['one_at_a_time_s']:.2f} vs {s3['in_flight_4_s']:.2f} s)")
     return "\n".join(lines)

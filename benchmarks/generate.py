@@ -39,7 +39,8 @@ pipeline on a thread as (c)'s actor does, and (a) and (d) get the same allocator
     python -m benchmarks.generate --model /models/sd-1.5 --size 512 --steps 25 --prompts 256
     python -m benchmarks.generate --arch sdxl --size 1024 --steps 20 --prompts 32 --batch-size 4   # on a GPU
     python -m benchmarks.generate --arch sd15 --size 512 --steps 25 --prompts 64 --compile        # torch.compile
-    python -m benchmarks.generate --arch sdxl --size 1024 --steps 20 --prompts 32 --batch-sweep 1,2,4,8   # batch-size guidance
+    # batch-size guidance:
+    python -m benchmarks.generate --arch sdxl --size 1024 --steps 20 --prompts 32 --batch-sweep 1,2,4,8
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def read_prompts(n: int) -> list[str]:
     """The first ``n`` captions of the COCO TSV (blank cells as '', as synthmill reads them)."""
     with open(PROMPTS_TSV, encoding="utf-8", newline="") as fh:
         rows = csv.DictReader(fh, delimiter="\t")
-        prompts = [(row["caption"] or "") for _, row in zip(range(n), rows)]
+        prompts = [(row["caption"] or "") for _, row in zip(range(n), rows, strict=False)]
     if len(prompts) < n:
         raise ValueError(f"{PROMPTS_TSV} has only {len(prompts)} prompts, asked for {n}")
     return [p if p.strip() else "" for p in prompts]
@@ -161,7 +162,7 @@ def plain_generate(pipe: Any, cfg: Settings, prompts: list[str], out_dir: str) -
     writer = None
     for lo in range(0, len(prompts), cfg.batch_size):
         batch = prompts[lo:lo + cfg.batch_size]
-        for j, (prompt, image) in enumerate(zip(batch, plain_batch(pipe, cfg, batch, cfg.seed + lo))):
+        for j, (prompt, image) in enumerate(zip(batch, plain_batch(pipe, cfg, batch, cfg.seed + lo), strict=True)):
             i = lo + j
             if i % cfg.samples_per_shard == 0:
                 if writer is not None:
@@ -251,7 +252,7 @@ class RayDataGenerator:
                         height=self.size, width=self.size, generator=generators, output_type="np")
         images = (out.images * 255).round().astype(np.uint8)
         keys, pngs, metas = [], [], []
-        for i, prompt, image in zip(indices, prompts, images):
+        for i, prompt, image in zip(indices, prompts, images, strict=True):
             buf = io.BytesIO()
             Image.fromarray(image).save(buf, format="PNG")
             keys.append(f"{i:010d}")
@@ -590,7 +591,8 @@ def sweep(cfg: Settings, work: str, batch_sizes: list[int]) -> list[dict[str, An
 
 
 def render_sweep(rows: list[dict[str, Any]]) -> str:
-    lines = ["| batch | (a) plain images/s | (b) synthmill images/s | (b)/(a) | (b) device idle | peak GiB (b + plain pipeline) |",
+    lines = ["| batch | (a) plain images/s | (b) synthmill images/s | (b)/(a) | (b) device idle "
+             "| peak GiB (b + plain pipeline) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         peak = "n/a (CPU)" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"

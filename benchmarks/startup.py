@@ -129,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one (the test suite's smoke)")
+    p.add_argument("--ray-address",
+                   help="join this Ray cluster instead of starting a local one (the test suite's smoke)")
     p.add_argument("--s3", action="store_true", help="serve the model from s3:// (a moto server on 127.0.0.1); "
                    "both download it in every run")
     return p
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     import csv
 
     with open(PROMPTS_TSV, encoding="utf-8", newline="") as fh:
-        prompts = [row["caption"] for _, row in zip(range(args.prompts), csv.DictReader(fh, delimiter="\t"))]
+        reader = csv.DictReader(fh, delimiter="\t")
+        prompts = [row["caption"] for _, row in zip(range(args.prompts), reader, strict=False)]
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-startup-") as work:
         model = args.model
         if model is None:

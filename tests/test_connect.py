@@ -37,7 +37,8 @@ ray_processes = psutil.Process().children(recursive=True)  # GCS, raylet, monito
 ray_shutdown = ray.shutdown
 def shutdown(*args, **kwargs):  # what Ray's own shutdown finds when synthmill hands over to it
     out["monitor_stopped_before_ray_shutdown"] = monitor.poll() is not None
-    out["gcs_alive_at_ray_shutdown"] = node.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process.poll() is None
+    gcs = node.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process
+    out["gcs_alive_at_ray_shutdown"] = gcs.poll() is None
     return ray_shutdown(*args, **kwargs)
 ray.shutdown = shutdown
 shutdown_local()
@@ -123,8 +124,8 @@ def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, wri
     kind through RAY_ADDRESS). And an actor or training worker larger than any node of the local Ray that
     synthmill starts, which Ray would keep pending (until cluster.start_timeout_s, 30 minutes by default, or
     for ever with Ray Train), is exit 2 naming the field, and so are more training workers than the local Ray
-    holds at once (Ray Train would retry starting them every minute, for ever). The five commands run at once: each mostly imports,
-    then waits on Ray."""
+    holds at once (Ray Train would retry starting them every minute, for ever). The five commands run at once:
+    each mostly imports, then waits on Ray."""
     started = {}
     for kind, given in (("generate", "cluster.address"), ("evaluate", "RAY_ADDRESS"), ("distill", "cluster.address"),
                         ("generate", "cluster.cpus_per_actor"), ("distill", "cluster.num_workers")):
@@ -149,7 +150,7 @@ def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, wri
         started[given] = (kind, expected, out, proc)
     deadline = time.monotonic() + 60  # the bound: Ray alone would retry 20 times, ~4 s each here
     try:
-        for given, (kind, expected, out, proc) in started.items():
+        for _given, (kind, expected, out, proc) in started.items():
             _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             err = "\n".join(ln for ln in stderr.splitlines() if ln.startswith("synthmill:")) or stderr[-3000:]
             assert proc.returncode == 2, (kind, err)
@@ -172,7 +173,8 @@ def test_an_actor_no_node_of_a_joined_cluster_can_hold_is_named_while_the_job_wa
                              start_timeout_s=1))
     with pytest.raises(JobFailed, match="no actor became ready within 1s"):
         run_job(write_spec, spec)
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "one actor needs" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and "one actor needs" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith(
         "cluster.cpus_per_actor / cluster.resources: one actor needs CPU 64, ssd 1, and no node of the Ray cluster has "
         "that much (its nodes: CPU ") and warned[0].endswith(

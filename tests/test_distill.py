@@ -81,11 +81,12 @@ def _fixed_loss(teacher: str, unet, data: str, weights) -> float:
     pipe = load_teacher(ModelSpec(path=teacher), None)
     units = open_image_set(data).units
     stream = ShardStream(StreamSpec(units, 32, True, False, 0, 8, 0), tokenizers(pipe), 0, 1)
-    items = [s for _, s in zip(range(8), stream.iter_as(0, 1))]
+    items = [s for _, s in zip(range(8), stream.iter_as(0, 1), strict=False)]
     batch = {k: torch.stack([s[k] for s in items]) for k in items[0]}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample(generator=g) * pipe.vae.config.scaling_factor
+        latents = (pipe.vae.encode(batch["pixel_values"]).latent_dist.sample(generator=g)
+                   * pipe.vae.config.scaling_factor)
         cond = encode_text(pipe, batch, torch.device("cpu"))
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
@@ -127,10 +128,12 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
     deadline = time.time() + 240
     while not os.path.isfile(snapshot) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert os.path.isfile(snapshot), f"no first checkpoint; driver exit {proc.poll()}: {proc.stderr.read().decode()[-2000:]}"
+    assert os.path.isfile(snapshot), (
+        f"no first checkpoint; driver exit {proc.poll()}: {proc.stderr.read().decode()[-2000:]}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not os.path.exists(os.path.join(resumed, "pipeline")) and not os.path.exists(os.path.join(resumed, "summary.json"))
+    assert not os.path.exists(os.path.join(resumed, "pipeline"))
+    assert not os.path.exists(os.path.join(resumed, "summary.json"))
     killed_at = distill.steps_done(load_spec(str(spec_path)))
     # 2) the same command again resumes; while it runs, one Ray Train worker process is SIGKILLed right
     # after the step after the checkpoint is logged: the driver restarts the worker group from the checkpoint
@@ -215,8 +218,9 @@ def test_kill_and_rerun_resumes_exactly(distilled):
     lines = metrics_lines(d["resumed"])
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     straight = metrics_lines(d["straight"])
-    for a, b in zip(lines, straight):
-        assert {k: v for k, v in a.items() if k != "samples_per_s"} == {k: v for k, v in b.items() if k != "samples_per_s"}
+    for a, b in zip(lines, straight, strict=True):
+        assert ({k: v for k, v in a.items() if k != "samples_per_s"}
+                == {k: v for k, v in b.items() if k != "samples_per_s"})
     assert set(lines[0]) >= {"step", "loss", "loss_task", "loss_output_kd", "loss_feature_kd", "lr", "samples_per_s"}
     # the resumed run's student (and its EMA) equal the uninterrupted run's, bit for bit
     for sub in ("student", "ema"):
@@ -243,7 +247,8 @@ def test_distill_on_its_own_local_ray_says_only_what_happened(distilled):
 def test_rerun_of_a_finished_job_trains_nothing(distilled, capsys):
     before = os.stat(os.path.join(distilled["resumed"], "pipeline", "model_index.json")).st_mtime_ns
     # a run killed while it exported the pipeline or wrote summary.json left their temporaries: they go
-    dead = [os.path.join(distilled["resumed"], ".pipeline.tmp-x1y2"), os.path.join(distilled["resumed"], "summary.json.tmp-" + "0a" * 16)]
+    dead = [os.path.join(distilled["resumed"], ".pipeline.tmp-x1y2"),
+            os.path.join(distilled["resumed"], "summary.json.tmp-" + "0a" * 16)]
     os.makedirs(os.path.join(dead[0], "unet"))
     open(dead[1], "wb").close()
     for path in dead:
@@ -272,7 +277,8 @@ def test_loss_goes_down(distilled, sd_teacher, reference):
 
     weights = LossWeights(1.0, 1.0, 1.0)
     initial = make_student(load_teacher(ModelSpec(path=sd_teacher), None).unet, "bk-small")
-    trained = UNet2DConditionModel.from_pretrained(os.path.join(distilled["resumed"], "checkpoints", "step_00000006", "student"))
+    trained = UNet2DConditionModel.from_pretrained(
+        os.path.join(distilled["resumed"], "checkpoints", "step_00000006", "student"))
     before = _fixed_loss(sd_teacher, initial, reference[1], weights)
     after = _fixed_loss(sd_teacher, trained, reference[1], weights)
     assert after < 0.9 * before, (before, after)
@@ -338,7 +344,7 @@ def test_stream_split_and_exact_resume(reference, sd_teacher):
 
     straight = batches(0, 9)
     resumed = batches(5, 4)
-    assert all(torch.equal(a, b) for a, b in zip(straight[5:], resumed))
+    assert all(torch.equal(a, b) for a, b in zip(straight[5:], resumed, strict=True))
 
 
 def _take_epoch(raw):

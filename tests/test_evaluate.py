@@ -119,7 +119,8 @@ def test_merge_over_actors_equals_one_pass(evaluated, reference, inception_file)
     for tar in sorted(glob.glob(os.path.join(out, "shards", "*.tar"))):  # the job's batches: 4 per unit
         import webdataset as wds
 
-        images = [np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in wds.WebDataset(tar, shardshuffle=False, empty_check=False)]
+        images = [np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"))
+                  for s in wds.WebDataset(tar, shardshuffle=False, empty_check=False)]
         feats += [net.fid_features(images[i:i + 4]).astype(np.float64) for i in range(0, len(images), 4)]
     torch.set_num_threads(threads)
     x = np.concatenate(feats)
@@ -153,7 +154,8 @@ def test_a_unit_keeps_its_feature_rows_until_the_sums_are_smaller():
         for lo in range(0, len(x), 5):  # batches of 5
             u.add(x[lo:lo + 5])
         arrays.append(dict(u.arrays(), n=np.array(len(x))))
-    assert [sorted(a) for a in arrays] == [["features", "n"], ["features", "n"], ["n", "outer", "sum"], ["n", "outer", "sum"]]
+    assert [sorted(a) for a in arrays] == [["features", "n"], ["features", "n"],
+                                           ["n", "outer", "sum"], ["n", "outer", "sum"]]
     assert np.array_equal(arrays[1]["features"], units[1])
     assert UnitFeatures(d).arrays()["features"].shape == (0, d)
     merged, one_pass = GaussianSums.empty(d), GaussianSums.empty(d)
@@ -161,7 +163,7 @@ def test_a_unit_keeps_its_feature_rows_until_the_sums_are_smaller():
         merged.merge_unit(a)
     one_pass.add(np.concatenate(units))
     assert merged.n == one_pass.n == 74
-    for got, want in zip(merged.mean_cov(), one_pass.mean_cov()):
+    for got, want in zip(merged.mean_cov(), one_pass.mean_cov(), strict=True):
         assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
 
 
@@ -183,7 +185,7 @@ def test_partials_are_read_ahead_on_threads_and_parsed_by_the_caller(tmp_path, m
 
     monkeypatch.setattr(np, "load", spying_load)
     got = [part["features"] for part in partials.load_in_order(str(tmp_path), "generated", range(6))]
-    assert all(np.array_equal(a, b) for a, b in zip(got, units)) and len(got) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(got, units, strict=False)) and len(got) == 6
     assert parsed_on == [threading.current_thread()] * 6
 
 
@@ -210,7 +212,8 @@ def test_resume_rescores_only_damaged_units(evaluated, write_spec):
     with open(os.path.join(part, "000003.npz"), "r+b") as fh:
         fh.truncate(100)
     # a run killed inside metrics.json's or a partial's write left their temporaries: this run removes them
-    dead = [os.path.join(spec["output"]["path"], "metrics.json.tmp-" + "cd" * 16), os.path.join(part, "000002.npz.tmp-" + "ef" * 16)]
+    dead = [os.path.join(spec["output"]["path"], "metrics.json.tmp-" + "cd" * 16),
+            os.path.join(part, "000002.npz.tmp-" + "ef" * 16)]
     for path in dead:
         open(path, "wb").close()
         os.utime(path, (time.time() - 60, time.time() - 60))
@@ -222,7 +225,8 @@ def test_resume_rescores_only_damaged_units(evaluated, write_spec):
         assert os.stat(os.path.join(part, name)).st_mtime_ns == before[name]
 
 
-def test_reference_stats_file_and_protocol_mismatch(evaluated, reference, inception_file, clip_model, write_spec, tmp_path, capsys):
+def test_reference_stats_file_and_protocol_mismatch(evaluated, reference, inception_file, clip_model, write_spec,
+                                                    tmp_path, capsys):
     """A stats .npz written by synthmill is a reusable reference, and it refuses another protocol."""
     spec, first = evaluated
     stats = os.path.join(spec["output"]["path"], "reference_stats.npz")
@@ -539,7 +543,8 @@ def test_hf_hub_clip_model_is_asked_of_the_hub(model, needle, hub, image_folders
         assert code == (0 if needle is None else 2), (command, err)
         assert needle is None or err[-1].startswith(f"synthmill: error: {needle}"), err
         assert not os.path.exists(out)
-    assert hub.model_requests() and set(hub.model_requests()) == {f"/{model[len('hf-hub:'):]}/resolve/main/open_clip_config.json"}
+    assert hub.model_requests()
+    assert set(hub.model_requests()) == {f"/{model[len('hf-hub:'):]}/resolve/main/open_clip_config.json"}
 
 
 def test_clip_without_captions_is_refused_at_validate_time(clip_model, write_spec, tmp_path, capsys):
@@ -550,7 +555,8 @@ def test_clip_without_captions_is_refused_at_validate_time(clip_model, write_spe
     folder = write_image_folder(tmp_path / "bare", 3, captions=False)
     with wds.TarWriter(str(tmp_path / "bare.tar")) as w:
         w.write({"__key__": "000000", "png": open(os.path.join(folder, "000000.png"), "rb").read()})
-    for generated, first in ((folder, os.path.join(folder, "000000.png")), (str(tmp_path / "bare.tar"), "bare.tar:000000")):
+    for generated, first in ((folder, os.path.join(folder, "000000.png")),
+                             (str(tmp_path / "bare.tar"), "bare.tar:000000")):
         out = tmp_path / "out"
         path = write_spec(eval_spec(generated, str(out), "", clip_model, metrics=["clip"]))
         for command in ("validate", "run"):
@@ -560,7 +566,8 @@ def test_clip_without_captions_is_refused_at_validate_time(clip_model, write_spe
             assert not os.path.exists(out)
 
 
-def test_mixed_sizes_inside_tars_fail_while_scoring(image_folders, inception_file, clip_model, write_spec, tmp_path, capsys):
+def test_mixed_sizes_inside_tars_fail_while_scoring(image_folders, inception_file, clip_model, write_spec, tmp_path,
+                                                    capsys):
     """Sizes inside foreign tars are only seen while scoring: still exit 2 naming the image, no metrics."""
     pattern = _tar_with_odd_size(tmp_path, image_folders[0])
     out = tmp_path / "out"
@@ -652,7 +659,8 @@ def test_a_folder_image_or_caption_rewritten_in_place_changes_its_units_identity
     assert len(set(first)) == 2 and identities() == first
     size = os.path.getsize(tmp_path / "3.bmp")
     Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "3.bmp")
-    os.utime(tmp_path / "3.bmp", ns=(os.stat(tmp_path / "3.bmp").st_atime_ns, os.stat(tmp_path / "3.bmp").st_mtime_ns + 10**9))
+    os.utime(tmp_path / "3.bmp",
+             ns=(os.stat(tmp_path / "3.bmp").st_atime_ns, os.stat(tmp_path / "3.bmp").st_mtime_ns + 10**9))
     assert os.path.getsize(tmp_path / "3.bmp") == size
     second = identities()
     assert second[0] == first[0] and second[1] != first[1]

@@ -35,7 +35,8 @@ def test_layout_and_summary(reference):
     assert (summary["samples"], summary["shards"], summary["samples_run"]) == (22, 5, 22)
     assert summary["blank_prompts"] == 2 and summary["truncated_prompts"] == 2
     st = summary["startup"]  # start-up milestones, in order, each within the job's time
-    assert 0 <= st["ray_connected_s"] < st["first_actor_ready_s"] < st["first_shard_committed_s"] <= summary["elapsed_s"]
+    assert (0 <= st["ray_connected_s"] < st["first_actor_ready_s"] < st["first_shard_committed_s"]
+            <= summary["elapsed_s"])
     assert 0 < st["first_actor_imports_s"] + st["first_actor_model_load_s"] < st["first_actor_ready_s"]
     actors = summary["actors"]  # per actor: what it did, and how long its device sat idle
     assert 1 <= len(actors) <= 2 and sum(a["samples"] for a in actors) == 22 and sum(a["shards"] for a in actors) == 5
@@ -179,9 +180,12 @@ def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path, monk
     # so do the temporaries of atomic writes (a kill inside summary.json's or an index part's write);
     # a name that only looks like one stays
     hexid = "0123456789abcdef" * 2
-    dead_writes = [os.path.join(copy, f"summary.json.tmp-{hexid}"), os.path.join(copy, "index", f"000002.parquet.tmp-{hexid}")]
-    live_write, lookalike = os.path.join(copy, f"index.parquet.tmp-{hexid}"), os.path.join(copy, "summary.json.tmp-mine")
-    for path, when in ((dead, time.time() - 3600), (live, time.time() + 3600), *((d, time.time() - 3600) for d in dead_writes),
+    dead_writes = [os.path.join(copy, f"summary.json.tmp-{hexid}"),
+                   os.path.join(copy, "index", f"000002.parquet.tmp-{hexid}")]
+    live_write = os.path.join(copy, f"index.parquet.tmp-{hexid}")
+    lookalike = os.path.join(copy, "summary.json.tmp-mine")
+    for path, when in ((dead, time.time() - 3600), (live, time.time() + 3600),
+                       *((d, time.time() - 3600) for d in dead_writes),
                        (live_write, time.time() + 3600), (lookalike, time.time() - 3600)):
         open(path, "wb").close()
         os.utime(path, (when, when))
@@ -331,7 +335,8 @@ def test_other_formats_encode_the_same_pixels_deterministically(reference, write
     from synthmill.sharding.encoders import ENCODERS
 
     spec, ref_out = reference
-    job = dict(spec, prompts=dict(spec["prompts"], limit=3), output=dict(spec["output"], path=str(tmp_path / fmt), format=fmt))
+    job = dict(spec, prompts=dict(spec["prompts"], limit=3),
+               output=dict(spec["output"], path=str(tmp_path / fmt), format=fmt))
     run_job(write_spec, job)
     ours, ref = read_wds(str(tmp_path / fmt)), read_wds(ref_out)
     assert len(ours) == 6 and set(ours[0]) >= {fmt, "txt", "json"}
@@ -409,7 +414,8 @@ def test_other_prompts_in_the_same_file_are_another_job(reference, write_spec, t
     shutil.copytree(out, copy)
     moved = tmp_path / "moved.tsv"
     shutil.copy(prompts_tsv, moved)
-    path = write_spec(dict(spec, prompts=dict(spec["prompts"], path=str(moved)), output=dict(spec["output"], path=copy)))
+    path = write_spec(dict(spec, prompts=dict(spec["prompts"], path=str(moved)),
+                           output=dict(spec["output"], path=copy)))
     assert main(["run", path, "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert (plan["shards_done"], plan["shards"]) == (5, 5)
@@ -442,7 +448,8 @@ def test_a_bad_row_deep_in_the_prompts_is_exit_2_before_anything_runs(tiny_sd, w
     assert not os.path.exists(spec["output"]["path"])
 
 
-def test_model_that_cannot_load_fails_once_with_its_error(ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path, capsys):
+def test_model_that_cannot_load_fails_once_with_its_error(ray_address, tiny_sd, prompts_tsv, write_spec, tmp_path,
+                                                          capsys):
     import shutil
 
     broken = tmp_path / "broken"
@@ -500,7 +507,7 @@ def test_a_resume_on_other_cpu_threads_is_refused(reference, write_spec, tmp_pat
     before = files_under(copy)
     assert main(["run", spec_path, "cluster.cpus_per_actor=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"synthmill: error: cluster.cpus_per_actor: the shards done in {copy} were made by CPU actors with 1 "
-                   "torch thread, and this run's would have 2; on a CPU the thread count changes the float32 images, "
-                   "so set cluster.cpus_per_actor=1 to resume, or use a new output.path"), err
+    assert err == (f"synthmill: error: cluster.cpus_per_actor: the shards done in {copy} were made by CPU actors "
+                   "with 1 torch thread, and this run's would have 2; on a CPU the thread count changes the float32 "
+                   "images, so set cluster.cpus_per_actor=1 to resume, or use a new output.path"), err
     assert files_under(copy) == before

@@ -94,4 +94,5 @@ def test_cpu_actors_start_with_the_malloc_settings(ray_address, monkeypatch):
     gpu = actor_options(cluster, use_gpu=True)
     assert gpu["num_gpus"] == 1 and "runtime_env" not in gpu
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert actor_options(cluster, use_gpu=False)["runtime_env"]["env_vars"] == {**CPU_MALLOC_ENV, "MALLOC_ARENA_MAX": "4"}
+    assert (actor_options(cluster, use_gpu=False)["runtime_env"]["env_vars"]
+            == {**CPU_MALLOC_ENV, "MALLOC_ARENA_MAX": "4"})

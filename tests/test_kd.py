@@ -53,7 +53,8 @@ def test_terms_and_stage_pairs(arch):
     noisy, t, cond, target = _batch(2, sdxl)
     total, terms = loss(noisy, t, cond, target)
     assert terms["loss_feature_kd"] > 0 and terms["loss_output_kd"] > 0
-    assert abs(terms["loss"] - (terms["loss_task"] + 0.5 * terms["loss_output_kd"] + 2.0 * terms["loss_feature_kd"])) < 1e-5
+    weighted = terms["loss_task"] + 0.5 * terms["loss_output_kd"] + 2.0 * terms["loss_feature_kd"]
+    assert abs(terms["loss"] - weighted) < 1e-5
     total.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert sum(p.grad is not None for p in student.parameters()) > 0.9 * len(list(student.parameters()))

@@ -293,7 +293,8 @@ def test_remote_model_downloads_on_a_thread_while_the_actor_imports(s3, tiny_sd,
         assert pipe.unet is not None and pipe.name_or_path == path
         elsewhere: Future = Future()  # load_pipeline takes the future's folder, not a fetch of its own
         elsewhere.set_result(tiny_sd)
-        assert load_pipeline(ModelSpec(path="s3://synth/models/tiny-sd"), "cpu", opts, elsewhere).name_or_path == tiny_sd
+        assert load_pipeline(ModelSpec(path="s3://synth/models/tiny-sd"), "cpu", opts,
+                             elsewhere).name_or_path == tiny_sd
         broken: Future = Future()
         broken.set_exception(RuntimeError("the future's own error"))
         with pytest.raises(RuntimeError, match="the future's own error"):

@@ -83,7 +83,8 @@ def test_scan_keeps_offsets_not_prompts(sources):
     ("bad.jsonl", b'{"caption": "ok"}\n{"caption": "fine"}\n{not json}\n', "bad.jsonl: line 3 is not valid JSON"),
     ("col.jsonl", b'{"caption": "ok"}\n{"caption": "fine"}\n{"text": "x"}\n', "'caption' not found in"),
     ("bad.csv", b"caption\nok\nfine\nbad \xff\n", "bad.csv: line 4 is not valid UTF-8"),
-    ("big.tsv", b"caption\nok\nfine\n" + b"y" * 200_000 + b"\n", "big.tsv: data row 3 cannot be read as TSV (field larger"),
+    ("big.tsv", b"caption\nok\nfine\n" + b"y" * 200_000 + b"\n",
+     "big.tsv: data row 3 cannot be read as TSV (field larger"),
 ])
 def test_a_bad_row_anywhere_fails_the_scan_naming_file_and_row(tmp_path, name, content, needle):
     """The scan parses every row it counts: a bad third row is a SpecError (exit 2 before anything runs),
@@ -180,10 +181,12 @@ def _corrupt_parquet(path) -> None:
 @pytest.mark.parametrize("name, content, needle", [
     ("latin1.txt", "café au lait\nok\n".encode("latin-1"), "latin1.txt: line 1 is not valid UTF-8"),
     ("first.jsonl", b'{not json}\n{"caption": "a"}\n', "first.jsonl: line 1 is not valid JSON"),
-    ("deep.jsonl", b'{"caption": "a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n", "deep.jsonl: line 2 is not valid JSON"),
+    ("deep.jsonl", b'{"caption": "a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+     "deep.jsonl: line 2 is not valid JSON"),
     ("dict.jsonl", b'{"caption": "a"}\n{"caption": {"x": 1}}\n', "'caption' in {path} line 2 is a mapping, not text"),
     ("list.jsonl", b'{"caption": [1]}\n', "'caption' in {path} line 1 is a list, not text"),
-    ("short.csv", b"id,caption\n1,a\n2\n3,c\n", "short.csv: data row 2 has 1 field and no 'caption' (field 2 of the header)"),
+    ("short.csv", b"id,caption\n1,a\n2\n3,c\n",
+     "short.csv: data row 2 has 1 field and no 'caption' (field 2 of the header)"),
     ("pages.parquet", None, "pages.parquet: column 'caption' cannot be read ("),
 ])
 def test_rows_that_could_not_be_prompts_are_named_at_check_or_scan(tmp_path, name, content, needle):

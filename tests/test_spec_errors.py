@@ -29,7 +29,8 @@ def good(tiny_sd, prompts_tsv, tmp_path) -> dict:
     return base_spec(tiny_sd, prompts_tsv, str(tmp_path / "out"))
 
 
-def expect_error(capsys, spec_path: str, *needles: str, overrides: tuple[str, ...] = (), output: str | None = None) -> str:
+def expect_error(capsys, spec_path: str, *needles: str, overrides: tuple[str, ...] = (),
+                 output: str | None = None) -> str:
     for command in ("validate", "run"):
         code, line = run_cli(capsys, command, spec_path, *overrides)
         assert code == 2, (command, line)
@@ -75,7 +76,8 @@ def test_unknown_key_suggests_closest(capsys, write_spec, good):
 
 
 def test_unknown_key_in_override(capsys, write_spec, good):
-    expect_error(capsys, write_spec(good), "cluster.batchsize", "cluster.batch_size", overrides=("cluster.batchsize=4",))
+    expect_error(capsys, write_spec(good), "cluster.batchsize", "cluster.batch_size",
+                 overrides=("cluster.batchsize=4",))
 
 
 def test_override_not_key_value(capsys, write_spec, good):
@@ -115,24 +117,28 @@ def test_size_not_multiple_of_8(capsys, write_spec, good, field):
 
 def test_unknown_format_and_scheduler(capsys, write_spec, good):
     expect_error(capsys, write_spec(good), "output.format", "gif", "png", overrides=("output.format=gif",))
-    expect_error(capsys, write_spec(good), "model.scheduler", "did you mean 'euler'", overrides=("model.scheduler=eulr",))
+    expect_error(capsys, write_spec(good), "model.scheduler", "did you mean 'euler'",
+                 overrides=("model.scheduler=eulr",))
 
 
 def test_speed_settings(capsys, write_spec, good):
     """compile_mode is checked; channels_last is a bool; the new keys at their defaults keep old fingerprints."""
     from synthmill.jobs.spec import load_spec
 
-    expect_error(capsys, write_spec(good), "model.compile_mode", "reduce-overhead", overrides=("model.compile_mode=fast",))
+    expect_error(capsys, write_spec(good), "model.compile_mode", "reduce-overhead",
+                 overrides=("model.compile_mode=fast",))
     expect_error(capsys, write_spec(good), "model.channels_last", overrides=("model.channels_last=sometimes",))
     path = write_spec(good)
     base = load_spec(path).fingerprint("sha256:rows")
     assert load_spec(path, ["model.channels_last=null", "model.compile=false"]).fingerprint("sha256:rows") == base
-    assert load_spec(path, ["model.compile=true"]).fingerprint("sha256:rows") != base  # compiled kernels may change fp16 bits
+    # compiled kernels may change fp16 bits
+    assert load_spec(path, ["model.compile=true"]).fingerprint("sha256:rows") != base
     assert load_spec(path, ["model.channels_last=true"]).fingerprint("sha256:rows") != base
 
 
 def test_custom_pipeline_needs_trust(capsys, write_spec, good):
-    expect_error(capsys, write_spec(good), "model.custom_pipeline", "trust_remote_code", overrides=("model.custom_pipeline=lpw_stable_diffusion",))
+    expect_error(capsys, write_spec(good), "model.custom_pipeline", "trust_remote_code",
+                 overrides=("model.custom_pipeline=lpw_stable_diffusion",))
 
 
 def test_missing_prompt_file(capsys, write_spec, good, tmp_path):
@@ -228,8 +234,8 @@ def test_malformed_override_value(capsys, write_spec, good):
     """An override's value is read as YAML: a malformed one is one line naming the override, not a traceback."""
     out = good["output"]["path"]
     expect_error(capsys, write_spec(good), "override 'a.b=[1'", "not valid YAML", overrides=("a.b=[1",), output=out)
-    expect_error(capsys, write_spec(good), "override 'sampling.steps={3'", overrides=("sampling.seed=1", "sampling.steps={3"),
-                 output=out)
+    expect_error(capsys, write_spec(good), "override 'sampling.steps={3'",
+                 overrides=("sampling.seed=1", "sampling.steps={3"), output=out)
 
 
 def test_section_given_a_scalar(capsys, write_spec, good):
@@ -264,7 +270,8 @@ def test_options_anywhere_among_overrides(capsys, write_spec, good, tmp_path):
     code, line = run_cli(capsys, "status", str(tmp_path / "typo.yaml"), "output.path=x")
     assert code == 2 and line.endswith(f"{tmp_path / 'typo.yaml'}: spec file not found"), line
     code, line = run_cli(capsys, "status", str(tmp_path), "extra=1")
-    assert code == 2 and line.endswith(f"{tmp_path}: key=value overrides need a job spec YAML, not an output folder"), line
+    assert code == 2 and line.endswith(
+        f"{tmp_path}: key=value overrides need a job spec YAML, not an output folder"), line
     for argv in (["run", path, "--dry-run", "--bogus"], ["status", str(tmp_path), "--bogus"], ["validate", "-v"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
@@ -285,7 +292,8 @@ def test_console_script_exit_codes(write_spec, good):
     assert bad.stderr.strip().splitlines()[-1].startswith("synthmill: error: field 'sampling.height'")
 
 
-@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+@pytest.mark.parametrize("name",
+                         sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
 def test_shipped_configs_load(name):
     """Every config in configs/ is a valid spec of its kind (inputs are checked when it runs)."""
     from synthmill.jobs.spec import load_spec
@@ -310,7 +318,8 @@ def test_hub_id_the_hub_does_not_have_is_exit_2(capsys, write_spec, good, hub, p
     assert asked and set(asked) == {f"/{path}/resolve/{revision or 'main'}/model_index.json"}, hub.requests
 
 
-def test_hub_check_passes_a_pipeline_and_steps_aside_without_an_answer(capsys, write_spec, good, hub, monkeypatch, caplog):
+def test_hub_check_passes_a_pipeline_and_steps_aside_without_an_answer(capsys, write_spec, good, hub, monkeypatch,
+                                                                        caplog):
     """A hub pipeline passes; so does any hub id when the hub gives no clear answer (the load then decides, maybe
     from the nodes' caches), with a log line saying it was not checked; HF_HUB_OFFLINE asks nothing."""
     import logging
@@ -351,7 +360,8 @@ def test_hub_checks_reach_distill_teachers_and_honour_hf_endpoint(write_spec, hu
     proc = subprocess.run([exe, "validate", write_spec(spec)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"synthmill: error: teacher.path org/no-such-teacher: no such folder here and no such model on {hub.url}"), proc.stderr
+        f"synthmill: error: teacher.path org/no-such-teacher: no such folder here and no such model on {hub.url}"
+    ), proc.stderr
     assert hub.model_requests() == ["/org/no-such-teacher/resolve/main/model_index.json"]
     assert not os.path.exists(tmp_path / "out")
 
@@ -366,7 +376,8 @@ def test_hub_checks_reach_distill_teachers_and_honour_hf_endpoint(write_spec, hu
     (None, ("output.=1",), ["override 'output.=1' is not of the form key=value"]),
     (None, ("a..b=1",), ["override 'a..b=1' is not of the form key=value"]),
     (lambda s: s["output"].update(path="/tmp/a\0b"), (), ["field 'output.path': contains a NUL character"]),
-    (None, ("cluster.resources.CPU=2",), ["field 'cluster.resources.CPU': is set by synthmill (cluster.cpus_per_actor"]),
+    (None, ("cluster.resources.CPU=2",),
+     ["field 'cluster.resources.CPU': is set by synthmill (cluster.cpus_per_actor"]),
     (None, (f"sampling.seed={2**63}",), ["field 'sampling.seed': must be in 0..2**63-1"]),
     # 11 prompts x 2 images from 2**63 - 21: the last sample's seed would be 2**63
     (None, (f"sampling.seed={2**63 - 21}",), ["'sampling.seed'", "22 samples passes the largest seed"]),
@@ -564,7 +575,8 @@ def test_yaml_merge_keys_are_not_duplicates(write_spec, good, tmp_path):
 def test_override_bytes_that_are_not_utf8(capsys, write_spec, good):
     """What a shell passes for $'\\xff' reaches Python as a surrogate; YAML's parser raised on it."""
     bad = os.fsdecode(b"model.path=/tmp/\xff\xfe")
-    expect_error(capsys, write_spec(good), "override 'model.path=/tmp/\\udcff\\udcfe': not UTF-8 text", overrides=(bad,))
+    expect_error(capsys, write_spec(good), "override 'model.path=/tmp/\\udcff\\udcfe': not UTF-8 text",
+                 overrides=(bad,))
 
 
 def test_a_newline_in_a_path_stays_on_the_error_line(capsys, write_spec, good):
@@ -611,7 +623,8 @@ def test_relative_paths_are_made_absolute_for_the_actors(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     specs = {
-        "generate": "kind: generate\nmodel: {path: models/sd, custom_pipeline: lpw_stable_diffusion, trust_remote_code: true}\n"
+        "generate": "kind: generate\n"
+                    "model: {path: models/sd, custom_pipeline: lpw_stable_diffusion, trust_remote_code: true}\n"
                     "prompts: {path: ./p.tsv}\noutput: {path: out/run1}\n",
         "evaluate": "kind: evaluate\ngenerated: {path: 'out/run1/shards/*.tar'}\nreference: {path: stats.npz}\n"
                     "fid: {weights: 'https://example.com/w.pth'}\nclip: {model: 'local-dir:clip', pretrained: openai}\n"
@@ -698,7 +711,8 @@ def test_an_actor_that_does_not_see_the_drivers_files_says_so(tmp_path, prompts_
     spec.model.path = "org/model"
     check_node_sees(spec, GENERATOR)
     ev = tmp_path / "eval.yaml"
-    ev.write_text(f"kind: evaluate\nmetrics: [clip]\nreference: {{path: {tmp_path}/unused.npz}}\ngenerated: {{path: '{out}/shards/*.tar'}}\nclip: {{model: 'local-dir:{tmp_path}'}}\n"
+    ev.write_text(f"kind: evaluate\nmetrics: [clip]\nreference: {{path: {tmp_path}/unused.npz}}\n"
+                  f"generated: {{path: '{out}/shards/*.tar'}}\nclip: {{model: 'local-dir:{tmp_path}'}}\n"
                   f"output: {{path: {out}}}\n", encoding="utf-8")
     with pytest.raises(RuntimeError, match=r"^generated.path .*/out/shards/\*.tar: this node .* does not see it"):
         check_node_sees(load_spec(str(ev)), SCORER)
@@ -732,7 +746,8 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
     assert not [s for s in secrets if s in text], text
     written = yaml.safe_load(text)
     assert written["prompts"]["path"] == "https://reader:<redacted>@data.example.com/prompts.txt"
-    assert written["storage"]["client_kwargs"]["headers"] == {"Authorization": "<redacted>", "User-Agent": "synthmill-test"}
+    assert written["storage"]["client_kwargs"]["headers"] == {"Authorization": "<redacted>",
+                                                              "User-Agent": "synthmill-test"}
     assert written["storage"]["endpoint_url"] == "http://minio.internal:9000"
     assert written["storage"]["config_kwargs"] == {"signature_version": "s3v4"}
     # nor does an error line that names the URL (here: fsspec's HTTP client has no use for these options)
@@ -765,7 +780,8 @@ def test_a_missing_local_folder_spelt_like_a_hub_id_is_exit_2_without_the_hub(ca
     monkeypatch.chdir(tmp_path)
     good["model"]["path"] = "models/sd-typo"
     expect_error(capsys, write_spec(good), "model.path models/sd-typo: folder not found (models/ is here, without "
-                 "sd-typo); as a hub id it was not checked (HF_HUB_OFFLINE is set) and this machine's hub cache does not hold it")
+                 "sd-typo); as a hub id it was not checked (HF_HUB_OFFLINE is set) and this machine's hub cache "
+                 "does not hold it")
     good["model"]["path"] = "org/pipe"
     assert run_cli(capsys, "validate", write_spec(good))[0] == 0
     snapshot = tmp_path / "hub" / "models--models--sd-typo" / "snapshots" / "0123abcd"
@@ -799,7 +815,8 @@ def test_output_cut_short_by_its_reader_ends_quietly(good, write_spec, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "synthmill.cli", "run", write_spec(good), "--dry-run"], stdout=write,
                           stderr=subprocess.PIPE, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     os.close(write)
-    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, (
+        proc.stderr[-3000:])
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, good, write_spec):

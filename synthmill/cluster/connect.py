@@ -182,7 +182,8 @@ def check_fits(what: str, need: dict[str, float], fields: str, waits: str, count
     have += " ..." if len(nodes) > 4 else ""
     needs = ", ".join(f"{k} {v:g}" for k, v in need.items())
     if holds == 0:
-        message = f"{fields}: one {what} needs {needs}, and no node of the Ray cluster has that much (its nodes: {have})"
+        message = (f"{fields}: one {what} needs {needs}, and no node of the Ray cluster has that much "
+                   f"(its nodes: {have})")
     else:
         message = (f"{count_field} / {fields}: {count} {what}s need {needs} each, all at once, and the Ray "
                    f"cluster holds {holds} at most (its nodes: {have})")

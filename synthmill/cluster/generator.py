@@ -160,7 +160,8 @@ class ShardGenerator:
         return {
             "key": sample_key(sample.index), "shard": shard, "prompt": sample.prompt,
             "negative_prompt": s.negative_prompt, "seed": sample.seed, "steps": s.steps,
-            "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width, "model": storage.redact_url(m.path),
+            "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width,
+            "model": storage.redact_url(m.path),
             "scheduler": self.scheduler, "dtype": self.dtype, "prompt_index": sample.prompt_index,
             "image_index": sample.image_index, "source_row": sample.prompt_index,
             "prompt_tokens": sample.prompt_tokens, "truncated": sample.truncated,
@@ -170,7 +171,7 @@ class ShardGenerator:
     def _encode(self, batch: list[Sample], images: np.ndarray, nsfw: list, shard: int) -> list[tuple[dict, dict]]:
         fmt, quality = self.spec.output.format, self.spec.output.quality
         out = []
-        for sample, img, flag in zip(batch, images, nsfw):
+        for sample, img, flag in zip(batch, images, nsfw, strict=False):
             meta = self.metadata(sample, flag, shard)
             member = {
                 "__key__": meta["key"],

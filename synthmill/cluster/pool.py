@@ -126,7 +126,7 @@ class ShardPool:
                 return
             slot.dead = True
             report.actors_lost += 1
-            for ref, k in list(slot.inflight.items()):
+            for _ref, k in list(slot.inflight.items()):
                 self._attempt_failed(k, f"actor lost: {reason}", queue, report)
             slot.inflight.clear()
             try:
@@ -172,7 +172,8 @@ class ShardPool:
                     retire(s, last_start_error, replace=False)
                 continue
             if not waiting and not starting:  # nothing can run the rest
-                reason = f"actor failed to start: {last_start_error}" if last_start_error else "no actor could be started"
+                reason = (f"actor failed to start: {last_start_error}" if last_start_error
+                          else "no actor could be started")
                 for k in queue:
                     report.failed[k] = f"not run: {reason}"
                 break

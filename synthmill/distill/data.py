@@ -92,7 +92,7 @@ class ShardStream:
             buffer: list[Sample] = []
             rng = random.Random(_seed(s.seed, "buffer", consumer, epoch))
 
-            def mine() -> Iterator[Sample]:
+            def mine(order: list[Unit] = order) -> Iterator[Sample]:  # consumed below, in this same epoch
                 if len(order) >= consumers:
                     for unit in order[consumer::consumers]:
                         yield from _samples(unit, s.storage_options)

@@ -172,7 +172,8 @@ def _train(config: dict[str, Any]) -> None:
         else:
             ema = None
     if rank == 0:
-        log.info("distill: %s from step %d to %d on %d workers (%s)", spec.student.arch, step, t.max_steps, world, device)
+        log.info("distill: %s from step %d to %d on %d workers (%s)", spec.student.arch, step, t.max_steps, world,
+                 device)
 
     frozen = _frozen_dtype(t.mixed_precision, device)
     teacher = pipe.unet.to(device, frozen).requires_grad_(False).eval()

@@ -56,7 +56,8 @@ def known_model(model: str, pretrained: str | None) -> str | None:
         import difflib
 
         close = difflib.get_close_matches(model, names, n=3)
-        return f"clip.model {model!r}: not an open_clip model" + (f"; did you mean {', '.join(close)}?" if close else "")
+        return (f"clip.model {model!r}: not an open_clip model"
+                + (f"; did you mean {', '.join(close)}?" if close else ""))
     if pretrained is None or os.path.isfile(pretrained):
         return None
     tags = open_clip.list_pretrained_tags_by_model(model)
@@ -73,7 +74,8 @@ class ClipScorer:
         import open_clip
         import torch
 
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained,
+                                                                               device=device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model)
         self.device, self.torch = device, torch

@@ -1,9 +1,10 @@
 """Gaussian statistics of features, merged exactly, and the Frechet distance between two of them.
 
 Each unit contributes float64 sufficient statistics: the count ``n``, the sum of feature vectors and
-the sum of their outer products (a small unit commits its feature rows instead, and they are added here). Sums add, so statistics computed shard by shard, by any number of
-actors, merge into the statistics of the whole set; they are added in shard order, so the result
-does not depend on which actor did what.
+the sum of their outer products (a small unit commits its feature rows instead, and they are added
+here). Sums add, so statistics computed shard by shard, by any number of actors, merge into the
+statistics of the whole set; they are added in shard order, so the result does not depend on which
+actor did what.
 
 The distance needs ``tr(sqrt(S1 S2))``. ``S1 S2`` is similar to a symmetric matrix ``A = R^T S2 R``
 (``S1 = R R^T``), so the trace is the sum of square roots of the eigenvalues of ``A``: a Cholesky

@@ -33,7 +33,8 @@ def local_model_path(url: str, storage_options: dict[str, Any] | None = None) ->
 
     fs, path = storage.filesystem(url, storage_options)
     listing = storage.retrying(url, "list", lambda: fs.find(path, detail=True))
-    files = sorted((k[len(path):].lstrip("/"), int(v.get("size") or 0), str(v.get("ETag", ""))) for k, v in listing.items())
+    files = sorted((k[len(path):].lstrip("/"), int(v.get("size") or 0), str(v.get("ETag", "")))
+                   for k, v in listing.items())
     if not files:
         raise FileNotFoundError(f"{url}: no files")
     key = hashlib.sha256(json.dumps([url, files]).encode()).hexdigest()[:20]
@@ -51,7 +52,8 @@ def local_model_path(url: str, storage_options: dict[str, Any] | None = None) ->
             target = os.path.join(tmp, rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             remote = storage.join(url, rel)
-            storage.retrying(remote, "download", lambda: fs.get_file(f"{path.rstrip('/')}/{rel}", target))
+            storage.retrying(remote, "download",
+                             lambda rel=rel, target=target: fs.get_file(f"{path.rstrip('/')}/{rel}", target))
         open(os.path.join(tmp, ".complete"), "w").close()
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)

@@ -38,8 +38,8 @@ def stage_pairs(student: torch.nn.Module, teacher: torch.nn.Module) -> list[tupl
 
     Down blocks match by index (except one whose downsampler the student dropped, as ``bk-tiny``'s
     last down block: its output has another resolution); the mid block if the student has one; up
-    blocks are aligned from the output end, so a student missing the lowest-resolution stage (``bk-tiny``) matches its up block
-    ``i`` with the teacher's ``i + (teacher up blocks - student up blocks)``.
+    blocks are aligned from the output end, so a student missing the lowest-resolution stage (``bk-tiny``)
+    matches its up block ``i`` with the teacher's ``i + (teacher up blocks - student up blocks)``.
     """
     s, t = unwrap(student), unwrap(teacher)
     pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(min(len(s.down_blocks), len(t.down_blocks)))

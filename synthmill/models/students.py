@@ -305,7 +305,7 @@ def _segmind_plan(arch: str, cfg: dict[str, Any]) -> StudentPlan:
         if d is None:
             up_depth.append(list(t_up[i]))
             continue
-        short = [j for j, (s, t) in enumerate(zip(d, t_up[i])) if s > t]
+        short = [j for j, (s, t) in enumerate(zip(d, t_up[i], strict=False)) if s > t]
         if short:
             raise ValueError(
                 f"student arch {arch!r} needs transformer depths {list(d)} in up block {i}, but the teacher has "
@@ -338,7 +338,8 @@ def _folder_config(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read the student UNet config {str(cfg_file)!r}: {exc}") from exc
     if not isinstance(cfg, dict):
-        raise ValueError(f"{str(cfg_file)!r} holds a JSON {type(cfg).__name__}, not a UNet config (an object of settings)")
+        raise ValueError(f"{str(cfg_file)!r} holds a JSON {type(cfg).__name__}, "
+                         "not a UNet config (an object of settings)")
     if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ValueError(
             f"{str(cfg_file)!r} describes a {cfg.get('_class_name')}, not a UNet2DConditionModel"

@@ -225,7 +225,7 @@ def iter_unit(unit: Unit, opts: dict[str, Any] | None = None, captions: bool = T
         return
     for url in unit.files:
         fs, inner = storage.filesystem(url, opts)
-        data = storage.retrying(url, "read", lambda: fs.cat_file(inner))
+        data = storage.retrying(url, "read", lambda fs=fs, inner=inner: fs.cat_file(inner))
         caption = None
         try:
             caption = fs.cat_file(inner.rsplit(".", 1)[0] + ".txt") if captions else None
@@ -265,7 +265,8 @@ def image_size(image: bytes | str, name: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # UnidentifiedImageError is an OSError
         raise ImageSetError(f"{name}: not a readable image ({type(e).__name__})") from None
 
 

@@ -394,7 +394,8 @@ class ParquetSource(PromptSource):
                 try:
                     col = col.cast(pa.large_string())
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                    raise SpecError(f"prompts.column '{self.column}' in {self.url} holds {col.type}, not text") from None
+                    raise SpecError(f"prompts.column '{self.column}' in {self.url} holds {col.type}, "
+                                    "not text") from None
                 nulls.update(col.is_null().to_numpy(zero_copy_only=False).tobytes())
                 if col.null_count:  # an Arrow null may own bytes in the data buffer: no part of the values
                     col = pc.fill_null(col, "")
@@ -451,11 +452,13 @@ SOURCES: dict[str, type[PromptSource]] = {
 }
 
 
-def open_source(url: str, column: str, limit: int | None, storage_options: dict[str, Any] | None = None) -> PromptSource:
+def open_source(url: str, column: str, limit: int | None,
+                storage_options: dict[str, Any] | None = None) -> PromptSource:
     """The source for ``url`` by its suffix; SpecError for an unknown suffix or a missing file."""
     suffix = "." + url.rsplit(".", 1)[-1].lower() if "." in url.rsplit("/", 1)[-1] else ""
     if suffix not in SOURCES:
-        raise SpecError(f"prompts.path {url}: unknown prompt file type {suffix or '(none)'!r} (known: {', '.join(SOURCES)})")
+        raise SpecError(f"prompts.path {url}: unknown prompt file type {suffix or '(none)'!r} "
+                        f"(known: {', '.join(SOURCES)})")
     fs, path = filesystem(url, storage_options)
     if not retrying(url, "open", lambda: fs.exists(path)):
         raise SpecError(f"prompts.path {url}: file not found")

@@ -334,7 +334,8 @@ def list_sizes(url: str, storage_options: dict[str, Any] | None = None) -> dict[
         entries = retrying(url, "list", ls)
     except FileNotFoundError:
         return {}
-    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
 
 
 def ahead(items: Iterator[Any], fn: Callable[[Any], T], pool: Executor, depth: int) -> Iterator[T]:

@@ -40,7 +40,8 @@ def vae_config(arch: str) -> dict[str, Any]:
 
 def text_encoder_config(which: str) -> dict[str, Any]:
     """``vit-l``: CLIP ViT-L/14's text tower (SD v1.x; SDXL's first); ``vit-bigg``: OpenCLIP's (SDXL's second)."""
-    ids = dict(vocab_size=_CLIP_VOCAB, bos_token_id=512, eos_token_id=513, pad_token_id=513,  # byte-level tokenizer's ids
+    # the ids are the byte-level tokenizer's
+    ids = dict(vocab_size=_CLIP_VOCAB, bos_token_id=512, eos_token_id=513, pad_token_id=513,
                max_position_embeddings=77, layer_norm_eps=1e-05)
     if which == "vit-l":
         return dict(ids, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -86,7 +87,8 @@ def build_random_pipeline(arch: str, seed: int = 0, device: Any = "cpu", dtype: 
         unet = diffusers.UNet2DConditionModel(**unet_cfg)
         vae = diffusers.AutoencoderKL(**vae_config(arch))
         text = CLIPTextModel(CLIPTextConfig(**text_encoder_config("vit-l")))
-        text_2 = None if arch == "sd15" else CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_config("vit-bigg")))
+        text_2 = (None if arch == "sd15"
+                  else CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_config("vit-bigg"))))
     if text_2 is None:
         pipe = diffusers.StableDiffusionPipeline(
             vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,

@@ -61,10 +61,12 @@ def save_tiny_clip(folder: str, seed: int = 0) -> str:
 
     os.makedirs(folder, exist_ok=True)
     config = {"model_cfg": TINY_CLIP,
-              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}
+              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                 "std": [0.26862954, 0.26130258, 0.27577711]}}
     with open(os.path.join(folder, "open_clip_config.json"), "w") as fh:
         json.dump(config, fh, indent=1)
     torch.manual_seed(seed)
     model = open_clip.create_model("local-dir:" + folder)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "open_clip_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(folder, "open_clip_model.safetensors"))
     return "local-dir:" + folder
