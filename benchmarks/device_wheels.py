@@ -1,18 +1,20 @@
-"""Wheels for the lent GPU machine: what synthmill needs there that its image lacks, small enough to travel.
+"""Wheels for an offline GPU machine: what synthmill needs there that its image lacks, small enough to carry.
 
-The device tool's machines (``/work/.library/device``) run Python 3.12 with PyTorch, transformers,
-accelerate, pyarrow, pandas, fsspec and the like already installed, and reach no package index. What
-synthmill's GPU benchmarks need beyond that is listed in ``MISSING`` below. A call's working tree,
-carried folders included, may hold 64 MiB; Ray's wheel alone is 76 MiB, 31 of them its Java jar
-(``ray/jars/ray_dist.jar``, for cross-language actors), which this script leaves out of the wheel (with
-its RECORD line), together with the dashboard's JavaScript source map.
+The GPU machine the benchmarks ran on (an NVIDIA H200, 2026-11-30) runs Python 3.12 with PyTorch,
+transformers, accelerate, pyarrow, pandas, fsspec and the like already installed, and reaches no package
+index. What synthmill's GPU benchmarks need beyond that is listed in ``MISSING`` below. The checkout and
+its carried folders travel to that machine in at most 64 MiB; Ray's wheel alone is 76 MiB, 31 of them its
+Java jar (``ray/jars/ray_dist.jar``, for cross-language actors), which this script leaves out of the wheel
+(with its RECORD line), together with the dashboard's JavaScript source map.
 
-    python -m benchmarks.device_wheels            # here, with pip reaching the registry: fills .whl/ (git-ignored)
+    python -m benchmarks.device_wheels            # on a machine with pip access: fills .whl/ (git-ignored)
 
-then, on the device (``run`` with ``carry: [".whl"]``), before the benchmark::
+then, on the GPU machine (the checkout copied there with ``.whl/``), before the benchmark::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \\
       && export PYTHONPATH=/tmp/site:$PWD && python3 -m benchmarks gpu
+
+``benchmarks/gpu_suite.sh`` runs those two steps for the GPU_RUNS entries it is given (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import subprocess
 import sys
 import zipfile
 
-#: Distributions the device image lacks (its package list in the device tool's KINDS.md, read
-#: 2026-11-23) that a generate / distill run imports: Ray (core, Data, Train) and what it imports
+#: Distributions the GPU image lacks (its package list, read 2026-11-23) that a generate / distill run
+#: imports: Ray (core, Data, Train) and what it imports
 #: (jsonschema, pydantic and their own needs), diffusers, webdataset and OmegaConf.
 MISSING = (
     "ray", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",

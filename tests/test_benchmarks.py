@@ -150,7 +150,7 @@ def test_startup_benchmark_smoke(ray_address, tiny_sd) -> None:
 
 
 def test_gpu_entries_by_number() -> None:
-    """``python -m benchmarks gpu 3 0`` picks GPU_RUNS entries in the order given (what gpu_session.sh passes);
+    """``python -m benchmarks gpu 3 0`` picks GPU_RUNS entries in the order given (what gpu_suite.sh passes);
     a number out of range stops before anything runs, naming the valid range."""
     import pytest
 

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# One call of the device tool on the lent GPU machine (README, "Speed"): install the wheels carried in
-# .whl (python -m benchmarks.device_wheels fills it here), then run the given GPU_RUNS entries one after
-# another, each recorded in benchmarks/RESULTS.md, which is copied to $OUT after every entry so a call
-# cut short by its time limit still brings back what finished. Logs: $OUT/session.log (wheels, GPU,
-# versions) and $OUT/gpu_run_N.log; with six entries that is the eight files a call brings back.
+# The GPU benchmarks on a GPU machine without a package index (docs/speed.md): install the wheels carried in
+# .whl (python -m benchmarks.device_wheels fills it on a machine with pip access), then run the given
+# GPU_RUNS entries one after another, each recorded in benchmarks/RESULTS.md, which is copied to $OUT after
+# every entry so a run stopped by a time limit still leaves what finished. Logs: $OUT/suite.log (wheels,
+# GPU, versions) and $OUT/gpu_run_N.log; with six entries that is eight files in $OUT.
 # ENTRY_TIMEOUT (seconds, default none) stops an entry that runs longer, so that one hung entry does not
-# take the whole call; the next entry then runs.
+# take the whole run; the next entry then runs.
 #
-# On the H200 (2026-11-30) the machine started in ~30 s and entries 0 and 3 took 279 s and 199 s; what is
-# left for the next session, by the rates measured there (benchmarks/RESULTS.md, "Eighth session"):
+# On an NVIDIA H200 (2026-11-30) the machine started in ~30 s and entries 0 and 3 took 279 s and 199 s
+# (benchmarks/RESULTS.md, "2026-11-30, NVIDIA H200"). By those rates the entries still to run fit in two
+# runs, the first about 550 s, with the checkout and its .whl/ copied to the machine and OUT set:
 #
-#   run(command="ENTRY_TIMEOUT=240 bash benchmarks/gpu_session.sh 7 1 4 2", carry=[".whl"], timeout_s=590)
-#   run(command="ENTRY_TIMEOUT=200 bash benchmarks/gpu_session.sh 6 5", carry=[".whl"], timeout_s=...)  # at once, while warm
+#   ENTRY_TIMEOUT=240 bash benchmarks/gpu_suite.sh 7 1 4 2
+#   ENTRY_TIMEOUT=200 bash benchmarks/gpu_suite.sh 6 5
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder whose files come back}"
 export PYTHONUNBUFFERED=1
-log="$OUT/session.log"
+log="$OUT/suite.log"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$log" 2>&1 \
     || { tail -20 "$log"; exit 3; }
 export PYTHONPATH=/tmp/site:$PWD
