@@ -93,8 +93,9 @@ def _scorer(folder: str, weights: str, batch: int, unit: int, isc: bool, out: st
     spec = EvaluateSpec()
     spec.cluster.batch_size, spec.cluster.cpus_per_actor = batch, torch.get_num_threads()
     images = open_image_set(folder, None, unit)
-    work = Work({"generated": SetJob(images, fid=True, isc=isc)}, [("generated", u.index) for u in images.units],
-                "bench", weights, None, out)
+    features = ("pool3", "logits") if isc else ("pool3",)
+    work = Work({"generated": SetJob(images, features)}, [("generated", u.index) for u in images.units],
+                "bench", {"inception": {"weights": weights, "sha256": None}}, out)
     scorer = Scorer(spec, work)
     scorer.process(0)  # warm-up, as for (a); committed again below
     t = time.perf_counter()

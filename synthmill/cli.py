@@ -1,4 +1,5 @@
-"""The ``synthmill`` command (DESIGN.md, "Command line").
+"""The ``synthmill`` command (docs/design.md, "Command line"). It knows no job kind by name: each comes from
+the table :data:`synthmill.jobs.kinds.KINDS`.
 
 Exit codes: 0 success; 2 invalid spec or bad input (one line naming the field or file, before any
 model loads and before anything is written); 1 the job ran and failed (the failed shards are named).
@@ -57,64 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _job_module(kind: str):
-    """The runner of a job kind: a module with ``prepare``, ``plan_summary`` and ``run``."""
-    import importlib
-
-    return importlib.import_module(f"synthmill.jobs.{kind}")  # only this kind's (imports cost seconds)
-
-
-def _ok_line(spec_path: str, kind: str, plan: dict) -> str:
-    if kind == "distill":
-        samples = plan["data_samples"] if plan["data_samples"] is not None else "?"
-        return (f"ok: {spec_path}: {plan['teacher']} ({plan['teacher_params'] / 1e6:.1f}M) -> {plan['student']} "
-                f"({plan['student_params'] / 1e6:.1f}M) on {samples} samples in {plan['data_units']} units at "
-                f"{plan['resolution']}px; step {plan['steps_done']} of {plan['max_steps']}")
-    if kind == "generate":
-        return f"ok: {spec_path}: {plan['prompts']} prompts -> {plan['samples']} samples in {plan['shards']} shards"
-    sets = [f"{name} {plan[name]['samples'] if plan[name]['samples'] is not None else '?'} samples in "
-            f"{plan[name]['units']} units" for name in ("generated", "reference") if "units" in plan.get(name, {})]
-    if plan.get("reference", {}).get("kind") == "stats":
-        sets.append(f"reference stats {plan['reference']['path']}")
-    return f"ok: {spec_path}: {', '.join(plan['metrics'])} over {'; '.join(sets)}"
-
-
-def _done_line(kind: str, summary: dict, output: str) -> str:
-    if kind == "distill":
-        loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
-        rate = f"{summary['samples_per_s']:.2f} samples/s" if summary["samples_per_s"] else "no steady-state rate"
-        return (f"done: {summary['student']} ({summary['student_params'] / 1e6:.1f}M params) at step {summary['steps']} "
-                f"({summary['steps_run']} steps run, {summary['steps_resumed']} resumed; {rate} "
-                f"on {summary['workers']} {summary['device']} workers; loss {loss}) -> {summary['pipeline']}")
-    if kind == "generate" and summary.get("complete_already"):
-        return (f"done already: {summary['samples']} samples in {summary['shards']} shards at {output}, complete "
-                f"since {summary['finished_at']}; nothing to run")
-    if kind == "generate":
-        return (
-            f"done: {summary['samples']} samples in {summary['shards']} shards at {output} "
-            f"({summary['shards_resumed']} shards resumed, {summary['samples_run']} samples generated in "
-            f"{summary['elapsed_s']:.1f}s, {summary['images_per_s']:.2f} images/s; retries {summary['retries']}, "
-            f"truncated prompts {summary['truncated_prompts']}, blank prompts {summary['blank_prompts']})"
-        )
-    m = summary["metrics"]
-    parts = []
-    if "fid" in m:
-        # two identical sets: the exact 0 comes out of float64 as +-1e-12; "-0.0000" would read as a sign
-        parts.append(f"FID {round(m['fid'], 4) + 0.0:.4f}")
-    if "inception_score" in m:
-        parts.append(f"IS {m['inception_score']['mean']:.4f} +- {m['inception_score']['std']:.4f}")
-    if "clip_score" in m:
-        parts.append(f"CLIP score {m['clip_score']:.4f} (x100: {m['clip_score_x100']:.2f})")
-    samples = ", ".join(f"{k} {v}" for k, v in summary["samples"].items())
-    return (f"done: {'; '.join(parts) or 'statistics written'} ({samples} samples; {summary['units_resumed']} units "
-            f"resumed, {summary['units_run']} scored in {summary['elapsed_s']:.1f}s) -> {output}/metrics.json")
-
-
 def _main(args: argparse.Namespace) -> int:
+    from synthmill.jobs.kinds import KINDS
     from synthmill.jobs.spec import load_spec
 
     if args.command == "status":
-        from synthmill import status
+        from synthmill.jobs import status
         from synthmill.sharding import storage
 
         output, opts = args.output, None
@@ -135,14 +84,14 @@ def _main(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=1) if args.json else status.render(st))
         return 0
     spec = load_spec(args.spec, args.overrides)
-    job = _job_module(spec.kind)
+    job = KINDS[spec.kind].module()  # only this kind's runner is imported (imports cost seconds)
     prepared = job.prepare(spec)
     if args.command == "validate" or args.dry_run:
         plan = job.plan_summary(prepared)
-        print(_ok_line(args.spec, spec.kind, plan) if args.command == "validate" else json.dumps(plan, indent=1))
+        print(job.ok_line(args.spec, plan) if args.command == "validate" else json.dumps(plan, indent=1))
         return 0
     summary = job.run(prepared)
-    print(_done_line(spec.kind, summary, spec.output.path))
+    print(job.done_line(summary, spec.output.path))
     return 0
 
 

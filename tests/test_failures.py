@@ -125,7 +125,7 @@ def test_zombie_writer_cannot_corrupt_or_duplicate(reference, write_spec, tmp_pa
     assert_exactly_reference(out, ref_out)
     markers = [json.load(open(os.path.join(out, "shards", f"{k:06d}.json"))) for k in (0, 3, 4)]
     assert all(m["attempt"] == 99 for m in markers)  # the zombie's commits are the ones in place...
-    from synthmill import status
+    from synthmill.jobs import status
 
     st = status.collect(out)  # ...and they still check out as done
     assert st["complete"] and st["shards_done"] == 5 and st["unfinished_temporaries"] == 0

@@ -171,7 +171,7 @@ def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path, monk
     for name in ("shards/000002.json", "summary.json"):  # damaged in place: counted as never written
         with open(os.path.join(copy, name), "r+b") as fh:
             fh.truncate(10)
-    from synthmill import status
+    from synthmill.jobs import status
 
     st = status.collect(copy)  # the old summary.json must not make a damaged output look complete
     # a temporary of an attempt that died before this run goes; one written since (another run's writer into

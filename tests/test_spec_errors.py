@@ -684,8 +684,8 @@ def test_an_actor_that_does_not_see_the_drivers_files_says_so(tmp_path, prompts_
     the paths the actor reads count (not here: a reference .npz, which the driver reads)."""
     import shutil
 
-    from synthmill.jobs.outputs import check_node_sees
-    from synthmill.jobs.spec import load_spec
+    from synthmill.jobs.spec import load_spec, node_paths
+    from synthmill.sharding.nodes import check_node_sees
 
     GENERATOR, SCORER = ("model.path", "prompts.path", "output.path"), ("generated.path", "output.path")
     model, prompts = shutil.copytree(tiny_sd, tmp_path / "model"), shutil.copy(prompts_tsv, tmp_path / "p.tsv")
@@ -697,28 +697,28 @@ def test_an_actor_that_does_not_see_the_drivers_files_says_so(tmp_path, prompts_
     with pytest.raises(RuntimeError, match=f"^output.path {out}: this node .* does not see the plan.json the driver "
                                            "wrote there; a local path must be on storage every node of the cluster "
                                            "shares .*, else use s3://$"):
-        check_node_sees(spec, GENERATOR)
+        check_node_sees(node_paths(spec, GENERATOR))
     out.mkdir()
     (out / "plan.json").write_text("{}", encoding="utf-8")
-    check_node_sees(spec, GENERATOR)
+    check_node_sees(node_paths(spec, GENERATOR))
     os.rename(prompts, tmp_path / "elsewhere.tsv")
     with pytest.raises(RuntimeError, match=f"^prompts.path {prompts}: this node .* does not see it; "):
-        check_node_sees(spec, GENERATOR)
+        check_node_sees(node_paths(spec, GENERATOR))
     spec.prompts.path, spec.output.path = "s3://bucket/p.tsv", "s3://bucket/out"
     spec.model.path = str(tmp_path / "gone")
     with pytest.raises(RuntimeError, match=f"^model.path {tmp_path}/gone: this node"):
-        check_node_sees(spec, GENERATOR)
+        check_node_sees(node_paths(spec, GENERATOR))
     spec.model.path = "org/model"
-    check_node_sees(spec, GENERATOR)
+    check_node_sees(node_paths(spec, GENERATOR))
     ev = tmp_path / "eval.yaml"
     ev.write_text(f"kind: evaluate\nmetrics: [clip]\nreference: {{path: {tmp_path}/unused.npz}}\n"
                   f"generated: {{path: '{out}/shards/*.tar'}}\nclip: {{model: 'local-dir:{tmp_path}'}}\n"
                   f"output: {{path: {out}}}\n", encoding="utf-8")
     with pytest.raises(RuntimeError, match=r"^generated.path .*/out/shards/\*.tar: this node .* does not see it"):
-        check_node_sees(load_spec(str(ev)), SCORER)
+        check_node_sees(node_paths(load_spec(str(ev)), SCORER))
     (out / "shards").mkdir()
     (out / "shards" / "000000.tar").write_bytes(b"")
-    check_node_sees(load_spec(str(ev)), SCORER)
+    check_node_sees(node_paths(load_spec(str(ev)), SCORER))
 
 
 def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_path):
@@ -729,6 +729,7 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
 
     from synthmill.jobs.outputs import write_job_yaml
     from synthmill.jobs.spec import load_spec
+    from synthmill.sharding.layout import OutputLayout
 
     secrets = ["Bearer H3ADER", "AccountKey=C0NN", "T0KEN", "PASSW0RD", "S3CRET", "PHR4SE"]
     spec_path = tmp_path / "job.yaml"
@@ -741,7 +742,8 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
                     "connection_string": secrets[1], "extra": [{"token": secrets[2]}], "passphrase": secrets[5],
                     "config_kwargs": {"signature_version": "s3v4"}},
     }), encoding="utf-8")
-    write_job_yaml(load_spec(str(spec_path)))
+    spec = load_spec(str(spec_path))
+    write_job_yaml(spec, OutputLayout(spec.output.path, spec.storage))
     text = (tmp_path / "out" / "job.yaml").read_text(encoding="utf-8")
     assert not [s for s in secrets if s in text], text
     written = yaml.safe_load(text)
@@ -796,13 +798,13 @@ def test_a_missing_local_folder_spelt_like_a_hub_id_is_exit_2_without_the_hub(ca
 def test_done_line_of_two_identical_sets_reads_fid_zero():
     """FID of a set against itself is 0; float64 gives it as a tiny negative or positive number, which the
     done line prints as 0.0000 (not -0.0000); metrics.json keeps the number as computed."""
-    from synthmill.cli import _done_line
+    from synthmill.jobs.evaluate import done_line
 
     summary = {"metrics": {"fid": -3.2e-12}, "samples": {"generated": 22, "reference": 22}, "units_resumed": 0,
                "units_run": 10, "elapsed_s": 1.0}
-    assert _done_line("evaluate", summary, "/o").startswith("done: FID 0.0000 (generated 22, reference 22 samples;")
+    assert done_line(summary, "/o").startswith("done: FID 0.0000 (generated 22, reference 22 samples;")
     summary["metrics"]["fid"] = 12.345678
-    assert _done_line("evaluate", summary, "/o").startswith("done: FID 12.3457 (")
+    assert done_line(summary, "/o").startswith("done: FID 12.3457 (")
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(good, write_spec, tmp_path):

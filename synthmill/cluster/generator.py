@@ -10,6 +10,7 @@ and uploaded. It returns the shard's marker: a small dict, never the images.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
@@ -22,15 +23,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
-from synthmill.jobs.outputs import check_node_sees
 from synthmill.sharding import storage
-from synthmill.sharding.commit import commit_shard
 from synthmill.sharding.encoders import ENCODERS
 from synthmill.sharding.index import index_table
+from synthmill.sharding.layout import SHARDS, OutputLayout
+from synthmill.sharding.nodes import NodePath, check_node_sees
 from synthmill.sharding.plan import ShardPlan, sample_key
 from synthmill.sharding.sources import PromptSource
+from synthmill.sharding.units import LocalPayload
 from synthmill.sharding.writer import ShardTarWriter
 
 log = logging.getLogger(__name__)
@@ -186,8 +189,8 @@ class ShardGenerator:
         """Generate, write and commit shard ``k``; return its marker."""
         t0 = time.perf_counter()
         samples = self.samples(k)
-        out_url = self.spec.output.path
-        tmp_dir = os.path.join(out_url, "shards") if storage.is_local(out_url) else None
+        layout = OutputLayout(self.spec.output.path, self.spec.storage)
+        tmp_dir = layout.local_path(SHARDS) if layout.is_local else None
         if tmp_dir:
             os.makedirs(tmp_dir, exist_ok=True)
         writer = ShardTarWriter(tmp_dir, prefix=f".{k:06d}.")
@@ -229,7 +232,9 @@ class ShardGenerator:
             "elapsed_s": round(time.perf_counter() - t0, 3), **self.info(),
         }
         try:
-            commit_shard(out_url, k, path, index_table(metas), marker, self.spec.storage)
+            index = io.BytesIO()
+            pq.write_table(index_table(metas), index)
+            marker = layout.shards.commit(k, LocalPayload(path, size, sha), marker, [index.getvalue()])
         finally:
             if os.path.exists(path):  # remote outputs upload a copy; the local temporary goes
                 os.unlink(path)
@@ -240,8 +245,8 @@ class ShardGenerator:
 class GeneratorActor:
     """Ray actor around :class:`ShardGenerator` (created with num_gpus=1 on GPU clusters)."""
 
-    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
-        check_node_sees(spec, ("model.path", "prompts.path", "output.path"))
+    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, node_paths: list[NodePath]):
+        check_node_sees(node_paths)  # the model, prompts and output the driver checked
         self.gen = ShardGenerator(spec, source, plan)
 
     def ready(self) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 :class:`Scorer` is plain Python (benchmarks drive it without Ray); :class:`ScorerActor` is its Ray
 actor. ``process(t)`` streams task t's unit (a tar or a list of files) sample by sample: threads
 decode the next images while the networks run on the current batch, and only one batch of pixels is
-held at a time. What it keeps is small: float64 feature sums (2048 + 2048x2048), the 1008 IS logits
-and one CLIP cosine per sample. It commits them as the unit's partial and returns the marker.
+held at a time. The networks and what is kept of each image come from the metrics table
+(:mod:`synthmill.metrics.registry`): per unit, each feature's accumulator (FID's features or their
+float64 sums, IS logits, CLIP cosines). It commits them as the unit's partial and returns the marker.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from synthmill.jobs.outputs import check_node_sees
 from synthmill.metrics import partials
-from synthmill.metrics.frechet import UnitFeatures
+from synthmill.metrics.registry import FEATURES, NETWORKS, networks_of
 from synthmill.sharding import storage
 from synthmill.sharding.images import ImageSet, ImageSetError, Sample, iter_unit
+from synthmill.sharding.nodes import NodePath, check_node_sees
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,20 @@ class BadImage(ValueError):
 
 @dataclass
 class SetJob:
-    """One image set and what to compute on it."""
+    """One image set and what to compute on it: the features its metrics need (metrics.registry)."""
 
     images: ImageSet
-    fid: bool = False
-    isc: bool = False
-    clip: bool = False
+    features: tuple[str, ...] = ()
     size: tuple[int, int] | None = None  # every image must have this (width, height); None: no check
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return networks_of(self.features)
+
+    @property
+    def captions(self) -> str | None:
+        """Why each image of the set needs its caption, or None."""
+        return next((NETWORKS[n].captions for n in self.networks if NETWORKS[n].captions), None)
 
 
 @dataclass
@@ -52,10 +60,10 @@ class Work:
     sets: dict[str, SetJob]
     tasks: list[tuple[str, int]]  # task id -> (set name, unit index)
     fingerprint: str
-    weights: str | None  # fid.weights as the spec gives it (None: the standard file's URL)
-    weights_sha256: str | None  # its full digest, as the driver found it; every node checks against it
+    info: dict[str, dict[str, Any]]  # network name -> what the driver's check found (a weights file's digest)
     output: str
     storage: dict[str, Any] = field(default_factory=dict)
+    node_paths: list[NodePath] = field(default_factory=list)  # the local inputs every node must see
 
 
 class Scorer:
@@ -66,35 +74,26 @@ class Scorer:
 
         import torch
 
-        from synthmill.metrics import weights
-
         self.spec, self.work = spec, work
         self.samples_done = 0  # images scored so far (the driver's progress bar polls it)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(spec.cluster.cpus_per_actor)
-        fid = any(s.fid for s in work.sets.values())
-        isc = any(s.isc for s in work.sets.values())
-        self.inception = None
-        if fid or isc:
-            from synthmill.metrics.inception import InceptionExtractor
-
-            # Resolved on this node: a URL is downloaded into this node's cache (once, under a lock).
-            path, _ = weights.resolve(work.weights, work.weights_sha256, work.storage)
-            state = weights.load_state_dict(path)
-            self.inception = InceptionExtractor(state, path, spec.fid.protocol, fid, isc, self.device)
-        self.clip = None
-        if any(s.clip for s in work.sets.values()):
-            from synthmill.metrics.clipscore import ClipScorer
-
-            self.clip = ClipScorer(spec.clip.model, spec.clip.pretrained, self.device)
+        wanted: dict[str, set[str]] = {}  # network -> the features asked of it, over every set
+        for job in work.sets.values():
+            for f in job.features:
+                wanted.setdefault(FEATURES[f].network, set()).add(f)
+        # Each network once, whatever number of metrics and sets read it; a weights URL is fetched into this
+        # node's cache (once, under a lock) by the network's own loader.
+        self.nets = {n: NETWORKS[n].load(spec, work.info.get(n, {}), tuple(sorted(fs)), self.device)
+                     for n, fs in ((n, wanted[n]) for n in NETWORKS if n in wanted)}
         self.lock = threading.Lock()  # one batch on the device at a time
         self.decoders = ThreadPoolExecutor(max_workers=spec.cluster.decode_threads, thread_name_prefix="decode")
 
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "host": socket.gethostname(), "pid": os.getpid()}
 
-    def _decode(self, job: SetJob, sample: Sample) -> tuple[np.ndarray | None, Any, str | None]:
+    def _decode(self, job: SetJob, sample: Sample) -> tuple[dict[str, Any], str | None]:
         from PIL import Image
 
         try:
@@ -107,28 +106,19 @@ class Scorer:
                 f"{sample.name}: image is {rgb.size[0]}x{rgb.size[1]}, the set's first image is "
                 f"{job.size[0]}x{job.size[1]}; images of mixed sizes give meaningless FID/IS "
                 "(set fid.resize_to to score every image at one size)")
-        if job.clip and sample.caption is None:
+        if job.captions and sample.caption is None:
             raise BadImage(f"{sample.name}: no caption (.txt) for the clip metric")
-        pixels = None
-        if job.fid or job.isc:
-            r = self.spec.fid.resize_to
-            scaled = rgb.resize((r, r), resample=Image.BICUBIC) if r else rgb
-            pixels = np.asarray(scaled, dtype=np.uint8)
-        return pixels, rgb if job.clip else None, sample.caption
+        return {n: NETWORKS[n].prepare(self.spec, rgb) for n in job.networks}, sample.caption
 
     def _batch(self, job: SetJob, batch: list, acc: dict[str, Any]) -> None:
-        pixels = [b[0] for b in batch]
+        captions = [b[1] for b in batch]
         with self.lock:
-            if job.fid:
-                acc["fid"].add(self.inception.fid_features(pixels))
-            if job.isc:
-                acc["logits"].append(self.inception.is_logits(pixels))
-            if job.clip:
-                captions = [b[2] for b in batch]
-                acc["cos"].append(self.clip.cosines([b[1] for b in batch], captions))
-                acc["truncated"] += self.clip.truncated(captions)
+            for n in job.networks:
+                mine = tuple(f for f in job.features if FEATURES[f].network == n)
+                values = self.nets[n].extract(mine, [b[0][n] for b in batch], captions)
+                for f in mine:
+                    acc[f].add(values[f])
             self.samples_done += len(batch)
-        acc["n"] += len(batch)
 
     def process(self, t: int, attempt: int = 1) -> dict[str, Any]:
         """Score task ``t``; return its committed marker, or ``{"bad_input": message}``."""
@@ -136,40 +126,38 @@ class Scorer:
         job = self.work.sets[set_name]
         unit = job.images.units[k]
         t0 = time.perf_counter()
-        acc: dict[str, Any] = {"n": 0, "fid": UnitFeatures(2048), "logits": [], "cos": [], "truncated": 0}
+        acc = {f: FEATURES[f].unit() for f in job.features}
+        n = 0
         bs = self.spec.cluster.batch_size
         batch: list = []
         try:
-            samples = iter_unit(unit, self.work.storage, captions=job.clip)
+            samples = iter_unit(unit, self.work.storage, captions=bool(job.captions))
             decoded = storage.ahead(samples, lambda s: self._decode(job, s), self.decoders, 2 * bs)
             for item in decoded:
                 batch.append(item)
                 if len(batch) == bs:
                     self._batch(job, batch, acc)
-                    batch = []
+                    n, batch = n + len(batch), []
             if batch:
                 self._batch(job, batch, acc)
+                n += len(batch)
         except (BadImage, ImageSetError) as e:  # ImageSetError: a caption that is not UTF-8, a broken tar
             return {"bad_input": str(e)}
-        if unit.count is not None and acc["n"] != unit.count:
-            raise RuntimeError(f"{unit.tar or unit.files[0]}: read {acc['n']} images, expected {unit.count}")
-        arrays: dict[str, np.ndarray] = {"n": np.array(acc["n"])}
-        if job.fid:
-            arrays.update(acc["fid"].arrays())
-        if job.isc:
-            arrays["logits"] = np.concatenate(acc["logits"]) if acc["logits"] else np.zeros((0, 1008), np.float32)
-        if job.clip:
-            arrays["cos"] = np.concatenate(acc["cos"]) if acc["cos"] else np.zeros(0)
-        marker = {"count": acc["n"], "fingerprint": self.work.fingerprint, "identity": unit.identity,
-                  "truncated_captions": acc["truncated"], "seconds": round(time.perf_counter() - t0, 3),
-                  "attempt": attempt}
+        if unit.count is not None and n != unit.count:
+            raise RuntimeError(f"{unit.tar or unit.files[0]}: read {n} images, expected {unit.count}")
+        arrays: dict[str, np.ndarray] = {"n": np.array(n)}
+        marker = {"count": n, "fingerprint": self.work.fingerprint, "identity": unit.identity}
+        for a in acc.values():
+            arrays.update(a.arrays())
+            marker.update(a.marker())
+        marker.update(seconds=round(time.perf_counter() - t0, 3), attempt=attempt)
         return partials.commit(self.work.output, set_name, k, arrays, marker, self.work.storage)
 
 
 @ray.remote(num_cpus=1)
 class ScorerActor:
     def __init__(self, spec: Any, work: Work):
-        check_node_sees(spec, (*(f"{name}.path" for name in work.sets), "output.path"))  # the sets it scores
+        check_node_sees(work.node_paths)  # the sets it scores, the output it commits to
         self.scorer = Scorer(spec, work)
 
     def ready(self) -> dict[str, Any]:

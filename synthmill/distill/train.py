@@ -120,9 +120,9 @@ def _frozen_dtype(mixed_precision: str, device: Any):
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
-    from synthmill.jobs.outputs import check_node_sees
+    from synthmill.sharding.nodes import check_node_sees
 
-    check_node_sees(config["spec"], ("teacher.path", "data.path", "output.path"))
+    check_node_sees(config["node_paths"])  # the teacher, data and output the driver checked
     try:
         _train(config)
     except BadData as e:

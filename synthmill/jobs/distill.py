@@ -24,12 +24,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from synthmill.errors import JobFailed, SpecError
+from synthmill.jobs import lifecycle
 from synthmill.jobs.distill_spec import DistillSpec
-from synthmill.jobs.generate import VALIDATE_RETRY_S
-from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
+from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, versions
+from synthmill.jobs.spec import node_paths
 from synthmill.models.loading import check_model_path, is_hub_id
 from synthmill.sharding import storage
 from synthmill.sharding.images import ImageSet, ImageSetError, check_first_sample, open_image_set
+from synthmill.sharding.layout import CHECKPOINTS, PIPELINE, SUMMARY, TRAIN_LOG, OutputLayout
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ class Prepared:
     student_params: int
     steps_done: int
     fingerprint: str
+
+    @property
+    def layout(self) -> OutputLayout:
+        return OutputLayout(self.spec.output.path, self.spec.storage)
 
 
 def _component_config(spec: DistillSpec, name: str) -> dict[str, Any]:
@@ -113,7 +119,8 @@ def _check_resolution(spec: DistillSpec, vae_cfg: dict[str, Any], unet_cfg: dict
 def latest_step(output: str, storage_options: dict[str, Any] | None = None) -> int:
     """The step of the checkpoint Ray Train resumes from: the latest one its snapshot under
     ``OUTPUT/checkpoints/`` records (a checkpoint folder a crash left half-copied is not in it). 0 if none."""
-    snapshot = storage.read_json(storage.join(output, "checkpoints", "checkpoint_manager_snapshot.json"), storage_options)
+    snapshot = storage.read_json(OutputLayout(output, storage_options).file(CHECKPOINTS, "checkpoint_manager_snapshot.json"),
+                                 storage_options)
     latest = (snapshot or {}).get("latest_checkpoint_result") or {}
     return int((latest.get("metrics") or {}).get("step", 0))
 
@@ -188,9 +195,10 @@ def _scaling(spec: DistillSpec, resources: dict[str, float]) -> tuple[int, bool]
 
 def _storage_for_ray(spec: DistillSpec) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig: a local folder, or fsspec through pyarrow."""
-    out = spec.output.path
-    if storage.is_local(out):
-        return os.path.abspath(out), None
+    layout = OutputLayout(spec.output.path, spec.storage)
+    out = layout.url
+    if layout.is_local:
+        return layout.local_path(), None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     fs, inner = storage.filesystem(out, spec.storage)
@@ -209,10 +217,11 @@ def _trainer(p: Prepared, n_workers: int, use_gpu: bool):
     per_worker = {"CPU": spec.cluster.cpus_per_worker, **spec.cluster.resources}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "units": p.data.units, "fingerprint": p.fingerprint},
+        train_loop_config={"spec": spec, "units": p.data.units, "fingerprint": p.fingerprint,
+                           "node_paths": node_paths(spec, ("teacher.path", "data.path", "output.path"))},
         scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
-            name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
+            name=CHECKPOINTS, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoints_kept),
             failure_config=FailureConfig(max_failures=0),  # run() retries (bad data must not be retried)
             worker_runtime_env={} if use_gpu else cpu_runtime_env(),
@@ -242,9 +251,11 @@ def export_pipeline(spec: DistillSpec, checkpoint_dir: str) -> str:
     unet = UNet2DConditionModel.from_pretrained(weights)  # an EMA folder's config also holds the EMA state: ignored
     pipe = load_teacher(spec.teacher, spec.storage)  # the same loading rules as the workers
     pipe.register_modules(unet=unet)
-    out = storage.join(spec.output.path, "pipeline")
-    if storage.is_local(out):
-        tmp = tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=os.path.abspath(spec.output.path))
+    layout = OutputLayout(spec.output.path, spec.storage)
+    out = layout.file(PIPELINE)
+    if layout.is_local:
+        out = layout.local_path(PIPELINE)
+        tmp = tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=layout.local_path())
         pipe.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -258,30 +269,6 @@ def export_pipeline(spec: DistillSpec, checkpoint_dir: str) -> str:
     return out
 
 
-def _finish_trained(p: Prepared) -> dict[str, Any]:
-    """Nothing to train: keep a complete run's summary, or export from its last checkpoint (the run died
-    after training) and write one."""
-    from ray.train import Checkpoint
-
-    from synthmill.distill.train import checkpoint_name
-
-    spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
-    summary = storage.read_json(storage.join(out, "summary.json"), opts, damaged_as_missing=True)
-    if (isinstance(summary, dict) and summary.get("steps") == spec.train.max_steps
-            and summary.get("fingerprint") == p.fingerprint):
-        log.info("%s is trained to step %d already; nothing to do", out, spec.train.max_steps)
-        return dict(summary, steps_run=0, steps_resumed=spec.train.max_steps, samples_per_s=None)
-    storage_path, filesystem = _storage_for_ray(spec)
-    name = checkpoint_name(p.steps_done)
-    ckpt = Checkpoint(f"{storage_path}/checkpoints/{name}", filesystem)
-    t0 = time.perf_counter()
-    with ckpt.as_directory() as folder:
-        pipeline = export_pipeline(spec, folder)
-    summary = _summary(p, None, t0, t0, name, pipeline, datetime.now(timezone.utc))
-    storage.write_json(storage.join(out, "summary.json"), summary, opts)
-    return summary
-
-
 def _summary(p: Prepared, scaling: tuple[int, bool] | None, t0: float, t_train: float, checkpoint: str,
              pipeline: str, started: datetime) -> dict[str, Any]:
     import json
@@ -289,7 +276,7 @@ def _summary(p: Prepared, scaling: tuple[int, bool] | None, t0: float, t_train: 
     spec, t = p.spec, p.spec.train
     steps_run = t.max_steps - p.steps_done if scaling else 0
     n_workers, use_gpu = scaling or (0, False)
-    data = storage.read_bytes(storage.join(spec.output.path, "metrics.jsonl"), spec.storage)
+    data = storage.read_bytes(p.layout.file(TRAIN_LOG), spec.storage)
     lines = [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()]
     # steady state: the logged windows of this run after its first (which includes start-up)
     rates = [r["samples_per_s"] for r in lines if r["step"] > p.steps_done + t.log_every and r.get("samples_per_s")]
@@ -320,66 +307,169 @@ def _summary(p: Prepared, scaling: tuple[int, bool] | None, t0: float, t_train: 
     }
 
 
+def ok_line(spec_path: str, plan: dict[str, Any]) -> str:
+    samples = plan["data_samples"] if plan["data_samples"] is not None else "?"
+    return (f"ok: {spec_path}: {plan['teacher']} ({plan['teacher_params'] / 1e6:.1f}M) -> {plan['student']} "
+            f"({plan['student_params'] / 1e6:.1f}M) on {samples} samples in {plan['data_units']} units at "
+            f"{plan['resolution']}px; step {plan['steps_done']} of {plan['max_steps']}")
+
+
+def done_line(summary: dict[str, Any], output: str) -> str:
+    loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
+    rate = f"{summary['samples_per_s']:.2f} samples/s" if summary["samples_per_s"] else "no steady-state rate"
+    return (f"done: {summary['student']} ({summary['student_params'] / 1e6:.1f}M params) at step {summary['steps']} "
+            f"({summary['steps_run']} steps run, {summary['steps_resumed']} resumed; {rate} "
+            f"on {summary['workers']} {summary['device']} workers; loss {loss}) -> {summary['pipeline']}")
+
+
+class DistillJob(lifecycle.Job):
+    """Train to ``train.max_steps`` (resuming from the latest checkpoint), export the pipeline, summarise.
+
+    With every step trained already (a run that died after training, or a complete one), nothing is
+    connected: a complete run's summary is kept, else the pipeline is exported from the last checkpoint."""
+
+    dashboard = True  # Ray Train: see cluster.connect.connect
+
+    def __init__(self, p: Prepared):
+        self.p, self.spec, self.layout = p, p.spec, p.layout
+        self.started = datetime.now(timezone.utc)
+        self.t0 = time.perf_counter()
+        self.scaling: tuple[int, bool] | None = None
+        self.result: Any = None
+        self.attempts = 0
+
+    def kept(self) -> dict[str, Any] | None:
+        t = self.spec.train
+        if self.p.steps_done < t.max_steps:
+            return None
+        summary = self.layout.read_json(SUMMARY)
+        if isinstance(summary, dict) and summary.get("steps") == t.max_steps and summary.get("fingerprint") == self.p.fingerprint:
+            log.info("%s is trained to step %d already; nothing to do", self.layout.url, t.max_steps)
+            return dict(summary, steps_run=0, steps_resumed=t.max_steps, samples_per_s=None)
+        return None
+
+    def pending(self) -> bool:
+        return self.p.steps_done < self.spec.train.max_steps
+
+    def placed(self, resources: dict[str, float]) -> None:
+        from synthmill.cluster.connect import check_fits, started_local_ray
+
+        spec, c = self.spec, self.spec.cluster
+        n_workers, use_gpu = self.scaling = _scaling(spec, resources)
+        check_fits("training worker", {"CPU": c.cpus_per_worker, "GPU": int(use_gpu), **c.resources},
+                   "cluster.cpus_per_worker" + (" / cluster.resources" if c.resources else ""),
+                   "Ray Train waits (retrying the worker group's start every minute)", n_workers,
+                   "cluster.num_workers" if isinstance(c.num_workers, int) else "cluster.num_workers=auto (a worker per GPU)")
+        if started_local_ray():
+            # One machine has no node to lose to preemption; Ray Train's watcher for it (an actor process per
+            # attempt) also logs an error-level line as it starts. The user's own setting wins.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray Train's controller learns that its workers finished (or died) at its next poll of them, every 2 s by
+        # default; every 0.5 s ended a short run ~2.8 s sooner here (benchmarks/RESULTS.md). Yours wins.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+    def plan(self) -> dict[str, Any]:
+        return {"kind": "distill", **plan_summary(self.p)}
+
+    def work(self, resources: dict[str, float]) -> dict[str, str]:
+        from ray.train import TrainingFailedError
+
+        spec, out = self.spec, self.layout.url
+        n_workers, use_gpu = self.scaling
+        log.info("distill %s -> %s: %d workers (%s), steps %d..%d", spec.teacher.path, spec.student.arch, n_workers,
+                 "GPU" if use_gpu else "CPU", self.p.steps_done, spec.train.max_steps)
+        # Retries are the driver's, not Ray Train's (its FailureConfig retries every error): bad data fails at
+        # once with exit 2, anything else restarts the worker group from the latest checkpoint.
+        while True:
+            self.attempts += 1
+            try:
+                result = _trainer(self.p, n_workers, use_gpu).fit()
+                error = result.error
+            except TrainingFailedError as e:
+                error = e
+            if error is None:
+                break
+            message = _failure_message(error)  # raises SpecError for bad data
+            if self.attempts > spec.cluster.max_failures:
+                raise JobFailed(f"training failed ({self.attempts} attempts): {message}. Checkpoints are kept under "
+                                f"{out}/{CHECKPOINTS}; run the same command again to resume from the latest")
+            log.warning("training failed (attempt %d of %d): %s; restarting from the latest checkpoint",
+                        self.attempts, spec.cluster.max_failures + 1, message)
+        if result.checkpoint is None:
+            raise JobFailed(f"training ended without a checkpoint under {out}/{CHECKPOINTS}")
+        self.result = result
+        return {}
+
+    def finish(self) -> dict[str, Any]:
+        if self.result is None:  # trained before this run: export from the last checkpoint
+            from ray.train import Checkpoint
+
+            from synthmill.distill.train import checkpoint_name
+
+            storage_path, filesystem = _storage_for_ray(self.spec)
+            name = checkpoint_name(self.p.steps_done)
+            t0 = time.perf_counter()
+            with Checkpoint(f"{storage_path}/{CHECKPOINTS}/{name}", filesystem).as_directory() as folder:
+                pipeline = export_pipeline(self.spec, folder)
+            return _summary(self.p, None, t0, t0, name, pipeline, datetime.now(timezone.utc))
+        t_train = time.perf_counter()
+        with self.result.checkpoint.as_directory() as ckpt:
+            pipeline = export_pipeline(self.spec, ckpt)
+        summary = _summary(self.p, self.scaling, self.t0, t_train,
+                           os.path.basename(self.result.checkpoint.path.rstrip("/")), pipeline, self.started)
+        summary["attempts"] = self.attempts
+        return summary
+
+
 def run(p: Prepared) -> dict[str, Any]:
     """Train to ``train.max_steps`` (resuming), export the pipeline, write the summary."""
-    wall0 = time.time()
-    summary = _finish_trained(p) if p.steps_done >= p.spec.train.max_steps else _train(p)
-    # what runs killed while writing left: a pipeline being exported, summary.json's temporary
-    storage.remove_stale_temporaries(p.spec.output.path, wall0)
-    return summary
+    return lifecycle.run(DistillJob(p))
 
 
-def _train(p: Prepared) -> dict[str, Any]:
-    from ray.train import TrainingFailedError
+# ---- synthmill status ----
 
-    from synthmill.cluster.connect import check_fits, connect, started_local_ray
+#: plan.json keys that status reads, and their types
+PLAN_KEYS: dict[str, type] = {}
 
-    spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    n_workers, use_gpu = _scaling(spec, connect(spec.cluster.address, dashboard=True))  # Ray Train: see connect()
-    c = spec.cluster
-    check_fits("training worker", {"CPU": c.cpus_per_worker, "GPU": int(use_gpu), **c.resources},
-               "cluster.cpus_per_worker" + (" / cluster.resources" if c.resources else ""),
-               "Ray Train waits (retrying the worker group's start every minute)", n_workers,
-               "cluster.num_workers" if isinstance(c.num_workers, int) else "cluster.num_workers=auto (a worker per GPU)")
-    if started_local_ray():
-        # One machine has no node to lose to preemption; Ray Train's watcher for it (an actor process per
-        # attempt) also logs an error-level line as it starts. The user's own setting wins.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Train's controller learns that its workers finished (or died) at its next poll of them, every 2 s by
-    # default; every 0.5 s ended a short run ~2.8 s sooner here (benchmarks/RESULTS.md). Yours wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    storage.write_json(storage.join(out, "plan.json"), {"kind": "distill", **plan_summary(p)}, opts)  # first: see generate
-    write_job_yaml(spec)
-    storage.remove(storage.join(out, "summary.json"), opts)
-    log.info("distill %s -> %s: %d workers (%s), steps %d..%d", spec.teacher.path, spec.student.arch, n_workers,
-             "GPU" if use_gpu else "CPU", p.steps_done, spec.train.max_steps)
-    # Retries are the driver's, not Ray Train's (its FailureConfig retries every error): bad data fails at
-    # once with exit 2, anything else restarts the worker group from the latest checkpoint.
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            result = _trainer(p, n_workers, use_gpu).fit()
-            error = result.error
-        except TrainingFailedError as e:
-            error = e
-        if error is None:
-            break
-        message = _failure_message(error)  # raises SpecError for bad data
-        if attempt > spec.cluster.max_failures:
-            raise JobFailed(f"training failed ({attempt} attempts): {message}. Checkpoints are kept under "
-                            f"{out}/checkpoints; run the same command again to resume from the latest")
-        log.warning("training failed (attempt %d of %d): %s; restarting from the latest checkpoint",
-                    attempt, spec.cluster.max_failures + 1, message)
-    if result.checkpoint is None:
-        raise JobFailed(f"training ended without a checkpoint under {out}/checkpoints")
-    t_train = time.perf_counter()
-    with result.checkpoint.as_directory() as ckpt:
-        pipeline = export_pipeline(spec, ckpt)
-    summary = _summary(p, (n_workers, use_gpu), t0, t_train, os.path.basename(result.checkpoint.path.rstrip("/")),
-                       pipeline, started)
-    summary["attempts"] = attempt
-    storage.write_json(storage.join(out, "summary.json"), summary, opts)
-    return summary
+
+def check_plan(plan: dict[str, Any]) -> str | None:
+    return None
+
+
+def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
+    """The state of a distill output: the step of the latest checkpoint, the last metrics line, the summary."""
+    import json
+
+    summary = layout.read_json(SUMMARY)
+    summary = summary if isinstance(summary, dict) else None
+    try:
+        text = storage.read_bytes(layout.file(TRAIN_LOG), layout.opts).decode(errors="replace")
+    except FileNotFoundError:
+        text = ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    try:
+        last = json.loads(lines[-1]) if lines else None
+    except ValueError:  # a line cut off by a crash mid-write (the job rewrites the file from its checkpoint)
+        last = None
+    return {
+        "output": layout.url, "kind": "distill",
+        "complete": bool(summary and summary.get("status") == "complete"),
+        "student": plan.get("student"), "teacher": plan.get("teacher"),
+        "checkpoint_step": latest_step(layout.url, layout.opts), "max_steps": plan.get("max_steps"),
+        "last_logged": last if isinstance(last, dict) else None,
+        "pipeline": summary.get("pipeline") if summary else None,
+    }
+
+
+def render_status(st: dict[str, Any]) -> str:
+    lines = [f"output     {st['output']}", f"state      {'complete' if st['complete'] else 'incomplete'}",
+             f"model      {st['teacher']} -> {st['student']}",
+             f"checkpoint step {st['checkpoint_step']} of {st['max_steps']}"]
+    last = st["last_logged"]
+    if last:
+        lines.append(f"logged     step {last['step']}: loss {last['loss']:.5g} (task {last['loss_task']:.4g}, output KD "
+                     f"{last['loss_output_kd']:.4g}, feature KD {last['loss_feature_kd']:.4g}), "
+                     f"{last.get('samples_per_s')} samples/s")
+    if st["pipeline"]:
+        lines.append(f"pipeline   {st['pipeline']}")
+    return "\n".join(lines)

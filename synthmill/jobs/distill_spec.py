@@ -10,15 +10,14 @@ from typing import Any, Dict, Optional, Union
 
 from omegaconf import MISSING
 
-from synthmill.jobs.generate_spec import ModelSpec
-from synthmill.jobs.spec import (
+from synthmill.jobs.fields import (
     MAX_SEED,
     check_resources,
     one_of,
-    register_kind,
     require,
     require_count_or_auto,
 )
+from synthmill.jobs.generate_spec import ModelSpec
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -93,8 +92,11 @@ class DistillOutputSpec:
     path: str = MISSING
 
 
-@register_kind("distill", paths={"teacher.path": "name_or_path", "teacher.custom_pipeline": "name_or_path",
-                                 "student.arch": "arch", "data.path": "input", "output.path": "output"})
+#: The fields of a distill spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
+PATHS = {"teacher.path": "name_or_path", "teacher.custom_pipeline": "name_or_path",
+                                 "student.arch": "arch", "data.path": "input", "output.path": "output"}
+
+
 @dataclass
 class DistillSpec:
     """A distill job: train a smaller student UNet on a teacher's outputs and features."""

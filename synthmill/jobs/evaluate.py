@@ -10,22 +10,21 @@ reference is images) and, last, ``metrics.json``.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
-
 from synthmill.cluster.scorer import SetJob, Work
-from synthmill.errors import JobFailed, SpecError
+from synthmill.errors import SpecError
+from synthmill.jobs import lifecycle
 from synthmill.jobs.evaluate_spec import EvaluateSpec
-from synthmill.jobs.generate import VALIDATE_RETRY_S
-from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
+from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, versions
+from synthmill.jobs.spec import node_paths
 from synthmill.metrics import partials
-from synthmill.metrics.frechet import GaussianSums, frechet_distance
+from synthmill.metrics.base import Finish
+from synthmill.metrics.registry import FEATURES, METRICS, NETWORKS, features_of, networks_of
 from synthmill.sharding import storage
 from synthmill.sharding.images import (
     ImageSet,
@@ -35,77 +34,31 @@ from synthmill.sharding.images import (
     image_size,
     open_image_set,
 )
+from synthmill.sharding.layout import FAILURES, OutputLayout
+from synthmill.sharding.layout import METRICS as METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-FID_DIM = 2048
-
-
-@dataclass
-class ReferenceStats:
-    """A reference given as statistics: mu, sigma and whatever synthmill recorded beside them."""
-
-    path: str
-    mu: np.ndarray
-    sigma: np.ndarray
-    meta: dict[str, Any]
+#: How the per-unit statistics are kept and merged, in metrics.json's protocol.
+STATISTICS = ("per unit its float32 features (float64 sums from 4,096 samples), added to float64 sums in unit "
+              "order; covariance with divisor n-1")
 
 
 @dataclass
 class Prepared:
     spec: EvaluateSpec
     sets: dict[str, SetJob]
-    reference_stats: ReferenceStats | None
-    weights_path: str | None
-    weights_sha256: str | None
+    reference_stats: Any  # statistics standing in for the reference images (metrics.fid.ReferenceStats), or None
+    info: dict[str, dict[str, Any]]  # network name -> what its check found (the Inception weights' path and sha256)
     fingerprint: str
 
+    @property
+    def layout(self) -> OutputLayout:
+        return OutputLayout(self.spec.output.path, self.spec.storage)
 
-def _load_stats(path: str, opts: dict[str, Any] | None) -> ReferenceStats:
-    try:
-        data = storage.read_bytes(path, opts)
-    except FileNotFoundError:
-        raise SpecError(f"reference.path {path}: file not found") from None
-    except (IsADirectoryError, PermissionError) as e:
-        raise SpecError(f"reference.path {path}: cannot read it ({e.strerror})") from None
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise SpecError(f"reference.path {path}: not a readable .npz ({type(e).__name__}: {e})") from None
-    if "mu" not in arrays or "sigma" not in arrays:
-        raise SpecError(f"reference.path {path}: needs arrays 'mu' and 'sigma' (has: {', '.join(arrays) or 'none'})")
-    for key in ("mu", "sigma"):
-        if arrays[key].dtype.kind not in "iuf":
-            raise SpecError(f"reference.path {path}: {key} holds {arrays[key].dtype.name} values, not real numbers")
-    mu, sigma = np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64)
-    if mu.shape != (FID_DIM,) or sigma.shape != (FID_DIM, FID_DIM):
-        raise SpecError(f"reference.path {path}: mu {mu.shape} and sigma {sigma.shape} must be ({FID_DIM},) and "
-                        f"({FID_DIM}, {FID_DIM}) (pool3 statistics of the FID Inception network)")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise SpecError(f"reference.path {path}: mu or sigma holds NaN or infinite values")
-    if (np.diag(sigma) < 0).any() or not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8):
-        raise SpecError(f"reference.path {path}: sigma is not a covariance matrix (it must be symmetric, with no "
-                        "negative variance on its diagonal)")
-    meta = {k: v.item() for k, v in arrays.items() if k not in ("mu", "sigma") and v.ndim == 0}
-    odd = [k for k in ("protocol", "resize_to", "weights_sha256") if k in arrays and arrays[k].ndim != 0]
-    if odd:  # what _check_reference_meta compares: an array there would skip the check
-        raise SpecError(f"reference.path {path}: '{odd[0]}' is an array of shape {arrays[odd[0]].shape}, not the "
-                        "single value that says how the statistics were made")
-    return ReferenceStats(path, mu, sigma, meta)
-
-
-def _check_reference_meta(ref: ReferenceStats, spec: EvaluateSpec, sha: str | None) -> None:
-    """Stats written by synthmill say how they were made; refuse to compare across protocols."""
-    want = {"protocol": spec.fid.protocol, "resize_to": spec.fid.resize_to or 0, "weights_sha256": sha}
-    for key, value in want.items():
-        if key in ref.meta and ref.meta[key] != value:
-            # a stats file stores resize_to null (images at their own size) as 0: say it as the spec does
-            theirs, ours = ((None if v == 0 else v) for v in (ref.meta[key], value)) if key == "resize_to" else (
-                ref.meta[key], value)
-            field = {"weights_sha256": "fid.weights of sha256"}.get(key, f"fid.{key}")
-            raise SpecError(f"reference.path {ref.path}: was computed with {field}={theirs!r}, this job uses "
-                            f"{field}={ours!r}; FID across protocols is not comparable")
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.info.get("inception", {}).get("sha256")
 
 
 def _check_sizes(name: str, images: ImageSet, opts: dict[str, Any] | None) -> tuple[int, int]:
@@ -124,74 +77,50 @@ def _check_sizes(name: str, images: ImageSet, opts: dict[str, Any] | None) -> tu
     return size
 
 
-def _need(metric: str, name: str, n: int | None, at_least: int, why: str) -> None:
-    if n is not None and n < at_least:
-        raise SpecError(f"{name}: {metric} needs at least {at_least} samples ({why}), the set has {n}")
-
-
-def _check_counts(spec: EvaluateSpec, gen: int | None, ref: int | None = None) -> None:
-    """Each metric's minimum sample count; None (not known before scoring) passes."""
-    if spec.needs_fid_features:
-        _need("fid", "generated.path", gen, 2, "a covariance needs two")
-    _need("fid", "reference.path", ref, 2, "a covariance needs two")
-    if "is" in spec.metrics:
-        _need("is", "generated.path", gen, spec.inception_score.splits,
-              f"one per split, inception_score.splits={spec.inception_score.splits}")
-    if "clip" in spec.metrics:
-        _need("clip", "generated.path", gen, 1, "one image with its caption")
+def _check_counts(spec: EvaluateSpec, samples: dict[str, int | None]) -> None:
+    """Each metric's minimum sample counts; None (not known before scoring) passes."""
+    for m in spec.metrics:
+        METRICS[m].check(spec, samples)
 
 
 def prepare(spec: EvaluateSpec) -> Prepared:
     """Check every input without loading a network or writing anything; plan the units."""
-    from synthmill.metrics import weights
-
     opts = spec.storage
-    path, sha = None, None
+    wanted = {name: features_of(spec.metrics, name) for name in ("generated", "reference")}
     field = "fid.weights"
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
-            if spec.needs_fid_features or "is" in spec.metrics:
-                try:
-                    path, sha = weights.resolve(spec.fid.weights, spec.fid.weights_sha256, opts)
-                    weights.check_fid_inception(weights.load_state_dict(path), path)
-                except weights.WeightsError as e:
-                    raise SpecError(f"fid.weights: {e}") from None
-            if "clip" in spec.metrics:
-                from synthmill.metrics.clipscore import known_model
-
-                problem = known_model(spec.clip.model, spec.clip.pretrained)
-                if problem:
-                    raise SpecError(problem)
+            info = {n: NETWORKS[n].check(spec, opts)
+                    for n in networks_of(tuple(f for fs in wanted.values() for f in fs))}
             sets: dict[str, SetJob] = {}
             field = "generated.path"
             gen = open_image_set(spec.generated.path, opts, spec.generated.samples_per_unit)
-            if "clip" in spec.metrics:  # the rest are checked as they are scored
-                check_first_sample(gen, opts, "the clip metric scores each image against its caption")
-            sets["generated"] = SetJob(gen, fid=spec.needs_fid_features, isc="is" in spec.metrics,
-                                       clip="clip" in spec.metrics)
+            sets["generated"] = SetJob(gen, wanted["generated"])
+            if sets["generated"].captions:  # the rest are checked as they are scored
+                check_first_sample(gen, opts, sets["generated"].captions)
             ref_stats = None
             field = "reference.path"
-            if "fid" in spec.metrics:
+            if wanted["reference"]:
                 rpath = spec.reference.path
-                if rpath.endswith(".npz"):
-                    ref_stats = _load_stats(rpath, opts)
-                    _check_reference_meta(ref_stats, spec, sha)
+                by_stats = next((METRICS[m].reference_stats for m in spec.metrics if METRICS[m].reference_stats), None)
+                if rpath.endswith(".npz") and by_stats:
+                    ref_stats = by_stats(rpath, opts, spec, info)
                 else:
-                    sets["reference"] = SetJob(open_image_set(rpath, opts, spec.reference.samples_per_unit), fid=True)
-            if spec.fid.resize_to is None:
-                for name, job in sets.items():
-                    if job.fid or job.isc:
-                        field = f"{name}.path"
-                        job.size = _check_sizes(name, job.images, opts)
-            _check_counts(spec, gen.num_samples, sets["reference"].images.num_samples if "reference" in sets else None)
-            fingerprint = spec.fingerprint(sha)
+                    images = open_image_set(rpath, opts, spec.reference.samples_per_unit)
+                    sets["reference"] = SetJob(images, wanted["reference"])
+            for name, job in sets.items():
+                if any(NETWORKS[n].same_size(spec) for n in job.networks):
+                    field = f"{name}.path"
+                    job.size = _check_sizes(name, job.images, opts)
+            _check_counts(spec, {name: job.images.num_samples for name, job in sets.items()})
+            fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"))
             field = "output.path"
             check_output_folder(spec.output.path, fingerprint, opts, "evaluate")
     except ImageSetError as e:
         raise SpecError(f"{field}: {e}") from None
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None
-    return Prepared(spec, sets, ref_stats, path, sha, fingerprint)
+    return Prepared(spec, sets, ref_stats, info, fingerprint)
 
 
 def _identities(job: SetJob) -> dict[int, str]:
@@ -212,172 +141,213 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
     return out
 
 
-def _stats_file(mu: np.ndarray, sigma: np.ndarray, n: int, p: Prepared) -> bytes:
-    """mu and sigma as pytorch-fid writes them, plus how they were made (pytorch-fid ignores the rest)."""
-    return partials.npz_bytes({"mu": mu, "sigma": sigma, "n": np.array(n), "protocol": np.array(p.spec.fid.protocol),
-                               "resize_to": np.array(p.spec.fid.resize_to or 0),
-                               "weights_sha256": np.array(p.weights_sha256 or "")})
+def ok_line(spec_path: str, plan: dict[str, Any]) -> str:
+    sets = [f"{name} {plan[name]['samples'] if plan[name]['samples'] is not None else '?'} samples in "
+            f"{plan[name]['units']} units" for name in ("generated", "reference") if "units" in plan.get(name, {})]
+    if plan.get("reference", {}).get("kind") == "stats":
+        sets.append(f"reference stats {plan['reference']['path']}")
+    return f"ok: {spec_path}: {', '.join(plan['metrics'])} over {'; '.join(sets)}"
 
 
-def _merge(p: Prepared, name: str, markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Merge the set's partials in unit order: float64 sums, logits and cosines concatenated."""
-    job = p.sets[name]
-    sums = GaussianSums.empty(FID_DIM)
-    logits, cos = [], []
-    for part in partials.load_in_order(p.spec.output.path, name, range(len(job.images.units)), p.spec.storage):
-        if job.fid:
-            sums.merge_unit(part)
-        if job.isc:
-            logits.append(part["logits"])
-        if job.clip:
-            cos.append(part["cos"])
-    return {
-        "n": sum(int(m["count"]) for m in markers.values()),
-        "fid": sums if job.fid else None,
-        "logits": np.concatenate(logits) if job.isc else None,
-        "cos": np.concatenate(cos) if job.clip else None,
-        "truncated": sum(int(m.get("truncated_captions", 0)) for m in markers.values()),
-    }
+def done_line(summary: dict[str, Any], output: str) -> str:
+    m = summary["metrics"]
+    parts = []
+    if "fid" in m:
+        # two identical sets: the exact 0 comes out of float64 as +-1e-12; "-0.0000" would read as a sign
+        parts.append(f"FID {round(m['fid'], 4) + 0.0:.4f}")
+    if "inception_score" in m:
+        parts.append(f"IS {m['inception_score']['mean']:.4f} +- {m['inception_score']['std']:.4f}")
+    if "clip_score" in m:
+        parts.append(f"CLIP score {m['clip_score']:.4f} (x100: {m['clip_score_x100']:.2f})")
+    parts += [f"{key} {value:.4f}" for key, value in m.items() if key not in _SHOWN and isinstance(value, float)]
+    samples = ", ".join(f"{k} {v}" for k, v in summary["samples"].items())
+    return (f"done: {'; '.join(parts) or 'statistics written'} ({samples} samples; {summary['units_resumed']} units "
+            f"resumed, {summary['units_run']} scored in {summary['elapsed_s']:.1f}s) -> {output}/{METRICS_FILE}")
 
 
-def _score(p: Prepared, todo: list[tuple[str, int]], markers: dict[str, dict[int, dict[str, Any]]],
-           resources: dict[str, float]) -> Any:
-    import ray
+#: metrics.json entries the done line names in its own words; any other number a metric gives is shown as it is.
+_SHOWN = {"fid", "inception_score", "clip_score", "clip_score_x100"}
 
-    from synthmill.cluster.connect import actor_count, actor_options
-    from synthmill.cluster.pool import ProgressBar, ShardPool
-    from synthmill.cluster.scorer import ScorerActor
 
-    spec = p.spec
-    n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
-    n_actors = min(n_actors, len(todo))
-    work = ray.put(Work(p.sets, todo, p.fingerprint, spec.fid.weights, p.weights_sha256, spec.output.path,
-                        spec.storage))
-    options = actor_options(spec.cluster, use_gpu)
+class EvaluateJob(lifecycle.Job):
+    final_file = METRICS_FILE
 
-    def make_actor():
-        return ScorerActor.options(**options).remote(spec, work)
+    def __init__(self, p: Prepared):
+        self.p, self.spec, self.layout = p, p.spec, p.layout
+        self.started = datetime.now(timezone.utc)
+        self.t0 = time.perf_counter()
+        self.markers = {name: partials.done(self.layout.url, name, _identities(job), p.fingerprint, self.layout.opts)
+                        for name, job in p.sets.items()}
+        self.todo = [(name, u.index) for name, job in p.sets.items() for u in job.images.units
+                     if u.index not in self.markers[name]]
+        self.resumed = sum(len(m) for m in self.markers.values())
+        self.report = None
 
-    def on_result(t: int, marker: dict[str, Any]) -> None:
-        if "bad_input" in marker:
-            raise SpecError(marker["bad_input"])
-        set_name, k = todo[t]
-        markers[set_name][k] = marker
-        bar.committed(marker["count"])
+    def pending(self) -> bool:
+        return bool(self.todo)
 
-    total = sum(p.sets[s].images.units[k].count or 0 for s, k in todo)
-    pool = ShardPool(make_actor, n_actors, method="process", inflight=spec.cluster.inflight_per_actor,
-                     max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
-    bar = ProgressBar(total, "evaluate")
-    try:
-        report = pool.run(list(range(len(todo))), on_result, bar.update)
-    finally:
-        bar.close()
-    if report.failed:
-        failures = {f"{todo[t][0]}/{todo[t][1]:06d}": err for t, err in sorted(report.failed.items())}
-        storage.write_json(storage.join(spec.output.path, "failures.json"), {"failed_units": failures}, spec.storage)
-        names = ", ".join(list(failures)[:10]) + (" ..." if len(failures) > 10 else "")
-        raise JobFailed(f"{len(failures)} units failed ({names}); first error: {next(iter(failures.values()))}. "
-                        "Run the same command again to retry them; scored units are kept.")
-    return report
+    def placed(self, resources: dict[str, float]) -> None:
+        from synthmill.cluster.connect import check_actor_fits
+
+        check_actor_fits(self.spec.cluster, resources)
+
+    def plan(self) -> dict[str, Any]:
+        log.info("%d units to score, %d already scored", len(self.todo), self.resumed)
+        return {"kind": "evaluate", "fingerprint": self.p.fingerprint,
+                "sets": {n: {"path": storage.redact_url(j.images.path), "units": len(j.images.units),
+                             "samples": j.images.num_samples} for n, j in self.p.sets.items()}}
+
+    def work(self, resources: dict[str, float]) -> dict[str, str]:
+        import ray
+
+        from synthmill.cluster.connect import actor_count, actor_options
+        from synthmill.cluster.pool import ProgressBar, ShardPool
+        from synthmill.cluster.scorer import ScorerActor
+
+        p, spec, todo = self.p, self.spec, self.todo
+        n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
+        n_actors = min(n_actors, len(todo))
+        seen = node_paths(spec, (*(f"{name}.path" for name in p.sets), "output.path"))  # what each actor reads
+        work = ray.put(Work(p.sets, todo, p.fingerprint, p.info, self.layout.url, spec.storage, seen))
+        options = actor_options(spec.cluster, use_gpu)
+
+        def make_actor():
+            return ScorerActor.options(**options).remote(spec, work)
+
+        def on_result(t: int, marker: dict[str, Any]) -> None:
+            if "bad_input" in marker:
+                raise SpecError(marker["bad_input"])
+            set_name, k = todo[t]
+            self.markers[set_name][k] = marker
+            bar.committed(marker["count"])
+
+        total = sum(p.sets[s].images.units[k].count or 0 for s, k in todo)
+        pool = ShardPool(make_actor, n_actors, method="process", inflight=spec.cluster.inflight_per_actor,
+                         max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
+        bar = ProgressBar(total, "evaluate")
+        try:
+            self.report = pool.run(list(range(len(todo))), on_result, bar.update)
+        finally:
+            bar.close()
+        return {f"{todo[t][0]}/{todo[t][1]:06d}": err for t, err in sorted(self.report.failed.items())}
+
+    def failure_message(self, failures: dict[str, str]) -> str:
+        return super().failure_message(failures) + " Run the same command again to retry them; scored units are kept."
+
+    def _merge(self, name: str) -> tuple[int, dict[str, Any]]:
+        """The set's sample count and each feature's total over its partials, added in unit order."""
+        job, markers = self.p.sets[name], self.markers[name]
+        totals = {f: FEATURES[f].total() for f in job.features}
+        units = range(len(job.images.units))
+        for k, part in zip(units, partials.load_in_order(self.layout.url, name, units, self.layout.opts), strict=True):
+            for t in totals.values():
+                t.add(part, markers[k])
+        return sum(int(m["count"]) for m in markers.values()), totals
+
+    def finish(self) -> dict[str, Any]:
+        from synthmill.metrics.inception import PROTOCOLS, RESIZE_TO
+
+        p, spec, layout = self.p, self.spec, self.layout
+        samples, totals = {}, {}
+        for name in p.sets:
+            samples[name], totals[name] = self._merge(name)
+        _check_counts(spec, samples)
+
+        def write(file_name: str, data: bytes) -> str:
+            storage.write_bytes(layout.file(file_name), data, layout.opts)
+            return layout.file(file_name)
+
+        ref = p.sets.get("reference")
+        fin = Finish(spec, totals, samples, p.info, p.reference_stats, ref.images.kind if ref else None, write)
+        metrics: dict[str, Any] = {}
+        for name, metric in METRICS.items():
+            if name in spec.metrics:
+                metrics.update(metric.finish(fin))
+        protocol = {"fid": spec.fid.protocol, "fid_preprocessing": PROTOCOLS[spec.fid.protocol],
+                    "resize_to": spec.fid.resize_to, "resize_to_method": RESIZE_TO if spec.fid.resize_to else None}
+        for name, metric in METRICS.items():
+            if metric.protocol:
+                key, describe = metric.protocol
+                protocol[key] = describe(spec) if name in spec.metrics else None
+        protocol.update(statistics=STATISTICS, tf32=False)
+        report, sha = self.report, p.weights_sha256
+        return {
+            "status": "complete",
+            "kind": "evaluate",
+            "metrics": metrics,
+            "samples": samples,
+            "protocol": protocol,
+            "weights": ({"file": spec.fid.weights or "standard (pytorch-fid's URL)", "sha256": sha,
+                         "standard": bool(sha and sha.startswith("6726825d"))} if sha else None),
+            "units": {n: len(j.images.units) for n, j in p.sets.items()},
+            "units_resumed": self.resumed,
+            "units_run": len(self.todo),
+            "samples_scored": sum(p.sets[s].images.units[k].count or 0 for s, k in self.todo),
+            "elapsed_s": round(time.perf_counter() - self.t0, 3),
+            "devices": sorted({i["device"] for i in report.actor_infos}) if report else [],
+            "actors_lost": report.actors_lost if report else 0,
+            "started_at": self.started.isoformat(timespec="seconds"),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(("synthmill", "torch", "torchvision", "numpy", "scipy", "pillow", "pytorch-fid",
+                                  "torch-fidelity", "open_clip_torch", "ray")),
+        }
 
 
 def run(p: Prepared) -> dict[str, Any]:
     """Score what is not scored yet, merge, and write the stats files and ``metrics.json``."""
-    from synthmill.cluster.connect import check_actor_fits, connect
-    from synthmill.metrics.inception import IS_CONVENTION, PROTOCOLS, RESIZE_TO, inception_score
+    return lifecycle.run(EvaluateJob(p))
 
-    spec, out, opts = p.spec, p.spec.output.path, p.spec.storage
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    markers = {name: partials.done(out, name, _identities(job), p.fingerprint, opts) for name, job in p.sets.items()}
-    todo = [(name, u.index) for name, job in p.sets.items() for u in job.images.units if u.index not in markers[name]]
-    # Ray first: a cluster address that does not answer is bad input, and nothing is written for it.
-    resources = connect(spec.cluster.address) if todo else None
-    if resources is not None:
-        check_actor_fits(spec.cluster, resources)
-    storage.write_json(storage.join(out, "plan.json"), {  # first: it makes the folder this job's
-        "kind": "evaluate", "fingerprint": p.fingerprint,
-        "sets": {n: {"path": storage.redact_url(j.images.path), "units": len(j.images.units), "samples": j.images.num_samples}
-                 for n, j in p.sets.items()}}, opts)
-    write_job_yaml(spec)
-    resumed = sum(len(m) for m in markers.values())
-    log.info("%d units to score, %d already scored", len(todo), resumed)
-    report = None
-    if todo:
-        storage.remove(storage.join(out, "metrics.json"), opts)
-        report = _score(p, todo, markers, resources)
-    storage.remove(storage.join(out, "failures.json"), opts)
 
-    gen = _merge(p, "generated", markers["generated"])
-    metrics: dict[str, Any] = {}
-    samples = {"generated": gen["n"]}
-    _check_counts(spec, gen["n"])
-    if gen["fid"] is not None:
-        mu, sigma = gen["fid"].mean_cov()
-        storage.write_bytes(storage.join(out, "fid_stats.npz"), _stats_file(mu, sigma, gen["n"], p), opts)
-        if "fid" in spec.metrics:
-            if p.reference_stats is not None:
-                ref_mu, ref_sigma, ref_desc = p.reference_stats.mu, p.reference_stats.sigma, {
-                    "kind": "stats", "path": storage.redact_url(p.reference_stats.path), **p.reference_stats.meta}
-            else:
-                ref = _merge(p, "reference", markers["reference"])
-                samples["reference"] = ref["n"]
-                _check_counts(spec, gen["n"], ref["n"])
-                ref_mu, ref_sigma = ref["fid"].mean_cov()
-                storage.write_bytes(storage.join(out, "reference_stats.npz"), _stats_file(ref_mu, ref_sigma, ref["n"], p), opts)
-                ref_desc = {"kind": p.sets["reference"].images.kind, "path": storage.redact_url(spec.reference.path),
-                            "stats_written": storage.redact_url(storage.join(out, "reference_stats.npz"))}
-            metrics["fid"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
-            metrics["fid_reference"] = ref_desc
-            if min(samples.values()) <= FID_DIM:
-                metrics["fid_warning"] = (f"fewer samples than the {FID_DIM} feature dimensions: the covariance is "
-                                          "singular and FID is biased upwards; compare only at equal sample counts")
-    if gen["logits"] is not None:
-        isc = spec.inception_score
-        mean, std = inception_score(gen["logits"], isc.splits, isc.seed, isc.shuffle)
-        metrics["inception_score"] = {"mean": mean, "std": std, "splits": isc.splits, "seed": isc.seed,
-                                      "shuffle": isc.shuffle}
-    if gen["cos"] is not None:
-        from synthmill.metrics.clipscore import clip_scores
+# ---- synthmill status ----
 
-        metrics.update(clip_scores(gen["cos"]))
-        metrics["clip_truncated_captions"] = gen["truncated"]
-    elapsed = time.perf_counter() - t0
-    scored = sum(p.sets[s].images.units[k].count or 0 for s, k in todo)
-    result = {
-        "status": "complete",
-        "kind": "evaluate",
-        "metrics": metrics,
-        "samples": samples,
-        "protocol": {
-            "fid": spec.fid.protocol, "fid_preprocessing": PROTOCOLS[spec.fid.protocol],
-            "resize_to": spec.fid.resize_to, "resize_to_method": RESIZE_TO if spec.fid.resize_to else None,
-            "inception_score": IS_CONVENTION if "is" in spec.metrics else None,
-            "clip": ({"model": spec.clip.model, "pretrained": spec.clip.pretrained,
-                      "clip_score": "mean cosine of image and caption embeddings",
-                      "clip_score_x100": "mean of 100 * max(cosine, 0) (torchmetrics, MLPerf)"}
-                     if "clip" in spec.metrics else None),
-            "statistics": "per unit its float32 features (float64 sums from 4,096 samples), added to float64 sums "
-                          "in unit order; covariance with divisor n-1",
-            "tf32": False,
-        },
-        "weights": ({"file": spec.fid.weights or "standard (pytorch-fid's URL)", "sha256": p.weights_sha256,
-                     "standard": bool(p.weights_sha256 and p.weights_sha256.startswith("6726825d"))}
-                    if p.weights_sha256 else None),
-        "units": {n: len(j.images.units) for n, j in p.sets.items()},
-        "units_resumed": resumed,
-        "units_run": len(todo),
-        "samples_scored": scored,
-        "elapsed_s": round(elapsed, 3),
-        "devices": sorted({i["device"] for i in report.actor_infos}) if report else [],
-        "actors_lost": report.actors_lost if report else 0,
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(("synthmill", "torch", "torchvision", "numpy", "scipy", "pillow", "pytorch-fid",
-                              "torch-fidelity", "open_clip_torch", "ray")),
+#: plan.json keys that status reads, and their types
+PLAN_KEYS = {"sets": dict, "fingerprint": str}
+
+
+def check_plan(plan: dict[str, Any]) -> str | None:
+    """What is wrong with a plan.json of this kind beyond its keys' types, or None."""
+    if not all(isinstance(v, dict) and isinstance(v.get("units"), int) for v in plan["sets"].values()):
+        return "a set in its 'sets' has no count of units"
+    return None
+
+
+def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
+    """The state of an evaluate output: units with a committed partial of this job, per set; the metrics."""
+    sets = {}
+    for name, info in plan["sets"].items():
+        units = layout.partials(name)
+        names = storage.list_sizes(units.folder, layout.opts)
+        done = [n for n in names if n.endswith(".json") and n[:-5] + ".npz" in names
+                and (storage.read_json(storage.join(units.folder, n), layout.opts, damaged_as_missing=True) or {}
+                     ).get("fingerprint") == plan["fingerprint"]]
+        sets[name] = {"units_done": len(done), "units": info["units"], "samples": info.get("samples")}
+    result = _object(layout.read_json(METRICS_FILE))
+    failures = _object(layout.read_json(FAILURES)) or {}
+    return {
+        "output": layout.url, "kind": "evaluate",
+        "complete": bool(result and result.get("status") == "complete"),
+        "sets": sets,
+        "metrics": result.get("metrics") if result else None,
+        "failed_units": (failures.get("failed_units") or {}) if not result else {},
     }
-    storage.remove_stale_temporaries(out, started.timestamp())  # what runs killed while writing left
-    storage.write_json(storage.join(out, "metrics.json"), result, opts)
-    return result
 
+
+def _object(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def render_status(st: dict[str, Any]) -> str:
+    lines = [f"output     {st['output']}", f"state      {'complete' if st['complete'] else 'incomplete'}"]
+    for name, s in st["sets"].items():
+        lines.append(f"{name:<10} {s['units_done']} / {s['units']} units scored"
+                     + (f" ({s['samples']} samples)" if s["samples"] is not None else ""))
+    for key, value in (st["metrics"] or {}).items():
+        if isinstance(value, (int, float)):
+            lines.append(f"{key:<10} {value:.6g}" if len(key) <= 10 else f"{key} {value:.6g}")
+        elif key == "inception_score":
+            lines.append(f"IS         {value['mean']:.6g} +- {value['std']:.3g} ({value['splits']} splits)")
+    failed = st["failed_units"]
+    lines.append(f"failures   {len(failed)}" + (":" if failed else ""))
+    for name, err in list(failed.items())[:10]:
+        lines.append(f"  unit {name}: {err}")
+    return "\n".join(lines)

@@ -10,10 +10,9 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from synthmill.jobs.spec import ActorClusterSpec, check_cluster, one_of, register_kind, require
+from synthmill.jobs.fields import ActorClusterSpec, check_cluster, one_of, require
 from synthmill.metrics.inception import PROTOCOLS
-
-METRICS = ("fid", "is", "clip", "fid_stats")
+from synthmill.metrics.registry import METRICS
 
 
 @dataclass
@@ -64,8 +63,11 @@ class EvalClusterSpec(ActorClusterSpec):
     decode_threads: int = 4
 
 
-@register_kind("evaluate", paths={"generated.path": "input", "reference.path": "input", "fid.weights": "input",
-                                  "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output"})
+#: The fields of a evaluate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
+PATHS = {"generated.path": "input", "reference.path": "input", "fid.weights": "input",
+                                  "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output"}
+
+
 @dataclass
 class EvaluateSpec:
     """An evaluate job: FID / IS / CLIP score of a generated set."""
@@ -81,20 +83,16 @@ class EvaluateSpec:
     cluster: EvalClusterSpec = field(default_factory=EvalClusterSpec)
     storage: Dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def needs_fid_features(self) -> bool:
-        return "fid" in self.metrics or "fid_stats" in self.metrics
-
     def check(self) -> None:
         g, r, f, i, c, cl = self.generated, self.reference, self.fid, self.inception_score, self.clip, self.cluster
         require(bool(g.path.strip()), "generated.path", "must not be empty")
         require(bool(self.metrics), "metrics", f"must name at least one of {', '.join(METRICS)}")
         for k, m in enumerate(self.metrics):
-            one_of(m, METRICS, f"metrics[{k}]")
+            one_of(m, list(METRICS), f"metrics[{k}]")
         require(len(set(self.metrics)) == len(self.metrics), "metrics", f"lists a metric twice: {self.metrics}")
-        require("fid" not in self.metrics or bool(r.path and r.path.strip()), "reference.path",
-                "fid needs a reference (a folder or tars of real images, or a stats .npz); "
-                "to only write fid_stats.npz of the generated set, use metrics: [fid_stats]")
+        for m in self.metrics:
+            hint = METRICS[m].reference_hint
+            require(not hint or bool(r.path and r.path.strip()), "reference.path", hint or "")
         for name, spu in (("generated", g.samples_per_unit), ("reference", r.samples_per_unit)):
             require(1 <= spu <= 1_000_000, f"{name}.samples_per_unit", f"must be in 1..1000000, got {spu}")
         one_of(f.protocol, sorted(PROTOCOLS), "fid.protocol")
@@ -116,4 +114,7 @@ class EvaluateSpec:
             "batch_size": self.cluster.batch_size,
             "units": [self.generated.samples_per_unit, self.reference.samples_per_unit],
         }
+        own = {m: METRICS[m].settings(self) for m in sorted(self.metrics) if METRICS[m].settings}
+        if own:  # the settings of metrics that have their own (none of the first four, so their jobs resume)
+            basis["settings"] = own
         return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]

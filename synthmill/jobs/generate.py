@@ -1,7 +1,8 @@
 """Running a generate job: validate -> plan -> skip done shards -> actors -> index -> summary.
 
-The driver holds no state that a rerun cannot rebuild from OUTPUT (DESIGN.md invariant 4): what is
-done is read from the shard markers every time, so running the same command again resumes.
+The driver holds no state that a rerun cannot rebuild from OUTPUT (docs/design.md, invariant 4): what is
+done is read from the shard markers every time, so running the same command again resumes. The run goes
+through the lifecycle every kind shares (:mod:`synthmill.jobs.lifecycle`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from synthmill.errors import JobFailed, SpecError
+from synthmill.errors import SpecError
+from synthmill.jobs import lifecycle
+from synthmill.jobs.fields import MAX_SEED, require
 from synthmill.jobs.generate_spec import GenerateSpec
-from synthmill.jobs.outputs import check_output_folder, versions, write_job_yaml
-from synthmill.jobs.spec import MAX_SEED, require
+from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, versions
+from synthmill.jobs.spec import node_paths
 from synthmill.models.loading import check_model_path, model_files
 from synthmill.sharding import storage
-from synthmill.sharding.commit import done_shards
+from synthmill.sharding.layout import FAILURES, PLAN, SUMMARY, OutputLayout
 from synthmill.sharding.plan import ShardPlan
 from synthmill.sharding.sources import PromptSource, open_source
 
@@ -38,6 +41,15 @@ class Prepared:
     def fingerprint(self) -> str:
         return self.spec.fingerprint(self.source.digest)
 
+    @property
+    def layout(self) -> OutputLayout:
+        return OutputLayout(self.spec.output.path, self.spec.storage)
+
+
+def done_shards(layout: OutputLayout, shard_ids: Any, fingerprint: str, check: str = "size") -> dict[int, dict[str, Any]]:
+    """Markers of the committed shards of this job among ``shard_ids`` (synthmill.sharding.units)."""
+    return layout.shards.done(shard_ids, lambda k: {"fingerprint": fingerprint}, check)
+
 
 def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list] | None = None) -> None:
     """``output.path`` must be new, empty, or an earlier run of this same job (with the same prompts, and the
@@ -47,7 +59,7 @@ def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list
         check_output_folder(out, spec.fingerprint(source.digest), opts, "generate")
     except SpecError:
         try:  # say which setting differs when it is the prompts' content
-            previous = storage.read_json(storage.join(out, "plan.json"), opts)
+            previous = storage.read_json(storage.join(out, PLAN), opts)
         except (OSError, ValueError, storage.StorageError):  # output.path is a file, or under one
             previous = None
         before = previous.get("prompts_digest") if isinstance(previous, dict) else None
@@ -72,10 +84,6 @@ def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list
 
 #: Most shards in one job: each is a tar, an index part and a marker, and the driver tracks each.
 MAX_SHARDS = 10_000_000
-
-#: Seconds a storage outage may last during validation before the input counts as unreachable.
-VALIDATE_RETRY_S = 10.0
-
 
 def prepare(spec: GenerateSpec) -> Prepared:
     """Check every input without loading a model or writing anything, then scan the prompts."""
@@ -105,8 +113,7 @@ def prepare(spec: GenerateSpec) -> Prepared:
 
 def plan_summary(p: Prepared) -> dict[str, Any]:
     """What ``--dry-run`` prints: sizes of the plan and what is already done."""
-    done = done_shards(p.spec.output.path, range(p.plan.num_shards), p.fingerprint,
-                       p.spec.output.resume_check, p.spec.storage)
+    done = done_shards(p.layout, range(p.plan.num_shards), p.fingerprint, p.spec.output.resume_check)
     return {
         "prompts": p.plan.num_prompts,
         "samples": p.plan.num_samples,
@@ -140,19 +147,6 @@ def _same_compute(p: Prepared, before: dict[str, Any] | None, use_gpu: bool) -> 
     return compute
 
 
-def _write_start_files(p: Prepared, compute: dict[str, Any] | None = None) -> None:
-    out, opts = p.spec.output.path, p.spec.storage
-    storage.write_json(  # first: it makes the folder this job's, so a run killed after it resumes
-        storage.join(out, "plan.json"),
-        {"kind": "generate", "fingerprint": p.fingerprint, "prompts": p.plan.num_prompts,
-         "prompts_digest": p.source.digest, "model_files": p.model_files,
-         "samples": p.plan.num_samples, "shards": p.plan.num_shards,
-         "samples_per_shard": p.plan.samples_per_shard, "compute": compute},
-        opts,
-    )
-    write_job_yaml(p.spec)
-
-
 def actor_utilisation(infos: list[dict[str, Any]], markers: dict[int, dict[str, Any]],
                       committed_at: dict[int, float]) -> list[dict[str, Any]]:
     """Per actor of this run: shards, samples, seconds holding the device, and its device idle fraction.
@@ -178,111 +172,217 @@ def actor_utilisation(infos: list[dict[str, Any]], markers: dict[int, dict[str, 
     return rows
 
 
-def run(p: Prepared) -> dict[str, Any]:
-    """Run the job to the end; return the summary. Raises JobFailed naming failed shards."""
-    import ray
+def ok_line(spec_path: str, plan: dict[str, Any]) -> str:
+    return f"ok: {spec_path}: {plan['prompts']} prompts -> {plan['samples']} samples in {plan['shards']} shards"
 
-    from synthmill.cluster.connect import actor_count, actor_options, check_actor_fits, connect
-    from synthmill.cluster.generator import GeneratorActor
-    from synthmill.cluster.pool import ProgressBar, ShardPool
-    from synthmill.sharding.index import merge_index
 
-    spec, plan, out, opts = p.spec, p.plan, p.spec.output.path, p.spec.storage
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    wall0 = time.time()
-    startup: dict[str, Any] = {}  # seconds from run() to each start-up milestone
-    markers = done_shards(out, range(plan.num_shards), p.fingerprint, spec.output.resume_check, opts)
-    resumed = len(markers)
-    todo = [k for k in range(plan.num_shards) if k not in markers]
-    log.info("%d shards planned, %d already done, %d to run", plan.num_shards, resumed, len(todo))
-    if not todo:
-        finished = storage.read_json(storage.join(out, "summary.json"), opts, damaged_as_missing=True)
-        if isinstance(finished, dict) and finished.get("status") == "complete" and finished.get("fingerprint") == p.fingerprint:
+def done_line(summary: dict[str, Any], output: str) -> str:
+    if summary.get("complete_already"):
+        return (f"done already: {summary['samples']} samples in {summary['shards']} shards at {output}, complete "
+                f"since {summary['finished_at']}; nothing to run")
+    return (
+        f"done: {summary['samples']} samples in {summary['shards']} shards at {output} "
+        f"({summary['shards_resumed']} shards resumed, {summary['samples_run']} samples generated in "
+        f"{summary['elapsed_s']:.1f}s, {summary['images_per_s']:.2f} images/s; retries {summary['retries']}, "
+        f"truncated prompts {summary['truncated_prompts']}, blank prompts {summary['blank_prompts']})"
+    )
+
+
+class GenerateJob(lifecycle.Job):
+    unit_noun = "shards"
+
+    def __init__(self, p: Prepared):
+        self.p, self.spec, self.layout, self.plan_ = p, p.spec, p.layout, p.plan
+        self.started = datetime.now(timezone.utc)
+        self.t0 = time.perf_counter()
+        self.wall0 = time.time()
+        self.startup: dict[str, Any] = {}  # seconds from run() to each start-up milestone
+        self.markers = done_shards(self.layout, range(p.plan.num_shards), p.fingerprint, p.spec.output.resume_check)
+        self.resumed = len(self.markers)
+        self.todo = [k for k in range(p.plan.num_shards) if k not in self.markers]
+        log.info("%d shards planned, %d already done, %d to run", p.plan.num_shards, self.resumed, len(self.todo))
+        previous = storage.read_plan(self.layout.url, self.layout.opts)
+        self.compute = previous.get("compute") if isinstance(previous, dict) else None
+        self.report = None
+        self.committed_at: dict[int, float] = {}  # driver wall clock when each shard of this run was committed
+
+    def kept(self) -> dict[str, Any] | None:
+        if self.todo:
+            return None
+        finished = self.layout.read_json(SUMMARY)
+        if isinstance(finished, dict) and finished.get("status") == "complete" and finished.get("fingerprint") == self.p.fingerprint:
             log.info("complete already (finished %s): nothing to run", finished.get("finished_at"))
             return {**finished, "complete_already": True}  # nothing is rewritten: its summary stays
-    previous = storage.read_plan(out, opts)
-    compute = previous.get("compute") if isinstance(previous, dict) else None
-    if todo:  # connected before anything is written: a cluster that cannot be reached leaves no trace
-        resources = connect(spec.cluster.address)
-        startup["ray_connected_s"] = round(time.perf_counter() - t0, 3)
-        check_actor_fits(spec.cluster, resources)
-        n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
-        compute = _same_compute(p, compute if resumed else None, use_gpu)
-    _write_start_files(p, compute)
-    report = None
-    committed_at: dict[int, float] = {}  # driver wall clock when each shard of this run was committed
-    if todo:
-        # summary.json is the job's commit: withdraw it while any shard is being redone.
-        storage.remove(storage.join(out, "summary.json"), opts)
-        n_actors = min(n_actors, len(todo))
-        source_ref, plan_ref = ray.put(p.source), ray.put(plan)
-        options = actor_options(spec.cluster, use_gpu)
+        return None
+
+    def pending(self) -> bool:
+        return bool(self.todo)
+
+    def placed(self, resources: dict[str, float]) -> None:
+        from synthmill.cluster.connect import actor_count, check_actor_fits
+
+        self.startup["ray_connected_s"] = round(time.perf_counter() - self.t0, 3)
+        check_actor_fits(self.spec.cluster, resources)
+        self.n_actors, self.use_gpu = actor_count(self.spec.cluster.num_actors, resources, self.spec.cluster.cpus_per_actor)
+        self.compute = _same_compute(self.p, self.compute if self.resumed else None, self.use_gpu)
+
+    def plan(self) -> dict[str, Any]:
+        p = self.p
+        return {"kind": "generate", "fingerprint": p.fingerprint, "prompts": p.plan.num_prompts,
+                "prompts_digest": p.source.digest, "model_files": p.model_files,
+                "samples": p.plan.num_samples, "shards": p.plan.num_shards,
+                "samples_per_shard": p.plan.samples_per_shard, "compute": self.compute}
+
+    def work(self, resources: dict[str, float]) -> dict[str, str]:
+        import ray
+
+        from synthmill.cluster.connect import actor_options
+        from synthmill.cluster.generator import GeneratorActor
+        from synthmill.cluster.pool import ProgressBar, ShardPool
+
+        spec, plan, todo = self.spec, self.plan_, self.todo
+        n_actors = min(self.n_actors, len(todo))
+        source_ref, plan_ref = ray.put(self.p.source), ray.put(plan)
+        options = actor_options(spec.cluster, self.use_gpu)
+        seen = node_paths(spec, ("model.path", "prompts.path", "output.path"))  # what each actor reads
 
         def make_actor():
-            return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref)
+            return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, seen)
 
         pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
                          max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
         bar = ProgressBar(sum(len(plan.samples(k)) for k in todo), "generate")
         try:
             def committed(k: int, marker: dict[str, Any]) -> None:
-                markers[k] = marker
-                committed_at[k] = time.time()
-                startup.setdefault("first_shard_committed_s", round(time.perf_counter() - t0, 3))
+                self.markers[k] = marker
+                self.committed_at[k] = time.time()
+                self.startup.setdefault("first_shard_committed_s", round(time.perf_counter() - self.t0, 3))
                 bar.committed(marker["count"])
 
-            report = pool.run(todo, committed, bar.update)
+            self.report = pool.run(todo, committed, bar.update)
         finally:
             bar.close()
-        if report.failed:
-            failures = {f"{k:06d}": err for k, err in sorted(report.failed.items())}
-            storage.write_json(storage.join(out, "failures.json"),
-                               {"failed_shards": failures, "shards_done": len(markers), "shards": plan.num_shards}, opts)
-            names = ", ".join(list(failures)[:10]) + (" ..." if len(failures) > 10 else "")
-            first = next(iter(failures.values()))
-            raise JobFailed(f"{len(failures)} of {plan.num_shards} shards failed ({names}); first error: {first}. "
-                            f"Run the same command again to retry them; done shards are kept.")
-    storage.remove(storage.join(out, "failures.json"), opts)
-    n_index = merge_index(out, range(plan.num_shards), opts)
-    assert n_index == plan.num_samples, f"index has {n_index} rows for {plan.num_samples} samples"
-    # temporaries of runs killed while writing (a shard, a marker, summary.json); one written since this run
-    # began may be another run's into this folder, still writing (this run's own dead attempts' go with the next run)
-    storage.remove_stale_temporaries(out, wall0)
-    elapsed = time.perf_counter() - t0
-    if report and report.actor_infos:
-        first = min(report.actor_infos, key=lambda i: i["ready_at"])
-        startup["first_actor_ready_s"] = round(first["ready_at"] - wall0, 3)
-        startup["first_actor_imports_s"] = first["import_s"]  # torch, diffusers, transformers in the actor
-        startup["first_actor_model_load_s"] = first["load_s"]
-    generated = sum(len(plan.samples(k)) for k in todo)
-    summary = {
-        "status": "complete",
+        return {f"{k:06d}": err for k, err in sorted(self.report.failed.items())}
+
+    def failures_record(self, failures: dict[str, str]) -> dict[str, Any]:
+        return {"failed_shards": failures, "shards_done": len(self.markers), "shards": self.plan_.num_shards}
+
+    def failure_message(self, failures: dict[str, str]) -> str:
+        names = ", ".join(list(failures)[:10]) + (" ..." if len(failures) > 10 else "")
+        first = next(iter(failures.values()))
+        return (f"{len(failures)} of {self.plan_.num_shards} shards failed ({names}); first error: {first}. "
+                f"Run the same command again to retry them; done shards are kept.")
+
+    def finish(self) -> dict[str, Any]:
+        from synthmill.sharding.index import merge_index
+
+        plan, markers, report, startup = self.plan_, self.markers, self.report, self.startup
+        n_index = merge_index(self.layout, range(plan.num_shards))
+        if n_index != plan.num_samples:
+            raise RuntimeError(f"index has {n_index} rows for {plan.num_samples} samples")
+        elapsed = time.perf_counter() - self.t0
+        if report and report.actor_infos:
+            first = min(report.actor_infos, key=lambda i: i["ready_at"])
+            startup["first_actor_ready_s"] = round(first["ready_at"] - self.wall0, 3)
+            startup["first_actor_imports_s"] = first["import_s"]  # torch, diffusers, transformers in the actor
+            startup["first_actor_model_load_s"] = first["load_s"]
+        generated = sum(len(plan.samples(k)) for k in self.todo)
+        return {
+            "status": "complete",
+            "kind": "generate",
+            "fingerprint": self.p.fingerprint,
+            "prompts": plan.num_prompts,
+            "samples": plan.num_samples,
+            "shards": plan.num_shards,
+            "shards_resumed": self.resumed,
+            "shards_run": len(self.todo),
+            "samples_run": generated,
+            "elapsed_s": round(elapsed, 3),
+            "images_per_s": round(generated / elapsed, 4) if generated else 0.0,
+            "blank_prompts": sum(m["blank_prompts"] for m in markers.values()),
+            "truncated_prompts": sum(m["truncated_prompts"] for m in markers.values()),
+            "nsfw_flagged": sum(m["nsfw"] for m in markers.values()),
+            "actors_started": report.actors_started if report else 0,
+            "actors_lost": report.actors_lost if report else 0,
+            "retries": sum(max(0, a - 1) for a in report.attempts.values()) if report else 0,
+            "devices": sorted({f"{i['device']} ({i['dtype']})" for i in report.actor_infos}) if report else [],
+            "actors": actor_utilisation(report.actor_infos, markers, self.committed_at) if report else [],
+            # start-up, in seconds since the job started running (after validation): Ray connected, first
+            # actor ready (its imports and model load included, also given alone), first shard committed
+            "startup": startup,
+            "run_started_unix": round(self.wall0, 3),
+            "started_at": self.started.isoformat(timespec="seconds"),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(("synthmill", "torch", "diffusers", "transformers", "ray", "webdataset")),
+        }
+
+
+def run(p: Prepared) -> dict[str, Any]:
+    """Run the job to the end; return the summary. Raises JobFailed naming failed shards."""
+    return lifecycle.run(GenerateJob(p))
+
+
+# ---- synthmill status ----
+
+#: plan.json keys that status reads, and their types
+PLAN_KEYS = {"shards": int, "samples": int, "fingerprint": str}
+
+
+def check_plan(plan: dict[str, Any]) -> str | None:
+    return None
+
+
+def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
+    """The state of a generate output, from its plan, markers, failures and summary."""
+    from synthmill.sharding.writer import TMP_SUFFIX
+
+    markers = done_shards(layout, range(plan["shards"]), plan["fingerprint"])
+    failures = layout.read_json(FAILURES)
+    failures = failures if isinstance(failures, dict) else {}
+    summary = layout.read_json(SUMMARY)
+    summary = summary if isinstance(summary, dict) else None
+    samples_done = sum(m["count"] for m in markers.values())
+    denoise_s = sum(m.get("denoise_s", 0.0) for m in markers.values())
+    elapsed_s = sum(m.get("elapsed_s", 0.0) for m in markers.values())
+    stray = [n for n in storage.list_sizes(layout.shards.folder, layout.opts) if n.endswith(TMP_SUFFIX)]
+    return {
+        "output": layout.url,
         "kind": "generate",
-        "fingerprint": p.fingerprint,
-        "prompts": plan.num_prompts,
-        "samples": plan.num_samples,
-        "shards": plan.num_shards,
-        "shards_resumed": resumed,
-        "shards_run": len(todo),
-        "samples_run": generated,
-        "elapsed_s": round(elapsed, 3),
-        "images_per_s": round(generated / elapsed, 4) if generated else 0.0,
-        "blank_prompts": sum(m["blank_prompts"] for m in markers.values()),
-        "truncated_prompts": sum(m["truncated_prompts"] for m in markers.values()),
-        "nsfw_flagged": sum(m["nsfw"] for m in markers.values()),
-        "actors_started": report.actors_started if report else 0,
-        "actors_lost": report.actors_lost if report else 0,
-        "retries": sum(max(0, a - 1) for a in report.attempts.values()) if report else 0,
-        "devices": sorted({f"{i['device']} ({i['dtype']})" for i in report.actor_infos}) if report else [],
-        "actors": actor_utilisation(report.actor_infos, markers, committed_at) if report else [],
-        # start-up, in seconds since the job started running (after validation): Ray connected, first
-        # actor ready (its imports and model load included, also given alone), first shard committed
-        "startup": startup,
-        "run_started_unix": round(wall0, 3),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(("synthmill", "torch", "diffusers", "transformers", "ray", "webdataset")),
+        "complete": bool(summary and summary.get("status") == "complete") and len(markers) == plan["shards"],
+        "shards_done": len(markers),
+        "shards": plan["shards"],
+        "samples_done": samples_done,
+        "samples": plan["samples"],
+        "failed_shards": (failures.get("failed_shards") or {}) if not summary else {},
+        "images_per_s_per_actor": round(samples_done / elapsed_s, 4) if elapsed_s else None,
+        "denoise_fraction": round(denoise_s / elapsed_s, 4) if elapsed_s else None,
+        "job_images_per_s": summary.get("images_per_s") if summary else None,
+        "device_idle": [a["device_idle_fraction"] for a in (summary or {}).get("actors", [])],
+        "unfinished_temporaries": len(stray),
     }
-    storage.write_json(storage.join(out, "summary.json"), summary, opts)
-    return summary
+
+
+def render_status(st: dict[str, Any]) -> str:
+    pct = 100.0 * st["samples_done"] / st["samples"] if st["samples"] else 100.0
+    lines = [
+        f"output     {st['output']}",
+        f"state      {'complete' if st['complete'] else 'incomplete'}",
+        f"shards     {st['shards_done']} / {st['shards']} done",
+        f"samples    {st['samples_done']} / {st['samples']} ({pct:.1f}%)",
+    ]
+    if st["images_per_s_per_actor"] is not None:
+        lines.append(f"throughput {st['images_per_s_per_actor']} images/s per actor (shard time), "
+                     f"denoising {100 * st['denoise_fraction']:.0f}% of it")
+    if st["job_images_per_s"] is not None:
+        lines.append(f"last run   {st['job_images_per_s']} images/s (whole job, wall clock)")
+    if st.get("device_idle"):
+        idle = st["device_idle"]
+        lines.append(f"idle       devices idle {100 * sum(idle) / len(idle):.1f}% of their active time on average "
+                     f"(last run, {len(idle)} actors; max {100 * max(idle):.1f}%)")
+    failed = st["failed_shards"]
+    lines.append(f"failures   {len(failed)}" + (":" if failed else ""))
+    for name, err in list(failed.items())[:10]:
+        lines.append(f"  shard {name}: {err}")
+    if st["unfinished_temporaries"]:
+        lines.append(f"temporary  {st['unfinished_temporaries']} unfinished shard files (never counted as done)")
+    return "\n".join(lines)

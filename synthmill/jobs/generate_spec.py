@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
-from synthmill.jobs.spec import MAX_SEED, ActorClusterSpec, check_cluster, one_of, register_kind, require
+from synthmill.jobs.fields import MAX_SEED, ActorClusterSpec, check_cluster, one_of, require
 from synthmill.models.schedulers import SCHEDULERS
 from synthmill.sharding.encoders import ENCODERS
 
@@ -83,8 +83,11 @@ class ClusterSpec(ActorClusterSpec):
     encode_threads: int = 4
 
 
-@register_kind("generate", paths={"model.path": "name_or_path", "model.custom_pipeline": "name_or_path",
-                                  "prompts.path": "input", "output.path": "output"})
+#: The fields of a generate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
+PATHS = {"model.path": "name_or_path", "model.custom_pipeline": "name_or_path",
+                                  "prompts.path": "input", "output.path": "output"}
+
+
 @dataclass
 class GenerateSpec:
     """A generate job: prompts -> images -> WebDataset shards."""

@@ -9,6 +9,10 @@ from typing import Any
 
 from synthmill.errors import SpecError
 from synthmill.sharding import storage
+from synthmill.sharding.layout import JOB_YAML, OutputLayout
+
+#: Seconds a storage outage may last during validation before the input counts as unreachable.
+VALIDATE_RETRY_S = 10.0
 
 
 def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, names: list[str], kind: str = "") -> None:
@@ -68,56 +72,19 @@ def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None,
         raise SpecError(f"output.path {url}: cannot be written ({parent} is not a writable folder)")
 
 
-def check_node_sees(spec: Any, fields: tuple[str, ...]) -> None:
-    """In an actor, before it loads anything: the local files of ``spec`` that it reads (its path ``fields``)
-    are the driver's, here too.
-
-    The driver checked every input it names, and wrote ``plan.json`` in a local ``output.path`` before it
-    started any actor. A node that does not see them has its own disk, not the driver's: it would fail each
-    shard on a missing file, or write its shards where the driver never finds them. A local path needs a
-    file system that every node of the cluster shares.
-    """
-    import glob
-    import socket
-
-    from synthmill.jobs.spec import PATHS
-
-    for dotted in fields:
-        how = PATHS[spec.kind][dotted]
-        value: Any = spec
-        for part in dotted.split("."):
-            value = getattr(value, part)
-        if not isinstance(value, str) or not value:
-            continue
-        path = value[len("local-dir:"):] if how == "clip" and value.startswith("local-dir:") else value
-        if not storage.is_local(path) or (how == "clip" and path == value):
-            continue
-        path = storage.path_of(path)
-        if how in ("name_or_path", "arch") and not os.path.isabs(path):
-            continue  # a hub id or a name (the driver made every local one absolute)
-        if how == "output":
-            seen, what = os.path.isfile(os.path.join(path, "plan.json")), "the plan.json the driver wrote there"
-        else:
-            seen, what = (bool(glob.glob(path)) if glob.has_magic(path) else os.path.exists(path)), "it"
-        if not seen:
-            raise RuntimeError(
-                f"{dotted} {value}: this node ({socket.gethostname()}) does not see {what}; a local path must be "
-                "on storage every node of the cluster shares (NFS or the like), else use s3://")
-
-
-def write_job_yaml(spec: Any) -> None:
+def write_job_yaml(spec: Any, layout: OutputLayout) -> None:
     """``OUTPUT/job.yaml``: the resolved spec, with its storage options' secrets and its URLs' passwords redacted."""
     from omegaconf import OmegaConf
 
-    from synthmill.jobs.spec import PATHS
+    from synthmill.jobs.kinds import KINDS
 
     resolved = OmegaConf.structured(spec)
     resolved.storage = storage.redact(spec.storage)
-    for dotted in PATHS.get(spec.kind, {}):  # a URL's user:password@
+    for dotted in KINDS[spec.kind].paths:  # a URL's user:password@
         value = OmegaConf.select(resolved, dotted)
         if isinstance(value, str):
             OmegaConf.update(resolved, dotted, storage.redact_url(value))
-    storage.write_bytes(storage.join(spec.output.path, "job.yaml"), OmegaConf.to_yaml(resolved).encode(), spec.storage)
+    storage.write_bytes(layout.file(JOB_YAML), OmegaConf.to_yaml(resolved).encode(), layout.opts)
 
 
 def versions(packages: tuple[str, ...]) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Loading a job spec: YAML + ``key=value`` overrides -> a typed, validated dataclass.
 
-Each job kind owns a dataclass schema (``KINDS`` maps ``kind:`` to it). The YAML is merged into the
-schema with OmegaConf in struct mode, so unknown keys and wrong types fail here, with the field's
+Each job kind owns a dataclass schema (the table :data:`synthmill.jobs.kinds.KINDS` maps ``kind:`` to it).
+The YAML is merged into the schema with OmegaConf in struct mode, so unknown keys and wrong types fail here, with the field's
 dotted path and, for a misspelt key, the closest known one. Ranges and cross-field rules are checked
 by the schema's own ``check()`` method. No custom resolvers are registered: a spec never runs code.
 """
@@ -11,33 +11,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 from synthmill.errors import SpecError, first_line
-
-#: kind -> schema class; filled by the job modules through :func:`register_kind`.
-KINDS: dict[str, type] = {}
-#: kind -> {dotted field: how a relative local path in it is made absolute}; see :func:`resolve_paths`.
-PATHS: dict[str, dict[str, str]] = {}
-
-
-def register_kind(name: str, paths: dict[str, str] | None = None) -> Callable[[type], type]:
-    """Class decorator: make ``kind: name`` load into the decorated dataclass.
-
-    ``paths`` names its fields that may hold a local path: ``"input"`` (a file or folder to read),
-    ``"output"`` (the job's output folder), ``"name_or_path"`` (a hub id or name, or a local folder or file
-    when one exists at that path), ``"file_or_name"`` (a name, or a file when one exists there), ``"arch"`` (a
-    student layout's name, else as ``"name_or_path"``) and ``"clip"`` (an open_clip name, ``local-dir:PATH``
-    among them). A leading ``~`` is the user's home.
-    """
-
-    def deco(cls: type) -> type:
-        KINDS[name] = cls
-        PATHS[name] = dict(paths or {})
-        return cls
-
-    return deco
+from synthmill.sharding.nodes import NodePath
 
 
 def ray_job_working_dir() -> str | None:
@@ -56,8 +34,14 @@ def ray_job_working_dir() -> str | None:
     return str(working_dir) if working_dir else None
 
 
-def resolve_paths(spec: Any, kind: str) -> None:
+def resolve_paths(spec: Any, paths: Mapping[str, str]) -> None:
     """Make the spec's local paths absolute (against the directory synthmill runs in) and spelt one way.
+
+    ``paths`` names the schema's fields that may hold a local path, and how each is read: ``"input"`` (a file
+    or folder to read), ``"output"`` (the job's output folder), ``"name_or_path"`` (a hub id or name, or a local
+    folder or file when one exists at that path), ``"file_or_name"`` (a name, or a file when one exists
+    there), ``"arch"`` (a student layout's name, else as ``"name_or_path"``) and ``"clip"`` (an open_clip name,
+    ``local-dir:PATH`` among them). A leading ``~`` is the user's home.
 
     Ray's actors and workers do not run in the driver's directory: on a cluster joined through an address
     they run where that cluster was started. A relative path would name another file there (or none), and a
@@ -69,7 +53,7 @@ def resolve_paths(spec: Any, kind: str) -> None:
     each node would write into its own copy, which Ray may delete once the job ends.
     """
     working_dir = ray_job_working_dir()
-    for dotted, how in PATHS.get(kind, {}).items():
+    for dotted, how in paths.items():
         *parents, leaf = dotted.split(".")
         section = spec
         for part in parents:
@@ -368,10 +352,7 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    # Importing the job modules registers their kinds.
-    import synthmill.jobs.distill_spec  # noqa: F401
-    import synthmill.jobs.evaluate_spec  # noqa: F401
-    import synthmill.jobs.generate_spec  # noqa: F401
+    from synthmill.jobs.kinds import KINDS
 
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
@@ -394,7 +375,7 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     if not isinstance(kind, str) or kind not in KINDS:
         known = ", ".join(sorted(KINDS))
         raise SpecError(f"{path}: field 'kind' is {kind!r}; known kinds: {known}")
-    schema = KINDS[kind]
+    schema = KINDS[kind].spec
     _check_sections(schema, raw, path)
     for o in overrides:  # each alone, to name the one that gives a section a value
         _check_sections(schema, OmegaConf.to_container(OmegaConf.from_dotlist([o])), f"override '{o}'")
@@ -408,64 +389,22 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         spec = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _explain(e, schema, path) from None
-    resolve_paths(spec, kind)
+    resolve_paths(spec, KINDS[kind].paths)
     spec.check()
     return spec
 
 
-
-def require(cond: bool, field: str, message: str) -> None:
-    """Raise a :class:`SpecError` naming ``field`` unless ``cond`` holds."""
-    if not cond:
-        raise SpecError(f"field '{field}': {message}")
-
-
-def one_of(value: Any, known: Any, field: str) -> None:
-    """Raise a :class:`SpecError` unless ``value`` is one of ``known`` (listed in the message)."""
-    if value not in known:
-        close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise SpecError(f"field '{field}': unknown value {value!r}{hint} (known: {', '.join(map(str, known))})")
+def field_value(spec: Any, dotted: str) -> Any:
+    """The value of the field ``dotted`` (``output.path``) of a loaded spec."""
+    value = spec
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
-@dataclass
-class ActorClusterSpec:
-    """Ray settings every job kind with an actor pool shares; a kind's own section adds to these."""
+def node_paths(spec: Any, fields: tuple[str, ...]) -> list[NodePath]:
+    """The local paths among ``fields`` of ``spec`` that every node must see, for actors to check."""
+    from synthmill.jobs.kinds import KINDS
 
-    address: Optional[str] = None  # else RAY_ADDRESS, else a local Ray instance
-    num_actors: Union[int, str] = "auto"  # auto = one per GPU (CPU-only: one per cpus_per_actor CPUs)
-    batch_size: int = 8
-    cpus_per_actor: int = 1  # on CPU also the actor's torch thread count
-    inflight_per_actor: int = 2  # work items queued per actor, so I/O overlaps compute
-    max_attempts: int = 3  # per work item; an attempt ends in an error or with its actor's death
-    resources: Dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor (node labels)
-    start_timeout_s: float = 1800.0  # fail if no actor is ready for this long (model download included)
-
-
-def require_count_or_auto(value: Any, field: str) -> None:
-    """A count of actors or workers: ``auto`` or an integer >= 1."""
-    ok = value == "auto" if isinstance(value, str) else value >= 1
-    require(ok, field, f"must be 'auto' or an integer >= 1, got {value!r}")
-
-
-def check_cluster(c: Any) -> None:
-    """The ``cluster`` settings every job kind with actors shares: counts, batch, retries, resources."""
-    require_count_or_auto(c.num_actors, "cluster.num_actors")
-    require(1 <= c.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {c.batch_size}")
-    require(c.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {c.cpus_per_actor}")
-    require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {c.inflight_per_actor}")
-    require(1 <= c.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {c.max_attempts}")
-    require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
-    check_resources(c.resources, "cluster.cpus_per_actor")
-
-
-#: Largest seed: seeds go to torch.Generator.manual_seed and index columns as signed 64-bit integers.
-MAX_SEED = 2**63 - 1
-
-
-def check_resources(resources: dict[str, float], cpus_field: str) -> None:
-    """Extra Ray resources: positive amounts, and not CPU or GPU, which Ray takes only as counts of their own."""
-    for name, amount in resources.items():
-        require(name not in ("CPU", "GPU"), f"cluster.resources.{name}",
-                f"is set by synthmill ({cpus_field}; one GPU each where the cluster has GPUs), not here")
-        require(amount > 0, f"cluster.resources.{name}", f"must be > 0, got {amount}")
+    paths = KINDS[spec.kind].paths
+    return [NodePath(f, v, paths[f]) for f in fields if isinstance(v := field_value(spec, f), str) and v]

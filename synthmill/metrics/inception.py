@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from synthmill.errors import SpecError
+from synthmill.metrics.base import Network
+
 PROTOCOLS = {
     "pytorch-fid": "pixels/255 as float32, torch bilinear resize to 299x299 (align_corners=False), "
                    "scaled to [-1, 1] as 2x-1 (pytorch-fid's InceptionV3 with resize_input and normalize_input)",
@@ -118,3 +121,47 @@ def inception_score(logits: np.ndarray, splits: int, seed: int, shuffle: bool = 
     out = isc_features_to_metric(torch.from_numpy(np.ascontiguousarray(logits)), splits=splits,
                                  shuffle=shuffle, rng_seed=seed)
     return float(out["inception_score_mean"]), float(out["inception_score_std"])
+
+
+class _Net:
+    """The Inception networks as the scorer runs them: pool3 features and/or IS logits of a batch."""
+
+    def __init__(self, spec: Any, info: dict[str, Any], features: tuple[str, ...], device: str):
+        from synthmill.metrics import weights
+
+        # Resolved on this node: a URL is downloaded into this node's cache (once, under a lock).
+        path, _ = weights.resolve(info["weights"], info["sha256"], spec.storage)
+        self.extractor = InceptionExtractor(weights.load_state_dict(path), path, spec.fid.protocol,
+                                            "pool3" in features, "logits" in features, device)
+
+    def extract(self, features: tuple[str, ...], images: list[np.ndarray], captions: list[Any]) -> dict[str, Any]:
+        out = {}
+        if "pool3" in features:
+            out["pool3"] = self.extractor.fid_features(images)
+        if "logits" in features:
+            out["logits"] = self.extractor.is_logits(images)
+        return out
+
+
+def _check(spec: Any, opts: dict[str, Any] | None) -> dict[str, Any]:
+    """The weights file (a URL is downloaded and hashed once here), checked to be the FID Inception network's."""
+    from synthmill.metrics import weights
+
+    try:
+        path, sha = weights.resolve(spec.fid.weights, spec.fid.weights_sha256, opts)
+        weights.check_fid_inception(weights.load_state_dict(path), path)
+    except weights.WeightsError as e:
+        raise SpecError(f"fid.weights: {e}") from None
+    return {"weights": spec.fid.weights, "sha256": sha, "path": path}
+
+
+def _prepare(spec: Any, image: Any) -> np.ndarray:
+    """8-bit RGB pixels, first resized to ``fid.resize_to`` squared (PIL bicubic) when it is set."""
+    from PIL import Image
+
+    r = spec.fid.resize_to
+    return np.asarray(image.resize((r, r), resample=Image.BICUBIC) if r else image, dtype=np.uint8)
+
+
+NETWORK = Network("inception", load=_Net, prepare=_prepare, check=_check,
+                  same_size=lambda spec: spec.fid.resize_to is None)

@@ -101,18 +101,19 @@ def _job_size(path: str, opts: dict[str, Any] | None) -> tuple[int, int] | None:
 
 
 def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> ImageSet:
-    from synthmill.sharding.commit import done_shards, tar_url
+    from synthmill.sharding.layout import OutputLayout
 
     n = plan.get("shards")
     if not _is_count(n):
         raise ImageSetError(f"{storage.join(path, 'plan.json')}: \"shards\" is {n!r}, not a positive whole number; "
                             "not the plan of a synthmill generate job")
-    done = done_shards(path, range(n), plan.get("fingerprint"), storage_options=opts)
+    shards = OutputLayout(path, opts).shards
+    done = shards.done(range(n), lambda k: {"fingerprint": plan.get("fingerprint")})
     if len(done) < n:
         raise ImageSetError(
             f"{path}: the generate job there is not complete ({len(done)} of {n} shards committed); "
             "run it to the end first (the same synthmill run command resumes it)")
-    units = [Unit(k, f"sha256:{done[k]['sha256']}", int(done[k]["count"]), tar=tar_url(path, k)) for k in range(n)]
+    units = [Unit(k, f"sha256:{done[k]['sha256']}", int(done[k]["count"]), tar=shards.payload_url(k)) for k in range(n)]
     return ImageSet("synthmill", path, units, _job_size(path, opts))
 
 

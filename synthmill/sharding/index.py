@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthmill.sharding import storage
-from synthmill.sharding.commit import index_part_url
+from synthmill.sharding.layout import INDEX, OutputLayout
 
 #: The columns of ``index.parquet`` (and of each part), in order.
 INDEX_SCHEMA = pa.schema(
@@ -37,19 +37,19 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{f: r.get(f) for f in INDEX_SCHEMA.names} for r in rows], schema=INDEX_SCHEMA)
 
 
-def merge_index(output: str, shard_ids: Iterable[int], storage_options: dict[str, Any] | None = None) -> int:
+def merge_index(layout: OutputLayout, shard_ids: Iterable[int]) -> int:
     """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order); return the row count."""
     n = 0
     fd, tmp = tempfile.mkstemp(suffix=".parquet")
     os.close(fd)
     with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
         for k in shard_ids:
-            data = storage.read_bytes(index_part_url(output, k), storage_options)
+            data = storage.read_bytes(layout.shards.companion_url(0, k), layout.opts)
             table = pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
             writer.write_table(table)
             n += table.num_rows
     try:
-        storage.put_file(tmp, storage.join(output, "index.parquet"), storage_options)
+        storage.put_file(tmp, layout.file(INDEX), layout.opts)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,0 +1,102 @@
+"""The one order every job kind runs in (docs/design.md, invariants 3 and 4).
+
+1. A complete earlier run of the same job is kept as it is (``kept``): nothing is connected or rewritten.
+2. Ray is connected before anything is written, when there is work to do: a cluster that cannot be
+   reached, or cannot hold the job's actors, is bad input and leaves no trace (``placed``).
+3. ``plan.json`` first (it makes the folder this job's, so a run killed after it resumes), then ``job.yaml``.
+4. The job's final file (``summary.json`` or ``metrics.json``), its commit, is withdrawn while work is redone.
+5. The kind's own work. Units that failed every attempt go to ``failures.json`` and fail the job (exit 1;
+   the same command retries them); otherwise ``failures.json`` goes.
+6. The kind's closing work (``finish``: merging the index, the metrics, exporting a model).
+7. Temporaries that killed runs left anywhere in a local output, older than this run's start, go (newer
+   ones may belong to another run into the same folder, still writing).
+8. The final file, last.
+
+A kind gives its own steps as a :class:`Job`; the driver holds nothing a rerun cannot rebuild from the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+from synthmill.errors import JobFailed
+from synthmill.jobs.outputs import write_job_yaml
+from synthmill.sharding import storage
+from synthmill.sharding.layout import FAILURES, PLAN, OutputLayout
+
+log = logging.getLogger(__name__)
+
+
+class Job(ABC):
+    """One run of a job kind: the steps of the lifecycle that are its own. Subclasses set ``spec`` and
+    ``layout``, give ``plan`` and ``finish``, and override what else they need (the defaults do nothing)."""
+
+    spec: Any
+    layout: OutputLayout
+    final_file: str = "summary.json"
+    dashboard: bool = False  # connect Ray with its dashboard (Ray Train needs it)
+    unit_noun: str = "units"  # how failures.json and the failure line name what failed
+
+    def kept(self) -> dict[str, Any] | None:
+        """The result of a complete earlier run of this same job, returned as it is; None to run."""
+        return None
+
+    def pending(self) -> bool:
+        """Whether there is work for the cluster (then Ray is connected first)."""
+        return False
+
+    def placed(self, resources: dict[str, float]) -> None:
+        """After connecting: check that the cluster can run the work (SpecError if it cannot)."""
+
+    @abstractmethod
+    def plan(self) -> dict[str, Any]:
+        """The content of ``plan.json``."""
+
+    def work(self, resources: dict[str, float]) -> dict[str, str]:
+        """Do the pending work; return the units that failed every attempt (name -> error)."""
+        return {}
+
+    def failures_record(self, failures: dict[str, str]) -> dict[str, Any]:
+        """The content of ``failures.json``."""
+        return {f"failed_{self.unit_noun}": failures}
+
+    def failure_message(self, failures: dict[str, str]) -> str:
+        names = ", ".join(list(failures)[:10]) + (" ..." if len(failures) > 10 else "")
+        return f"{len(failures)} {self.unit_noun} failed ({names}); first error: {next(iter(failures.values()))}."
+
+    @abstractmethod
+    def finish(self) -> dict[str, Any]:
+        """The closing work; returns the content of the final file."""
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Run ``job`` through the lifecycle above; return its final file's content."""
+    from synthmill.cluster.connect import connect
+
+    wall0 = time.time()
+    layout = job.layout
+    kept = job.kept()
+    if kept is not None:
+        storage.remove_stale_temporaries(layout.url, wall0)
+        return kept
+    pending = job.pending()
+    resources: dict[str, float] = {}
+    if pending:
+        resources = connect(job.spec.cluster.address, dashboard=job.dashboard)
+        job.placed(resources)
+    layout.write_json(PLAN, job.plan())
+    write_job_yaml(job.spec, layout)
+    if pending:
+        layout.remove(job.final_file)
+        failures = job.work(resources)
+        if failures:
+            layout.write_json(FAILURES, job.failures_record(failures))
+            raise JobFailed(job.failure_message(failures))
+    layout.remove(FAILURES)
+    result = job.finish()
+    storage.remove_stale_temporaries(layout.url, wall0)
+    layout.write_json(job.final_file, result)
+    return result

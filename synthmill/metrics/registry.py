@@ -1,0 +1,42 @@
+"""The tables of evaluate: every network, feature and metric synthmill scores with (shapes in ``base``).
+
+The scorer actor and the evaluate driver know no metric by name: they loop over these tables. A new metric
+is one module (its :class:`~synthmill.metrics.base.Metric`, and the feature and network it needs when they
+are new) plus its rows here.
+"""
+
+from __future__ import annotations
+
+from synthmill.metrics import clip, fid, inception, isc
+from synthmill.metrics.base import Feature, Metric, Network
+
+NETWORKS: dict[str, Network] = {n.name: n for n in (
+    inception.NETWORK,
+    clip.NETWORK,
+)}
+
+FEATURES: dict[str, Feature] = {f.name: f for f in (
+    fid.POOL3,
+    isc.LOGITS,
+    clip.COSINE,
+)}
+
+#: In this order their entries appear in metrics.json (and in messages that list the known metrics).
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    fid.FID,
+    isc.IS,
+    clip.CLIP,
+    fid.FID_STATS_ONLY,
+)}
+
+
+def features_of(metrics: list[str], set_name: str) -> tuple[str, ...]:
+    """The features ``metrics`` need of the set ``set_name``, each once, in table order."""
+    wanted = {f for m in metrics for f in METRICS[m].features.get(set_name, ())}
+    return tuple(f for f in FEATURES if f in wanted)
+
+
+def networks_of(features: tuple[str, ...]) -> tuple[str, ...]:
+    """The networks that give ``features``, each once, in table order."""
+    wanted = {FEATURES[f].network for f in features}
+    return tuple(n for n in NETWORKS if n in wanted)
