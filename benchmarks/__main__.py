@@ -39,7 +39,7 @@ DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")
 
 #: ``python -m benchmarks gpu``: (name, arguments) in order; each a separate recorded run. Random full-size
 #: weights (synthmill.testing.full_size), float16, the plain diffusers loop as the baseline in every row.
-#: Seconds each took on the lent H200 (2026-11-30), where it ran to the end: 0: 279, 3: 199. The others are
+#: Seconds each took on an NVIDIA H200 (2026-11-30), where it ran to the end: 0: 279, 3: 199. The others are
 #: sized from those rates (SD 1.5 @512 ~5 images/s at batch 16, SDXL @1024 ~1): 1 and 4 did not finish in
 #: the 80 s and 165 s left to them at their earlier sizes (128 prompts, two repeats; 64 prompts from batch 1).
 GPU_RUNS: tuple[tuple[str, list[str]], ...] = (

@@ -1,7 +1,7 @@
 """A benchmark's child command (``synthmill run``), its output passed on to stderr line by line as it comes.
 
 Captured and shown only at the end, a child's output is lost with it when the benchmark is stopped part-way
-(the device tool's time limit stops a whole call): streamed, the log shows how far it got and what it said.
+(a time limit on the whole command stops it): streamed, the log shows how far it got and what it said.
 It goes to stderr, so the recorded results (stdout) stay as they were.
 """
 

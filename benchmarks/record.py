@@ -69,7 +69,8 @@ def section(name: str, argv: list[str], host: str, output: str, when: datetime) 
     """(key line, whole section) for one run."""
     command = " ".join(["python -m benchmarks", name, *argv])
     key = f"### `{command}` on {host}"
-    body = "\n".join([key, "", f"Run {when.strftime('%Y-%m-%d %H:%M UTC')}.", "", "```", output.rstrip("\n"), "```", ""])
+    body = "\n".join([key, "", f"Run {when.strftime('%Y-%m-%d %H:%M UTC')}.", "",
+                      "```", output.rstrip("\n"), "```", ""])
     return key, body
 
 

@@ -1,4 +1,5 @@
-"""The two ways a job ends badly, and the exit codes the CLI gives them (DESIGN.md)."""
+"""The two ways a job ends badly, and the exit codes the CLI gives them (docs/design.md,
+"Command line (frozen: extend, don't rename)")."""
 
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ class BackgroundRun:
     def __init__(self, args: list[str], folder: Path) -> None:
         import subprocess
 
-        self.out, self.err = open(folder / "stdout", "w+", encoding="utf-8"), open(folder / "stderr", "w+", encoding="utf-8")
+        self.out, self.err = (open(folder / "stdout", "w+", encoding="utf-8"),
+                              open(folder / "stderr", "w+", encoding="utf-8"))
         self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, *args], cwd=REPO, stdout=self.out,
                                      stderr=self.err)
 

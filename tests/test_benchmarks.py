@@ -18,10 +18,12 @@ def test_generate_benchmark_smoke(ray_address) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.startswith("CPU: rerun under synthmill's CPU actor malloc settings: MALLOC_ARENA_MAX=1 "), proc.stdout
+    assert proc.stdout.startswith(
+        "CPU: rerun under synthmill's CPU actor malloc settings: MALLOC_ARENA_MAX=1 "), proc.stdout
     assert re.search(r"^ratios: steady state \(b\)/\(a\) = \d+\.\d+ .*end to end \(c\)/\(a\) = \d+\.\d+$",
                      proc.stdout, re.M), proc.stdout
-    assert "identical images (a) vs (b): 4/4" in proc.stdout and "identical images (a) vs (d): 4/4" in proc.stdout, proc.stdout
+    assert ("identical images (a) vs (b): 4/4" in proc.stdout
+            and "identical images (a) vs (d): 4/4" in proc.stdout), proc.stdout
     assert re.search(r"^\(c\) actor \d+ on cpu: 4 samples in \d+\.\d+ s active, device idle fraction 0\.\d+$",
                      proc.stdout, re.M), proc.stdout
     assert re.search(r"^\(c\) start-up, seconds after run\(\) began: Ray connected at \d+\.\d+, first actor ready at "
@@ -144,8 +146,10 @@ def test_startup_benchmark_smoke(ray_address, tiny_sd) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^\| download of the s3:// model .* \| \d+\.\d+ \|  \|$", proc.stdout, re.M), proc.stdout
-    assert "the model from s3:// (moto on 127.0.0.1); synthmill's actors keep their node's cache" in proc.stdout, proc.stdout
-    assert re.search(r"^\| \*\*to the first tar / committed shard\*\* \| \d+\.\d+ \| \d+\.\d+ \|$", proc.stdout, re.M), proc.stdout
+    assert ("the model from s3:// (moto on 127.0.0.1); synthmill's actors keep their node's cache"
+            in proc.stdout), proc.stdout
+    assert re.search(r"^\| \*\*to the first tar / committed shard\*\* \| \d+\.\d+ \| \d+\.\d+ \|$",
+                     proc.stdout, re.M), proc.stdout
     assert re.search(r"^ratio: time to first output, plain / synthmill = \d+\.\d+", proc.stdout, re.M), proc.stdout
 
 
@@ -201,7 +205,8 @@ def test_device_wheels_strip_leaves_an_installable_wheel(tmp_path) -> None:
 
     members = {"ray/__init__.py": b"VERSION = '0'\n", "ray/jars/ray_dist.jar": bytes(range(256)) * 4096,
                "ray-9.9.dist-info/METADATA": b"Metadata-Version: 2.1\nName: ray\nVersion: 9.9\n",
-               "ray-9.9.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+               "ray-9.9.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                          b"Tag: py3-none-any\n"}
 
     def record(name: str, data: bytes) -> str:
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()

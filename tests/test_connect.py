@@ -197,7 +197,8 @@ def test_connect_joins_the_cluster_at_an_address_within_the_bound(ray_address):
     assert cpus > 0 and wait_env is None, proc.stdout
 
 
-# ---- `ray job submit -- synthmill run JOB.yaml` (DESIGN.md: must work unchanged) ----
+# ---- `ray job submit -- synthmill run JOB.yaml` works unchanged ----
+# (docs/design.md, "Command line (frozen: extend, don't rename)")
 
 def test_ray_job_submit_runs_the_same_command(ray_cluster, tiny_sd, prompts_tsv, tmp_path):
     """The job server starts the entrypoint in its copy of ``--working-dir`` with RAY_ADDRESS set: the same

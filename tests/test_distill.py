@@ -164,7 +164,7 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
             worker_killed.append(workers[0].pid)
 
     def train_workers() -> list:
-        """This session's Ray Train worker actor processes: the raylet is this test process's child, the
+        """The Ray Train worker actor processes of this test's Ray: the raylet is this test process's child, the
         workers its children (not their DataLoader processes, which are forked and carry the same title, nor
         the workers of 3)'s local Ray, which descend from its process)."""
         import psutil

@@ -60,7 +60,7 @@ def connect(address: str | None = None, dashboard: bool = False) -> dict[str, fl
                     os.environ.setdefault(k, v)
                 _local_workers_inherit_malloc_env = True
             if dashboard and (missing := _dashboard_dependency_error()):
-                # ray without its [default] extras (the lent GPU machine's carried wheels): Ray would refuse to start
+                # ray without its [default] extras (e.g. installed from a bare wheel): Ray would refuse to start
                 log.warning("starting Ray without its dashboard (%s); Ray Train will warn that its State API is "
                             "unavailable", missing)
                 dashboard = False

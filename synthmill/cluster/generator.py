@@ -158,7 +158,8 @@ class ShardGenerator:
         return arr, [None if f is None else bool(f) for f in nsfw]
 
     def metadata(self, sample: Sample, nsfw: bool | None, shard: int) -> dict[str, Any]:
-        """The sample's ``KEY.json`` (DESIGN.md fields plus truncation, blank and NSFW flags)."""
+        """The sample's ``KEY.json`` (the fields docs/design.md, "Output layout of a generate job", lists,
+        plus truncation, blank and NSFW flags)."""
         s, m = self.spec.sampling, self.spec.model
         return {
             "key": sample_key(sample.index), "shard": shard, "prompt": sample.prompt,

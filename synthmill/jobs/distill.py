@@ -108,7 +108,8 @@ def _check_resolution(spec: DistillSpec, vae_cfg: dict[str, Any], unet_cfg: dict
     vae_factor = 2 ** (len(channels) - 1)
     res = spec.data.resolution
     if res % vae_factor:
-        raise SpecError(f"field 'data.resolution': {res} is not a multiple of the VAE's downsampling factor {vae_factor}")
+        raise SpecError(f"field 'data.resolution': {res} is not a multiple of the VAE's downsampling factor "
+                        f"{vae_factor}")
     latent = res // vae_factor
     need = 2 ** (max(len(unet_cfg.get("down_block_types", [])), student_down) - 1)
     if latent % need:
@@ -119,8 +120,8 @@ def _check_resolution(spec: DistillSpec, vae_cfg: dict[str, Any], unet_cfg: dict
 def latest_step(output: str, storage_options: dict[str, Any] | None = None) -> int:
     """The step of the checkpoint Ray Train resumes from: the latest one its snapshot under
     ``OUTPUT/checkpoints/`` records (a checkpoint folder a crash left half-copied is not in it). 0 if none."""
-    snapshot = storage.read_json(OutputLayout(output, storage_options).file(CHECKPOINTS, "checkpoint_manager_snapshot.json"),
-                                 storage_options)
+    snapshot = storage.read_json(
+        OutputLayout(output, storage_options).file(CHECKPOINTS, "checkpoint_manager_snapshot.json"), storage_options)
     latest = (snapshot or {}).get("latest_checkpoint_result") or {}
     return int((latest.get("metrics") or {}).get("step", 0))
 
@@ -264,7 +265,8 @@ def export_pipeline(spec: DistillSpec, checkpoint_dir: str) -> str:
         pipe.save_pretrained(tmp, safe_serialization=True)
         storage.remove(storage.join(out, "model_index.json"), spec.storage)
         files = sorted(os.path.relpath(os.path.join(r, f), tmp) for r, _, fs in os.walk(tmp) for f in fs)
-        for rel in sorted(files, key=lambda f: f == "model_index.json"):  # the index last: it makes the folder a pipeline
+        # the index last: it makes the folder a pipeline
+        for rel in sorted(files, key=lambda f: f == "model_index.json"):
             storage.put_file(os.path.join(tmp, rel), storage.join(out, *rel.split(os.sep)), spec.storage)
     return out
 
@@ -343,7 +345,8 @@ class DistillJob(lifecycle.Job):
         if self.p.steps_done < t.max_steps:
             return None
         summary = self.layout.read_json(SUMMARY)
-        if isinstance(summary, dict) and summary.get("steps") == t.max_steps and summary.get("fingerprint") == self.p.fingerprint:
+        if (isinstance(summary, dict) and summary.get("steps") == t.max_steps
+                and summary.get("fingerprint") == self.p.fingerprint):
             log.info("%s is trained to step %d already; nothing to do", self.layout.url, t.max_steps)
             return dict(summary, steps_run=0, steps_resumed=t.max_steps, samples_per_s=None)
         return None
@@ -359,7 +362,8 @@ class DistillJob(lifecycle.Job):
         check_fits("training worker", {"CPU": c.cpus_per_worker, "GPU": int(use_gpu), **c.resources},
                    "cluster.cpus_per_worker" + (" / cluster.resources" if c.resources else ""),
                    "Ray Train waits (retrying the worker group's start every minute)", n_workers,
-                   "cluster.num_workers" if isinstance(c.num_workers, int) else "cluster.num_workers=auto (a worker per GPU)")
+                   "cluster.num_workers" if isinstance(c.num_workers, int)
+                   else "cluster.num_workers=auto (a worker per GPU)")
         if started_local_ray():
             # One machine has no node to lose to preemption; Ray Train's watcher for it (an actor process per
             # attempt) also logs an error-level line as it starts. The user's own setting wins.
@@ -467,7 +471,8 @@ def render_status(st: dict[str, Any]) -> str:
              f"checkpoint step {st['checkpoint_step']} of {st['max_steps']}"]
     last = st["last_logged"]
     if last:
-        lines.append(f"logged     step {last['step']}: loss {last['loss']:.5g} (task {last['loss_task']:.4g}, output KD "
+        lines.append(f"logged     step {last['step']}: loss {last['loss']:.5g} "
+                     f"(task {last['loss_task']:.4g}, output KD "
                      f"{last['loss_output_kd']:.4g}, feature KD {last['loss_feature_kd']:.4g}), "
                      f"{last.get('samples_per_s')} samples/s")
     if st["pipeline"]:

@@ -116,7 +116,8 @@ class DistillSpec:
 
         d, lo, t, c = self.data, self.loss, self.train, self.cluster
         require(bool(self.teacher.path.strip()), "teacher.path", "must not be empty")
-        require(not self.teacher.compile, "teacher.compile", "is a generate setting; distill does not compile the teacher")
+        require(not self.teacher.compile, "teacher.compile",
+                "is a generate setting; distill does not compile the teacher")
         arch = self.student.arch.strip()
         require(bool(arch), "student.arch", f"must name a layout ({', '.join(KNOWN_ARCHS)}) or a UNet folder")
         one_of(self.student.init, ("teacher", "random"), "student.init")
@@ -124,12 +125,16 @@ class DistillSpec:
         require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
                 f"must be a positive multiple of 8 (the VAE downsamples by 8), got {d.resolution}")
         require(d.resolution <= 4096, "data.resolution", f"must be <= 4096, got {d.resolution}")
-        require(0 <= d.shuffle_buffer <= 100_000, "data.shuffle_buffer", f"must be in 0..100000, got {d.shuffle_buffer}")
+        require(0 <= d.shuffle_buffer <= 100_000, "data.shuffle_buffer",
+                f"must be in 0..100000, got {d.shuffle_buffer}")
         require(0 <= d.loader_workers <= 64, "data.loader_workers", f"must be in 0..64, got {d.loader_workers}")
-        require(1 <= d.samples_per_unit <= 1_000_000, "data.samples_per_unit", f"must be in 1..1000000, got {d.samples_per_unit}")
+        require(1 <= d.samples_per_unit <= 1_000_000, "data.samples_per_unit",
+                f"must be in 1..1000000, got {d.samples_per_unit}")
         for name in ("task", "output_kd", "feature_kd"):
-            require(0 <= getattr(lo, name) < math.inf, f"loss.{name}", f"must be >= 0 and finite, got {getattr(lo, name)}")
-        require(lo.task + lo.output_kd + lo.feature_kd > 0, "loss", "at least one of task, output_kd, feature_kd must be > 0")
+            require(0 <= getattr(lo, name) < math.inf, f"loss.{name}",
+                    f"must be >= 0 and finite, got {getattr(lo, name)}")
+        require(lo.task + lo.output_kd + lo.feature_kd > 0, "loss",
+                "at least one of task, output_kd, feature_kd must be > 0")
         require(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
         require(1 <= t.batch_size <= 4096, "train.batch_size", f"must be in 1..4096, got {t.batch_size}")
         require(1 <= t.gradient_accumulation <= 1024, "train.gradient_accumulation",

@@ -134,8 +134,8 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
                            "fingerprint": p.fingerprint}
     for name, job in p.sets.items():
         done = partials.done(p.spec.output.path, name, _identities(job), p.fingerprint, p.spec.storage)
-        out[name] = {"path": storage.redact_url(job.images.path), "kind": job.images.kind, "units": len(job.images.units),
-                     "samples": job.images.num_samples, "units_done": len(done)}
+        out[name] = {"path": storage.redact_url(job.images.path), "kind": job.images.kind,
+                     "units": len(job.images.units), "samples": job.images.num_samples, "units_done": len(done)}
     if p.reference_stats is not None:
         out["reference"] = {"path": storage.redact_url(p.reference_stats.path), "kind": "stats"}
     return out

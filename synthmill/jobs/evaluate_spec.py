@@ -96,7 +96,8 @@ class EvaluateSpec:
         for name, spu in (("generated", g.samples_per_unit), ("reference", r.samples_per_unit)):
             require(1 <= spu <= 1_000_000, f"{name}.samples_per_unit", f"must be in 1..1000000, got {spu}")
         one_of(f.protocol, sorted(PROTOCOLS), "fid.protocol")
-        require(f.resize_to is None or 16 <= f.resize_to <= 4096, "fid.resize_to", f"must be in 16..4096 or null, got {f.resize_to}")
+        require(f.resize_to is None or 16 <= f.resize_to <= 4096, "fid.resize_to",
+                f"must be in 16..4096 or null, got {f.resize_to}")
         require(f.weights_sha256 is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", f.weights_sha256)),
                 "fid.weights_sha256", "must be 8 to 64 hex digits")
         require(1 <= i.splits <= 1000, "inception_score.splits", f"must be in 1..1000, got {i.splits}")

@@ -52,7 +52,8 @@ def check_cluster(c: Any) -> None:
     require_count_or_auto(c.num_actors, "cluster.num_actors")
     require(1 <= c.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {c.batch_size}")
     require(c.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {c.cpus_per_actor}")
-    require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor", f"must be in 1..16, got {c.inflight_per_actor}")
+    require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor",
+            f"must be in 1..16, got {c.inflight_per_actor}")
     require(1 <= c.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {c.max_attempts}")
     require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
     check_resources(c.resources, "cluster.cpus_per_actor")

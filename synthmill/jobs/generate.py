@@ -46,7 +46,8 @@ class Prepared:
         return OutputLayout(self.spec.output.path, self.spec.storage)
 
 
-def done_shards(layout: OutputLayout, shard_ids: Any, fingerprint: str, check: str = "size") -> dict[int, dict[str, Any]]:
+def done_shards(layout: OutputLayout, shard_ids: Any, fingerprint: str,
+                check: str = "size") -> dict[int, dict[str, Any]]:
     """Markers of the committed shards of this job among ``shard_ids`` (synthmill.sharding.units)."""
     return layout.shards.done(shard_ids, lambda k: {"fingerprint": fingerprint}, check)
 
@@ -210,7 +211,8 @@ class GenerateJob(lifecycle.Job):
         if self.todo:
             return None
         finished = self.layout.read_json(SUMMARY)
-        if isinstance(finished, dict) and finished.get("status") == "complete" and finished.get("fingerprint") == self.p.fingerprint:
+        if (isinstance(finished, dict) and finished.get("status") == "complete"
+                and finished.get("fingerprint") == self.p.fingerprint):
             log.info("complete already (finished %s): nothing to run", finished.get("finished_at"))
             return {**finished, "complete_already": True}  # nothing is rewritten: its summary stays
         return None
@@ -223,7 +225,8 @@ class GenerateJob(lifecycle.Job):
 
         self.startup["ray_connected_s"] = round(time.perf_counter() - self.t0, 3)
         check_actor_fits(self.spec.cluster, resources)
-        self.n_actors, self.use_gpu = actor_count(self.spec.cluster.num_actors, resources, self.spec.cluster.cpus_per_actor)
+        self.n_actors, self.use_gpu = actor_count(self.spec.cluster.num_actors, resources,
+                                                  self.spec.cluster.cpus_per_actor)
         self.compute = _same_compute(self.p, self.compute if self.resumed else None, self.use_gpu)
 
     def plan(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ``kind: generate`` spec (DESIGN.md, "Generate job spec"): typed sections and their checks."""
+"""The ``kind: generate`` spec (docs/design.md, "Job specs" -> "Generate"): typed sections and their checks."""
 
 from __future__ import annotations
 
@@ -118,23 +118,26 @@ class GenerateSpec:
         require(bool(p.path.strip()), "prompts.path", "must not be empty")
         require(p.limit is None or p.limit >= 1, "prompts.limit", f"must be >= 1 or null, got {p.limit}")
         require(1 <= s.steps <= 1000, "sampling.steps", f"must be in 1..1000, got {s.steps}")
-        require(0.0 <= s.guidance_scale <= 100.0, "sampling.guidance_scale", f"must be in 0..100, got {s.guidance_scale}")
+        require(0.0 <= s.guidance_scale <= 100.0, "sampling.guidance_scale",
+                f"must be in 0..100, got {s.guidance_scale}")
         for name in ("height", "width"):
             v = getattr(s, name)
             require(8 <= v <= 8192, f"sampling.{name}", f"must be in 8..8192, got {v}")
             require(v % 8 == 0, f"sampling.{name}", f"must be a multiple of 8, got {v} (try {max(8, v // 8 * 8)})")
         require(0 <= s.seed <= MAX_SEED, "sampling.seed", f"must be in 0..2**63-1, got {s.seed}")
-        require(1 <= s.images_per_prompt <= 10000, "sampling.images_per_prompt", f"must be in 1..10000, got {s.images_per_prompt}")
+        require(1 <= s.images_per_prompt <= 10000, "sampling.images_per_prompt",
+                f"must be in 1..10000, got {s.images_per_prompt}")
         require(bool(o.path.strip()), "output.path", "must not be empty")
         one_of(o.format, sorted(ENCODERS), "output.format")
         require(1 <= o.quality <= 100, "output.quality", f"must be in 1..100, got {o.quality}")
-        require(1 <= o.samples_per_shard <= 1_000_000, "output.samples_per_shard", f"must be in 1..1000000, got {o.samples_per_shard}")
+        require(1 <= o.samples_per_shard <= 1_000_000, "output.samples_per_shard",
+                f"must be in 1..1000000, got {o.samples_per_shard}")
         one_of(o.resume_check, RESUME_CHECKS, "output.resume_check")
         check_cluster(c)
         require(1 <= c.encode_threads <= 64, "cluster.encode_threads", f"must be in 1..64, got {c.encode_threads}")
 
     def fingerprint(self, prompts_digest: str) -> str:
-        """Hash of every setting a shard's bytes depend on (DESIGN.md invariant 2), and nothing else.
+        """Hash of every setting a shard's bytes depend on (docs/design.md invariant 2), and nothing else.
 
         Two runs into the same output must agree on it; ``output.path``, the cluster address, the
         number of actors and the retry settings are left out on purpose. The prompts enter as their

@@ -48,7 +48,8 @@ class Job(ABC):
         """Whether there is work for the cluster (then Ray is connected first)."""
         return False
 
-    def placed(self, resources: dict[str, float]) -> None:
+    # a hook, not abstract: its default checks nothing
+    def placed(self, resources: dict[str, float]) -> None:  # noqa: B027
         """After connecting: check that the cluster can run the work (SpecError if it cannot)."""
 
     @abstractmethod

@@ -21,7 +21,8 @@ def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, nam
     if previous is None:
         # a run killed while it wrote its first file (plan.json) left only that file's temporary
         if [n for n in names if not storage.is_temporary(n.rstrip("/").rsplit("/", 1)[-1])]:
-            raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; choose a new or empty folder")
+            raise SpecError(f"output.path {url}: folder is not empty and holds no synthmill job; "
+                            "choose a new or empty folder")
     elif kind and previous.get("kind") not in (None, kind):
         theirs = str(previous.get("kind"))
         raise SpecError(f"output.path {url}: holds the output of {'an' if theirs[:1] in 'aeiou' else 'a'} {theirs} "

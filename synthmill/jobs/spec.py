@@ -1,8 +1,8 @@
 """Loading a job spec: YAML + ``key=value`` overrides -> a typed, validated dataclass.
 
 Each job kind owns a dataclass schema (the table :data:`synthmill.jobs.kinds.KINDS` maps ``kind:`` to it).
-The YAML is merged into the schema with OmegaConf in struct mode, so unknown keys and wrong types fail here, with the field's
-dotted path and, for a misspelt key, the closest known one. Ranges and cross-field rules are checked
+The YAML is merged into the schema with OmegaConf in struct mode, so unknown keys and wrong types fail here, with the
+field's dotted path and, for a misspelt key, the closest known one. Ranges and cross-field rules are checked
 by the schema's own ``check()`` method. No custom resolvers are registered: a spec never runs code.
 """
 

@@ -1,7 +1,8 @@
 """Image encoders: uint8 HxWx3 arrays -> deterministic file bytes, one explicit name table.
 
 Every encoder here is deterministic for a given array and settings (PIL's zlib, libjpeg and libwebp
-with fixed parameters), which is what makes a re-run shard byte-identical (DESIGN.md invariant 2).
+with fixed parameters), which is what makes a re-run shard byte-identical
+(docs/design.md invariant 2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The shard plan: which samples, prompts, keys and seeds belong to shard k (DESIGN.md invariants 1, 2).
+"""The shard plan: which samples, prompts, keys and seeds belong to shard k
+(docs/design.md invariants 1, 2).
 
 Sample ``i = prompt_index * images_per_prompt + image_index`` has key ``f"{i:010d}"`` and seed
 ``seed + i``; shard ``k`` holds samples ``[k*S, min((k+1)*S, N))``. Everything here is arithmetic on

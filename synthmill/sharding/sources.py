@@ -12,7 +12,7 @@ column, a field over the CSV size limit) is a SpecError naming the file and line
 runs, and it computes :attr:`PromptSource.digest`, the sha256 of the rows' content: the bytes of the
 counted rows (and a CSV's header) for the text formats, the prompt column's values for parquet. The
 job's fingerprint includes it, so an output is never resumed with other prompts than it was started
-with (DESIGN.md invariant 2).
+with (docs/design.md invariant 2).
 
 Blank prompts (empty or whitespace only, or a null cell) are kept: the sample is generated with
 the empty prompt (unconditional), and its metadata says ``blank_prompt: true``. Rows are never

@@ -1,6 +1,6 @@
 """Storage behind string URIs: local paths and ``s3://`` (any fsspec URL) through one small API.
 
-Commit semantics (DESIGN.md invariant 3): :func:`put_file` and :func:`write_bytes` make an object
+Commit semantics (docs/design.md invariant 3): :func:`put_file` and :func:`write_bytes` make an object
 visible only when it is complete: locally by writing a temporary sibling and renaming it over the
 target (atomic on POSIX), on object stores by a single completed upload.
 

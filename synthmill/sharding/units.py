@@ -100,7 +100,8 @@ class CommittedUnits:
 
         def verify(k: int) -> dict[str, Any] | None:
             m = storage.read_json(self.marker_url(k), self._opts, damaged_as_missing=True)
-            if not isinstance(m, dict) or m.get(self.id_key) != k or m.get("size") != listed[unit_name(k) + self.suffix]:
+            if (not isinstance(m, dict) or m.get(self.id_key) != k
+                    or m.get("size") != listed[unit_name(k) + self.suffix]):
                 return None
             if any(m.get(key) != value for key, value in expect(k).items()):
                 return None
