@@ -626,11 +626,12 @@ def test_weights_check_is_quiet_and_captions_are_read_only_for_clip(inception_fi
 
     from synthmill.distill.data import BadData, _samples
     from synthmill.metrics import weights
+    from synthmill.metrics.inception import check_fid_inception
     from synthmill.sharding.images import ImageSetError, iter_unit, open_image_set
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        weights.check_fid_inception(weights.load_state_dict(inception_file), inception_file)
+        check_fid_inception(weights.load_state_dict(inception_file), inception_file)
     assert [str(w.message) for w in caught] == []
     unit = open_image_set(_images(tmp_path, caption=b"\xff\xfe bad")).units[0]
     assert [s.caption for s in iter_unit(unit, captions=False)] == [None] * 3

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from synthmill.errors import SpecError
+from synthmill.errors import SpecError, first_line
 from synthmill.metrics.base import Network
 
 PROTOCOLS = {
@@ -123,6 +123,27 @@ def inception_score(logits: np.ndarray, splits: int, seed: int, shuffle: bool = 
     return float(out["inception_score_mean"]), float(out["inception_score_std"])
 
 
+def check_fid_inception(state: dict[str, Any], path: str) -> None:
+    """WeightsError unless ``state`` fits pytorch-fid's FID Inception network, key for key and shape for
+    shape (the network is built on the meta device: no memory, no initialisation)."""
+    import warnings
+
+    import torch
+
+    from synthmill.metrics.weights import WeightsError
+
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise WeightsError(f"{path}: entry {bad!r} is not a named tensor; not the weights of the FID Inception network")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op", once a tensor
+            pytorch_fid_network(state, "pytorch-fid")
+    except RuntimeError as e:  # load_state_dict: "Error(s) in loading ...:\n\tMissing key(s) ...: ..."
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [first_line(e)]
+        raise WeightsError(f"{path}: not the weights of the FID Inception network ({lines[0][:200]})") from None
+
+
 class _Net:
     """The Inception networks as the scorer runs them: pool3 features and/or IS logits of a batch."""
 
@@ -149,7 +170,7 @@ def _check(spec: Any, opts: dict[str, Any] | None) -> dict[str, Any]:
 
     try:
         path, sha = weights.resolve(spec.fid.weights, spec.fid.weights_sha256, opts)
-        weights.check_fid_inception(weights.load_state_dict(path), path)
+        check_fid_inception(weights.load_state_dict(path), path)
     except weights.WeightsError as e:
         raise SpecError(f"fid.weights: {e}") from None
     return {"weights": spec.fid.weights, "sha256": sha, "path": path}

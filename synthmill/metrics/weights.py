@@ -115,24 +115,3 @@ def load_state_dict(path: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state
-
-
-def check_fid_inception(state: dict[str, Any], path: str) -> None:
-    """WeightsError unless ``state`` fits pytorch-fid's FID Inception network, key for key and shape for
-    shape (the network is built on the meta device: no memory, no initialisation)."""
-    import warnings
-
-    import torch
-
-    from synthmill.metrics.inception import pytorch_fid_network
-
-    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise WeightsError(f"{path}: entry {bad!r} is not a named tensor; not the weights of the FID Inception network")
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op", once a tensor
-            pytorch_fid_network(state, "pytorch-fid")
-    except RuntimeError as e:  # load_state_dict: "Error(s) in loading ...:\n\tMissing key(s) ...: ..."
-        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [first_line(e)]
-        raise WeightsError(f"{path}: not the weights of the FID Inception network ({lines[0][:200]})") from None
