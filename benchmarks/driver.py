@@ -412,7 +412,7 @@ def render(plan: list[PlanRow], check: dict[str, Any], dispatch: list[DispatchRo
 
 
 def _parser() -> argparse.ArgumentParser:
-    from synthmill.jobs.spec import ActorClusterSpec
+    from synthmill.jobs.fields import ActorClusterSpec
 
     p = argparse.ArgumentParser(prog="python -m benchmarks driver", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=10_000_000, help="prompt rows of the big parquet (default 10,000,000)")

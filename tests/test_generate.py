@@ -133,9 +133,13 @@ def test_image_equals_bare_diffusers_call(reference):
 
 def test_rerun_elsewhere_with_one_actor_is_byte_identical(reference, write_spec, tmp_path, monkeypatch):
     """Shard bytes do not depend on output.path, the number of actors, or timing. The first try dies as
-    it writes plan.json, its first file (as if killed there): the same command then runs in that folder."""
+    it writes plan.json, its first file (as if killed there): the same command then runs in that folder.
+    The folder is given as a file:// URL, which is the local folder it names: no stray 'file:' folder where
+    the driver or the actors run, no temporaries left, and status reads it."""
+    import ray
+
     spec, out = reference
-    other = dict(spec, output=dict(spec["output"], path=str(tmp_path / "again")),
+    other = dict(spec, output=dict(spec["output"], path=f"file://{tmp_path / 'again'}"),
                  cluster=dict(spec["cluster"], num_actors=1))
     from synthmill.sharding import storage
 
@@ -155,6 +159,12 @@ def test_rerun_elsewhere_with_one_actor_is_byte_identical(reference, write_spec,
     monkeypatch.setattr(storage, "write_json", real_write_json)
     run_job(write_spec, other)
     assert tar_hashes(str(tmp_path / "again")) == tar_hashes(out)
+    actors_cwd = ray.get(ray.remote(os.getcwd).remote())
+    assert not [d for d in {os.getcwd(), actors_cwd} if os.path.exists(os.path.join(d, "file:"))]
+    assert [f for f in files_under(str(tmp_path / "again")) if ".tmp" in f] == []
+    from synthmill.jobs import status
+
+    assert status.collect(other["output"]["path"])["complete"]
 
 
 def test_resume_redoes_only_damaged_shards(reference, write_spec, tmp_path, monkeypatch):
