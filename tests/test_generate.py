@@ -159,7 +159,7 @@ def test_rerun_elsewhere_with_one_actor_is_byte_identical(reference, write_spec,
     monkeypatch.setattr(storage, "write_json", real_write_json)
     run_job(write_spec, other)
     assert tar_hashes(str(tmp_path / "again")) == tar_hashes(out)
-    actors_cwd = ray.get(ray.remote(os.getcwd).remote())
+    actors_cwd = ray.get(ray.remote(lambda: os.getcwd()).remote())
     assert not [d for d in {os.getcwd(), actors_cwd} if os.path.exists(os.path.join(d, "file:"))]
     assert [f for f in files_under(str(tmp_path / "again")) if ".tmp" in f] == []
     from synthmill.jobs import status
