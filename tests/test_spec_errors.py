@@ -832,3 +832,21 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, good, write_spec):
     assert cli.main(["run", write_spec(good)]) == 130
     assert capsys.readouterr().err == ("synthmill: interrupted; what was committed is kept, and the same command "
                                        "resumes from it\n")
+
+
+def test_an_interpolation_anywhere_is_exit_2_and_resolves_nothing(capsys, write_spec, good, monkeypatch):
+    """A spec runs no code and reads no environment: '${oc.env:...}' (which OmegaConf would resolve, copying a
+    secret into job.yaml, every shard and the index) is exit 2 naming the field, in the file or in an override,
+    before anything is written."""
+    monkeypatch.setenv("SYNTHMILL_TEST_SECRET", "S3CRET-VALUE")
+    out = good["output"]["path"]
+    bad = dict(good, sampling={"negative_prompt": "${oc.env:SYNTHMILL_TEST_SECRET}"})
+    line = expect_error(capsys, write_spec(bad), "field 'sampling.negative_prompt': holds an interpolation",
+                        "envsubst", output=out)
+    assert "S3CRET" not in line
+    expect_error(capsys, write_spec(dict(good, model=dict(good["model"], path="${oc.env:HOME}/m"))),
+                 "field 'model.path': holds an interpolation", output=out)
+    expect_error(capsys, write_spec(good), "override 'output.path=${oc.env:HOME}/x': holds an interpolation",
+                 overrides=("output.path=${oc.env:HOME}/x",), output=out)
+    expect_error(capsys, write_spec(dict(good, prompts=dict(good["prompts"], column=["${x}"]))),
+                 "field 'prompts.column.0': holds an interpolation", output=out)

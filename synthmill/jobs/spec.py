@@ -115,7 +115,7 @@ def _known_keys(schema: type, dotted: str) -> list[str]:
 
 def _explain(exc: Exception, schema: type, source: str) -> SpecError:
     """Turn an OmegaConf error into one line naming the field and the fix."""
-    from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
+    from omegaconf.errors import ConfigKeyError, ValidationError
 
     full_key = getattr(exc, "full_key", None) or ""
     first = first_line(exc)
@@ -127,8 +127,6 @@ def _explain(exc: Exception, schema: type, source: str) -> SpecError:
         return SpecError(
             f"{source}: unknown key '{full_key}'{hint} (known keys here: {', '.join(known) or 'none'})"
         )
-    if isinstance(exc, InterpolationResolutionError):
-        return SpecError(f"{source}: field '{full_key}': cannot resolve interpolation: {first}")
     if isinstance(exc, ValidationError):
         where = f"field '{full_key}'" if full_key else "a section"
         return SpecError(f"{source}: {where}: {first}")
@@ -172,8 +170,6 @@ def _scalar_section(schema: type, data: Any, prefix: str = "") -> tuple[str, Any
         want = _container(cls)
         if want is None or value is None:
             continue  # unknown keys, plain fields and nulls: OmegaConf names them
-        if isinstance(value, str) and "${" in value:
-            continue  # an interpolation may name a section
         if want is list:
             if not isinstance(value, list):  # OmegaConf: "AnyNode is not a ListConfig, TupleConfig, ..."
                 return prefix + name, value, list
@@ -211,6 +207,21 @@ def _check_keys(data: Any, source: str, prefix: str = "") -> None:
     elif isinstance(data, list):
         for i, value in enumerate(data):
             _check_keys(value, source, f"{prefix}{i}.")
+
+
+#: Why a spec may not hold ``${...}``: OmegaConf would resolve it (``${oc.env:AWS_SECRET_ACCESS_KEY}`` copies a
+#: secret into job.yaml, every shard and the index), and a spec never runs code.
+_NO_EXPRESSIONS = ("holds an interpolation '${...}'; a spec takes no expressions: put the value itself, or "
+                   "substitute it before synthmill reads the file (synthmill run <(envsubst < job.yaml))")
+
+
+def _check_interpolations(data: Any, source: str, prefix: str = "") -> None:
+    """Raise a :class:`SpecError` naming the field of the first value (or key) that holds ``${``."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        if (isinstance(value, str) and "${" in value) or (isinstance(key, str) and "${" in key):
+            raise SpecError(f"{source}: field '{prefix}{key}': {_NO_EXPRESSIONS}")
+        _check_interpolations(value, source, f"{prefix}{key}.")
 
 
 def _check_strings(data: Any, source: str, prefix: str = "") -> None:
@@ -367,6 +378,10 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (Python keeps them as surrogates)
             raise SpecError(f"override {ascii(o)}: not UTF-8 text") from None
     _check_keys(raw, path)
+    _check_interpolations(raw, path)
+    for o in overrides:
+        if "${" in o:
+            raise SpecError(f"override '{o}': {_NO_EXPRESSIONS}")
     try:
         over = OmegaConf.from_dotlist(list(overrides))
     except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value is parsed as YAML: 'a.b=[1' fails there
