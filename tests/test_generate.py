@@ -108,6 +108,19 @@ def test_index_parquet(reference):
     assert sum(r["truncated"] for r in table) == 2
 
 
+def test_output_files_follow_the_umask(reference):
+    """Shards, index parts, index.parquet and markers get the mode any file the user writes gets (another
+    user's training job reads them): temporaries are made private (mkstemp: 0600), and a move kept that."""
+    from synthmill.sharding.storage import umask
+
+    _, out = reference
+    want = 0o666 & ~umask()
+    modes = {os.path.relpath(os.path.join(d, n), out): os.stat(os.path.join(d, n)).st_mode & 0o777
+             for d, _, names in os.walk(out) for n in names}
+    assert {f: oct(m) for f, m in modes.items() if m != want} == {}, oct(want)
+    assert "shards/000000.tar" in modes and "index.parquet" in modes and "index/000000.parquet" in modes
+
+
 def test_image_equals_bare_diffusers_call(reference):
     """Sample i is what a plain pipeline call with Generator('cpu').manual_seed(seed + i) gives."""
     import torch

@@ -257,6 +257,7 @@ def export_pipeline(spec: DistillSpec, checkpoint_dir: str) -> str:
     if layout.is_local:
         out = layout.local_path(PIPELINE)
         tmp = tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=layout.local_path())
+        os.chmod(tmp, 0o777 & ~storage.umask())  # mkdtemp makes it private; the pipeline is for others to load
         pipe.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

@@ -250,11 +250,27 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     retrying(url, "write", lambda: fs.pipe_file(path, data))
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, for every thread, while it asks)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Move or upload a finished local file to ``url``, atomically (see module doc)."""
+    """Move or upload a finished local file to ``url``, atomically (see module doc). A local file gets the mode
+    any file the user writes gets (temporary files are made private, 0600, and a move keeps that)."""
     if is_local(url):
         dest = path_of(url)
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        os.chmod(local_path, 0o666 & ~umask())
         try:
             os.replace(local_path, dest)
         except OSError as e:
