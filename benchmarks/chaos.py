@@ -28,16 +28,40 @@ REPO = Path(__file__).resolve().parent.parent
 COCO = REPO / "configs" / "prompts" / "coco2014_5k_captions.tsv"
 
 
-def actor_pids(title: str = "ray::GeneratorActor") -> list[int]:
-    """PIDs of live actor worker processes (Ray sets their process title to ``ray::<Class>``)."""
+def cluster_processes(title: str) -> list:
+    """Live processes whose title holds ``title`` (Ray sets a worker's title to ``ray::<Class>...``), workers of the
+    Ray cluster this process is connected to, so those of another Ray on the same machine are left alone: a
+    worker's environment names its raylet's PID (``RAY_RAYLET_PID``), and the raylet's command line its node."""
     import psutil
+    import ray
 
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    nodes = {n["NodeID"] for n in ray.nodes()}
+    raylets: dict[str, bool] = {}
+
+    def ours(proc: psutil.Process) -> bool:
+        pid = proc.environ().get("RAY_RAYLET_PID", "")
+        if pid not in raylets:
+            try:
+                raylets[pid] = any(a.startswith("--node_id=") and a.split("=", 1)[1] in nodes
+                                   for a in psutil.Process(int(pid)).cmdline())
+            except (ValueError, psutil.Error):
+                raylets[pid] = False
+        return raylets[pid]
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if cmd and cmd[0].startswith(title):
-            pids.append(p.info["pid"])
-    return pids
+        try:
+            if cmd and title in cmd[0] and ours(p):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def actor_pids(title: str = "ray::GeneratorActor") -> list[int]:
+    """PIDs of the live actor processes of the connected Ray cluster (:func:`cluster_processes`)."""
+    return [p.pid for p in cluster_processes(title)]
 
 
 def write_inputs(folder: Path, prompts: int, size: int, steps: int, per_shard: int, actors: int) -> dict:
@@ -108,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--interval", type=float, default=4.0)
     ap.add_argument("--smoke", action="store_true", help="tiny and fast: checks the benchmark code runs")
     ap.add_argument("--ray-address", default=None,
-                    help="join this Ray cluster instead of starting a local one (the test suite's; nothing else "
-                         "may run GeneratorActors on this machine meanwhile: the killer picks them by process title)")
+                    help="join this Ray cluster instead of starting a local one (the test suite's; the killer picks "
+                         "this cluster's GeneratorActors by process title and node)")
     args = ap.parse_args(argv)
     if args.smoke:
         # one actor: the kill still makes the pool restart it and retry its shard, with two actor starts

@@ -62,56 +62,81 @@ def ray_cluster():
     cluster.shutdown()
 
 
-# Benchmark smokes that need neither Ray nor a model of the session: when their tests are selected, they start
-# at the session's start, at the lowest CPU priority, and use the CPU time the other tests leave idle (waiting
-# on Ray, on subprocesses, on sleeps); their tests then only read what they printed.
+# Benchmark smokes run in the background: one after another, in fresh interpreters at the lowest CPU priority, each
+# on a local Ray of its own that it starts (so their actors run at that priority too and take no CPU from the
+# session's Ray). They use the CPU time the other tests leave idle (waiting on Ray, on subprocesses, on sleeps);
+# their tests run last and only read what the smokes printed.
 BACKGROUND_SMOKES = {
     "test_extract_benchmark_smoke": ["-m", "benchmarks", "extract", "--smoke"],
     "test_fid_benchmark_smoke": ["-m", "benchmarks", "fid", "--smoke"],
+    "test_driver_benchmark_smoke": ["-m", "benchmarks", "driver", "--smoke"],
+    "test_startup_benchmark_smoke": ["-m", "benchmarks", "startup", "--smoke", "--s3"],
+    "test_chaos_benchmark_smoke": ["-m", "benchmarks.chaos", "--smoke"],
+    "test_generate_benchmark_smoke": ["-m", "benchmarks.generate", "--smoke"],
+    "test_distill_benchmark_smoke": ["-m", "benchmarks", "distill", "--smoke"],
 }
+#: Seconds one background smoke may run (at the lowest priority, on a machine busy with the other tests).
+BACKGROUND_TIMEOUT_S = 900
 
 
-class BackgroundRun:
-    """One command started now in a fresh interpreter at nice 19, its output to files."""
+def pytest_collection_modifyitems(items: list) -> None:
+    """The background smokes' tests run last, when their smokes have had the whole run to finish."""
+    items.sort(key=lambda item: item.originalname in BACKGROUND_SMOKES)
 
-    def __init__(self, args: list[str], folder: Path) -> None:
+
+class BackgroundChain:
+    """Commands run one after another on a thread, each in a fresh interpreter at nice 19, outputs to files."""
+
+    def __init__(self, runs: dict[str, list[str]], folder: Path) -> None:
+        import threading
+
+        self.results: dict[str, tuple[int, str, str]] = {}
+        self.done = {name: threading.Event() for name in runs}
+        self.closing = threading.Event()
+        self.proc = None
+        self.thread = threading.Thread(target=self._run, args=(runs, folder), daemon=True)
+        self.thread.start()
+
+    def _run(self, runs: dict[str, list[str]], folder: Path) -> None:
         import subprocess
 
-        self.out, self.err = (open(folder / "stdout", "w+", encoding="utf-8"),
-                              open(folder / "stderr", "w+", encoding="utf-8"))
-        self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, *args], cwd=REPO, stdout=self.out,
-                                     stderr=self.err)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        for name, args in runs.items():
+            if self.closing.is_set():
+                break
+            out, err = folder / f"{name}.out", folder / f"{name}.err"
+            with open(out, "w", encoding="utf-8") as o, open(err, "w", encoding="utf-8") as e:
+                self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, *args], cwd=REPO, stdout=o,
+                                             stderr=e, env=env, start_new_session=True)
+                try:
+                    code = self.proc.wait(timeout=BACKGROUND_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, 9)
+                    self.proc.wait()
+                    code = -9
+            self.results[name] = (code, out.read_text(encoding="utf-8"), err.read_text(encoding="utf-8"))
+            self.done[name].set()
 
-    def result(self, timeout: float) -> tuple[int, str, str]:
-        """(exit code, stdout, stderr) once it ends; its process is killed after ``timeout`` seconds more."""
-        import subprocess
-
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        self.out.seek(0)
-        self.err.seek(0)
-        return code, self.out.read(), self.err.read()
+    def result(self, name: str) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of ``name`` once it ended (-9: killed after BACKGROUND_TIMEOUT_S)."""
+        assert self.done[name].wait(timeout=len(self.done) * BACKGROUND_TIMEOUT_S), name
+        return self.results[name]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.out.close()
-        self.err.close()
+        self.closing.set()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+        self.thread.join()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def background_smokes(request, tmp_path_factory):
-    """name of a selected test in BACKGROUND_SMOKES -> its BackgroundRun, started before the first test."""
+    """The BackgroundChain of the selected tests in BACKGROUND_SMOKES, started before the first test."""
     selected = {item.originalname for item in request.session.items}
-    runs = {name: BackgroundRun(args, tmp_path_factory.mktemp(name))
-            for name, args in BACKGROUND_SMOKES.items() if name in selected}
-    yield runs
-    for run in runs.values():
-        run.close()
+    chain = BackgroundChain({name: args for name, args in BACKGROUND_SMOKES.items() if name in selected},
+                            tmp_path_factory.mktemp("smokes"))
+    yield chain
+    chain.close()
 
 
 @pytest.fixture(scope="session")

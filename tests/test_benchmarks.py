@@ -10,26 +10,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_generate_benchmark_smoke(ray_address) -> None:
-    """``python -m benchmarks.generate --smoke`` runs (a), (b), (c) and (d) and prints the ratios ((c) and
-    (d) on the session's Ray, to skip two Ray starts)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.generate", "--smoke", "--ray-address", ray_address],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.startswith(
-        "CPU: rerun under synthmill's CPU actor malloc settings: MALLOC_ARENA_MAX=1 "), proc.stdout
+def test_generate_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks.generate --smoke`` (in the background, tests/conftest.py) runs (a), (b), (c) and
+    (d), each of (c) and (d) on a local Ray of its own, and prints the ratios."""
+    code, stdout, stderr = background_smokes.result("test_generate_benchmark_smoke")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert stdout.startswith("CPU: rerun under synthmill's CPU actor malloc settings: MALLOC_ARENA_MAX=1 "), stdout
     assert re.search(r"^ratios: steady state \(b\)/\(a\) = \d+\.\d+ .*end to end \(c\)/\(a\) = \d+\.\d+$",
-                     proc.stdout, re.M), proc.stdout
-    assert ("identical images (a) vs (b): 4/4" in proc.stdout
-            and "identical images (a) vs (d): 4/4" in proc.stdout), proc.stdout
+                     stdout, re.M), stdout
+    assert "identical images (a) vs (b): 4/4" in stdout and "identical images (a) vs (d): 4/4" in stdout, stdout
     assert re.search(r"^\(c\) actor \d+ on cpu: 4 samples in \d+\.\d+ s active, device idle fraction 0\.\d+$",
-                     proc.stdout, re.M), proc.stdout
+                     stdout, re.M), stdout
     assert re.search(r"^\(c\) start-up, seconds after run\(\) began: Ray connected at \d+\.\d+, first actor ready at "
                      r"\d+\.\d+ \(its imports \d+\.\d+, model load \d+\.\d+\), first shard committed at \d+\.\d+$",
-                     proc.stdout, re.M), proc.stdout
-    assert "[synthmill run (c)] " in proc.stderr, proc.stderr  # (c)'s own output, streamed as it came
+                     stdout, re.M), stdout
+    assert "[synthmill run (c)] " in stderr, stderr  # (c)'s own output, streamed as it came
 
 
 def test_compare_images_says_by_how_much_images_differ() -> None:
@@ -51,23 +46,20 @@ def test_compare_images_says_by_how_much_images_differ() -> None:
         "4.17% of values differ, mean |difference| 0.083")
 
 
-def test_chaos_benchmark_smoke(ray_address) -> None:
-    """``python -m benchmarks.chaos --smoke`` runs both jobs and reports no lost or duplicated sample (on the
-    session's Ray, to skip a Ray start)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.chaos", "--smoke", "--ray-address", ray_address],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    figures = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line and line.split()[0] in {
+def test_chaos_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks.chaos --smoke`` (in the background, on a local Ray of its own whose actors alone it
+    kills) runs both jobs and reports no lost or duplicated sample."""
+    code, stdout, stderr = background_smokes.result("test_chaos_benchmark_smoke")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    figures = dict(line.split(None, 1) for line in stdout.splitlines() if line and line.split()[0] in {
         "samples_lost", "samples_duplicated", "shards_identical", "shards"})
-    assert figures["samples_lost"].strip() == "0" and figures["samples_duplicated"].strip() == "0", proc.stdout
-    assert figures["shards_identical"].strip() == figures["shards"].strip(), proc.stdout
+    assert figures["samples_lost"].strip() == "0" and figures["samples_duplicated"].strip() == "0", stdout
+    assert figures["shards_identical"].strip() == figures["shards"].strip(), stdout
 
 
 def test_fid_benchmark_smoke(background_smokes) -> None:
     """``benchmarks.fid`` in smoke mode: synthmill's Frechet distance equals pytorch-fid's, both timed;
-    ``python -m benchmarks fid --smoke`` (started with the session, tests/conftest.py) prints the verdict line."""
+    ``python -m benchmarks fid --smoke`` (in the background, tests/conftest.py) prints the verdict line."""
     from benchmarks import fid
 
     result = fid.run(**fid.SMOKE)
@@ -80,7 +72,7 @@ def test_fid_benchmark_smoke(background_smokes) -> None:
     assert merge["merged_rel_diff"] <= 1e-12 and 2.5 <= merge["bytes_ratio"] <= 2.6, merge
     assert all(f["merge_s"] > 0 and f["commit_s"] > 0 for f in merge["forms"].values()), merge
 
-    code, stdout, stderr = background_smokes["test_fid_benchmark_smoke"].result(timeout=300)
+    code, stdout, stderr = background_smokes.result("test_fid_benchmark_smoke")
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(r"^ratio: pytorch-fid / synthmill = \d+\.\d+ .*relative difference = \S+ \(goal <= 1e-06: met\)$",
                      stdout, re.M), stdout
@@ -92,9 +84,9 @@ def test_fid_benchmark_smoke(background_smokes) -> None:
 
 
 def test_extract_benchmark_smoke(background_smokes) -> None:
-    """``python -m benchmarks extract --smoke`` (started with the session, tests/conftest.py): runs (a)-(c),
+    """``python -m benchmarks extract --smoke`` (in the background, tests/conftest.py): runs (a)-(c),
     ratios printed, statistics agree with pytorch-fid."""
-    code, stdout, stderr = background_smokes["test_extract_benchmark_smoke"].result(timeout=300)
+    code, stdout, stderr = background_smokes.result("test_extract_benchmark_smoke")
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     m = re.search(r"^ratios: \(b\)/\(a\) = \d+\.\d+, \(c\)/\(a\) = \d+\.\d+; "
                   r"statistics \(b\) vs \(a\): max relative difference (\S+)$", stdout, re.M)
@@ -102,55 +94,37 @@ def test_extract_benchmark_smoke(background_smokes) -> None:
     assert float(m.group(1)) <= 1e-4, stdout
 
 
-def test_distill_benchmark_smoke(ray_address) -> None:
-    """``python -m benchmarks distill --smoke``: the plain loop and a 1-worker ``synthmill run`` (on the
-    session's Ray, to skip a second Ray start) train, and the table of ratios prints."""
-    import os
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "distill", "--smoke"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, RAY_ADDRESS=ray_address),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"^\(a\) plain PyTorch loop, 1 process +\d+\.\d+ +1\.000 *$", proc.stdout, re.M), proc.stdout
-    assert re.search(r"^\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", proc.stdout, re.M), proc.stdout
+def test_distill_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks distill --smoke`` (in the background, on a local Ray of its own): the plain loop and
+    a 1-worker ``synthmill run`` train, and the table of ratios prints."""
+    code, stdout, stderr = background_smokes.result("test_distill_benchmark_smoke")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert re.search(r"^\(a\) plain PyTorch loop, 1 process +\d+\.\d+ +1\.000 *$", stdout, re.M), stdout
+    assert re.search(r"^\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", stdout, re.M), stdout
 
 
-def test_driver_benchmark_smoke(ray_address) -> None:
-    """``python -m benchmarks driver --smoke``: the dry runs plan without Ray, a model or an output folder,
-    and the pool's dispatch overhead prints next to a plain ``ray.wait`` loop's (on the session's Ray)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "driver", "--smoke", "--ray-address", ray_address],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_driver_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks driver --smoke`` (in the background): the dry runs plan without Ray, a model or an
+    output folder, and the pool's dispatch overhead prints next to a plain ``ray.wait`` loop's (on a local Ray)."""
+    code, stdout, stderr = background_smokes.result("test_driver_benchmark_smoke")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(r"^dry-run ratios: 20,000 / 1,000 rows: wall = \d+\.\d+x, CPU = \d+\.\d+x, peak RSS = \d+\.\d+x; "
                      r"20,000 rows / import synthmill\.cli: wall = \d+\.\d+x, CPU = \d+\.\d+x, peak RSS = \d+\.\d+x$",
-                     proc.stdout, re.M), proc.stdout
+                     stdout, re.M), stdout
     assert re.search(r"^dry run left behind: output folder created: no; Ray initialized: no .*diffusers imported: no;",
-                     proc.stdout, re.M), proc.stdout
+                     stdout, re.M), stdout
     assert re.search(r"^dispatch ratio: ShardPool / plain ray\.wait loop = \d+\.\d+ \(\d+\.\d+ vs \d+\.\d+ ms/shard\)$",
-                     proc.stdout, re.M), proc.stdout
+                     stdout, re.M), stdout
 
 
-def test_startup_benchmark_smoke(ray_address, tiny_sd) -> None:
-    """``python -m benchmarks startup --smoke --s3``: the start-up breakdown of ``synthmill run`` (from its
-    summary.json milestones; on the session's Ray) next to a plain script's, and the ratio, both loading the
-    model from ``s3://`` (a moto server the benchmark starts; the plain script downloads it itself). The
-    session's tiny pipeline is passed as ``--model``, so the benchmark's own process does not import torch
-    to build one."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "startup", "--smoke", "--s3", "--ray-address", ray_address,
-         "--model", tiny_sd],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"^\| download of the s3:// model .* \| \d+\.\d+ \|  \|$", proc.stdout, re.M), proc.stdout
-    assert ("the model from s3:// (moto on 127.0.0.1); synthmill's actors keep their node's cache"
-            in proc.stdout), proc.stdout
-    assert re.search(r"^\| \*\*to the first tar / committed shard\*\* \| \d+\.\d+ \| \d+\.\d+ \|$",
-                     proc.stdout, re.M), proc.stdout
-    assert re.search(r"^ratio: time to first output, plain / synthmill = \d+\.\d+", proc.stdout, re.M), proc.stdout
+def test_startup_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks startup --smoke --s3`` (in the background): the start-up breakdown of ``synthmill run``
+    (from its summary.json milestones; on a local Ray it starts) next to a plain script's, and the ratio, both
+    loading the model from ``s3://`` (a moto server the benchmark starts), each downloading it in every run."""
+    code, stdout, stderr = background_smokes.result("test_startup_benchmark_smoke")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert re.search(r"^\| download of the s3:// model .* \| \d+\.\d+ \|  \|$", stdout, re.M), stdout
+    assert "the model from s3:// (moto on 127.0.0.1), downloaded in every run" in stdout, stdout
 
 
 def test_gpu_entries_by_number() -> None:

@@ -164,20 +164,18 @@ def distilled(ray_address, sd_teacher, reference, tmp_path_factory):
             worker_killed.append(workers[0].pid)
 
     def train_workers() -> list:
-        """The Ray Train worker actor processes of this test's Ray: the raylet is this test process's child, the
-        workers its children (not their DataLoader processes, which are forked and carry the same title, nor
-        the workers of 3)'s local Ray, which descend from its process)."""
-        import psutil
+        """The Ray Train worker actor processes of the session's Ray (benchmarks/chaos.py: not the workers of
+        3)'s local Ray or of a benchmark's), not their DataLoader processes, which are forked and carry the
+        same title."""
+        from benchmarks.chaos import cluster_processes
 
-        def is_worker(proc: psutil.Process) -> bool:
+        def first(proc) -> bool:
             try:
-                return ("RayTrainWorker" in " ".join(proc.cmdline())
-                        and "RayTrainWorker" not in " ".join(proc.parent().cmdline())
-                        and local.pid not in {p.pid for p in proc.parents()})
-            except (psutil.Error, AttributeError):
+                return "RayTrainWorker" not in " ".join(proc.parent().cmdline())
+            except Exception:  # gone, or no parent
                 return False
 
-        return [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
+        return [p for p in cluster_processes("RayTrainWorker") if first(p)]
 
     import threading
 
