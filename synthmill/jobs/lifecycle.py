@@ -4,7 +4,7 @@
 2. Ray is connected before anything is written, when there is work to do: a cluster that cannot be
    reached, or cannot hold the job's actors, is bad input and leaves no trace (``placed``).
 3. ``plan.json`` first, then ``job.yaml``. plan.json makes the folder this job's (a run killed after it
-   resumes): it is created exclusively, so of two other jobs started into one folder at once only one runs,
+   resumes): it is created exclusively, so of two different jobs started into one folder at once only one runs,
    and it is only ever replaced by this same job's (``outputs.claim_output``).
 4. The job's final file (``summary.json`` or ``metrics.json``), its commit, is withdrawn while work is redone.
 5. The kind's own work. Units that failed every attempt go to ``failures.json`` and fail the job (exit 1;
