@@ -3,7 +3,9 @@
 1. A complete earlier run of the same job is kept as it is (``kept``): nothing is connected or rewritten.
 2. Ray is connected before anything is written, when there is work to do: a cluster that cannot be
    reached, or cannot hold the job's actors, is bad input and leaves no trace (``placed``).
-3. ``plan.json`` first (it makes the folder this job's, so a run killed after it resumes), then ``job.yaml``.
+3. ``plan.json`` first, then ``job.yaml``. plan.json makes the folder this job's (a run killed after it
+   resumes): it is created exclusively, so of two different jobs started into one folder at once only one runs,
+   and it is only ever replaced by this same job's (``outputs.claim_output``).
 4. The job's final file (``summary.json`` or ``metrics.json``), its commit, is withdrawn while work is redone.
 5. The kind's own work. Units that failed every attempt go to ``failures.json`` and fail the job (exit 1;
    the same command retries them); otherwise ``failures.json`` goes.
@@ -23,9 +25,9 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from synthmill.errors import JobFailed
-from synthmill.jobs.outputs import write_job_yaml
+from synthmill.jobs.outputs import claim_output, write_job_yaml
 from synthmill.sharding import storage
-from synthmill.sharding.layout import FAILURES, PLAN, OutputLayout
+from synthmill.sharding.layout import FAILURES, OutputLayout
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def run(job: Job) -> dict[str, Any]:
     if pending:
         resources = connect(job.spec.cluster.address, dashboard=job.dashboard)
         job.placed(resources)
-    layout.write_json(PLAN, job.plan())
+    claim_output(layout, job.plan())  # plan.json: created exclusively, or found to be this same job's
     write_job_yaml(job.spec, layout)
     if pending:
         layout.remove(job.final_file)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import platform
 from typing import Any
 
 from synthmill.errors import SpecError
 from synthmill.sharding import storage
-from synthmill.sharding.layout import JOB_YAML, OutputLayout
+from synthmill.sharding.layout import JOB_YAML, PLAN, OutputLayout
 
 #: Seconds a storage outage may last during validation before the input counts as unreachable.
 VALIDATE_RETRY_S = 10.0
@@ -29,9 +30,40 @@ def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, nam
                         f"job, and this is {'an' if kind[:1] in 'aeiou' else 'a'} {kind} job; use a new output.path")
     elif previous.get("fingerprint") != fingerprint:
         raise SpecError(
-            f"output.path {url}: holds a different job (settings that shape its results differ from "
-            f"{storage.join(url, 'job.yaml')}); use a new output.path or the same spec"
+            f"output.path {url}: holds a different job (fingerprint {previous.get('fingerprint')}, this one's "
+            f"{fingerprint}: settings that shape its results differ from {storage.join(url, 'job.yaml')}); use "
+            "a new output.path or the same spec"
         )
+
+
+def claim_output(layout: OutputLayout, plan: dict[str, Any]) -> None:
+    """Make the output folder this job's by writing its ``plan.json`` (kind and fingerprint in ``plan``).
+
+    The first plan.json is created exclusively (:func:`~synthmill.sharding.storage.create_exclusive`), so of
+    two jobs started into the same new folder at once exactly one gets it, whatever the timing: the checks
+    of ``prepare`` (:func:`check_output_folder`) both passed before either wrote. Once there, a plan.json is
+    only ever replaced by one with the same kind and fingerprint, so the folder stays that job's. The same
+    job run again (a resume, a killed run's rerun, or two runs of it at once) finds its own plan and brings
+    it up to date; any other job is a SpecError naming the folder and the job that holds it.
+    """
+    data = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
+    url, kind, fingerprint = layout.url, plan["kind"], plan["fingerprint"]
+    for _ in range(3):  # the plan found can only vanish if someone deletes it
+        if storage.create_exclusive(layout.file(PLAN), data, layout.opts):
+            return
+        holder = storage.read_plan(url, layout.opts)
+        if holder is None:
+            continue
+        theirs = holder.get("kind") or "generate"  # outputs of the first versions name no kind
+        if theirs != kind or holder.get("fingerprint") != fingerprint:
+            raise SpecError(
+                f"output.path {url}: another {theirs} job (fingerprint {holder.get('fingerprint')}, its spec "
+                f"{storage.join(url, JOB_YAML)}) took this folder while this {kind} job (fingerprint "
+                f"{fingerprint}) started; one folder holds one job: use a new output.path or the same spec")
+        layout.write_json(PLAN, plan)
+        return
+    raise SpecError(f"output.path {url}: its {PLAN} keeps vanishing as this job writes it; is something deleting "
+                    "the folder?")
 
 
 def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None, kind: str = "") -> None:

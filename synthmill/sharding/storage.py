@@ -147,6 +147,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT,
                                                    errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH):
         return True
+    cause = getattr(exc.__cause__, "response", None)  # s3fs wraps a botocore error it has no class for
+    code = cause.get("Error", {}).get("Code") if isinstance(cause, dict) else None
+    if code in _TRANSIENT_CODES or code == "ConditionalRequestConflict":  # two conditional puts at once (S3)
+        return True
     names = {c.__name__ for c in type(exc).__mro__}
     return bool(names & {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
                          "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
@@ -230,10 +234,11 @@ def remove_stale_temporaries(url: str, before: float) -> int:
     return removed
 
 
-def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``data`` to ``url`` so that readers see either nothing or all of it."""
-    if is_local(url):
-        path = path_of(url)
+def _publish_local(path: str, data: bytes, publish: Callable[[str, str], T]) -> T:
+    """Write ``data`` to a temporary sibling of the local ``path``, then ``publish(tmp, path)`` (a rename, a
+    link). Another run's cleaning may take the temporary in between (it takes those older than its own start,
+    and a run with nothing to do starts and cleans within milliseconds): then it is written again."""
+    for attempt in range(3):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
@@ -241,13 +246,67 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            return publish(tmp, path)
+        except FileNotFoundError:
+            if attempt == 2 or os.path.exists(tmp):
+                raise
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    raise AssertionError("unreachable")
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` to ``url`` so that readers see either nothing or all of it."""
+    if is_local(url):
+        _publish_local(path_of(url), data, os.replace)
         return
     fs, path = filesystem(url, storage_options)
     retrying(url, "write", lambda: fs.pipe_file(path, data))
+
+
+def create_exclusive(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> bool:
+    """Write ``data`` to ``url`` only if nothing is there: True if this call made it, False if it was there
+    already. Whatever runs at the same moment, one caller makes it, and readers see all of it or nothing.
+
+    Locally the complete data goes to a temporary sibling that is then hard-linked to ``url`` (a link fails
+    if the name exists); a file system without hard links gets an exclusive create instead (readers may then
+    see the file before its bytes, for microseconds). On an object store it is a conditional put
+    (``If-None-Match: *`` on S3, through fsspec's ``mode="create"``). A put whose reply was lost and that is
+    retried finds its own object and returns False: callers compare what is there with what they meant to write.
+    """
+    if is_local(url):
+        return _publish_local(path_of(url), data, _link_new)
+    fs, path = filesystem(url, storage_options)
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    return retrying(url, "create", put)
+
+
+def _link_new(tmp: str, path: str) -> bool:
+    """Give the finished file ``tmp`` the name ``path`` unless that name exists (True if it did)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK):
+            raise
+        try:  # no hard links here: O_EXCL, the one test-and-create every local file system has
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with open(tmp, "rb") as src, os.fdopen(fd, "wb") as fh:
+            shutil.copyfileobj(src, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return True
 
 
 def umask() -> int:
