@@ -217,7 +217,7 @@ def test_resume_rescores_only_damaged_units(evaluated, write_spec):
     for path in dead:
         open(path, "wb").close()
         os.utime(path, (time.time() - 60, time.time() - 60))
-    again = run_eval(write_spec, spec)
+    again = run_eval(write_spec, dict(spec, cluster=dict(spec["cluster"], num_actors=1)))  # 1 actor, 2 units
     assert not any(map(os.path.exists, dead))
     assert again["units_run"] == 2 and again["units_resumed"] == 6
     assert again["metrics"] == first["metrics"]  # bit for bit
@@ -230,7 +230,8 @@ def test_reference_stats_file_and_protocol_mismatch(evaluated, reference, incept
     """A stats .npz written by synthmill is a reusable reference, and it refuses another protocol."""
     spec, first = evaluated
     stats = os.path.join(spec["output"]["path"], "reference_stats.npz")
-    again = eval_spec(reference[1], str(tmp_path / "out"), inception_file, clip_model, stats, metrics=["fid"])
+    again = eval_spec(reference[1], str(tmp_path / "out"), inception_file, clip_model, stats, metrics=["fid"],
+                      cluster={"num_actors": 1, "batch_size": 4})
     result = run_eval(write_spec, again)
     assert _relative(result["metrics"]["fid"], first["metrics"]["fid"]) <= 1e-12
     assert result["metrics"]["fid_reference"]["kind"] == "stats"
@@ -271,7 +272,7 @@ def test_folder_with_resize_and_clean_protocol(image_folders, inception_file, cl
     Image.open(os.path.join(gen, "0000000000.png")).resize((40, 24)).save(mixed / "0000000000.png")
     spec = eval_spec(str(mixed), str(tmp_path / "out"), inception_file, clip_model, metrics=["fid_stats", "clip"],
                      fid={"protocol": "clean", "resize_to": 48, "weights": inception_file},
-                     generated__samples_per_unit=10)
+                     generated__samples_per_unit=10, cluster={"num_actors": 1, "batch_size": 4})
     result = run_eval(write_spec, spec)
     assert result["protocol"]["fid"] == "clean" and result["protocol"]["resize_to"] == 48
     assert result["units"] == {"generated": 3} and result["samples"] == {"generated": 22}
@@ -571,7 +572,8 @@ def test_mixed_sizes_inside_tars_fail_while_scoring(image_folders, inception_fil
     """Sizes inside foreign tars are only seen while scoring: still exit 2 naming the image, no metrics."""
     pattern = _tar_with_odd_size(tmp_path, image_folders[0])
     out = tmp_path / "out"
-    spec = eval_spec(pattern, str(out), inception_file, clip_model, metrics=["fid_stats"])
+    spec = eval_spec(pattern, str(out), inception_file, clip_model, metrics=["fid_stats"],
+                     cluster={"num_actors": 1, "batch_size": 4})
     assert main(["run", write_spec(spec)]) == 2
     err = capsys.readouterr().err
     assert "part2.tar:9999999999" in err and "40x24" in err and "mixed sizes" in err
