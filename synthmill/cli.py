@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from synthmill.errors import JobFailed, SpecError
+from synthmill.errors import DiskFull, JobFailed, SpecError
 
 log = logging.getLogger("synthmill")
 
@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SpecError as e:
         print(f"synthmill: error: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except DiskFull as e:  # the driver's own write (plan.json, index.parquet, summary.json, failures.json)
+        print(f"synthmill: error: {_one_line(str(e))}; what was committed is kept, and the same command resumes "
+              "once there is room", file=sys.stderr)
         return e.exit_code
     except JobFailed as e:
         print(f"synthmill: job failed: {_hide_passwords(str(e))}", file=sys.stderr)

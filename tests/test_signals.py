@@ -8,12 +8,18 @@ full (a size-limited tmpfs the kernel fills, where this machine lets a test moun
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.conftest import base_spec
 from tests.test_s3 import s3  # noqa: F401 - the moto server fixture
@@ -139,3 +145,95 @@ def test_quickstart_offline_is_one_line_at_validate(tmp_path):
     assert not os.path.exists(tmp_path / "out")
     proc = synthmill("validate", "configs/quickstart.yaml", out, env=dict(env, RAY_ADDRESS="127.0.0.1:1"), cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.startswith("ok: configs/quickstart.yaml: 48 prompts"), proc.stderr
+
+
+# ---- a full disk: the driver's writes and the actors' ----
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of 256 KiB that the kernel fills for real (skipped where a test may not mount one)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder, leave: int = 0) -> None:
+    """Fill the file system of ``folder`` up, then free ``leave`` bytes."""
+    fd = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(os.path.join(folder, "filler"), max(0, os.path.getsize(os.path.join(folder, "filler")) - leave))
+
+
+def limit_file_size(limit: int):
+    """A preexec_fn: files of this process may not grow past ``limit`` bytes (``ulimit -f``), and a write past it
+    fails with EFBIG instead of the default SIGXFSZ that would end the process."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_on_the_driver_is_one_line_naming_the_file(reference, write_spec, tmp_path, request):
+    """The driver's own writes (plan.json first, index.parquet and summary.json at the end) finding no room: one line
+    naming the file and that no space is left, exit 1, no traceback. Here: a complete output whose index and summary
+    are to be written again (nothing for Ray to do), with the driver's files limited to 2 KiB (EFBIG, as a quota or
+    ``ulimit -f`` gives), and where a test may mount a tmpfs, on a file system that is full (ENOSPC)."""
+    spec, ref_out = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    for name in ("summary.json", "index.parquet"):
+        os.unlink(out / name)
+    path = write_spec(dict(spec, output=dict(spec["output"], path=str(out))))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = synthmill("run", path, env=env, preexec_fn=limit_file_size(2048))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert re.fullmatch(  # the index is written to a temporary first (TMPDIR), then moved into place
+        rf"synthmill: error: {out}/index.parquet \(its temporary \S+\): cannot be written, no space left \(File too "
+        r"large\); what was committed is kept, and the same command resumes once there is room",
+        proc.stderr.strip().splitlines()[-1]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not os.path.exists(out / "summary.json")
+    disk = request.getfixturevalue("small_disk")  # skips here where no tmpfs can be mounted
+    full = disk / "out"
+    shutil.copytree(out, full)
+    fill(disk)
+    proc = synthmill("run", path, f"output.path={full}", env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"synthmill: error: {full}/plan.json: cannot be written, no space left (No space left on device); what was "
+        "committed is kept, and the same command resumes once there is room"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    os.unlink(disk / "filler")  # room again: the same command completes the job
+    proc = synthmill("run", path, f"output.path={full}", env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith("done: 22 samples in 5 shards"), proc.stderr[-3000:]
+
+
+def test_a_full_disk_under_the_actors_fails_shards_quietly(tiny_sd, prompts_tsv, ray_address, small_disk, write_spec):
+    """Actors whose shards find no room: each failed shard is named with the file and 'no space left', exit 1, no
+    'Exception ignored ... write to closed file' from the temporary tar, and the progress bar counts only the
+    samples of committed shards (before: 22/22 while shards had failed)."""
+    out = small_disk / "out"
+    fill(small_disk, leave=72 * 1024)
+    job = base_spec(tiny_sd, prompts_tsv, str(out))
+    job["cluster"]["max_attempts"] = 2
+    proc = synthmill("run", write_spec(job), env=dict(os.environ, RAY_ADDRESS=ray_address, HF_HUB_OFFLINE="1"),
+                     timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"synthmill: job failed: \d of 5 shards failed \(.*\); first error: DiskFull: \S+/out/shards/"
+                    r"\S+: cannot be written, no space left \(No space left on device\)", last) or re.match(
+        rf"synthmill: error: {out}/failures.json: cannot be written, no space left", last), last
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    committed = sum(json.load(open(m))["count"] for m in glob.glob(str(out / "shards" / "*.json")))
+    shown = re.findall(r"(\d+)/22 \[", proc.stderr)
+    assert committed < 22 and shown and int(shown[-1]) == committed, (committed, shown[-3:])

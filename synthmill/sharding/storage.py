@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from synthmill.errors import disk_full
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -349,6 +351,8 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            raise disk_full(e, path) or e from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -387,6 +391,8 @@ def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None =
             try:
                 shutil.copyfile(local_path, tmp)
                 os.replace(tmp, dest)
+            except OSError as e2:
+                raise disk_full(e2, dest) or e2 from None
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
