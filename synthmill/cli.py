@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     global _terminated
     args = _parser().parse_args(argv)
     _terminated = False
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(143)
         shutdown_local()  # the local Ray a job started here, if any, before the interpreter's slower exit
+        if main_thread and not _terminated:  # a caller in this process (a test) gets its own handler back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def entry() -> None:
