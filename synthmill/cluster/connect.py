@@ -171,9 +171,9 @@ def shutdown_local(now: bool = False) -> None:
 
     ``now``: the process is about to end at once (``os._exit``, after SIGTERM): every process of the local Ray
     (every process this one started, and theirs: GCS, raylet, agents, workers) is killed, and this process does
-    not disconnect from them. After a SIGTERM
-    to the whole process group (a container stop) Ray's processes are stopping already, and the driver's
-    orderly disconnect from them took 3 to 8 s here, most of the grace a container stop gives.
+    not disconnect from them. After a SIGTERM to the whole process group (a container stop) Ray's processes are
+    stopping already, and the driver's orderly disconnect from them took 3 to 8 s here, most of the grace a
+    container stop gives.
     """
     global _started_local_ray
     if not _started_local_ray:
@@ -183,13 +183,13 @@ def shutdown_local(now: bool = False) -> None:
 
     if not ray.is_initialized():
         return
+    if now:
+        _kill_descendants()
+        return
     try:
         from ray._private import ray_constants
         from ray._private.worker import _global_node
 
-        if now:
-            _kill_descendants()
-            return
         for info in (_global_node.all_processes if _global_node else {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
             info.process.kill()
             info.process.wait(timeout=5)
