@@ -11,10 +11,11 @@ import argparse
 import json
 import logging
 import os
-import re
+import signal
 import sys
+import threading
 
-from synthmill.errors import JobFailed, SpecError
+from synthmill.errors import DiskFull, JobFailed, SpecError
 
 log = logging.getLogger("synthmill")
 
@@ -71,9 +72,14 @@ def _main(args: argparse.Namespace) -> int:
             if not os.path.isfile(args.output):
                 raise SpecError(f"{args.output}: spec file not found")
             spec = load_spec(args.output, args.overrides)
+            _remember_secrets_of(spec)
             output, opts = spec.output.path, spec.storage
         elif args.overrides:
             raise SpecError(f"{args.output}: key=value overrides need a job spec YAML, not an output folder")
+        else:
+            from synthmill.sharding.storage import remember_secrets
+
+            remember_secrets(urls=[output])
         try:
             with storage.retry_budget(status.RETRY_S):
                 st = status.collect(output, opts)
@@ -84,6 +90,7 @@ def _main(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=1) if args.json else status.render(st))
         return 0
     spec = load_spec(args.spec, args.overrides)
+    _remember_secrets_of(spec)
     job = KINDS[spec.kind].module()  # only this kind's runner is imported (imports cost seconds)
     prepared = job.prepare(spec)
     if args.command == "validate" or args.dry_run:
@@ -95,14 +102,23 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-_URL = re.compile(r"\w+://\S+")
+def _remember_secrets_of(spec) -> None:
+    """Hide the secrets of ``spec`` (its storage options', its URLs' passwords) from every line printed or logged."""
+    from omegaconf import OmegaConf
+
+    from synthmill.jobs.kinds import KINDS
+    from synthmill.sharding.storage import remember_secrets
+
+    urls = [OmegaConf.select(OmegaConf.structured(spec), dotted) for dotted in KINDS[spec.kind].paths]
+    remember_secrets(spec.storage, [u for u in urls if isinstance(u, str)])
 
 
 def _hide_passwords(message: str) -> str:
-    """``message`` with the password of each ``scheme://user:password@`` URL in it replaced."""
-    from synthmill.sharding.storage import redact_url
+    """``message`` without secrets: a ``scheme://user:password@`` URL's password, a presigned URL's signature, the
+    values of the spec's secret storage options wherever they stand (``storage.redact_text``)."""
+    from synthmill.sharding.storage import redact_text
 
-    return _URL.sub(lambda m: redact_url(m.group(0)), message)
+    return redact_text(message)
 
 
 def _one_line(message: str) -> str:
@@ -111,14 +127,44 @@ def _one_line(message: str) -> str:
     return "\\n".join(message.splitlines()) or message  # splitlines: \n, \r, \x0b, \x1c, \u2028, ...
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``kill PID``, a container or job scheduler stopping the job): stopped like Ctrl-C.
+
+    A KeyboardInterrupt, since Ray's waits let only that through (they turn it into a new KeyboardInterrupt, and
+    any other exception into a SystemError): :data:`_terminated` tells the two apart afterwards."""
+
+
+_terminated = False
+
+
+def _terminate(signum: int, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated
+
+
+#: What Ctrl-C and SIGTERM say: the job stops where it is and nothing committed is lost.
+RESUMES = "what was committed is kept, and the same command resumes from it"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    global _terminated
     args = _parser().parse_args(argv)
+    _terminated = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from synthmill.sharding.storage import RedactingFilter, remember_secrets
+
+    remember_secrets()  # the environment's credentials; the spec's when it is loaded
+    for handler in logging.getLogger().handlers:  # library loggers' records too (botocore's, fsspec's at -v)
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         code = _main(args)
         sys.stdout.flush()  # here, where a reader that went away (`| head`) is caught below, not at exit
@@ -128,19 +174,33 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for a process ended by SIGPIPE
     except KeyboardInterrupt:
-        print("synthmill: interrupted; what was committed is kept, and the same command resumes from it",
-              file=sys.stderr)
+        if _terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (the rest of a group's) waits for the end
+            print(f"synthmill: terminated (SIGTERM); {RESUMES}", file=sys.stderr)
+            return 143  # what a shell reports for a process ended by SIGTERM
+        print(f"synthmill: interrupted; {RESUMES}", file=sys.stderr)
         return 130
     except SpecError as e:
         print(f"synthmill: error: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except DiskFull as e:  # the driver's own write (plan.json, index.parquet, summary.json, failures.json)
+        print(f"synthmill: error: {_one_line(str(e))}; what was committed is kept, and the same command resumes "
+              "once there is room", file=sys.stderr)
         return e.exit_code
     except JobFailed as e:
         print(f"synthmill: job failed: {_hide_passwords(str(e))}", file=sys.stderr)
         return e.exit_code
     finally:
-        from synthmill.cluster.connect import shutdown_local
+        from synthmill.cluster.connect import shutdown_local, started_local_ray
 
+        if _terminated and started_local_ray():  # a local Ray's processes go at once, and so does this one
+            shutdown_local(now=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(143)
         shutdown_local()  # the local Ray a job started here, if any, before the interpreter's slower exit
+        if main_thread and not _terminated:  # a caller in this process (a test) gets its own handler back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def entry() -> None:

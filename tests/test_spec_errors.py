@@ -321,11 +321,14 @@ def test_hub_id_the_hub_does_not_have_is_exit_2(capsys, write_spec, good, hub, p
 def test_hub_check_passes_a_pipeline_and_steps_aside_without_an_answer(capsys, write_spec, good, hub, monkeypatch,
                                                                         caplog):
     """A hub pipeline passes; so does any hub id when the hub gives no clear answer (the load then decides, maybe
-    from the nodes' caches), with a log line saying it was not checked; HF_HUB_OFFLINE asks nothing."""
+    from the nodes' caches), with a log line saying it was not checked; HF_HUB_OFFLINE asks nothing. (On a cluster:
+    a local Ray would load from this machine's cache alone, tests/test_signals.py.)"""
     import logging
     import socket
 
     from huggingface_hub import constants
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # validate connects nothing
 
     good["model"] = {"path": "org/pipe", "revision": "refs/pr/1"}  # a revision with "/" in it goes quoted
     assert run_cli(capsys, "validate", write_spec(good))[0] == 0
@@ -721,7 +724,7 @@ def test_an_actor_that_does_not_see_the_drivers_files_says_so(tmp_path, prompts_
     check_node_sees(node_paths(load_spec(str(ev)), SCORER))
 
 
-def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_path):
+def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_path, monkeypatch):
     """job.yaml records the resolved spec without its secrets: a storage option naming one is replaced whole
     (a header, Azure's connection string, a token in a list), and a URL keeps its user but not its password.
     Options that are not secrets stay, so the record still says where the data was."""
@@ -753,6 +756,7 @@ def test_job_yaml_keeps_no_secret_of_the_storage_options_or_urls(capsys, tmp_pat
     assert written["storage"]["endpoint_url"] == "http://minio.internal:9000"
     assert written["storage"]["config_kwargs"] == {"signature_version": "s3v4"}
     # nor does an error line that names the URL (here: fsspec's HTTP client has no use for these options)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # on a cluster the hub id is left to the nodes' caches
     code, line = run_cli(capsys, "validate", str(spec_path))
     assert code == 2 and "prompts.path: open https://reader:<redacted>@data.example.com/prompts.txt: " in line, line
     assert not [s for s in secrets if s in line], line
@@ -773,9 +777,10 @@ def test_a_missing_local_folder_spelt_like_a_hub_id_is_exit_2_without_the_hub(ca
     """``models/sd-typo`` beside a ``models/`` folder, with no hub to ask (HF_HUB_OFFLINE here; no network is
     the same) and not in this machine's hub cache, is a local folder that is not there: exit 2, not the same
     load error on every actor. A hub id whose first part is no folder here, or that the hub cache holds, is
-    left to the load as before."""
+    left to the load as before (on a cluster, whose nodes may hold it)."""
     from huggingface_hub import constants
 
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # validate connects nothing
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "models" / "sd").mkdir(parents=True)

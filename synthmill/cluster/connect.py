@@ -5,6 +5,12 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -46,28 +52,72 @@ def connect(address: str | None = None, dashboard: bool = False) -> dict[str, fl
     import ray
 
     if not ray.is_initialized():
-        source = "cluster.address" if address else "RAY_ADDRESS"
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            _join(address, source)
-        else:  # "local": never join a cluster that happens to run on this machine unasked
-            global _local_workers_inherit_malloc_env, _started_local_ray
-            if not _gpu_devices():
-                # Every actor of a local Ray without GPUs runs on CPUs: Ray's processes inherit the settings
-                # from here, so actors need no runtime environment of their own (one costs the first actor
-                # ~0.7 s on a fresh local Ray, waiting for Ray's runtime-env agent).
-                for k, v in CPU_MALLOC_ENV.items():
-                    os.environ.setdefault(k, v)
-                _local_workers_inherit_malloc_env = True
-            if dashboard and (missing := _dashboard_dependency_error()):
-                # ray without its [default] extras (e.g. installed from a bare wheel): Ray would refuse to start
-                log.warning("starting Ray without its dashboard (%s); Ray Train will warn that its State API is "
-                            "unavailable", missing)
-                dashboard = False
-            ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
-            _started_local_ray = True
-        log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
+        with _keeping_sigterm_handler():
+            _init(address, dashboard)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+@contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across ``ray.init``: Ray sets its own (Python's ``sys.exit(15)``, then
+    its C++ core worker's, which prints a stack dump), and the caller's (the CLI's: stop like Ctrl-C, say how to
+    resume, exit 143) would be lost. Only the main thread can set handlers."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(address: str | None, dashboard: bool) -> None:
+    """``ray.init``: join the cluster at ``address`` (else RAY_ADDRESS), or start a local one."""
+    import ray
+
+    source = "cluster.address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _join(address, source)
+    else:  # "local": never join a cluster that happens to run on this machine unasked
+        global _local_workers_inherit_malloc_env, _started_local_ray
+        if not _gpu_devices():
+            # Every actor of a local Ray without GPUs runs on CPUs: Ray's processes inherit the settings
+            # from here, so actors need no runtime environment of their own (one costs the first actor
+            # ~0.7 s on a fresh local Ray, waiting for Ray's runtime-env agent).
+            for k, v in CPU_MALLOC_ENV.items():
+                os.environ.setdefault(k, v)
+            _local_workers_inherit_malloc_env = True
+        if dashboard and (missing := _dashboard_dependency_error()):
+            # ray without its [default] extras (e.g. installed from a bare wheel): Ray would refuse to start
+            log.warning("starting Ray without its dashboard (%s); Ray Train will warn that its State API is "
+                        "unavailable", missing)
+            dashboard = False
+        # Ray turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset, and warns that it
+        # did on every start, a line about Ray's defaults on the first screen of every local run: it stays on,
+        # without that line (Ray's warning that authentication is off, when RAY_AUTH_MODE=disabled, stays)
+        logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_quiet_token_auth_default)
+        ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
+        _started_local_ray = True
+    log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
+
+
+#: The logger of Ray's token-authentication set-up (Ray 2.60), and its message when it turns authentication on.
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_ENABLED = "Token authentication is enabled for this Ray cluster"
+
+
+def _quiet_token_auth_default(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_TOKEN_AUTH_ENABLED)
+
+
+def starts_local_ray(address: str | None = None) -> bool:
+    """Whether :func:`connect` would start a local Ray (this machine its only node): no ``address``, no
+    ``RAY_ADDRESS``, and no Ray already initialised in this process. Cheap: Ray is not imported for it."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")
+    return ray is None or not ray.is_initialized()
 
 
 def _join(address: str, source: str) -> None:
@@ -109,7 +159,7 @@ def started_local_ray() -> bool:
     return _started_local_ray
 
 
-def shutdown_local() -> None:
+def shutdown_local(now: bool = False) -> None:
     """Stop the local Ray that :func:`connect` started in this process; a Ray it joined is left alone.
 
     ``ray.shutdown()`` stops Ray's processes one after the other, and its autoscaler monitor answers
@@ -118,6 +168,12 @@ def shutdown_local() -> None:
     monitor is killed first; with the interpreter's exit-time shutdown (which waits 0.5 s for log lines)
     that took the end of a ``synthmill run`` from ~1.9 s to ~0.4 s here. Ray's internals may change: if the
     monitor cannot be found, Ray's own shutdown does the rest as before.
+
+    ``now``: the process is about to end at once (``os._exit``, after SIGTERM): every process of the local Ray
+    (every process this one started, and theirs: GCS, raylet, agents, workers) is killed, and this process does
+    not disconnect from them. After a SIGTERM to the whole process group (a container stop) Ray's processes are
+    stopping already, and the driver's orderly disconnect from them took 3 to 8 s here, most of the grace a
+    container stop gives.
     """
     global _started_local_ray
     if not _started_local_ray:
@@ -126,6 +182,9 @@ def shutdown_local() -> None:
     import ray
 
     if not ray.is_initialized():
+        return
+    if now:
+        _kill_descendants()
         return
     try:
         from ray._private import ray_constants
@@ -137,6 +196,43 @@ def shutdown_local() -> None:
     except Exception as e:  # noqa: BLE001 - an optimisation only; ray.shutdown() stops it anyway
         log.debug("could not stop Ray's autoscaler monitor first: %r", e)
     ray.shutdown()
+
+
+def _kill_descendants(timeout_s: float = 5.0) -> None:
+    """SIGKILL every process descended from this one (read from /proc: Linux), and wait until they are gone."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            found.append(pid)
+            todo.append(pid)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for pid in found:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break  # a child of this process, reaped
+            except ChildProcessError:  # not this process's child: gone once /proc no longer has it running
+                try:
+                    with open(f"/proc/{pid}/stat", "rb") as fh:
+                        if fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                            break
+                except OSError:
+                    break
+            time.sleep(0.02)
 
 
 def actor_count(requested: int | str, resources: dict[str, float], cpus_per_actor: int) -> tuple[int, bool]:

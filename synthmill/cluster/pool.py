@@ -25,24 +25,27 @@ log = logging.getLogger(__name__)
 
 
 class ProgressBar:
-    """tqdm bar over samples (images, images/s, ETA), fed by the pool with the actors' own counts."""
+    """tqdm bar over samples (images, images/s, ETA): it counts the samples of committed units only, so it never
+    shows work done that a failure then lost; the actors' own counts of samples made (committed or not, polled by
+    the pool) follow it as ``made=N``."""
 
     def __init__(self, total: int, desc: str):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc=desc)
-        self.in_committed = 0  # samples in the shards committed so far: the bar is never below it
+        self.in_committed = 0  # samples in the units committed so far: what the bar shows
+        self.made = 0
 
     def update(self, n: int) -> None:
-        """Move to ``n`` samples done (never back: a retried shard's samples are counted again)."""
-        n = min(max(n, self.in_committed), self.bar.total)
-        if n > self.bar.n:
-            self.bar.update(n - self.bar.n)
+        """The actors have made ``n`` samples so far (a retried unit's samples count again)."""
+        if n > self.made:
+            self.made = n
+            self.bar.set_postfix_str(f"made={n}", refresh=False)
 
     def committed(self, count: int) -> None:
-        """A shard of ``count`` samples was committed (the actors' last polled counts may lag behind)."""
+        """A unit of ``count`` samples was committed."""
         self.in_committed += count
-        self.update(self.in_committed)
+        self.bar.update(min(count, self.bar.total - self.bar.n))
 
     def close(self) -> None:
         self.bar.close()

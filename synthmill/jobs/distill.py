@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from synthmill.cluster.connect import starts_local_ray
 from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs import lifecycle
 from synthmill.jobs.distill_spec import DistillSpec
@@ -136,7 +137,8 @@ def prepare(spec: DistillSpec) -> Prepared:
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
             # load_teacher never loads the teacher's safety checker: its folder may be missing
-            check_model_path(dataclasses.replace(spec.teacher, safety_checker=False), spec.storage, field="teacher")
+            check_model_path(dataclasses.replace(spec.teacher, safety_checker=False), spec.storage, field="teacher",
+                             only_here=starts_local_ray(spec.cluster.address))
             unet_cfg = _component_config(spec, "unet")
             vae_cfg = _component_config(spec, "vae")
             teacher_params, student_params, student_down = _plan_student(spec, unet_cfg)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from synthmill.cluster.connect import starts_local_ray
 from synthmill.errors import SpecError
 from synthmill.jobs import lifecycle
 from synthmill.jobs.fields import MAX_SEED, require
@@ -91,7 +92,7 @@ def prepare(spec: GenerateSpec) -> Prepared:
     field = "model.path"
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
-            check_model_path(spec.model, spec.storage)
+            check_model_path(spec.model, spec.storage, only_here=starts_local_ray(spec.cluster.address))
             files = model_files(spec.model.path, spec.storage)
             field = "prompts.path"
             source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage)

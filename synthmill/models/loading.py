@@ -32,11 +32,13 @@ def is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and "://" not in path and bool(_HUB_ID.match(path))
 
 
-def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> str:
-    """Check ``FIELD.path`` without loading anything; return 'hub', 'remote' or 'local'. Raises SpecError."""
+def check_model_path(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model",
+                     only_here: bool = False) -> str:
+    """Check ``FIELD.path`` without loading anything; return 'hub', 'remote' or 'local'. Raises SpecError.
+    ``only_here``: the job runs on a local Ray, this machine its only node (see :func:`check_hub_id`)."""
     path = model.path
     if is_hub_id(path):
-        check_hub_id(model, field)
+        check_hub_id(model, field, only_here)
         return "hub"
     if not storage.is_local(path):
         fs, inner = storage.filesystem(path, storage_options)
@@ -105,16 +107,19 @@ def _check_components(path: str, field: str, variant: str | None, passed: tuple[
                             f"diffusion_pytorch_model.{variant}.safetensors)")
 
 
-def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: str) -> tuple[str | None, str]:
+def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: str,
+                     silence: list[str] | None = None) -> tuple[str | None, str]:
     """Ask the hub (``HF_ENDPOINT``) for ``filename`` of model repo ``repo_id`` at ``revision``, with one HEAD
     request and no download. Returns (what is missing, the endpoint): None when the file is there, 'unknown' when
-    no answer came (``HF_HUB_OFFLINE``: nothing asked; no network, a timeout, a server error: logged after
-    ``label``), else 'repo' (no such model, or private), 'gated', 'revision' or 'file'."""
+    no clear answer came (a server error, an HTTP status the hub does not use for a missing file: logged after
+    ``label``), 'silent' when none came at all (``HF_HUB_OFFLINE``: nothing asked; no network, a timeout: logged),
+    else 'repo' (no such model, or private), 'gated', 'revision' or 'file'. With ``silence``, a list, why no answer
+    came is appended to it instead of logged (the caller logs it, or raises)."""
     from huggingface_hub import constants  # alone: milliseconds; the client below, ~0.1 s
 
     where = constants.ENDPOINT
     if constants.HF_HUB_OFFLINE:
-        return "unknown", where
+        return "silent", where
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -139,10 +144,13 @@ def hub_file_missing(repo_id: str, filename: str, revision: str | None, label: s
         if status is not None:  # e.g. 401 for a token the hub refuses, 429, 5xx
             log.warning("%s: not checked, %s answered HTTP %s (%s)", label, where, status,
                         first_line(e))
+            return "unknown", where
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if silence is not None:
+            silence.append(why)
         else:
-            log.info("%s: not checked, %s did not answer (%s: %s)", label, where, type(e).__name__,
-                     str(e).splitlines()[0] if str(e) else "")
-        return "unknown", where
+            log.info("%s: not checked, %s did not answer (%s)", label, where, why)
+        return "silent", where
     return None, where
 
 
@@ -151,22 +159,33 @@ HUB_LOGIN = ("HF_TOKEN or `hf auth login`; if only the cluster's nodes have the 
              "HF_HUB_OFFLINE=1 here to skip this check")
 
 
-def check_hub_id(model: Any, field: str = "model") -> None:
+def check_hub_id(model: Any, field: str = "model", only_here: bool = False) -> None:
     """A hub id in ``FIELD.path``: SpecError when the hub says it has no ``model_index.json`` at ``FIELD.revision``
     (no such model, revision or file, or gated); see :func:`hub_file_missing`. Without an answer the load decides,
     maybe from the nodes' caches; but a path whose first folder is here (``models/sd-typo`` beside ``models/``)
-    and that this machine's hub cache does not hold either is taken for a local folder that is not there."""
-    path, revision = model.path, model.revision
-    missing, where = hub_file_missing(path, "model_index.json", revision, f"{field}.path {path}")
-    if missing == "unknown":
-        parent = path.split("/")[0]
-        if os.path.isdir(parent) and not _in_hub_cache(path, "model_index.json", revision):
-            from huggingface_hub import constants
+    and that this machine's hub cache does not hold either is taken for a local folder that is not there.
 
-            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} did not answer"
+    ``only_here``: the job runs on a local Ray, so the only node is this machine, and its cache is the one the
+    load reads: a hub that does not answer (no network, ``HF_HUB_OFFLINE``) and a cache without the model
+    mean every actor would fail to load it, so that is bad input now, before Ray starts."""
+    path, revision = model.path, model.revision
+    silence: list[str] = []
+    missing, where = hub_file_missing(path, "model_index.json", revision, f"{field}.path {path}", silence)
+    if missing in ("unknown", "silent") and not _in_hub_cache(path, "model_index.json", revision):
+        from huggingface_hub import constants
+
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} did not answer"
+        parent = path.split("/")[0]
+        if missing == "silent" and only_here:
+            raise SpecError(f"{field}.path {path}: not in the local Hugging Face cache and {why}; connect to the "
+                            "hub once to download it (or set HF_ENDPOINT to a mirror), or give the path of a "
+                            "local diffusers folder")
+        if os.path.isdir(parent):
             raise SpecError(f"{field}.path {path}: folder not found ({parent}/ is here, without "
                             f"{path.split('/', 1)[1]}); as a hub id it was not checked ({why}) "
                             "and this machine's hub cache does not hold it")
+    if silence:
+        log.info("%s.path %s: not checked, %s did not answer (%s)", field, path, where, silence[0])
     if missing == "gated":
         raise SpecError(f"{field}.path {path}: a gated model on {where}; accept its terms there and log in "
                         f"({HUB_LOGIN})")

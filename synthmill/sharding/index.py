@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synthmill.errors import disk_full
 from synthmill.sharding import storage
 from synthmill.sharding.layout import INDEX, OutputLayout
 
@@ -42,13 +43,16 @@ def merge_index(layout: OutputLayout, shard_ids: Iterable[int]) -> int:
     n = 0
     fd, tmp = tempfile.mkstemp(suffix=".parquet")
     os.close(fd)
-    with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
-        for k in shard_ids:
-            data = storage.read_bytes(layout.shards.companion_url(0, k), layout.opts)
-            table = pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
-            writer.write_table(table)
-            n += table.num_rows
     try:
+        try:
+            with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
+                for k in shard_ids:
+                    data = storage.read_bytes(layout.shards.companion_url(0, k), layout.opts)
+                    table = pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
+                    writer.write_table(table)
+                    n += table.num_rows
+        except OSError as e:  # the temporary's disk (TMPDIR), not the output's
+            raise disk_full(e, f"{layout.file(INDEX)} (its temporary {tmp})") or e from None
         storage.put_file(tmp, layout.file(INDEX), layout.opts)
     finally:
         if os.path.exists(tmp):

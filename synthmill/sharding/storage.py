@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from synthmill.errors import disk_full
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -126,6 +128,113 @@ def redact_url(url: str) -> str:
     if question:
         query = "&".join(_redact_parameter(p) for p in query.split("&"))
     return f"{scheme}://{authority}{slash}{path}{question}{query}"
+
+
+#: Secret values this process was given (storage options, URL passwords, credentials in the environment): a log
+#: line or message that quotes one anywhere, in any form (botocore's ``Invalid bucket name "user:PASSWORD@b"``),
+#: shows ``<redacted>`` instead. Filled by :func:`remember_secrets`.
+_SECRETS: set[str] = set()
+#: Environment variables holding credentials that the clients synthmill drives (boto, huggingface_hub) read.
+SECRET_ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                      "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN",
+                      "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_KEY", "GOOGLE_OAUTH_ACCESS_TOKEN")
+#: Shorter values are not searched for: they would match ordinary words and numbers.
+_MIN_SECRET = 4
+_URL_IN_TEXT = re.compile(r"\w[\w+.-]*://[^\s'\"<>]+")
+#: Secrets in the forms HTTP clients log them at debug level: headers of a request (``'X-Amz-Security-Token':
+#: b'...'``, ``x-amz-security-token:...`` in a canonical request), a SigV4 ``Authorization``'s ``Credential=`` and
+#: ``Signature=``, and a presigned URL's parameters.
+_SECRET_FIELDS = re.compile(
+    r"(?i)\b((?:x-amz-security-token|x-amz-signature|x-amz-credential|x-goog-signature|x-goog-credential|"
+    r"x-ms-copy-source-authorization|authorization|cookie|set-cookie|credential|signature|token|"
+    r"api[-_]?key|access[-_]?key[-_]?id|secret[-_]?access[-_]?key|session[-_]?token|password)"
+    r"(?:['\"]?\s*:\s*b?['\"]|:(?=[^\s'\"])|\s*=\s*b?['\"]?))([^'\"\s,&;]+)")
+
+
+def remember_secrets(options: Any = None, urls: Any = ()) -> None:
+    """Add to the secrets :func:`redact_text` hides: the values under secret keys of storage ``options`` (see
+    :func:`redact`), the passwords and secret query parameters of ``urls``, and the credentials of the
+    environment (:data:`SECRET_ENVIRONMENT`)."""
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, secret or any(w in str(k).lower() for w in SECRET_OPTION_WORDS))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, secret)
+        elif isinstance(value, str):
+            if secret:
+                _add_secret(value)
+            else:
+                _remember_url(value)
+        elif secret and value is not None and not isinstance(value, bool):
+            _add_secret(str(value))
+
+    walk(options, False)
+    for url in [urls] if isinstance(urls, str) else urls:
+        if isinstance(url, str):
+            _remember_url(url)
+    for name in SECRET_ENVIRONMENT:
+        if os.environ.get(name):
+            _add_secret(os.environ[name])
+
+
+def _add_secret(value: str) -> None:
+    if len(value) >= _MIN_SECRET:
+        _SECRETS.add(value)
+        # as a URL or a form would quote it
+        from urllib.parse import quote, quote_plus
+
+        _SECRETS.update(v for v in (quote(value, safe=""), quote_plus(value)) if len(v) >= _MIN_SECRET)
+
+
+def _remember_url(url: str) -> None:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return
+    rest, _, query = rest.partition("?")
+    userinfo, at, _ = rest.partition("/")[0].rpartition("@")
+    if at and ":" in userinfo:
+        _add_secret(userinfo.split(":", 1)[1])
+    for parameter in query.split("&") if query else ():
+        if _redact_parameter(parameter) != parameter:
+            _add_secret(parameter.partition("=")[2])
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a log line, a message, a traceback) without the secrets in it: each URL's as :func:`redact_url`
+    takes them off, header and signature values as HTTP clients log them, and every value
+    :func:`remember_secrets` was given, wherever it stands."""
+    if not text:
+        return text
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    text = _SECRET_FIELDS.sub(lambda m: m.group(1) + ("<redacted>" if m.group(2) != "<redacted>" else m.group(2)), text)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "<redacted>")
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A handler's filter: each record it writes goes through :func:`redact_text`, its message with its arguments
+    merged in, and its traceback (the record is changed in place: every handler then writes the redacted one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record whose arguments do not fit its format: logging reports that
+            return True
+        record.msg, record.args = redact_text(message), None
+        if record.exc_info and not record.exc_text:
+            import traceback
+
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        return True
 
 
 def _redact_parameter(parameter: str) -> str:
@@ -250,6 +359,8 @@ def _publish_local(path: str, data: bytes, publish: Callable[[str, str], T]) -> 
         except FileNotFoundError:
             if attempt == 2 or os.path.exists(tmp):
                 raise
+        except OSError as e:
+            raise disk_full(e, path) or e from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -339,6 +450,8 @@ def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None =
             try:
                 shutil.copyfile(local_path, tmp)
                 os.replace(tmp, dest)
+            except OSError as e2:
+                raise disk_full(e2, dest) or e2 from None
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)

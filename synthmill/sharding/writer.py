@@ -11,6 +11,8 @@ import os
 import tempfile
 from typing import BinaryIO
 
+from synthmill.errors import disk_full
+
 #: mtime of every member (2000-01-01T00:00:00Z): fixed so tars are reproducible.
 FIXED_MTIME = 946684800
 TMP_SUFFIX = ".tar.tmp"
@@ -21,8 +23,11 @@ class _HashingFile:
 
     def __init__(self, fh: BinaryIO):
         self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+        self.dropped = False  # after a failure: what tarfile still writes (its end blocks, at collection) goes nowhere
 
     def write(self, data) -> int:
+        if self.dropped:
+            return len(data)
         self.sha.update(data)
         self.size += len(data)
         return self.fh.write(data)
@@ -47,20 +52,30 @@ class ShardTarWriter:
         self._tar = TarWriter(self._hashing, encoder=False, mtime=FIXED_MTIME, user="synthmill", group="synthmill")
 
     def write(self, sample: dict[str, bytes | str]) -> None:
-        self._tar.write(sample)
+        try:
+            self._tar.write(sample)
+        except OSError as e:
+            raise disk_full(e, self.path) or e from None
 
     def close(self) -> tuple[str, int, str]:
         """Finish the tar; return (local path, size in bytes, sha256 hex)."""
-        self._tar.close()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        try:
+            self._tar.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+        except OSError as e:
+            raise disk_full(e, self.path) or e from None
         return self.path, self._hashing.size, self._hashing.sha.hexdigest()
 
     def discard(self) -> None:
-        """Drop the temporary file (after a failure)."""
+        """Drop the temporary file (after a failure). Nothing more is written to it, the tar's end blocks included:
+        tarfile writes those when the tar is collected, into a file already closed ('Exception ignored ...')."""
+        self._hashing.dropped = True
         try:
             self._fh.close()
+        except OSError:
+            pass  # the buffered rest could not be written either (no space left): the file goes anyway
         finally:
             if os.path.exists(self.path):
                 os.unlink(self.path)
