@@ -3,7 +3,8 @@
 1. Planning. A parquet prompt source of ``--rows`` rows (one string column ``caption``, real COCO captions
    of ``configs/prompts/coco2014_5k_captions.tsv`` repeated in order, ``--row-groups`` row groups) is
    written to a temp folder, with a generate spec like ``configs/quickstart.yaml`` whose ``prompts.path``
-   points at it (``model.path: segmind/tiny-sd``, a hub id; ``samples_per_shard`` 1000, so 10,000 shards).
+   points at it (``model.path: segmind/tiny-sd``, a hub id; ``samples_per_shard`` 1000, so 10,000 shards;
+   ``cluster.address`` set, as a job this size runs on a cluster: the dry run never connects to it).
    Each of these runs in a fresh child process from the repository root, ``--repeats`` times, interleaved:
 
    (a) ``python -c "import synthmill.cli"``: the interpreter and the CLI module alone;
@@ -67,6 +68,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_TSV = REPO / "configs" / "prompts" / "coco2014_5k_captions.tsv"
 MODEL = "segmind/tiny-sd"  # a hub id, as in configs/quickstart.yaml: a dry run must not contact the hub
+CLUSTER = "ray-head.invalid:6379"  # the spec's cluster.address: the dry run plans for a cluster, never joins it
 SMOKE = {"rows": 20_000, "shards": 200, "actors": 2, "repeats": 1}
 
 
@@ -101,7 +103,9 @@ def write_spec(path: str, prompts: str, output: str, samples_per_shard: int) -> 
         "prompts": {"path": prompts, "column": "caption"},
         "sampling": {"steps": 25, "guidance_scale": 7.5, "height": 512, "width": 512, "seed": 0},
         "output": {"path": output, "format": "png", "samples_per_shard": samples_per_shard},
-        "cluster": {"num_actors": "auto", "batch_size": 8},
+        # a 10M-prompt job runs on a cluster, whose nodes' caches may hold the hub id: validation does not
+        # require it in this machine's cache (a local Ray would), and a dry run never connects
+        "cluster": {"address": CLUSTER, "num_actors": "auto", "batch_size": 8},
     }
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(spec, fh, sort_keys=False)

@@ -159,17 +159,17 @@ def test_rerun_elsewhere_with_one_actor_is_byte_identical(reference, write_spec,
     class Killed(BaseException):
         pass
 
-    real_write_json = storage.write_json
+    real_create = storage.create_exclusive  # how the first plan.json is written (the folder's claim)
 
     def dies_at_the_plan(url, *a, **kw):
         if url.endswith("/plan.json"):
             raise Killed
-        return real_write_json(url, *a, **kw)
+        return real_create(url, *a, **kw)
 
-    monkeypatch.setattr(storage, "write_json", dies_at_the_plan)
+    monkeypatch.setattr(storage, "create_exclusive", dies_at_the_plan)
     with pytest.raises(Killed):
         run_job(write_spec, other)
-    monkeypatch.setattr(storage, "write_json", real_write_json)
+    monkeypatch.setattr(storage, "create_exclusive", real_create)
     run_job(write_spec, other)
     assert tar_hashes(str(tmp_path / "again")) == tar_hashes(out)
     actors_cwd = ray.get(ray.remote(lambda: os.getcwd()).remote())

@@ -36,14 +36,18 @@ def s3(tiny_sd, prompts_tsv):
     import moto.settings
     from moto.server import ThreadedMotoServer
 
-    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 3  # the three IAM calls below; every later call is authenticated
     import logging
+
+    import requests
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # the three IAM calls below go unauthenticated, every later call is authenticated; moto counts requests
+    # per process, so its count is reset here (another moto server of this run may have served requests)
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"3", timeout=30).raise_for_status()
     iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
     iam.create_user(UserName="synth")
     key = iam.create_access_key(UserName="synth")["AccessKey"]
