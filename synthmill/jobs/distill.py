@@ -146,7 +146,8 @@ def prepare(spec: DistillSpec) -> Prepared:
             field = "data.path"
             try:
                 data = open_image_set(spec.data.path, spec.storage, spec.data.samples_per_unit)
-                check_first_sample(data, spec.storage, "distillation trains on image-text pairs")
+                check_first_sample(data, spec.storage, "distillation trains on image-text pairs",
+                                   spec.data.max_image_pixels, "data.max_image_pixels")
             except ImageSetError as e:
                 raise SpecError(f"data.path {e}") from None
             workers = spec.cluster.num_workers
