@@ -437,10 +437,13 @@ def run(p: Prepared) -> dict[str, Any]:
 # ---- synthmill status ----
 
 #: plan.json keys that status reads, and their types
-PLAN_KEYS: dict[str, type] = {}
+PLAN_KEYS: dict[str, type] = {"max_steps": int, "fingerprint": str}
 
 
 def check_plan(plan: dict[str, Any]) -> str | None:
+    """What is wrong with a plan.json of this kind beyond its keys' types, or None."""
+    if plan["max_steps"] < 1:
+        return f"its 'max_steps' is {plan['max_steps']}, not a positive whole number"
     return None
 
 

@@ -312,8 +312,19 @@ PLAN_KEYS = {"sets": dict, "fingerprint": str}
 
 def check_plan(plan: dict[str, Any]) -> str | None:
     """What is wrong with a plan.json of this kind beyond its keys' types, or None."""
-    if not all(isinstance(v, dict) and isinstance(v.get("units"), int) for v in plan["sets"].values()):
-        return "a set in its 'sets' has no count of units"
+    from synthmill.sharding.plan import MAX_SHARDS
+
+    if not plan["sets"]:
+        return "its 'sets' is empty"
+    for name, v in plan["sets"].items():
+        units = v.get("units") if isinstance(v, dict) else None
+        if not isinstance(units, int) or isinstance(units, bool):
+            return f"a set in its 'sets' has no count of units ({name!r})"
+        if not 1 <= units <= MAX_SHARDS:
+            return f"the set {name!r} has {units:,} units, not a whole number in 1..{MAX_SHARDS:,}"
+        samples = v.get("samples")
+        if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 0):
+            return f"the set {name!r} has {samples!r} samples, not a whole number"
     return None
 
 

@@ -107,11 +107,12 @@ def _job_size(path: str, opts: dict[str, Any] | None) -> tuple[int, int] | None:
 
 def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> ImageSet:
     from synthmill.sharding.layout import OutputLayout
+    from synthmill.sharding.plan import plan_problem
 
-    n = plan.get("shards")
-    if not _is_count(n):
-        raise ImageSetError(f"{storage.join(path, 'plan.json')}: \"shards\" is {n!r}, not a positive whole number; "
-                            "not the plan of a synthmill generate job")
+    problem = plan_problem(plan)
+    if problem:
+        raise ImageSetError(f"{storage.join(path, 'plan.json')}: {problem}; not the plan of a synthmill generate job")
+    n = plan["shards"]
     shards = OutputLayout(path, opts).shards
     done = shards.done(range(n), lambda k: {"fingerprint": plan.get("fingerprint")})
     if len(done) < n:
