@@ -87,6 +87,7 @@ class TrainClusterSpec:
     cpus_per_worker: int = 1  # on CPU also the worker's torch thread count
     resources: Dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the job fails
+    start_timeout_s: float = 1800.0  # fail if the workers cannot all be placed for this long (at each (re)start)
 
 
 @dataclass
@@ -161,6 +162,7 @@ class DistillSpec:
             require(c.use_gpu == "auto", "cluster.use_gpu", f"must be true, false or 'auto', got {c.use_gpu!r}")
         require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
         require(c.max_failures >= 0, "cluster.max_failures", f"must be >= 0, got {c.max_failures}")
+        require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
         check_resources(c.resources, "cluster.cpus_per_worker")
 
     def fingerprint(self) -> str:
