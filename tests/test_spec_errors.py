@@ -356,7 +356,8 @@ def test_hub_checks_reach_distill_teachers_and_honour_hf_endpoint(write_spec, hu
     """The installed command, with HF_ENDPOINT in its environment as for a mirror: a distill teacher that the
     hub does not have is exit 2 naming teacher.path."""
     spec = {"kind": "distill", "teacher": {"path": "org/no-such-teacher"}, "student": {"arch": "bk-small"},
-            "data": {"path": str(tmp_path)}, "train": {"max_steps": 2}, "output": {"path": str(tmp_path / "out")}}
+            "data": {"path": str(tmp_path / "data")}, "train": {"max_steps": 2},
+            "output": {"path": str(tmp_path / "out")}}
     exe = os.path.join(os.path.dirname(sys.executable), "synthmill")
     env = dict(os.environ, HF_ENDPOINT=hub.url)
     env.pop("HF_HUB_OFFLINE", None)

@@ -25,7 +25,7 @@ import ray
 from synthmill.metrics import partials
 from synthmill.metrics.registry import FEATURES, NETWORKS, networks_of
 from synthmill.sharding import storage
-from synthmill.sharding.images import ImageSet, ImageSetError, Sample, iter_unit
+from synthmill.sharding.images import ImageSet, ImageSetError, Sample, check_pixels, image_size, iter_unit
 from synthmill.sharding.nodes import NodePath, check_node_sees
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class SetJob:
     images: ImageSet
     features: tuple[str, ...] = ()
     size: tuple[int, int] | None = None  # every image must have this (width, height); None: no check
+    max_pixels: int | None = None  # larger images are bad input, found from their header before decoding
+    name: str = "generated"  # the set's field in the spec, for messages
 
     @property
     def networks(self) -> tuple[str, ...]:
@@ -96,6 +98,9 @@ class Scorer:
     def _decode(self, job: SetJob, sample: Sample) -> tuple[dict[str, Any], str | None]:
         from PIL import Image
 
+        # the header first: an image over the limit is never decoded (its pixels, not its file, cost the memory)
+        check_pixels(image_size(sample.image, sample.name), job.max_pixels, sample.name,
+                     f"{job.name}.max_image_pixels")
         try:
             with Image.open(io.BytesIO(sample.image)) as im:
                 rgb = im.convert("RGB")

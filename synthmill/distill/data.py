@@ -24,7 +24,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from synthmill.sharding.images import ImageSetError, Sample, Unit, iter_unit
+from synthmill.sharding.images import (
+    MAX_IMAGE_PIXELS,
+    ImageSetError,
+    Sample,
+    Unit,
+    check_pixels,
+    image_size,
+    iter_unit,
+)
 
 
 class BadData(ValueError):
@@ -53,6 +61,7 @@ class StreamSpec:
     batch_size: int
     seed: int
     storage_options: dict[str, Any] | None = None
+    max_pixels: int | None = MAX_IMAGE_PIXELS  # larger images are bad data, found from their header
 
 
 def skipped_batches(start: int, role: int, procs: int) -> int:
@@ -153,6 +162,10 @@ class ShardStream:
         if sample.caption is None:
             raise BadData(f"data.path: {sample.name} has no caption (a .txt beside the image); "
                           "distillation trains on image-text pairs")
+        try:  # the header first: an image over the limit is never decoded
+            check_pixels(image_size(sample.image, sample.name), s.max_pixels, sample.name, "data.max_image_pixels")
+        except ImageSetError as e:
+            raise BadData(f"data.path: {e}") from None
         try:
             with Image.open(io.BytesIO(sample.image)) as im:
                 im = im.convert("RGB")

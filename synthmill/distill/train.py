@@ -214,7 +214,7 @@ def _train(config: dict[str, Any]) -> None:
     accum = t.gradient_accumulation
     stream = ShardStream(
         StreamSpec(units, spec.data.resolution, spec.data.center_crop, spec.data.random_flip,
-                   spec.data.shuffle_buffer, t.batch_size, t.seed, opts),
+                   spec.data.shuffle_buffer, t.batch_size, t.seed, opts, spec.data.max_image_pixels),
         tokenizers(pipe), rank, world, start_batch=step * accum,
     )
     batches = iter(make_loader(stream, t.batch_size, spec.data.loader_workers))

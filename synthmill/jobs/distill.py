@@ -146,7 +146,8 @@ def prepare(spec: DistillSpec) -> Prepared:
             field = "data.path"
             try:
                 data = open_image_set(spec.data.path, spec.storage, spec.data.samples_per_unit)
-                check_first_sample(data, spec.storage, "distillation trains on image-text pairs")
+                check_first_sample(data, spec.storage, "distillation trains on image-text pairs",
+                                   spec.data.max_image_pixels, "data.max_image_pixels")
             except ImageSetError as e:
                 raise SpecError(f"data.path {e}") from None
             workers = spec.cluster.num_workers
@@ -226,10 +227,36 @@ def _trainer(p: Prepared, n_workers: int, use_gpu: bool):
         run_config=RunConfig(
             name=CHECKPOINTS, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoints_kept),
-            failure_config=FailureConfig(max_failures=0),  # run() retries (bad data must not be retried)
+            # work() retries (bad data must not be retried); a worker group that cannot be placed within
+            # cluster.start_timeout_s ends the fit instead of being retried by Ray Train without a limit
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
             worker_runtime_env={} if use_gpu else cpu_runtime_env(),
         ),
     )
+
+
+#: Ray Train's bound on placing a worker group (the driver passes it to its controller); cluster.start_timeout_s.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def _not_placed(exc: BaseException) -> bool:
+    """Whether a training failure is Ray Train giving up on placing the worker group (its start timed out)."""
+    cause = getattr(exc, "controller_failure", None)
+    return type(cause).__name__ == "WorkerGroupStartupTimeoutError" or "worker group startup timed out" in str(exc)
+
+
+def _fit(trainer: Any, start_timeout_s: float) -> Any:
+    """``trainer.fit()`` with the worker group's placement bounded by ``start_timeout_s`` (Ray Train reads the
+    bound from the environment when the fit starts its controller; the driver's environment is left as it was)."""
+    saved = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = f"{start_timeout_s:g}"
+    try:
+        return trainer.fit()
+    finally:
+        if saved is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = saved
 
 
 def _failure_message(exc: BaseException) -> str:
@@ -364,7 +391,7 @@ class DistillJob(lifecycle.Job):
         n_workers, use_gpu = self.scaling = _scaling(spec, resources)
         check_fits("training worker", {"CPU": c.cpus_per_worker, "GPU": int(use_gpu), **c.resources},
                    "cluster.cpus_per_worker" + (" / cluster.resources" if c.resources else ""),
-                   "Ray Train waits (retrying the worker group's start every minute)", n_workers,
+                   f"the job waits up to cluster.start_timeout_s={c.start_timeout_s:g}s", n_workers,
                    "cluster.num_workers" if isinstance(c.num_workers, int)
                    else "cluster.num_workers=auto (a worker per GPU)")
         if started_local_ray():
@@ -390,12 +417,21 @@ class DistillJob(lifecycle.Job):
         while True:
             self.attempts += 1
             try:
-                result = _trainer(self.p, n_workers, use_gpu).fit()
+                result = _fit(_trainer(self.p, n_workers, use_gpu), spec.cluster.start_timeout_s)
                 error = result.error
             except TrainingFailedError as e:
                 error = e
             if error is None:
                 break
+            if _not_placed(error):  # as generate and evaluate: no retry, which would wait as long again
+                c = spec.cluster
+                need = ", ".join(f"{k} {v:g}" for k, v in
+                                 {"CPU": c.cpus_per_worker, "GPU": int(use_gpu), **c.resources}.items() if v)
+                raise JobFailed(
+                    f"{n_workers} training worker{'s' if n_workers > 1 else ''} ({need} each, all at once) could not "
+                    f"be placed within cluster.start_timeout_s={c.start_timeout_s:g}s (not enough free resources in "
+                    f"the cluster, or a lost node not replaced); checkpoints are kept under {out}/{CHECKPOINTS}: run "
+                    "the same command again to resume from the latest once the cluster can hold them")
             message = _failure_message(error)  # raises SpecError for bad data
             if self.attempts > spec.cluster.max_failures:
                 raise JobFailed(f"training failed ({self.attempts} attempts): {message}. Checkpoints are kept under "
@@ -436,10 +472,13 @@ def run(p: Prepared) -> dict[str, Any]:
 # ---- synthmill status ----
 
 #: plan.json keys that status reads, and their types
-PLAN_KEYS: dict[str, type] = {}
+PLAN_KEYS: dict[str, type] = {"max_steps": int, "fingerprint": str}
 
 
 def check_plan(plan: dict[str, Any]) -> str | None:
+    """What is wrong with a plan.json of this kind beyond its keys' types, or None."""
+    if plan["max_steps"] < 1:
+        return f"its 'max_steps' is {plan['max_steps']}, not a positive whole number"
     return None
 
 

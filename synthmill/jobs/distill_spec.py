@@ -18,6 +18,7 @@ from synthmill.jobs.fields import (
     require_count_or_auto,
 )
 from synthmill.jobs.generate_spec import ModelSpec
+from synthmill.sharding.images import MAX_IMAGE_PIXELS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -45,6 +46,7 @@ class DataSpec:
     shuffle_buffer: int = 256  # samples held by each reader to shuffle across shard boundaries (0: off)
     loader_workers: int = 2  # torch DataLoader processes per training worker (decode + resize + tokenise)
     samples_per_unit: int = 1000  # image folders only: files per unit of the stream
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are bad input, found from their header (4096 x 4096)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class TrainClusterSpec:
     cpus_per_worker: int = 1  # on CPU also the worker's torch thread count
     resources: Dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the job fails
+    start_timeout_s: float = 1800.0  # fail if the workers cannot all be placed for this long (at each (re)start)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class DistillSpec:
         require(0 <= d.loader_workers <= 64, "data.loader_workers", f"must be in 0..64, got {d.loader_workers}")
         require(1 <= d.samples_per_unit <= 1_000_000, "data.samples_per_unit",
                 f"must be in 1..1000000, got {d.samples_per_unit}")
+        require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {d.max_image_pixels}")
         for name in ("task", "output_kd", "feature_kd"):
             require(0 <= getattr(lo, name) < math.inf, f"loss.{name}",
                     f"must be >= 0 and finite, got {getattr(lo, name)}")
@@ -158,6 +162,7 @@ class DistillSpec:
             require(c.use_gpu == "auto", "cluster.use_gpu", f"must be true, false or 'auto', got {c.use_gpu!r}")
         require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
         require(c.max_failures >= 0, "cluster.max_failures", f"must be >= 0, got {c.max_failures}")
+        require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
         check_resources(c.resources, "cluster.cpus_per_worker")
 
     def fingerprint(self) -> str:
@@ -168,6 +173,7 @@ class DistillSpec:
             train.pop(k)
         data = asdict(self.data)
         data.pop("loader_workers")
+        data.pop("max_image_pixels")  # a bound on the input, not what is trained on: the jobs that pass it agree
         unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
         teacher = {k: v for k, v in asdict(self.teacher).items() if k not in unused}
         basis = {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),

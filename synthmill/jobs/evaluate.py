@@ -27,9 +27,9 @@ from synthmill.metrics.base import Finish
 from synthmill.metrics.registry import FEATURES, METRICS, NETWORKS, features_of, networks_of
 from synthmill.sharding import storage
 from synthmill.sharding.images import (
-    ImageSet,
     ImageSetError,
     check_first_sample,
+    check_pixels,
     first_image_size,
     image_size,
     open_image_set,
@@ -61,20 +61,25 @@ class Prepared:
         return self.info.get("inception", {}).get("sha256")
 
 
-def _check_sizes(name: str, images: ImageSet, opts: dict[str, Any] | None) -> tuple[int, int]:
-    """The size every image of the set must share; checks every header of a local folder."""
-    if images.image_size is not None:
-        return images.image_size
-    size = first_image_size(images.units[0], opts)
+def _check_headers(name: str, job: SetJob, opts: dict[str, Any] | None, same_size: bool) -> tuple[int, int] | None:
+    """What image headers tell before anything is decoded: every image within ``NAME.max_image_pixels`` and, with
+    ``same_size``, of one size, which is returned. Reads every header of a local folder, else the first image's
+    (the scorers check the rest, each before decoding it)."""
+    images, limit, field = job.images, job.max_pixels, f"{name}.max_image_pixels"
+    if images.image_size is not None:  # a generate output: its job.yaml gives every image's size
+        check_pixels(images.image_size, limit, f"{images.path} (sampling.width x sampling.height)", field)
+        return images.image_size if same_size else None
+    size = first_image_size(images.units[0], opts, limit, field)
     if images.kind == "folder" and storage.is_local(images.path):
         for unit in images.units:
             for f in unit.files:
                 w, h = image_size(f, f)
-                if (w, h) != size:
+                check_pixels((w, h), limit, f, field)
+                if same_size and (w, h) != size:
                     raise SpecError(
                         f"{name}.path: {f} is {w}x{h}, the first image is {size[0]}x{size[1]}; "
                         "images of mixed sizes (set fid.resize_to to score every image at one size)")
-    return size
+    return size if same_size else None
 
 
 def _check_counts(spec: EvaluateSpec, samples: dict[str, int | None]) -> None:
@@ -95,9 +100,10 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             sets: dict[str, SetJob] = {}
             field = "generated.path"
             gen = open_image_set(spec.generated.path, opts, spec.generated.samples_per_unit)
-            sets["generated"] = SetJob(gen, wanted["generated"])
+            sets["generated"] = SetJob(gen, wanted["generated"], max_pixels=spec.generated.max_image_pixels)
             if sets["generated"].captions:  # the rest are checked as they are scored
-                check_first_sample(gen, opts, sets["generated"].captions)
+                check_first_sample(gen, opts, sets["generated"].captions, spec.generated.max_image_pixels,
+                                   "generated.max_image_pixels")
             ref_stats = None
             field = "reference.path"
             if wanted["reference"]:
@@ -107,11 +113,11 @@ def prepare(spec: EvaluateSpec) -> Prepared:
                     ref_stats = by_stats(rpath, opts, spec, info)
                 else:
                     images = open_image_set(rpath, opts, spec.reference.samples_per_unit)
-                    sets["reference"] = SetJob(images, wanted["reference"])
+                    sets["reference"] = SetJob(images, wanted["reference"], max_pixels=spec.reference.max_image_pixels,
+                                               name="reference")
             for name, job in sets.items():
-                if any(NETWORKS[n].same_size(spec) for n in job.networks):
-                    field = f"{name}.path"
-                    job.size = _check_sizes(name, job.images, opts)
+                field = f"{name}.path"
+                job.size = _check_headers(name, job, opts, any(NETWORKS[n].same_size(spec) for n in job.networks))
             _check_counts(spec, {name: job.images.num_samples for name, job in sets.items()})
             fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"))
             field = "output.path"
@@ -306,8 +312,19 @@ PLAN_KEYS = {"sets": dict, "fingerprint": str}
 
 def check_plan(plan: dict[str, Any]) -> str | None:
     """What is wrong with a plan.json of this kind beyond its keys' types, or None."""
-    if not all(isinstance(v, dict) and isinstance(v.get("units"), int) for v in plan["sets"].values()):
-        return "a set in its 'sets' has no count of units"
+    from synthmill.sharding.plan import MAX_SHARDS
+
+    if not plan["sets"]:
+        return "its 'sets' is empty"
+    for name, v in plan["sets"].items():
+        units = v.get("units") if isinstance(v, dict) else None
+        if not isinstance(units, int) or isinstance(units, bool):
+            return f"a set in its 'sets' has no count of units ({name!r})"
+        if not 1 <= units <= MAX_SHARDS:
+            return f"the set {name!r} has {units:,} units, not a whole number in 1..{MAX_SHARDS:,}"
+        samples = v.get("samples")
+        if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 0):
+            return f"the set {name!r} has {samples!r} samples, not a whole number"
     return None
 
 

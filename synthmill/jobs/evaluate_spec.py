@@ -13,6 +13,7 @@ from omegaconf import MISSING
 from synthmill.jobs.fields import ActorClusterSpec, check_cluster, one_of, require
 from synthmill.metrics.inception import PROTOCOLS
 from synthmill.metrics.registry import METRICS
+from synthmill.sharding.images import MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ImageSetSpec:
 
     path: str = MISSING
     samples_per_unit: int = 1000  # image folders: files per unit of work (tars: one unit per tar)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are bad input, found from their header (4096 x 4096)
 
 
 @dataclass
@@ -29,6 +31,7 @@ class ReferenceSpec:
 
     path: Optional[str] = None
     samples_per_unit: int = 1000
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -95,6 +98,8 @@ class EvaluateSpec:
             require(not hint or bool(r.path and r.path.strip()), "reference.path", hint or "")
         for name, spu in (("generated", g.samples_per_unit), ("reference", r.samples_per_unit)):
             require(1 <= spu <= 1_000_000, f"{name}.samples_per_unit", f"must be in 1..1000000, got {spu}")
+        for name, limit in (("generated", g.max_image_pixels), ("reference", r.max_image_pixels)):
+            require(limit >= 1, f"{name}.max_image_pixels", f"must be >= 1, got {limit}")
         one_of(f.protocol, sorted(PROTOCOLS), "fid.protocol")
         require(f.resize_to is None or 16 <= f.resize_to <= 4096, "fid.resize_to",
                 f"must be in 16..4096 or null, got {f.resize_to}")

@@ -23,7 +23,7 @@ from synthmill.jobs.spec import node_paths
 from synthmill.models.loading import check_model_path, model_files
 from synthmill.sharding import storage
 from synthmill.sharding.layout import FAILURES, PLAN, SUMMARY, OutputLayout
-from synthmill.sharding.plan import ShardPlan
+from synthmill.sharding.plan import MAX_SHARDS, ShardPlan, plan_problem
 from synthmill.sharding.sources import PromptSource, open_source
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,6 @@ def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list
             "files it replaced, so resuming would mix two models: use a new output.path, or restore the model")
 
 
-#: Most shards in one job: each is a tar, an index part and a marker, and the driver tracks each.
-MAX_SHARDS = 10_000_000
 
 def prepare(spec: GenerateSpec) -> Prepared:
     """Check every input without loading a model or writing anything, then scan the prompts."""
@@ -333,7 +331,8 @@ PLAN_KEYS = {"shards": int, "samples": int, "fingerprint": str}
 
 
 def check_plan(plan: dict[str, Any]) -> str | None:
-    return None
+    """What is wrong with a plan.json of this kind beyond its keys' types, or None."""
+    return plan_problem(plan)
 
 
 def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:

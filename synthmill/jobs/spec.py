@@ -406,7 +406,49 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         raise _explain(e, schema, path) from None
     resolve_paths(spec, KINDS[kind].paths)
     spec.check()
+    check_output_outside_inputs(spec, KINDS[kind].paths)
     return spec
+
+
+def _folder_key(value: str) -> tuple[str, str] | None:
+    """(where, path) that says which folder ``value`` names, comparable with another's: a local folder's real
+    path, or a remote URL without its trailing ``/``; None for what is not a folder (a file, a name, a glob,
+    a chained URL)."""
+    if "::" in value or any(c in value for c in "*?["):
+        return None
+    if "://" in value and not value.startswith("file://"):
+        scheme, _, rest = value.partition("://")
+        return scheme, rest.rstrip("/")
+    path = os.path.expanduser(value[len("file://"):] if value.startswith("file://") else value)
+    if not os.path.isabs(path):
+        return None
+    return "", os.path.realpath(path)
+
+
+def check_output_outside_inputs(spec: Any, paths: Mapping[str, str]) -> None:
+    """``output.path`` must not be an input folder, nor inside one: the job would write into what it reads (a
+    model folder whose file list then changes under every rerun, an image or data folder that it lists). The
+    inputs are the fields read as a file or folder (``input``) or as a model folder (``name_or_path``, ``arch``).
+    SpecError naming both fields."""
+    outputs = [f for f, how in paths.items() if how == "output"]
+    for out_field in outputs:
+        out = field_value(spec, out_field)
+        out_key = _folder_key(out) if isinstance(out, str) and out else None
+        if out_key is None:
+            continue
+        for dotted, how in paths.items():
+            value = field_value(spec, dotted)
+            if how not in ("input", "name_or_path", "arch") or not isinstance(value, str) or not value:
+                continue  # not an input, or one read by name (a CLIP folder's files are not listed)
+            key = _folder_key(value)
+            if key is None or key[0] != out_key[0] or (not key[0] and not os.path.isdir(key[1])):
+                continue
+            if out_key[1] == key[1] or out_key[1].startswith(key[1].rstrip("/") + "/"):
+                where = "is that same folder" if out_key[1] == key[1] else "is inside it"
+                raise SpecError(
+                    f"field '{out_field}': {out} {where}, the input folder of '{dotted}' ({value}); the job would "
+                    f"write into what it reads, and a rerun would find '{dotted}' changed by its own output: "
+                    "choose an output folder outside it")
 
 
 def field_value(spec: Any, dotted: str) -> Any:

@@ -27,6 +27,11 @@ from synthmill.sharding import storage
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
 
+#: Default largest image, in pixels, that a job decodes: 4096 x 4096, which covers 4K images (3840 x 2160, 4096 x
+#: 2160) in any orientation. An image's pixels cost ~3 bytes each once decoded (48 MiB here) and ~4x that as float32,
+#: so a batch's memory is bounded by the batch size times this, whatever the file's size on disk.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
 
 class ImageSetError(ValueError):
     """The set cannot be read as images (missing, empty, incomplete, unreadable)."""
@@ -102,11 +107,12 @@ def _job_size(path: str, opts: dict[str, Any] | None) -> tuple[int, int] | None:
 
 def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> ImageSet:
     from synthmill.sharding.layout import OutputLayout
+    from synthmill.sharding.plan import plan_problem
 
-    n = plan.get("shards")
-    if not _is_count(n):
-        raise ImageSetError(f"{storage.join(path, 'plan.json')}: \"shards\" is {n!r}, not a positive whole number; "
-                            "not the plan of a synthmill generate job")
+    problem = plan_problem(plan)
+    if problem:
+        raise ImageSetError(f"{storage.join(path, 'plan.json')}: {problem}; not the plan of a synthmill generate job")
+    n = plan["shards"]
     shards = OutputLayout(path, opts).shards
     done = shards.done(range(n), lambda k: {"fingerprint": plan.get("fingerprint")})
     if len(done) < n:
@@ -235,8 +241,19 @@ def iter_unit(unit: Unit, opts: dict[str, Any] | None = None, captions: bool = T
         yield Sample(os.path.basename(inner.rsplit(".", 1)[0]), url, data, _text(caption, url))
 
 
-def check_first_sample(images: ImageSet, opts: dict[str, Any] | None, why: str) -> None:
-    """The set's first sample must be a readable image with a caption (the rest are checked as they stream).
+def check_pixels(size: tuple[int, int], limit: int | None, name: str, field: str) -> None:
+    """ImageSetError naming ``name`` when an image of ``size`` (from its header) has more than ``limit`` pixels
+    (``field`` sets the limit); None: no limit."""
+    w, h = size
+    if limit is not None and w * h > limit:
+        raise ImageSetError(f"{name}: image is {w}x{h} ({w * h:,} pixels), more than {field} allows ({limit:,}); "
+                            "it is not decoded (raise the limit to read it, at ~3 bytes per pixel decoded)")
+
+
+def check_first_sample(images: ImageSet, opts: dict[str, Any] | None, why: str,
+                       max_pixels: int | None = None, field: str = "max_image_pixels") -> None:
+    """The set's first sample must be a readable image with a caption, of at most ``max_pixels`` pixels (the rest
+    are checked as they stream).
 
     Reads that one sample only. ``why`` says what needs the caption. Raises ImageSetError naming the sample.
     """
@@ -251,6 +268,8 @@ def check_first_sample(images: ImageSet, opts: dict[str, Any] | None, why: str) 
         raise ImageSetError(f"{images.path}: {images.units[0].tar or images.units[0].files[0]} holds no images")
     if sample.caption is None:
         raise ImageSetError(f"{images.path}: {sample.name} has no caption (a .txt beside the image); {why}")
+    check_pixels(image_size(sample.image, f"{images.path}: {sample.name}"), max_pixels,
+                 f"{images.path}: {sample.name}", field)
     try:
         with Image.open(io.BytesIO(sample.image)) as im:
             im.verify()
@@ -266,13 +285,20 @@ def image_size(image: bytes | str, name: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # PIL's own limit, from the header too: twice Image.MAX_IMAGE_PIXELS
+        raise ImageSetError(f"{name}: image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which PIL refuses "
+                            "to open; it is not decoded") from None
+    except (OSError, SyntaxError, ValueError) as e:
         # UnidentifiedImageError is an OSError
         raise ImageSetError(f"{name}: not a readable image ({type(e).__name__})") from None
 
 
-def first_image_size(unit: Unit, opts: dict[str, Any] | None = None) -> tuple[int, int]:
-    """(width, height) of the unit's first image, reading only that image's header."""
+def first_image_size(unit: Unit, opts: dict[str, Any] | None = None, max_pixels: int | None = None,
+                     field: str = "max_image_pixels") -> tuple[int, int]:
+    """(width, height) of the unit's first image, reading only that image's header; at most ``max_pixels``
+    pixels (see :func:`check_pixels`)."""
     for s in iter_unit(unit, opts):
-        return image_size(s.image, s.name)
+        size = image_size(s.image, s.name)
+        check_pixels(size, max_pixels, s.name, field)
+        return size
     raise ImageSetError(f"{unit.tar or unit.files[0]}: holds no images")

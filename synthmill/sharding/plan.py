@@ -9,6 +9,10 @@ counts: the plan never holds prompts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+#: Most shards in one job: each is a tar, an index part and a marker, and the driver tracks each.
+MAX_SHARDS = 10_000_000
 
 
 def sample_key(i: int) -> str:
@@ -57,3 +61,33 @@ class ShardPlan:
     def rows_per_shard(self) -> int:
         """A stride for the prompt source's offset table: at most one shard's rows apart."""
         return max(1, self.samples_per_shard // self.images_per_prompt)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def plan_problem(plan: dict[str, Any]) -> str | None:
+    """What is wrong with the counts of a generate job's ``plan.json``, or None.
+
+    Its readers (``synthmill status``, an evaluate or distill job reading the output) go over every shard it
+    names, so an edited count must not send them over a trillion shards, nor print "0 / -1 done": ``shards``
+    must be a whole number in 1..:data:`MAX_SHARDS` and agree with ``samples`` and ``samples_per_shard``, and
+    ``samples`` with ``prompts``, where the plan has them (the first versions wrote fewer keys).
+    """
+    n = plan.get("shards")
+    if not _count(n):
+        return f'"shards" is {n!r}, not a positive whole number'
+    if n > MAX_SHARDS:
+        return f'"shards" is {n:,}, more than a job holds ({MAX_SHARDS:,})'
+    for key in ("samples", "samples_per_shard", "prompts"):
+        if key in plan and not _count(plan[key]):
+            return f'"{key}" is {plan[key]!r}, not a positive whole number'
+    samples, per, prompts = plan.get("samples"), plan.get("samples_per_shard"), plan.get("prompts")
+    if samples is not None and per is not None and n != -(-samples // per):
+        return f'"shards" is {n:,}, but {samples:,} samples at {per:,} a shard are {-(-samples // per):,} shards'
+    if samples is not None and n > samples:
+        return f'"shards" is {n:,}, more than its {samples:,} samples'
+    if samples is not None and prompts is not None and samples % prompts:
+        return f'"samples" is {samples:,}, not a whole number of images for each of its {prompts:,} prompts'
+    return None
