@@ -6,7 +6,9 @@ import glob
 import hashlib
 import io
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,13 +96,17 @@ class BackgroundChain:
         self.done = {name: threading.Event() for name in runs}
         self.closing = threading.Event()
         self.proc = None
+        self.ray_tmp = tempfile.mkdtemp(prefix="smk", dir="/tmp")
         self.thread = threading.Thread(target=self._run, args=(runs, folder), daemon=True)
         self.thread.start()
 
     def _run(self, runs: dict[str, list[str]], folder: Path) -> None:
         import subprocess
 
+        # Their local Rays keep their files (and the "current cluster" address file that Ray's job server and
+        # `ray.init()` read) out of /tmp/ray: a job submitted to the session's Ray must not find theirs.
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = self.ray_tmp  # short: Ray's socket paths must stay under 108 bytes
         for name, args in runs.items():
             if self.closing.is_set():
                 break
@@ -127,6 +133,7 @@ class BackgroundChain:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, 9)
         self.thread.join()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -32,13 +32,12 @@ SECRET = "s3cr3t-value-that-must-never-leak"
 def s3(tiny_sd, prompts_tsv):
     """A moto server with IAM auth, a user with full access, and bucket 'synth' holding prompts and the model."""
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    import boto3
-    import moto.settings
-    from moto.server import ThreadedMotoServer
-
     import logging
 
+    import boto3
+    import moto.settings
     import requests
+    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
