@@ -197,6 +197,52 @@ def test_an_edited_plan_json_is_exit_2_naming_it(reference, write_spec, tmp_path
     assert main(["status", str(copy)]) == 0 and "shards     5 / 5 done" in capsys.readouterr().out
 
 
+def test_a_plan_json_that_does_not_match_its_job_yaml_is_exit_2_naming_both(reference, write_spec, tmp_path, capsys):
+    """plan.json's counts and fingerprint are read against the settings in job.yaml (the fingerprint recomputed
+    from them), by `synthmill status`, by a job reading the output and by a rerun into it: an edit that leaves
+    the plan consistent in itself is exit 2 naming both files; a setting job.yaml holds redacted is not compared,
+    and a folder without job.yaml (a run killed after its plan, an output of the first versions) still reads."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "gen"
+    shutil.copytree(reference[1], copy)
+    plan_text, job_text = (copy / "plan.json").read_text(), (copy / "job.yaml").read_text()
+    plan, job = json.loads(plan_text), yaml.safe_load(job_text)
+    assert (plan["prompts"], plan["samples"], plan["shards"]) == (11, 22, 5)  # 2 images a prompt, 5 a shard
+    evaluate = write_spec(eval_spec(str(copy), str(tmp_path / "out"), None, "ViT-B-32", metrics=["clip"]))
+    rerun = write_spec(dict(reference[0], output=dict(reference[0]["output"], path=str(copy))))
+    mismatch = f"synthmill: error: {copy}/plan.json: does not match {copy}/job.yaml ("
+    edits = [  # (plan.json, job.yaml, what the message says)
+        (dict(plan, samples=33, shards=7), job,  # 3 images a prompt, 5 a shard: the plan alone is fine
+         'its "samples" is 33, and 11 prompts at sampling.images_per_prompt 2 are 22'),
+        (dict(plan, fingerprint="0123456789abcdef"), job, "its \"fingerprint\" is '0123456789abcdef', and these"),
+        (plan, dict(job, output=dict(job["output"], samples_per_shard=4)),
+         'its "samples_per_shard" is 5, and output.samples_per_shard 4'),
+        (plan, dict(job, sampling=dict(job["sampling"], steps=job["sampling"]["steps"] + 1)),
+         f"its \"fingerprint\" is '{plan['fingerprint']}', and these settings with its prompts_digest give"),
+    ]
+    for i, (p, j, needle) in enumerate(edits):
+        (copy / "plan.json").write_text(json.dumps(p))
+        (copy / "job.yaml").write_text(yaml.safe_dump(j))
+        assert main(["status", str(copy)]) == 2
+        assert _error_line(capsys).startswith(mismatch + needle)
+        if i == 0:  # a job reading the output, and a rerun into it, check the same
+            assert main(["validate", evaluate]) == 2
+            assert _error_line(capsys).startswith(f"synthmill: error: generated.path: {mismatch[18:]}{needle}")
+            assert main(["validate", rerun]) == 2
+            assert _error_line(capsys).startswith(mismatch + needle)
+    # a model path whose password job.yaml holds redacted: its fingerprint cannot be recomputed, so is not compared
+    (copy / "plan.json").write_text(plan_text)
+    (copy / "job.yaml").write_text(yaml.safe_dump(dict(job, model=dict(job["model"], path="https://u:<redacted>@h/m"))))
+    assert main(["status", str(copy)]) == 0 and "shards     5 / 5 done" in capsys.readouterr().out
+    (copy / "job.yaml").unlink()
+    assert main(["status", str(copy)]) == 0 and "shards     5 / 5 done" in capsys.readouterr().out
+    (copy / "job.yaml").write_text(job_text)
+    assert main(["status", str(copy)]) == 0 and "shards     5 / 5 done" in capsys.readouterr().out
+    assert main(["validate", evaluate]) == 0 and main(["validate", rerun]) == 0
+
 # ---- 4. distill workers that cannot be placed ----
 
 def test_distill_workers_that_cannot_be_placed_fail_after_start_timeout(write_spec, tmp_path, capsys, caplog):

@@ -27,7 +27,7 @@ from synthmill.cluster.connect import starts_local_ray
 from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs import lifecycle
 from synthmill.jobs.distill_spec import DistillSpec
-from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, versions
+from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, set_plan_check, versions
 from synthmill.jobs.spec import node_paths
 from synthmill.models.loading import check_model_path, is_hub_id
 from synthmill.sharding import storage
@@ -145,7 +145,8 @@ def prepare(spec: DistillSpec) -> Prepared:
             _check_resolution(spec, vae_cfg, unet_cfg, student_down)
             field = "data.path"
             try:
-                data = open_image_set(spec.data.path, spec.storage, spec.data.samples_per_unit)
+                data = open_image_set(spec.data.path, spec.storage, spec.data.samples_per_unit,
+                                      set_plan_check(field, spec.storage))
                 check_first_sample(data, spec.storage, "distillation trains on image-text pairs",
                                    spec.data.max_image_pixels, "data.max_image_pixels")
             except ImageSetError as e:

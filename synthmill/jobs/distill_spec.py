@@ -19,6 +19,7 @@ from synthmill.jobs.fields import (
 )
 from synthmill.jobs.generate_spec import ModelSpec
 from synthmill.sharding.images import MAX_IMAGE_PIXELS
+from synthmill.sharding.storage import REDACTED
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -168,6 +169,20 @@ class DistillSpec:
     def fingerprint(self) -> str:
         """Hash of what the trained weights depend on. ``train.max_steps`` is left out (raise it to train
         further), as are logging and checkpoint cadence and the cluster."""
+        return hashlib.sha256(json.dumps(self._fingerprint_basis(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def plan_mismatch(self, plan: dict[str, Any]) -> str | None:
+        """How ``plan`` (an output's plan.json) disagrees with this spec (the output's job.yaml), or None: its
+        fingerprint must be that of these settings (not compared when job.yaml holds one of them redacted, a
+        URL's password). Its ``max_steps`` is not compared: a run that raises it rewrites plan.json just before
+        job.yaml."""
+        if REDACTED in json.dumps(self._fingerprint_basis()):
+            return None
+        if plan.get("fingerprint") != self.fingerprint():
+            return f'its "fingerprint" is {plan.get("fingerprint")!r}, and these settings give {self.fingerprint()!r}'
+        return None
+
+    def _fingerprint_basis(self) -> dict[str, Any]:
         train = asdict(self.train)
         for k in ("max_steps", "checkpoint_every", "checkpoints_kept", "log_every"):
             train.pop(k)
@@ -176,6 +191,5 @@ class DistillSpec:
         data.pop("max_image_pixels")  # a bound on the input, not what is trained on: the jobs that pass it agree
         unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
         teacher = {k: v for k, v in asdict(self.teacher).items() if k not in unused}
-        basis = {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),
-                 "train": train}
-        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+        return {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),
+                "train": train}

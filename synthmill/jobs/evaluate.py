@@ -20,7 +20,7 @@ from synthmill.cluster.scorer import SetJob, Work
 from synthmill.errors import SpecError
 from synthmill.jobs import lifecycle
 from synthmill.jobs.evaluate_spec import EvaluateSpec
-from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, versions
+from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, set_plan_check, versions
 from synthmill.jobs.spec import node_paths
 from synthmill.metrics import partials
 from synthmill.metrics.base import Finish
@@ -99,7 +99,8 @@ def prepare(spec: EvaluateSpec) -> Prepared:
                     for n in networks_of(tuple(f for fs in wanted.values() for f in fs))}
             sets: dict[str, SetJob] = {}
             field = "generated.path"
-            gen = open_image_set(spec.generated.path, opts, spec.generated.samples_per_unit)
+            gen = open_image_set(spec.generated.path, opts, spec.generated.samples_per_unit,
+                                 set_plan_check(field, opts))
             sets["generated"] = SetJob(gen, wanted["generated"], max_pixels=spec.generated.max_image_pixels)
             if sets["generated"].captions:  # the rest are checked as they are scored
                 check_first_sample(gen, opts, sets["generated"].captions, spec.generated.max_image_pixels,
@@ -112,7 +113,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
                 if rpath.endswith(".npz") and by_stats:
                     ref_stats = by_stats(rpath, opts, spec, info)
                 else:
-                    images = open_image_set(rpath, opts, spec.reference.samples_per_unit)
+                    images = open_image_set(rpath, opts, spec.reference.samples_per_unit, set_plan_check(field, opts))
                     sets["reference"] = SetJob(images, wanted["reference"], max_pixels=spec.reference.max_image_pixels,
                                                name="reference")
             for name, job in sets.items():
@@ -199,7 +200,7 @@ class EvaluateJob(lifecycle.Job):
 
     def plan(self) -> dict[str, Any]:
         log.info("%d units to score, %d already scored", len(self.todo), self.resumed)
-        return {"kind": "evaluate", "fingerprint": self.p.fingerprint,
+        return {"kind": "evaluate", "fingerprint": self.p.fingerprint, "weights_sha256": self.p.weights_sha256,
                 "sets": {n: {"path": storage.redact_url(j.images.path), "units": len(j.images.units),
                              "samples": j.images.num_samples} for n, j in self.p.sets.items()}}
 

@@ -14,6 +14,7 @@ from synthmill.jobs.fields import ActorClusterSpec, check_cluster, one_of, requi
 from synthmill.metrics.inception import PROTOCOLS
 from synthmill.metrics.registry import METRICS
 from synthmill.sharding.images import MAX_IMAGE_PIXELS
+from synthmill.sharding.storage import REDACTED
 
 
 @dataclass
@@ -113,7 +114,26 @@ class EvaluateSpec:
 
     def fingerprint(self, weights_sha256: str | None) -> str:
         """Hash of what a unit's partial result depends on (the input's identity is in each marker)."""
-        basis = {
+        return hashlib.sha256(json.dumps(self._fingerprint_basis(weights_sha256), sort_keys=True).encode()
+                              ).hexdigest()[:16]
+
+    def plan_mismatch(self, plan: dict[str, Any]) -> str | None:
+        """How ``plan`` (an output's plan.json) disagrees with this spec (the output's job.yaml), or None: its
+        fingerprint must be that of these settings with the Inception weights it names (``weights_sha256``;
+        plans written before it was recorded, and settings job.yaml holds redacted, are not compared)."""
+        if "weights_sha256" not in plan:
+            return None
+        weights = plan["weights_sha256"]
+        if REDACTED in json.dumps(self._fingerprint_basis(weights)):
+            return None
+        fingerprint = self.fingerprint(weights)
+        if plan.get("fingerprint") != fingerprint:
+            return (f'its "fingerprint" is {plan.get("fingerprint")!r}, and these settings with its weights_sha256 '
+                    f'give {fingerprint!r}')
+        return None
+
+    def _fingerprint_basis(self, weights_sha256: str | None) -> dict[str, Any]:
+        basis: dict[str, Any] = {
             "metrics": sorted({"fid" if m == "fid_stats" else m for m in self.metrics}),
             "fid": {"protocol": self.fid.protocol, "resize_to": self.fid.resize_to, "weights": weights_sha256},
             "clip": asdict(self.clip) if "clip" in self.metrics else None,
@@ -123,4 +143,4 @@ class EvaluateSpec:
         own = {m: METRICS[m].settings(self) for m in sorted(self.metrics) if METRICS[m].settings}
         if own:  # the settings of metrics that have their own (none of the first four, so their jobs resume)
             basis["settings"] = own
-        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+        return basis

@@ -12,6 +12,8 @@ from omegaconf import MISSING
 from synthmill.jobs.fields import MAX_SEED, ActorClusterSpec, check_cluster, one_of, require
 from synthmill.models.schedulers import SCHEDULERS
 from synthmill.sharding.encoders import ENCODERS
+from synthmill.sharding.plan import count
+from synthmill.sharding.storage import REDACTED
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 RESUME_CHECKS = ("size", "sha256")
@@ -145,6 +147,10 @@ class GenerateSpec:
         which covers the rows up to ``prompts.limit``), and the column read from them: the same rows
         moved to another path are the same job, other rows at the same path are not.
         """
+        blob = json.dumps(self._fingerprint_basis(prompts_digest), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def _fingerprint_basis(self, prompts_digest: str) -> dict[str, Any]:
         m = asdict(self.model)
         for k in ("allow_pickle", "trust_remote_code"):
             m.pop(k)
@@ -160,5 +166,33 @@ class GenerateSpec:
                        if k != "quality" or self.output.format != "png"},  # PNG is lossless: no quality
             "batch_size": self.cluster.batch_size,
         }
-        blob = json.dumps(basis, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return basis
+
+    def plan_mismatch(self, plan: dict[str, Any]) -> str | None:
+        """How ``plan`` (an output's plan.json) disagrees with this spec (the output's job.yaml), or None.
+
+        Its counts must be what these settings make of its prompts, and its fingerprint that of these settings
+        with its ``prompts_digest``. The number of prompts itself is known only to the rows (their digest),
+        so it is checked against ``prompts.limit`` alone. What the plan lacks (the first versions wrote fewer
+        keys), or a setting job.yaml holds redacted (a URL's password), is not compared.
+        """
+        s, o = self.sampling, self.output
+        prompts, samples, shards, per = (plan.get(k) if count(plan.get(k)) else None
+                                         for k in ("prompts", "samples", "shards", "samples_per_shard"))
+        if per is not None and per != o.samples_per_shard:
+            return f'its "samples_per_shard" is {per:,}, and output.samples_per_shard {o.samples_per_shard:,}'
+        if prompts is not None and self.prompts.limit is not None and prompts > self.prompts.limit:
+            return f'its "prompts" is {prompts:,}, more than prompts.limit {self.prompts.limit:,}'
+        if prompts is not None and samples is not None and samples != prompts * s.images_per_prompt:
+            return (f'its "samples" is {samples:,}, and {prompts:,} prompts at sampling.images_per_prompt '
+                    f'{s.images_per_prompt:,} are {prompts * s.images_per_prompt:,}')
+        if samples is not None and shards is not None and shards != -(-samples // o.samples_per_shard):
+            return (f'its "shards" is {shards:,}, and {samples:,} samples at output.samples_per_shard '
+                    f'{o.samples_per_shard:,} are {-(-samples // o.samples_per_shard):,} shards')
+        digest = plan.get("prompts_digest")
+        if isinstance(digest, str) and REDACTED not in json.dumps(self._fingerprint_basis(digest)):
+            fingerprint = self.fingerprint(digest)
+            if plan.get("fingerprint") != fingerprint:
+                return (f'its "fingerprint" is {plan.get("fingerprint")!r}, and these settings with its '
+                        f'prompts_digest give {fingerprint!r}')
+        return None

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import platform
+from collections.abc import Callable
 from typing import Any
 
 from synthmill.errors import SpecError
@@ -34,6 +35,34 @@ def _check_existing(url: str, fingerprint: str, opts: dict[str, Any] | None, nam
             f"{fingerprint}: settings that shape its results differ from {storage.join(url, 'job.yaml')}); use "
             "a new output.path or the same spec"
         )
+    else:  # this same job's, by its plan: which must be the plan of the settings in its job.yaml
+        check_plan_matches_job(url, opts, previous)
+
+
+def check_plan_matches_job(url: str, opts: dict[str, Any] | None, plan: dict[str, Any]) -> None:
+    """The ``plan`` of the output at ``url`` must be that of the spec in its ``job.yaml``: SpecError naming both.
+
+    Whoever trusts a plan.json's counts and fingerprint (``synthmill status``, a job reading a generate output,
+    a rerun into the folder) checks them here against the settings they come from: the fingerprint recomputed
+    from job.yaml (:func:`~synthmill.jobs.spec.spec_of_output`, which checks no input) and each kind's counts
+    (the spec's ``plan_mismatch``). A folder without job.yaml (a run killed just after it wrote plan.json, or
+    an output of the first versions) is not compared.
+    """
+    from synthmill.jobs.spec import spec_of_output
+
+    plan_url, job_url = storage.join(url, PLAN), storage.join(url, JOB_YAML)
+    try:
+        data = storage.read_bytes(job_url, opts)
+    except FileNotFoundError:
+        return
+    except (IsADirectoryError, PermissionError) as e:
+        raise SpecError(f"{job_url}: cannot be read ({e.strerror})") from None
+    spec = spec_of_output(data, job_url)
+    theirs = plan.get("kind") or "generate"
+    problem = f"the plan of a {theirs} job, the spec of a {spec.kind} job" if spec.kind != theirs else \
+        spec.plan_mismatch(plan)
+    if problem:
+        raise SpecError(f"{plan_url}: does not match {job_url} ({problem}); one of them was edited or replaced")
 
 
 def claim_output(layout: OutputLayout, plan: dict[str, Any]) -> None:
@@ -64,6 +93,18 @@ def claim_output(layout: OutputLayout, plan: dict[str, Any]) -> None:
         return
     raise SpecError(f"output.path {url}: its {PLAN} keeps vanishing as this job writes it; is something deleting "
                     "the folder?")
+
+
+def set_plan_check(field: str, opts: dict[str, Any] | None) -> Callable[[str, dict[str, Any]], None]:
+    """What :func:`~synthmill.sharding.images.open_image_set` calls with the plan of a generate output read as an
+    image set: :func:`check_plan_matches_job`, its SpecError under ``field``."""
+    def check(url: str, plan: dict[str, Any]) -> None:
+        try:
+            check_plan_matches_job(url, opts, plan)
+        except SpecError as e:
+            raise SpecError(f"{field}: {e}") from None
+
+    return check
 
 
 def check_output_folder(url: str, fingerprint: str, opts: dict[str, Any] | None, kind: str = "") -> None:

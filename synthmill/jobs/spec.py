@@ -277,8 +277,6 @@ def _duplicate_key(root: Any) -> tuple[str, int, int] | None:
 
 def _read_yaml(path: str) -> Any:
     """The YAML document of the spec file at ``path``; SpecError for anything that is not one."""
-    import yaml
-
     if os.path.isdir(path):
         raise SpecError(f"{path}: a folder, not a spec file")
     try:
@@ -288,6 +286,13 @@ def _read_yaml(path: str) -> Any:
         raise SpecError(f"{path}: spec file not found") from None
     except OSError as e:
         raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
+    return _parse_yaml(data, path)
+
+
+def _parse_yaml(data: bytes, path: str) -> Any:
+    """The YAML document in ``data`` (read from ``path``); SpecError naming ``path`` for anything that is not one."""
+    import yaml
+
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError(f"{path}: over {MAX_SPEC_BYTES} bytes; a spec file is at most that")
     try:
@@ -408,6 +413,41 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     spec.check()
     check_output_outside_inputs(spec, KINDS[kind].paths)
     return spec
+
+
+def spec_of_output(data: bytes, source: str) -> Any:
+    """The spec in an output's ``job.yaml`` (``data``, read from ``source``), typed by its kind's schema.
+
+    That file is the spec as synthmill resolved it for the job (its paths absolute, its secrets redacted), so
+    nothing is resolved or checked again: the inputs it names may be on another machine, or gone, and a
+    reader of the output (``synthmill status``, a job reading it) only compares it with ``plan.json``. Keys
+    added since it was written take their defaults, which leave fingerprints as they were. SpecError naming
+    ``source`` for a file that is not such a spec.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from synthmill.jobs.kinds import KINDS
+
+    raw = _parse_yaml(data, source)
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a job spec must be a YAML mapping with a 'kind' key")
+    _check_size(raw, source)
+    _check_keys(raw, source)
+    _check_interpolations(raw, source)
+    kind = raw.get("kind", "generate")  # as plan.json, the first outputs were all of generate jobs
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise SpecError(f"{source}: field 'kind' is {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+    schema = KINDS[kind].spec
+    _check_sections(schema, raw, source)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise SpecError(f"{source}: field '{missing[0]}' is required and has no value")
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema, source) from None
 
 
 def _folder_key(value: str) -> tuple[str, str] | None:

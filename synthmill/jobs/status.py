@@ -12,6 +12,7 @@ from typing import Any
 
 from synthmill.errors import SpecError
 from synthmill.jobs.kinds import KINDS
+from synthmill.jobs.outputs import check_plan_matches_job
 from synthmill.sharding import storage
 from synthmill.sharding.layout import PLAN, OutputLayout
 
@@ -43,7 +44,9 @@ def collect(output: str, opts: dict[str, Any] | None = None) -> dict[str, Any]:
     if plan is None:
         raise SpecError(f"{output}: not a synthmill output (no {PLAN})")
     layout = OutputLayout(output, opts)
-    state = _check_plan(layout, plan).status(layout, plan)
+    runner = _check_plan(layout, plan)
+    check_plan_matches_job(layout.url, opts, plan)
+    state = runner.status(layout, plan)
     return {**state, "output": output}
 
 

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,13 +105,16 @@ def _job_size(path: str, opts: dict[str, Any] | None) -> tuple[int, int] | None:
     return s["width"], s["height"]
 
 
-def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None) -> ImageSet:
+def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None,
+                   check_plan: Callable[[str, dict[str, Any]], None] | None) -> ImageSet:
     from synthmill.sharding.layout import OutputLayout
     from synthmill.sharding.plan import plan_problem
 
     problem = plan_problem(plan)
     if problem:
         raise ImageSetError(f"{storage.join(path, 'plan.json')}: {problem}; not the plan of a synthmill generate job")
+    if check_plan is not None:
+        check_plan(path, plan)
     n = plan["shards"]
     shards = OutputLayout(path, opts).shards
     done = shards.done(range(n), lambda k: {"fingerprint": plan.get("fingerprint")})
@@ -185,8 +188,12 @@ def _folder_set(path: str, opts: dict[str, Any] | None, per_unit: int) -> ImageS
     return ImageSet("folder", path, units)
 
 
-def open_image_set(path: str, opts: dict[str, Any] | None = None, samples_per_unit: int = 1000) -> ImageSet:
-    """Plan the units of the set at ``path``. Raises ImageSetError or storage.StorageError."""
+def open_image_set(path: str, opts: dict[str, Any] | None = None, samples_per_unit: int = 1000,
+                   check_plan: Callable[[str, dict[str, Any]], None] | None = None) -> ImageSet:
+    """Plan the units of the set at ``path``. Raises ImageSetError or storage.StorageError.
+
+    ``check_plan(path, plan)`` is given the plan.json of a synthmill output, once its counts are sound and
+    before its shards are read, to check it against the output's job.yaml (which this layer cannot load)."""
     if storage.is_local(path):
         path = os.path.expanduser(path)
         if not _has_glob(path) and not os.path.exists(path):
@@ -200,7 +207,7 @@ def open_image_set(path: str, opts: dict[str, Any] | None = None, samples_per_un
         raise ImageSetError(f"{path}: not a folder, a .tar or a glob of tars")
     plan = _read_plan(path, opts)
     if isinstance(plan, dict) and plan.get("kind") == "generate":
-        return _synthmill_set(path, plan, opts)
+        return _synthmill_set(path, plan, opts, check_plan)
     return _folder_set(path, opts, samples_per_unit)
 
 

@@ -63,7 +63,8 @@ class ShardPlan:
         return max(1, self.samples_per_shard // self.images_per_prompt)
 
 
-def _count(value: Any) -> bool:
+def count(value: Any) -> bool:
+    """Whether ``value`` (from a JSON or YAML file) is a positive whole number."""
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -76,12 +77,12 @@ def plan_problem(plan: dict[str, Any]) -> str | None:
     ``samples`` with ``prompts``, where the plan has them (the first versions wrote fewer keys).
     """
     n = plan.get("shards")
-    if not _count(n):
+    if not count(n):
         return f'"shards" is {n!r}, not a positive whole number'
     if n > MAX_SHARDS:
         return f'"shards" is {n:,}, more than a job holds ({MAX_SHARDS:,})'
     for key in ("samples", "samples_per_shard", "prompts"):
-        if key in plan and not _count(plan[key]):
+        if key in plan and not count(plan[key]):
             return f'"{key}" is {plan[key]!r}, not a positive whole number'
     samples, per, prompts = plan.get("samples"), plan.get("samples_per_shard"), plan.get("prompts")
     if samples is not None and per is not None and n != -(-samples // per):

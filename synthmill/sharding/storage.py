@@ -94,6 +94,10 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         raise StorageError(f"{url}: cannot be opened ({type(e).__name__}: {e})") from None
 
 
+#: What a secret is replaced by in job.yaml and messages.
+REDACTED = "<redacted>"
+
+
 def redact(options: Any) -> Any:
     """Storage options with secret values replaced, for job.yaml and messages.
 
