@@ -64,7 +64,7 @@ def ray_cluster():
     cluster.shutdown()
 
 
-# Benchmark smokes run in the background: one after another, in fresh interpreters at the lowest CPU priority, each
+# Benchmark smokes run in the background: one after another, in fresh interpreters at a low CPU priority, each
 # on a local Ray of its own that it starts (so their actors run at that priority too and take no CPU from the
 # session's Ray). They use the CPU time the other tests leave idle (waiting on Ray, on subprocesses, on sleeps);
 # their tests run last and only read what the smokes printed.
@@ -77,7 +77,9 @@ BACKGROUND_SMOKES = {
     "test_generate_benchmark_smoke": ["-m", "benchmarks.generate", "--smoke"],
     "test_distill_benchmark_smoke": ["-m", "benchmarks", "distill", "--smoke"],
 }
-#: Seconds one background smoke may run (at the lowest priority, on a machine busy with the other tests).
+#: The background smokes' priority: low, yet not so low that their Rays' own processes starve outright.
+BACKGROUND_NICE = 10
+#: Seconds one background smoke may run (at a low priority, on a machine busy with the other tests).
 BACKGROUND_TIMEOUT_S = 900
 
 
@@ -87,7 +89,7 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 
 class BackgroundChain:
-    """Commands run one after another on a thread, each in a fresh interpreter at nice 19, outputs to files."""
+    """Commands run one after another on a thread, each in a fresh interpreter at BACKGROUND_NICE, outputs to files."""
 
     def __init__(self, runs: dict[str, list[str]], folder: Path) -> None:
         import threading
@@ -107,13 +109,17 @@ class BackgroundChain:
         # `ray.init()` read) out of /tmp/ray: a job submitted to the session's Ray must not find theirs.
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_TMPDIR"] = self.ray_tmp  # short: Ray's socket paths must stay under 108 bytes
+        # At low priority a local Ray's start and health checks wait for the CPU: Ray's bounds (30 s for a raylet
+        # to register, ~15 s of missed health checks) are made to fit a busy machine
+        env.setdefault("RAY_raylet_start_wait_time_s", "600")
+        env.setdefault("RAY_health_check_failure_threshold", "100")
         for name, args in runs.items():
             if self.closing.is_set():
                 break
             out, err = folder / f"{name}.out", folder / f"{name}.err"
             with open(out, "w", encoding="utf-8") as o, open(err, "w", encoding="utf-8") as e:
-                self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, *args], cwd=REPO, stdout=o,
-                                             stderr=e, env=env, start_new_session=True)
+                self.proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), sys.executable, *args], cwd=REPO,
+                                             stdout=o, stderr=e, env=env, start_new_session=True)
                 try:
                     code = self.proc.wait(timeout=BACKGROUND_TIMEOUT_S)
                 except subprocess.TimeoutExpired:

@@ -465,7 +465,7 @@ BAD_FILES = {
                                  ['plan.json: "shards" is 0']),
     "job.yaml width not a number": ("generated", lambda t: _generate_output(t, {"kind": "generate", "shards": 1},
                                                                           "sampling: {width: abc, height: 32}"),
-                                    ["job.yaml: sampling.width 'abc' and sampling.height 32 must be"]),
+                                    ["job.yaml: field 'sampling.width'", "could not be converted to Integer"]),
     "stats of strings": ("reference", lambda t: _npz(t, "s.npz", mu=np.array(["a"] * 3), sigma=np.zeros((3, 3))),
                          ["s.npz: mu holds str", "values, not real numbers"]),
     "stats of complex numbers": ("reference", lambda t: _npz(t, "c.npz", mu=np.zeros(3, complex), sigma=np.zeros(1)),

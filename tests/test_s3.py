@@ -44,8 +44,10 @@ def s3(tiny_sd, prompts_tsv):
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    # the three IAM calls below go unauthenticated, every later call is authenticated; moto counts requests
-    # per process, so its count is reset here (another moto server of this run may have served requests)
+    # the three IAM calls below go unauthenticated, every later call is authenticated. moto keeps its state and
+    # its request count per process, not per server: both are reset here (another moto server of this run, or
+    # this fixture for another module, may have served requests and created the user)
+    requests.post(f"{endpoint}/moto-api/reset", timeout=30).raise_for_status()
     requests.post(f"{endpoint}/moto-api/reset-auth", data=b"3", timeout=30).raise_for_status()
     iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
     iam.create_user(UserName="synth")

@@ -54,6 +54,7 @@ def connect(address: str | None = None, dashboard: bool = False) -> dict[str, fl
     if not ray.is_initialized():
         with _keeping_sigterm_handler():
             _init(address, dashboard)
+        log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)  # its SIGTERM handler undone
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
@@ -99,7 +100,6 @@ def _init(address: str | None, dashboard: bool) -> None:
         logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_quiet_token_auth_default)
         ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
         _started_local_ray = True
-    log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
 
 
 #: The logger of Ray's token-authentication set-up (Ray 2.60), and its message when it turns authentication on.
