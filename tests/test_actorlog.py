@@ -15,6 +15,7 @@ import sys
 
 from synthmill.cli import main
 from tests.conftest import base_spec
+from tests.test_s3 import s3  # noqa: F401 - the moto server fixture
 
 #: A failure's line: what failed, where, the error's type and first line, and where its whole text went.
 FAILURE_LINE = re.compile(r"(actor failed to start \(raised\)|shard \d{6} attempt \d) .*on (actor )?\S+ pid \d+: "
@@ -81,3 +82,32 @@ def test_each_failed_attempt_of_a_shard_is_one_line_and_a_log(reference, write_s
     assert main(["status", str(out)]) == 0
     status = capsys.readouterr().out
     assert re.search(r"^shards +4 / 5 ", status, re.M) and re.search(r"^failures +1:", status, re.M), status
+
+
+def test_failure_logs_are_written_whole_on_s3(s3):  # noqa: F811
+    """An S3 output gets the same files (no appending there: a file per failure, one put each), and a secret in
+    the error's text is not written into the log."""
+    from synthmill.cluster.pool import FailureLog
+    from synthmill.sharding.layout import OutputLayout
+    from synthmill.sharding.storage import remember_secrets
+
+    options = {"endpoint_url": s3["endpoint"], **s3["creds"]}
+    remember_secrets(options)
+
+    def commit_shard():
+        raise OSError(f"could not commit with {s3['creds']['secret']}\nsecond line")
+
+    logs = FailureLog(OutputLayout("s3://synth/runs/failure-logs", options))
+    try:
+        commit_shard()
+    except OSError as e:
+        said = logs.write("shard 000003 attempt 1", "node-7 pid 42", e)
+    logs.close()
+    name = f"{logs.stamp}-shard-000003-attempt-1.log"
+    assert said == f" (full traceback: s3://synth/runs/failure-logs/logs/{name})"
+    fs = s3["fs"]
+    fs.invalidate_cache()
+    text = fs.cat_file(f"synth/runs/failure-logs/logs/{name}").decode()
+    assert text.startswith("shard 000003 attempt 1 failed on actor node-7 pid 42, seen by the driver at "), text
+    assert "Traceback" in text and "in commit_shard" in text and "second line" in text, text
+    assert s3["creds"]["secret"] not in text and "<redacted>" in text, text
