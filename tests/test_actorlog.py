@@ -108,6 +108,6 @@ def test_failure_logs_are_written_whole_on_s3(s3):  # noqa: F811
     fs = s3["fs"]
     fs.invalidate_cache()
     text = fs.cat_file(f"synth/runs/failure-logs/logs/{name}").decode()
-    assert text.startswith("shard 000003 attempt 1 failed on actor node-7 pid 42, seen by the driver at "), text
+    assert text.startswith("shard 000003 attempt 1: failed on actor node-7 pid 42 (seen by the driver at "), text
     assert "Traceback" in text and "in commit_shard" in text and "second line" in text, text
     assert s3["creds"]["secret"] not in text and "<redacted>" in text, text

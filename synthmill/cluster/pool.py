@@ -104,14 +104,16 @@ def _full_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-_RAY_WHERE = re.compile(r"\(pid=(\d+), ip=([^,\s)]+)")  # in a Ray error's text: "ray::A.f() (pid=1, ip=10.0.0.1, ..."
+#: Where a Ray error's text says the actor ran: "ray::A.f() (pid=1, ip=10.0.0.1, ..." (a task's error), or lines
+#: "pid: 1" and "ip: 10.0.0.1" (an actor that died).
+_RAY_WHERE = re.compile(r"\(pid=(\d+), ip=([^,\s)]+)|^\s*pid: (\d+)$(?:\n.*)*?^\s*ip: (\S+)$", re.M)
 
 
 def _where(slot: _Slot, exc: BaseException | None = None) -> str:
     """Which actor: its host and process id (from its ``ready()`` info, else from the remote error), else Ray's id."""
     host, pid = slot.info.get("host"), slot.info.get("pid")
     if not (host and pid) and exc is not None and (found := _RAY_WHERE.search(str(exc))):
-        pid, host = found.groups()
+        pid, host = found.group(1) or found.group(3), found.group(2) or found.group(4)
     if host and pid:
         return f"{host} pid {pid}"
     try:
@@ -138,14 +140,15 @@ class FailureLog:
         self.stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self._writer: ThreadPoolExecutor | None = None
 
-    def write(self, what: str, where: str, exc: BaseException) -> str:
-        """Save the whole of ``exc`` as the log of ``what`` (``shard 000003 attempt 1``) on the actor ``where``;
-        return " (full traceback: URL)" for the terminal line, or "" without an output to write to."""
+    def write(self, what: str, where: str, exc: BaseException, name: str = "") -> str:
+        """Save the whole of ``exc`` as the log of ``what`` (``shard 000003 attempt 1``) on the actor ``where``, in
+        the file ``name`` (``what`` by default; made safe for a file name); return " (full traceback: URL)" for the
+        terminal line, or "" without an output to write to."""
         if self.layout is None:
             return ""
-        url = self.layout.file(LOGS, f"{self.stamp}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', what)}.log")
+        url = self.layout.file(LOGS, f"{self.stamp}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name or what)}.log")
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        text = f"{what} failed on actor {where}, seen by the driver at {when}:\n\n{_full_text(exc)}"
+        text = f"{what}: failed on actor {where} (seen by the driver at {when})\n\n{_full_text(exc)}"
         data = storage.redact_text(text).encode("utf-8", "replace")
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="failure-log")
@@ -290,7 +293,7 @@ class ShardPool:
                         last_start_error = _short(e)
                         raised = isinstance(e, RayTaskError) or bool(getattr(e, "actor_init_failed", False))
                         where = _where(slot, e)
-                        saved = self.failure_log.write(f"actor {where} start", where, e)
+                        saved = self.failure_log.write("actor start", where, e, f"actor {where} start")
                         log.error("actor failed to start (%s) on %s: %s%s", "raised" if raised else "died", where,
                                   last_start_error, saved)
                         # A process that died (killed, node lost) is replaced. One whose __init__ raised
@@ -308,7 +311,7 @@ class ShardPool:
                     # back in the queue first: retire() starts a replacement only while shards are waiting,
                     # and this one may be the last (its actor the only one left)
                     where = _where(slot, e)
-                    saved = self.failure_log.write(f"actor {where} lost", where, e)  # every shard it held
+                    saved = self.failure_log.write("actor process lost", where, e, f"actor {where} lost")  # all it held
                     self._attempt_failed(k, f"actor lost: {_short(e)}", queue, report, where, saved)
                     retire(slot, _short(e), where=where, saved=saved)
                     continue
