@@ -247,10 +247,16 @@ class GeneratorActor:
     """Ray actor around :class:`ShardGenerator` (created with num_gpus=1 on GPU clusters)."""
 
     def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, node_paths: list[NodePath]):
-        check_node_sees(node_paths)  # the model, prompts and output the driver checked
-        self.gen = ShardGenerator(spec, source, plan)
+        self.start_error: Exception | None = None
+        try:
+            check_node_sees(node_paths)  # the model, prompts and output the driver checked
+            self.gen = ShardGenerator(spec, source, plan)
+        except Exception as e:  # raised by ready(): Ray would print an __init__'s traceback (synthmill.cluster.pool)
+            self.start_error = e
 
     def ready(self) -> dict[str, Any]:
+        if self.start_error is not None:
+            raise self.start_error
         return self.gen.info()
 
     def process_shard(self, k: int, attempt: int = 1) -> dict[str, Any]:

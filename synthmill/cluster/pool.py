@@ -7,19 +7,31 @@ its shard's attempt count goes up and the shard goes back to the queue, up to ``
 When an actor dies, every shard it held is requeued the same way and a replacement is started
 (within ``max_replacements``). A shard that used up its attempts is reported as failed with its
 last error; the other shards still run.
+
+Each failure is one line on the terminal (what failed, on which actor, the error's type and the first line
+of its message); its whole text, the remote traceback, goes to a file of its own under ``OUTPUT/logs/``
+(:class:`FailureLog`). The actors raise only in tasks, never in ``__init__`` (they keep a start error for
+``ready()``): Ray prints the traceback of an error raised in an actor's creation task on the actor's
+stderr, which reaches the terminal as dozens of lines, while a task's error reaches only the caller.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+
+from synthmill.sharding import storage
+from synthmill.sharding.layout import LOGS, OutputLayout
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +87,94 @@ class PoolReport:
 
 
 def _short(exc: BaseException) -> str:
-    """The last line of a remote traceback: the error type and message."""
+    """One line for a remote error: its type and the first line of its message."""
     if isinstance(exc, RayTaskError) and exc.cause is not None:
-        return f"{type(exc.cause).__name__}: {exc.cause}".splitlines()[0][:500]
+        return f"{type(exc.cause).__name__}: {exc.cause}".splitlines()[0][:500].rstrip()
     text = str(exc).strip().splitlines()
-    return (text[-1] if text else type(exc).__name__)[:500]
+    return (text[-1] if text else type(exc).__name__)[:500].rstrip()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _full_text(exc: BaseException) -> str:
+    """All that is known of ``exc``: a Ray error's text holds the remote traceback (Ray's colours taken off)."""
+    if isinstance(exc, (RayTaskError, RayActorError)):
+        return _ANSI.sub("", str(exc)).rstrip() + "\n"
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+#: Where a Ray error's text says the actor ran: "ray::A.f() (pid=1, ip=10.0.0.1, ..." (a task's error), or lines
+#: "pid: 1" and "ip: 10.0.0.1" (an actor that died).
+_RAY_WHERE = re.compile(r"\(pid=(\d+), ip=([^,\s)]+)|^\s*pid: (\d+)$(?:\n.*)*?^\s*ip: (\S+)$", re.M)
+
+
+def _where(slot: _Slot, exc: BaseException | None = None) -> str:
+    """Which actor: its host and process id (from its ``ready()`` info, else from the remote error), else Ray's id."""
+    host, pid = slot.info.get("host"), slot.info.get("pid")
+    if not (host and pid) and exc is not None and (found := _RAY_WHERE.search(str(exc))):
+        pid, host = found.group(1) or found.group(3), found.group(2) or found.group(4)
+    if host and pid:
+        return f"{host} pid {pid}"
+    try:
+        return f"id {slot.handle._actor_id.hex()[:16]}"
+    except Exception:  # noqa: BLE001 - a handle without Ray's private attribute (a stand-in): no name
+        return "?"
+
+
+class FailureLog:
+    """The full text of each failure of the actors, one file per failure under ``OUTPUT/logs/``.
+
+    A file per failure, written whole: the lines on the terminal name each file as it is made, and an object
+    store (S3) has no appending. The files are named by the run's start time (UTC) and what failed, e.g.
+    ``logs/20261203T131404Z-shard-000003-attempt-1.log``, so reruns add files and replace none. They are
+    written on a thread, with a short retry budget: a storage outage does not hold up the pool. A file that
+    cannot be written is one warning line; the job goes on. Nothing reads them: they are not units of work, and
+    may be deleted at any time. Secrets are taken out as from every line printed (``storage.redact_text``).
+    """
+
+    RETRY_S = 10.0
+
+    def __init__(self, layout: OutputLayout | None):
+        self.layout = layout
+        self.stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self._writer: ThreadPoolExecutor | None = None
+
+    def write(self, what: str, where: str, exc: BaseException, name: str = "") -> str:
+        """Save the whole of ``exc`` as the log of ``what`` (``shard 000003 attempt 1``) on the actor ``where``, in
+        the file ``name`` (``what`` by default; made safe for a file name); return " (full traceback: URL)" for the
+        terminal line, or "" without an output to write to."""
+        if self.layout is None:
+            return ""
+        url = self.layout.file(LOGS, f"{self.stamp}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name or what)}.log")
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        text = f"{what}: failed on actor {where} (seen by the driver at {when})\n\n{_full_text(exc)}"
+        data = storage.redact_text(text).encode("utf-8", "replace")
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="failure-log")
+        self._writer.submit(self._save, url, data)
+        return f" (full traceback: {storage.redact_url(url)})"
+
+    def _save(self, url: str, data: bytes) -> None:
+        try:
+            with storage.retry_budget(self.RETRY_S):
+                storage.write_bytes(url, data, self.layout.opts if self.layout else None)
+        except Exception as e:  # noqa: BLE001 - a log of a failure must not fail the job
+            log.warning("could not save %s: %s: %s", storage.redact_url(url), type(e).__name__,
+                        str(e).strip().splitlines()[0] if str(e).strip() else "")
+
+    def close(self, wait: bool = True) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=wait, cancel_futures=not wait)
+            self._writer = None
 
 
 class ShardPool:
-    """Run ``method(shard_id, attempt)`` on actors made by ``make_actor()`` until every shard ends."""
+    """Run ``method(shard_id, attempt)`` on actors made by ``make_actor()`` until every shard ends.
+
+    ``logs``: the output whose ``logs/`` folder gets each failure's full text (:class:`FailureLog`); ``unit``
+    names a shard id in lines and log names (``shard 000003`` by default).
+    """
 
     def __init__(
         self,
@@ -96,8 +187,11 @@ class ShardPool:
         max_replacements: int | None = None,
         start_timeout_s: float = 1800.0,
         tick_s: float = 0.5,
+        logs: OutputLayout | None = None,
+        unit: Callable[[int], str] | None = None,
     ):
         self.make_actor, self.num_actors, self.method = make_actor, num_actors, method
+        self.logs, self.unit = logs, unit or (lambda k: f"shard {k:06d}")
         self.inflight, self.max_attempts, self.tick_s = inflight, max_attempts, tick_s
         self.start_timeout_s = start_timeout_s
         self.max_replacements = 2 * num_actors + 2 if max_replacements is None else max_replacements
@@ -119,18 +213,19 @@ class ShardPool:
         """
         report = PoolReport()
         queue: deque[int] = deque(shard_ids)
+        self.failure_log = FailureLog(self.logs)
         slots = [self._start() for _ in range(min(self.num_actors, len(shard_ids)))]
         report.actors_started = len(slots)
         replacements = 0
 
-        def retire(slot: _Slot, reason: str, replace: bool = True) -> None:
+        def retire(slot: _Slot, reason: str, replace: bool = True, where: str = "", saved: str = "") -> None:
             nonlocal replacements
             if slot.dead:
                 return
             slot.dead = True
             report.actors_lost += 1
             for _ref, k in list(slot.inflight.items()):
-                self._attempt_failed(k, f"actor lost: {reason}", queue, report)
+                self._attempt_failed(k, f"actor lost: {reason}", queue, report, where, saved)
             slot.inflight.clear()
             try:
                 ray.kill(slot.handle, no_restart=True)
@@ -142,12 +237,15 @@ class ShardPool:
                 slots.append(self._start())
                 log.warning("actor lost (%s); started a replacement", reason)
 
+        ended = False
         try:
             self._loop(slots, queue, report, retire, on_result, on_progress)
+            ended = True
         finally:  # also when on_result raises: never leave actors running
             for s in slots:
                 if not s.dead:
                     ray.kill(s.handle, no_restart=True)
+            self.failure_log.close(wait=ended)  # the logs named on the terminal are there when the pool returns
         return report
 
     def _loop(self, slots, queue, report, retire, on_result, on_progress) -> None:
@@ -191,10 +289,13 @@ class ShardPool:
                         slot.info = dict(ray.get(ref), ready_at=time.time())  # when the driver saw it ready
                         slot.live = ever_live = True
                         report.actor_infos.append(slot.info)
-                    except Exception as e:  # the actor raised in __init__, or its process died
+                    except Exception as e:  # the actor's start raised (its ready(), or __init__), or its process died
                         last_start_error = _short(e)
-                        raised = bool(getattr(e, "actor_init_failed", False))
-                        log.error("actor failed to start (%s): %s", "raised" if raised else "died", last_start_error)
+                        raised = isinstance(e, RayTaskError) or bool(getattr(e, "actor_init_failed", False))
+                        where = _where(slot, e)
+                        saved = self.failure_log.write("actor start", where, e, f"actor {where} start")
+                        log.error("actor failed to start (%s) on %s: %s%s", "raised" if raised else "died", where,
+                                  last_start_error, saved)
                         # A process that died (killed, node lost) is replaced. One whose __init__ raised
                         # (a model that cannot load) is replaced only if some actor has worked, so a
                         # broken model fails the job once instead of being loaded again and again.
@@ -209,11 +310,15 @@ class ShardPool:
                 except RayActorError as e:
                     # back in the queue first: retire() starts a replacement only while shards are waiting,
                     # and this one may be the last (its actor the only one left)
-                    self._attempt_failed(k, f"actor lost: {_short(e)}", queue, report)
-                    retire(slot, _short(e))
+                    where = _where(slot, e)
+                    saved = self.failure_log.write("actor process lost", where, e, f"actor {where} lost")  # all it held
+                    self._attempt_failed(k, f"actor lost: {_short(e)}", queue, report, where, saved)
+                    retire(slot, _short(e), where=where, saved=saved)
                     continue
                 except Exception as e:  # the task raised: count it against the shard
-                    self._attempt_failed(k, _short(e), queue, report)
+                    where = _where(slot, e)
+                    saved = self.failure_log.write(f"{self.unit(k)} attempt {report.attempts[k]}", where, e)
+                    self._attempt_failed(k, _short(e), queue, report, where, saved)
                     continue
                 on_result(k, result)
 
@@ -242,10 +347,15 @@ class ShardPool:
                 s.progress_ref = s.handle.progress.remote()
         return now
 
-    def _attempt_failed(self, k: int, error: str, queue: deque, report: PoolReport) -> None:
+    def _attempt_failed(self, k: int, error: str, queue: deque, report: PoolReport, where: str = "",
+                        saved: str = "") -> None:
+        """Shard ``k``'s attempt failed with ``error`` (one line) on the actor ``where``; ``saved`` names the file
+        that holds the whole error. One line on the terminal, whatever the error's text."""
+        on = f" on actor {where}" if where else ""
         if report.attempts[k] >= self.max_attempts:
             report.failed[k] = f"{error} (after {report.attempts[k]} attempts)"
-            log.error("shard %06d failed for good: %s", k, report.failed[k])
+            log.error("%s attempt %d failed%s: %s; failed for good after %d attempts%s", self.unit(k),
+                      report.attempts[k], on, error, report.attempts[k], saved)
         else:
-            log.warning("shard %06d attempt %d failed: %s; retrying", k, report.attempts[k], error)
+            log.warning("%s attempt %d failed%s: %s; retrying%s", self.unit(k), report.attempts[k], on, error, saved)
             queue.appendleft(k)

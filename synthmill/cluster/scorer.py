@@ -162,10 +162,16 @@ class Scorer:
 @ray.remote(num_cpus=1)
 class ScorerActor:
     def __init__(self, spec: Any, work: Work):
-        check_node_sees(work.node_paths)  # the sets it scores, the output it commits to
-        self.scorer = Scorer(spec, work)
+        self.start_error: Exception | None = None
+        try:
+            check_node_sees(work.node_paths)  # the sets it scores, the output it commits to
+            self.scorer = Scorer(spec, work)
+        except Exception as e:  # raised by ready(): Ray would print an __init__'s traceback (synthmill.cluster.pool)
+            self.start_error = e
 
     def ready(self) -> dict[str, Any]:
+        if self.start_error is not None:
+            raise self.start_error
         return self.scorer.info()
 
     def process(self, t: int, attempt: int = 1) -> dict[str, Any]:

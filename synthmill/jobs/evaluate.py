@@ -230,7 +230,8 @@ class EvaluateJob(lifecycle.Job):
 
         total = sum(p.sets[s].images.units[k].count or 0 for s, k in todo)
         pool = ShardPool(make_actor, n_actors, method="process", inflight=spec.cluster.inflight_per_actor,
-                         max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
+                         max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s,
+                         logs=self.layout, unit=lambda t: f"unit {todo[t][0]}/{todo[t][1]:06d}")
         bar = ProgressBar(total, "evaluate")
         try:
             self.report = pool.run(list(range(len(todo))), on_result, bar.update)

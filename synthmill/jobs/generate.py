@@ -252,7 +252,8 @@ class GenerateJob(lifecycle.Job):
             return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, seen)
 
         pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
-                         max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s)
+                         max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s,
+                         logs=self.layout)
         bar = ProgressBar(sum(len(plan.samples(k)) for k in todo), "generate")
         try:
             def committed(k: int, marker: dict[str, Any]) -> None:

@@ -5,9 +5,10 @@ An output is a folder (a local path, ``file://`` URL, or an object-store prefix)
 ``plan.json`` (written first: it makes the folder the job's), ``job.yaml`` (the resolved spec), the units
 of work (``shards/K.tar`` with ``index/K.parquet`` and the marker ``shards/K.json`` for generate;
 ``partials/SET/K.npz`` with ``partials/SET/K.json`` for evaluate), ``failures.json`` while some units have
-failed, and the job's own commit, written last: ``summary.json`` (generate, distill) or ``metrics.json``
-(evaluate). Generate adds ``index.parquet``; evaluate ``fid_stats.npz`` and ``reference_stats.npz``;
-distill ``metrics.jsonl``, ``checkpoints/`` and ``pipeline/``.
+failed, ``logs/`` once an actor has failed (a file per failure, its whole error; never a unit), and the job's
+own commit, written last: ``summary.json`` (generate, distill) or ``metrics.json`` (evaluate). Generate adds
+``index.parquet``; evaluate ``fid_stats.npz`` and ``reference_stats.npz``; distill ``metrics.jsonl``,
+``checkpoints/`` and ``pipeline/``.
 
 A ``file://`` URL is the local folder it names: :class:`OutputLayout` keeps it as that plain path, so code
 that works on local files (temporaries, Ray Train's storage, the pipeline export) never sees the scheme.
@@ -37,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 SHARDS = "shards"
 INDEX_PARTS = "index"
 PARTIALS = "partials"
+LOGS = "logs"  # the full text of each failure of the actors, a file each (cluster.pool.FailureLog)
 
 
 def normal_url(url: str) -> str:
