@@ -105,7 +105,7 @@ def redact(options: Any) -> Any:
     replaced whole; a string that is a URL loses the password of its ``user:password@``.
     """
     if isinstance(options, dict):
-        return {k: "<redacted>" if v is not None and any(w in str(k).lower() for w in SECRET_OPTION_WORDS)
+        return {k: REDACTED if v is not None and any(w in str(k).lower() for w in SECRET_OPTION_WORDS)
                 else redact(v) for k, v in options.items()}
     if isinstance(options, (list, tuple)):
         return [redact(v) for v in options]
@@ -213,10 +213,10 @@ def redact_text(text: str) -> str:
     if not text:
         return text
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-    text = _SECRET_FIELDS.sub(lambda m: m.group(1) + ("<redacted>" if m.group(2) != "<redacted>" else m.group(2)), text)
+    text = _SECRET_FIELDS.sub(lambda m: m.group(1) + REDACTED, text)
     for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:
-            text = text.replace(secret, "<redacted>")
+            text = text.replace(secret, REDACTED)
     return text
 
 
