@@ -113,7 +113,8 @@ def checkpoint_file(model: str, pretrained: str | None) -> str | None:
     import os
     from pathlib import Path
 
-    from open_clip import factory, pretrained as tags
+    from open_clip import factory
+    from open_clip import pretrained as tags
 
     if model.startswith("local-dir:"):
         found = factory._find_checkpoint_in_dir(Path(model[len("local-dir:"):]))

@@ -19,6 +19,7 @@ means: that is ``cmmd_unbiased``.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,8 @@ import numpy as np
 from synthmill.errors import SpecError
 from synthmill.metrics.base import Feature, Finish, Metric, Network, Rows, need
 from synthmill.metrics.rowstats import StoredRows, load_rows, reference_rows
+
+log = logging.getLogger(__name__)
 
 SIGMA = 10.0
 SCALE = 1000.0
@@ -84,7 +87,11 @@ class _Net:
         from synthmill.metrics.clipscore import ClipScorer, checkpoint_file
 
         self.scorer = ClipScorer(spec.cmmd.model, spec.cmmd.pretrained, device)
-        self.sha256 = _sha256(checkpoint_file(spec.cmmd.model, spec.cmmd.pretrained))
+        try:  # the file open_clip just loaded; a hub lookup that fails here leaves the digest unknown (None)
+            self.sha256 = _sha256(checkpoint_file(spec.cmmd.model, spec.cmmd.pretrained))
+        except Exception as e:
+            log.warning("cmmd.model %s: cannot find the weights file to hash (%s)", spec.cmmd.model, e)
+            self.sha256 = None
 
     def extract(self, features: tuple[str, ...], images: list[Any], captions: list[Any]) -> dict[str, Any]:
         return {FEATURE: (self.scorer.embeddings(images), self.sha256)}
