@@ -129,7 +129,8 @@ def _grown(spec: GenerateSpec, source: PromptSource, previous: dict[str, Any]) -
     return parts
 
 
-def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list] | None = None) -> list[dict[str, Any]]:
+def check_output(spec: GenerateSpec, source: PromptSource,
+                 files: dict[str, list] | None = None) -> list[dict[str, Any]]:
     """``output.path`` must be new, empty, or an earlier run of this same job (with the same prompts, or rows appended
     to them, and the model's files as they were: ``files``, see :func:`~synthmill.models.loading.model_files`).
     Returns the parts the earlier runs ended with (plan.json's ``grown_from``), when the prompts grew since."""
@@ -447,9 +448,7 @@ def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
         "samples": plan["samples"],
         "prompts": plan.get("prompts"),
         # the rows each run added: the first run's, then those appended before each later one
-        "prompts_added": [b - a for a, b in zip([0, *(p["prompts"] for p in earlier_parts(plan))],
-                                                [*(p["prompts"] for p in earlier_parts(plan)), plan.get("prompts")])]
-                         if earlier_parts(plan) else None,
+        "prompts_added": _added(plan),
         "failed_shards": (failures.get("failed_shards") or {}) if not summary else {},
         "images_per_s_per_actor": round(samples_done / elapsed_s, 4) if elapsed_s else None,
         "denoise_fraction": round(denoise_s / elapsed_s, 4) if elapsed_s else None,
@@ -457,6 +456,16 @@ def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
         "device_idle": [a["device_idle_fraction"] for a in (summary or {}).get("actors", [])],
         "unfinished_temporaries": len(stray),
     }
+
+
+def _added(plan: dict[str, Any]) -> list[int] | None:
+    """The rows each run added to a grown job's prompts: the first run's, then those appended before each later
+    one (None: the prompts never grew)."""
+    ends = [p.get("prompts") for p in earlier_parts(plan)]
+    if not ends or not all(isinstance(n, int) for n in [*ends, plan.get("prompts")]):
+        return None
+    ends.append(plan["prompts"])
+    return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def render_status(st: dict[str, Any]) -> str:

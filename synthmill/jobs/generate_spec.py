@@ -9,10 +9,10 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from synthmill.errors import SpecError
 from synthmill.jobs.fields import MAX_SEED, ActorClusterSpec, check_cluster, one_of, require
 from synthmill.models.schedulers import SCHEDULERS
 from synthmill.sharding.encoders import ENCODERS
-from synthmill.errors import SpecError
 from synthmill.sharding.plan import count, earlier_parts, plan_problem
 from synthmill.sharding.rows import META_FIELDS, PER_ROW_SETTINGS, check_size
 from synthmill.sharding.storage import REDACTED

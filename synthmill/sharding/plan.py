@@ -143,7 +143,8 @@ def plan_problem(plan: dict[str, Any]) -> str | None:
             return '"grown_from" is not a list of parts with positive "prompts" and "shards"'
         ends = [p["prompts"] for p in parts] + [prompts]
         shard_ends = [p["shards"] for p in parts] + [n]
-        if prompts is None or samples is None or per is None or any(a >= b for a, b in zip(ends, ends[1:])):
+        if prompts is None or samples is None or per is None or any(a >= b for a, b in zip(ends, ends[1:],
+                                                                                               strict=False)):
             return '"grown_from" parts do not end in ascending prompt counts below "prompts"'
         ipp = samples // prompts
         grown = ShardPlan(prompts, ipp, per, 0, tuple(ends[:-1]))
