@@ -277,3 +277,50 @@ def test_appended_rows_make_only_new_shards(ray_address, tiny_sdxl, write_spec, 
     err = capsys.readouterr().err
     assert "it has 9 rows" in err and "rows 10..14 were removed" in err, err
     assert files_under(out) == after
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_the_scan_knows_the_old_rows_of_a_grown_file(tmp_path, fmt):
+    """The digest of a file's first rows, taken while scanning it grown, is the digest the old file had: for parquet
+    whatever its row groups, for text formats byte for byte (a last row without a line ending may gain one)."""
+    from synthmill.sharding.sources import open_source
+
+    rows = [{"caption": f"prompt {i}\nover two lines" if i == 2 else f"prompt {i}", "id": i, "seed": 10 * i or None}
+            for i in range(12)]  # row 0 has no seed: it takes the job's
+
+    def write(name: str, n: int, ending: bool = True) -> str:
+        path = str(tmp_path / f"{name}.{fmt}")
+        if fmt == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows[:n]), path, row_group_size=5 if n > 6 else 2)
+        elif fmt == "csv":
+            import csv
+
+            with open(path, "w", newline="", encoding="utf-8") as fh:
+                w = csv.DictWriter(fh, ["caption", "id", "seed"], lineterminator="\n")
+                w.writeheader()
+                w.writerows(rows[:n])
+            if not ending:
+                data = open(path, "rb").read()
+                open(path, "wb").write(data[:-1])
+        else:
+            open(path, "w", encoding="utf-8").write(
+                "\n".join(json.dumps(r) for r in rows[:n]) + ("\n" if ending else ""))
+        return path
+
+    def scanned(path: str, marks=()):
+        source = open_source(path, "caption", None, None, ("id",), {"seed": "seed"})
+        source.check()
+        source.scan(3, marks)
+        return source
+
+    old = scanned(write("old", 7, ending=fmt == "parquet"))
+    grown = scanned(write("grown", 12), (7,))
+    assert old.digest in grown.prefix_digests[7] and grown.digest != old.digest
+    edited = rows[3]["id"]
+    rows[3]["id"] = 99
+    assert old.digest not in scanned(write("edited", 12), (7,)).prefix_digests[7]
+    rows[3]["id"] = edited
+    got = grown.read_rows(0, 12)
+    assert [r.values["id"] for r in got] == (list(range(12)) if fmt == "parquet" else [str(i) for i in range(12)])
+    assert [r.settings["seed"] for r in got[1:]] == [10 * i for i in range(1, 12)] and got[0].settings == {}
+    assert got[2].text == "prompt 2\nover two lines"
