@@ -185,6 +185,8 @@ def prepare(spec: GenerateSpec) -> Prepared:
                      tuple(p["prompts"] for p in earlier))
     require(s.seed + plan.num_samples - 1 <= MAX_SEED, "sampling.seed",
             f"{s.seed} + {plan.num_samples} samples passes the largest seed, 2**63-1")
+    require(source.max_row_seed + s.images_per_prompt - 1 <= MAX_SEED, "prompts.per_row.seed",
+            f"a row's seed {source.max_row_seed} + its {s.images_per_prompt} images passes the largest seed, 2**63-1")
     require(plan.num_shards <= MAX_SHARDS, "output.samples_per_shard",
             f"{plan.num_samples:,} samples at {plan.samples_per_shard:,} a shard are {plan.num_shards:,} shards, more "
             f"than a job holds ({MAX_SHARDS:,}: a file each, and a marker); raise it")

@@ -85,6 +85,7 @@ class PromptSource(abc.ABC):
     #: also without the line ending of row m-1 (a file that ended without one, before rows were appended)
     prefix_digests: dict[int, tuple[str, ...]] = field(default_factory=dict)
     keep_types: list[tuple[str, Any]] = field(default_factory=list)  # (column, pyarrow type) of each kept column
+    max_row_seed: int = -1  # the largest seed a row gives (per_row.seed), -1 if none; set by scan()
 
     @property
     def extra_columns(self) -> list[str]:
@@ -119,6 +120,8 @@ class PromptSource(abc.ABC):
         except ValueError as e:
             column, setting, problem = e.args
             raise SpecError(f"{where}, column '{column}' (prompts.per_row.{setting}): {problem}") from None
+        if settings.get("seed", -1) > self.max_row_seed:
+            self.max_row_seed = settings["seed"]
         return values, settings
 
     def _row(self, index: int, value: Any, raw: dict[str, Any] | None = None) -> Row:
