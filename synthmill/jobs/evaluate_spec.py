@@ -57,6 +57,20 @@ class ClipSpec:
 
 
 @dataclass
+class HpsSpec:
+    version: str = "v2.1"  # v2.0 | v2.1: which release checkpoint `weights: null` is
+    weights: Optional[str] = None  # null: the release's checkpoint of `version`; or a path / URL (a {'state_dict'})
+    weights_sha256: Optional[str] = None  # expected digest (or prefix) of the weights file
+    architecture: str = "ViT-H-14"  # the open_clip model the checkpoint is for; or a JSON file of its config
+
+
+@dataclass
+class PickScoreSpec:
+    model: Optional[str] = None  # null: yuvalkirstain/PickScore_v1; or a hub id / transformers CLIPModel folder
+    processor: Optional[str] = None  # null: the release's (laion CLIP-ViT-H-14) for the release's model, else `model`
+
+
+@dataclass
 class EvalOutputSpec:
     path: str = MISSING
 
@@ -69,7 +83,9 @@ class EvalClusterSpec(ActorClusterSpec):
 
 #: The fields of a evaluate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
 PATHS = {"generated.path": "input", "reference.path": "input", "fid.weights": "input",
-                                  "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output"}
+                                  "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output",
+                                  "hpsv2.weights": "input", "hpsv2.architecture": "name_or_path",
+                                  "pickscore.model": "name_or_path", "pickscore.processor": "name_or_path"}
 
 
 @dataclass
@@ -83,6 +99,8 @@ class EvaluateSpec:
     fid: FidSpec = field(default_factory=FidSpec)
     inception_score: InceptionScoreSpec = field(default_factory=InceptionScoreSpec)
     clip: ClipSpec = field(default_factory=ClipSpec)
+    hpsv2: HpsSpec = field(default_factory=HpsSpec)
+    pickscore: PickScoreSpec = field(default_factory=PickScoreSpec)
     output: EvalOutputSpec = field(default_factory=EvalOutputSpec)
     cluster: EvalClusterSpec = field(default_factory=EvalClusterSpec)
     storage: Dict[str, Any] = field(default_factory=dict)
@@ -109,6 +127,11 @@ class EvaluateSpec:
         require(1 <= i.splits <= 1000, "inception_score.splits", f"must be in 1..1000, got {i.splits}")
         require(i.seed >= 0, "inception_score.seed", f"must be >= 0, got {i.seed}")
         require(bool(c.model.strip()), "clip.model", "must not be empty")
+        h = self.hpsv2
+        one_of(h.version, ["v2.0", "v2.1"], "hpsv2.version")
+        require(h.weights_sha256 is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", h.weights_sha256)),
+                "hpsv2.weights_sha256", "must be 8 to 64 hex digits")
+        require(bool(h.architecture.strip()), "hpsv2.architecture", "must not be empty")
         check_cluster(cl)
         require(1 <= cl.decode_threads <= 64, "cluster.decode_threads", f"must be in 1..64, got {cl.decode_threads}")
 

@@ -7,18 +7,22 @@ are new) plus its rows here.
 
 from __future__ import annotations
 
-from synthmill.metrics import clip, fid, inception, isc
+from synthmill.metrics import clip, fid, hps, inception, isc, pickscore
 from synthmill.metrics.base import Feature, Metric, Network
 
 NETWORKS: dict[str, Network] = {n.name: n for n in (
     inception.NETWORK,
     clip.NETWORK,
+    hps.NETWORK,
+    pickscore.NETWORK,
 )}
 
 FEATURES: dict[str, Feature] = {f.name: f for f in (
     fid.POOL3,
     isc.LOGITS,
     clip.COSINE,
+    hps.SCORES,
+    pickscore.SCORES,
 )}
 
 #: In this order their entries appear in metrics.json (and in messages that list the known metrics).
@@ -26,6 +30,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     fid.FID,
     isc.IS,
     clip.CLIP,
+    hps.HPSV2,
+    pickscore.PICKSCORE,
     fid.FID_STATS_ONLY,
 )}
 
