@@ -252,6 +252,20 @@ def test_the_registry_names_per_image_features_after_their_metrics():
         assert isinstance(FEATURES[name].total(), RowsTotal)
 
 
+def test_baselines_give_the_job_scores(preferred, shapes_folder, nets):
+    """The release loops the evaluate-all benchmark times against give the job's per-image scores."""
+    from benchmarks.preference_baselines import BASELINES
+
+    _, _, scores = preferred
+    files, captions = (list(x) for x in zip(*_samples(shapes_folder), strict=True))
+    sections = {"hpsv2": {"weights": nets["hps_weights"], "architecture": nets["hps_arch"]},
+                "pickscore": {"model": nets["pick"]}}
+    assert set(BASELINES) == set(sections)
+    for name, loop in BASELINES.items():
+        theirs = loop(files, captions, sections[name], "cpu")
+        assert np.abs(theirs - scores[name]).max() <= 1e-4 * max(1.0, np.abs(theirs).max()), name
+
+
 def test_resumed_job_reuses_units(preferred, write_spec):
     """A unit's partial removed: only it is scored again, and the scores are the same."""
     spec, result, scores = preferred

@@ -15,6 +15,7 @@ import numpy as np
 
 from synthmill.errors import SpecError
 from synthmill.metrics.base import Feature, Finish, Metric, Rows, RowsTotal, need
+from synthmill.sharding import storage
 
 
 def score_feature(name: str) -> Feature:
@@ -32,8 +33,9 @@ def score_metric(name: str, describe: Callable[[Any], Any], settings: Callable[[
 
     def finish(f: Finish) -> dict[str, Any]:
         scores = np.asarray(f.totals["generated"][name].values, np.float64)
-        return {name: float(scores.mean()), f"{name}_std": float(scores.std()),
-                f"{name}_network": {k: v for k, v in f.info.get(name, {}).items() if k != "path"}}
+        network = {k: storage.redact_url(v) if k == "weights" and isinstance(v, str) else v
+                   for k, v in f.info.get(name, {}).items() if k != "path"}
+        return {name: float(scores.mean()), f"{name}_std": float(scores.std()), f"{name}_network": network}
 
     return Metric(name, {"generated": (name,)}, check, finish, protocol=(name, describe),
                   settings=settings)
