@@ -2,12 +2,15 @@
 
 ``BASELINES[metric](files, captions, section, device)`` returns one float64 score per image file, in order;
 ``section`` is the evaluate spec's section of that metric as a dict (``weights`` / ``architecture`` for
-``hpsv2``, ``model`` / ``processor`` for ``pickscore``), naming the same files the evaluate job loads. Neither
-release can be imported beside this stack (``hpsv2`` pins pytest 7.2 and protobuf < 4; PickScore has no
-package), so each loop is the release's scoring written out as it runs:
+``hpsv2``, ``weights`` / ``med_config`` / ``tokenizer`` for ``image_reward``, ``model`` / ``processor`` for
+``pickscore``), naming the same files the evaluate job loads. No release can be imported beside this stack
+(``hpsv2`` pins pytest 7.2 and protobuf < 4; ``image-reward`` pins timm 0.6.13 and needs fairscale; PickScore has
+no package), so each loop is the release's scoring written out as it runs:
 
 - ``hpsv2`` (``hpsv2/img_score.py``): one image at a time, the image opened from its file, the release's eval
   transform, the prompt tokenized per image, ``diag(image_features @ text_features.T)`` under CUDA autocast.
+- ``image_reward`` (``ImageReward.score``): one image at a time, opened from its file, its prompt tokenized per
+  image, through synthmill's loading of the release network (the release's modules need fairscale and timm 0.6).
 - ``pickscore`` (its README's ``calc_probs``): one prompt at a time with its image, processor, normalised
   features, ``logit_scale.exp() * (text_embs @ image_embs.T)[0]``.
 """
@@ -73,7 +76,22 @@ def pickscore_release_loop(files: list[str], captions: list[str], section: dict[
     return np.asarray(out, np.float64)
 
 
+def image_reward_release_loop(files: list[str], captions: list[str], section: dict[str, Any],
+                              device: str) -> np.ndarray:
+    from PIL import Image
+
+    from synthmill.metrics import weights
+    from synthmill.metrics.imagereward import RELEASE_TOKENIZER, ImageRewardNet, read_med_config
+
+    net = ImageRewardNet(weights.load_state_dict(section["weights"]),
+                         read_med_config(section["med_config"], "image_reward.med_config"),
+                         section.get("tokenizer") or RELEASE_TOKENIZER, device)
+    return np.concatenate([net.scores([Image.open(file)], [caption])
+                           for file, caption in zip(files, captions, strict=True)])
+
+
 BASELINES: dict[str, Callable[[list[str], list[str], dict[str, Any], str], np.ndarray]] = {
     "hpsv2": hpsv2_release_loop,
+    "image_reward": image_reward_release_loop,
     "pickscore": pickscore_release_loop,
 }

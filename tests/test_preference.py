@@ -1,15 +1,22 @@
-"""Human-preference metrics (hpsv2, pickscore) against their releases' own scoring, on identical images and weights.
+"""Human-preference metrics (hpsv2, image_reward, pickscore) against their releases' own scoring, on identical images
+and weights.
 
-Neither release can run here: the ``hpsv2`` package pins pytest 7.2 and protobuf < 4 (it does not install beside
-this stack) and downloads LAION's CLIP at its first call; PickScore has no package, its release is a README
-snippet calling transformers. So each reference below is the release's scoring written out in the test, from its
-definition, on tiny seeded networks saved in the releases' checkpoint formats (synthmill.testing.preference_weights)
-and loaded by the job through ``hpsv2.weights`` / ``pickscore.model``, as users load the real ones:
+No release can run here: the ``hpsv2`` package pins pytest 7.2 and protobuf < 4 (it does not install beside this
+stack) and downloads LAION's CLIP at its first call; ``image-reward`` pins timm 0.6.13, needs fairscale and imports
+helpers transformers 5 removed; PickScore has no package, its release is a README snippet calling transformers. So
+each reference below is the release's scoring written out in the test, from its definition, on tiny seeded
+networks saved in the releases' checkpoint formats (synthmill.testing.preference_weights) and loaded by the job
+through ``hpsv2.weights``, ``image_reward.weights`` / ``med_config`` / ``tokenizer`` and ``pickscore.model``, as
+users load the real ones:
 
 - HPSv2 (``hpsv2/img_score.py`` and its ``open_clip``'s ``image_transform(resize_longest_max=True)``): an open_clip
   CLIP loaded with ``torch.load(cp)["state_dict"]``; ToTensor, the longest side resized to the input size
   (bicubic on the tensor) and zero-padded around the centre, OpenAI mean/std; ``tokenize``; one image at a time,
   ``diag(image_features @ text_features.T)`` of the model's normalised features.
+- ImageReward (``ImageReward/ImageReward.py`` with BLIP's ``vit.py`` and ``med.py``): the checkpoint's own tensors,
+  by their names, through BLIP's ViT (pre-norm blocks, fused qkv, LayerNorm eps 1e-6) and BERT (bidirectional
+  self-attention, cross-attention to the image in every layer, masks of -10000), the MLP head's five linear layers
+  on the first token, ``(r - mean) / std``; one image at a time, the prompt padded to 35 tokens.
 - PickScore (its README): ``AutoProcessor`` / ``AutoModel``, one prompt at a time,
   ``logit_scale.exp() * (text_embs @ image_embs.T)[0]`` of the normalised features.
 
@@ -40,8 +47,11 @@ def nets(tmp_path_factory) -> dict[str, str]:
     from synthmill.testing.preference_weights import save_tiny_hps, save_tiny_pickscore
 
     root = tmp_path_factory.mktemp("preference")
+    from synthmill.testing.preference_weights import save_tiny_image_reward
+
     arch, weights = save_tiny_hps(str(root / "hps"), seed=1)
-    return {"hps_arch": arch, "hps_weights": weights, "pick": save_tiny_pickscore(str(root / "pick"), seed=2)}
+    return {"hps_arch": arch, "hps_weights": weights, "pick": save_tiny_pickscore(str(root / "pick"), seed=2),
+            "ir": save_tiny_image_reward(str(root / "ir"), seed=3)}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +71,9 @@ def pref_spec(generated: str, output: str, nets: dict[str, str], **sections) -> 
     spec = {
         "kind": "evaluate",
         "generated": {"path": generated, "samples_per_unit": 8},
-        "metrics": ["hpsv2", "pickscore"],
+        "metrics": ["hpsv2", "image_reward", "pickscore"],
         "hpsv2": {"weights": nets["hps_weights"], "architecture": nets["hps_arch"]},
+        "image_reward": dict(nets["ir"]),
         "pickscore": {"model": nets["pick"]},
         "output": {"path": output},
         "cluster": {"num_actors": 2, "batch_size": 4},
@@ -74,7 +85,7 @@ def pref_spec(generated: str, output: str, nets: dict[str, str], **sections) -> 
 
 @pytest.fixture(scope="module")
 def preferred(ray_cluster, shapes_folder, nets, tmp_path_factory):
-    """One evaluate job of both metrics (3 units over 2 actors): its spec, metrics.json, per-image scores."""
+    """One evaluate job of the three metrics (3 units over 2 actors): its spec, metrics.json, per-image scores."""
     import yaml
 
     from synthmill.jobs import evaluate
@@ -87,7 +98,7 @@ def preferred(ray_cluster, shapes_folder, nets, tmp_path_factory):
     result = evaluate.run(evaluate.prepare(load_spec(str(path))))
     parts = sorted(glob.glob(str(folder / "out" / "partials" / "generated" / "*.npz")))
     scores = {}
-    for name in ("hpsv2", "pickscore"):
+    for name in ("hpsv2", "image_reward", "pickscore"):
         arrays = []
         for p in parts:
             with np.load(p) as z:
@@ -143,6 +154,95 @@ def test_hpsv2_equals_the_release_forward_pass(preferred, shapes_folder, nets):
     assert result["metrics"]["hpsv2_std"] == pytest.approx(np.std(ours), abs=1e-12)
 
 
+def test_image_reward_equals_the_release_forward_pass(preferred, shapes_folder, nets):
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+    from transformers import BertTokenizer
+
+    state = torch.load(nets["ir"]["weights"], map_location="cpu")
+    with open(nets["ir"]["med_config"], encoding="utf-8") as fh:
+        med = json.load(fh)
+    tokenizer = BertTokenizer.from_pretrained(nets["ir"]["tokenizer"])  # blip.init_tokenizer
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    vit = {k[len("blip.visual_encoder."):]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
+    bert = {k[len("blip.text_encoder."):]: v for k, v in state.items() if k.startswith("blip.text_encoder.")}
+    width, patch = vit["patch_embed.proj.weight"].shape[0], vit["patch_embed.proj.weight"].shape[-1]
+    size = int((vit["pos_embed"].shape[1] - 1) ** 0.5) * patch
+    depth = len({k.split(".")[1] for k in vit if k.startswith("blocks.")})
+    preprocess = Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size),
+                          lambda image: image.convert("RGB"), ToTensor(),
+                          Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+    def heads(x, n):  # (B, L, C) -> (B, n, L, C / n)
+        return x.view(x.shape[0], x.shape[1], n, -1).permute(0, 2, 1, 3)
+
+    def visual_encoder(x):  # BLIP vit.VisionTransformer: 64-wide heads (base 768 / 12, large 1024 / 16)
+        n = width // 64
+        x = F.conv2d(x, vit["patch_embed.proj.weight"], vit["patch_embed.proj.bias"], stride=patch)
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([vit["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + vit["pos_embed"][:, :x.shape[1] + 1]
+        for b in range(depth):
+            p = f"blocks.{b}."
+            y = F.layer_norm(x, (width,), vit[p + "norm1.weight"], vit[p + "norm1.bias"], eps=1e-6)
+            q, k, v = F.linear(y, vit[p + "attn.qkv.weight"], vit[p + "attn.qkv.bias"]).chunk(3, dim=-1)
+            q, k, v = heads(q, n), heads(k, n), heads(v, n)
+            attn = ((q @ k.transpose(-2, -1)) * (width // n) ** -0.5).softmax(dim=-1)
+            y = (attn @ v).transpose(1, 2).reshape(x.shape)
+            x = x + F.linear(y, vit[p + "attn.proj.weight"], vit[p + "attn.proj.bias"])
+            y = F.layer_norm(x, (width,), vit[p + "norm2.weight"], vit[p + "norm2.bias"], eps=1e-6)
+            y = F.linear(F.gelu(F.linear(y, vit[p + "mlp.fc1.weight"], vit[p + "mlp.fc1.bias"])),
+                         vit[p + "mlp.fc2.weight"], vit[p + "mlp.fc2.bias"])
+            x = x + y
+        return F.layer_norm(x, (width,), vit["norm.weight"], vit["norm.bias"], eps=1e-6)
+
+    def text_encoder(ids, mask, image_embeds):  # BLIP med.BertModel, mode "multimodal"
+        h, n, eps = med["hidden_size"], med["num_attention_heads"], med["layer_norm_eps"]
+
+        def ln(x, name):
+            return F.layer_norm(x, (h,), bert[name + ".weight"], bert[name + ".bias"], eps=eps)
+
+        def lin(x, name):
+            return F.linear(x, bert[name + ".weight"], bert[name + ".bias"])
+
+        def attention(x, context, name, extended_mask):
+            q, k, v = (heads(lin(t, f"{name}.self.{w}"), n) for t, w in ((x, "query"), (context, "key"),
+                                                                        (context, "value")))
+            scores = q @ k.transpose(-1, -2) / (h // n) ** 0.5 + extended_mask
+            y = (scores.softmax(dim=-1) @ v).permute(0, 2, 1, 3).reshape(x.shape)
+            return ln(lin(y, f"{name}.output.dense") + x, f"{name}.output.LayerNorm")
+
+        x = bert["embeddings.word_embeddings.weight"][ids] + bert["embeddings.position_embeddings.weight"][
+            :ids.shape[1]]
+        x = ln(x, "embeddings.LayerNorm")
+        self_mask = (1.0 - mask[:, None, None, :].float()) * -10000.0
+        image_mask = torch.zeros(image_embeds.shape[0], 1, 1, image_embeds.shape[1])  # every patch attended
+        for i in range(med["num_hidden_layers"]):
+            p = f"encoder.layer.{i}"
+            x = attention(x, x, f"{p}.attention", self_mask)
+            x = attention(x, image_embeds, f"{p}.crossattention", image_mask)
+            x = ln(lin(F.gelu(lin(x, f"{p}.intermediate.dense")), f"{p}.output.dense") + x, f"{p}.output.LayerNorm")
+        return x
+
+    theirs = []
+    for png, prompt in _samples(shapes_folder):  # ImageReward.score(prompt, image)
+        text = tokenizer(prompt, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        with torch.no_grad():
+            image_embeds = visual_encoder(preprocess(Image.open(png)).unsqueeze(0))
+            r = text_encoder(text.input_ids, text.attention_mask, image_embeds)[:, 0, :].float()
+            for layer in (0, 2, 4, 6, 7):  # MLP: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear
+                r = F.linear(r, state[f"mlp.layers.{layer}.weight"], state[f"mlp.layers.{layer}.bias"])
+            theirs.append(((r - 0.16717362830052426) / 1.0333394966054072).item())
+    _, result, scores = preferred
+    ours = scores["image_reward"]
+    assert len(ours) == 22
+    assert np.std(theirs) > 1e-2, "scores this alike would not test the order of images"
+    assert np.abs(ours - np.array(theirs)).max() <= 1e-4 * max(1.0, np.abs(theirs).max()), (ours, theirs)
+    assert abs(result["metrics"]["image_reward"] - np.mean(theirs)) <= 1e-4 * max(1.0, abs(np.mean(theirs)))
+
+
 def test_pickscore_equals_the_release_scoring_call(preferred, shapes_folder, nets):
     import torch
     from PIL import Image
@@ -184,7 +284,15 @@ def test_metrics_json_names_networks_weights_and_protocol(preferred, nets):
                                   "version": None}
     assert m["pickscore_network"] == {"weights": nets["pick"], "sha256": pick_sha, "revision": None,
                                       "processor": nets["pick"]}
+    with open(nets["ir"]["weights"], "rb") as fh:
+        ir_sha = hashlib.sha256(fh.read()).hexdigest()
+    with open(nets["ir"]["med_config"], "rb") as fh:
+        med_sha = hashlib.sha256(fh.read()).hexdigest()
+    assert m["image_reward_network"] == {"weights": nets["ir"]["weights"], "sha256": ir_sha,
+                                         "med_config": nets["ir"]["med_config"], "med_config_sha256": med_sha,
+                                         "tokenizer": nets["ir"]["tokenizer"]}
     assert "zero-padded" in protocol["hpsv2"]["score"] and "logit_scale" in protocol["pickscore"]["score"]
+    assert "35 tokens" in protocol["image_reward"]["score"]
     assert protocol["clip"] is None and result["samples"] == {"generated": 22}
     assert result["versions"]["transformers"] != "not installed"
     assert result["units"] == {"generated": 3} and result["weights"] is None  # no Inception network ran
@@ -235,9 +343,18 @@ def test_bad_input_is_refused_naming_the_field(nets, write_spec, tmp_path, capsy
     line = _refused(write_spec, capsys, pref_spec(shapes_folder, out, nets, pickscore={"model": str(other)}),
                     "pickscore.model")
     assert "not the PickScore network" in line
+    # ImageReward: another network's checkpoint, a med_config that is no BERT configuration, no vocabulary
+    wrong = pref_spec(shapes_folder, out, nets, image_reward={"weights": nets["hps_weights"]})
+    line = _refused(write_spec, capsys, wrong, "image_reward.weights")
+    assert "not the weights of the ImageReward network" in line
+    wrong = pref_spec(shapes_folder, out, nets, image_reward={"med_config": nets["hps_arch"]})
+    line = _refused(write_spec, capsys, wrong, "image_reward.med_config")
+    assert "not a BERT configuration" in line
+    _refused(write_spec, capsys, pref_spec(shapes_folder, out, nets, image_reward={"tokenizer": str(other)}),
+             "image_reward.tokenizer")
     # images without captions
     bare = write_image_folder(tmp_path / "bare", 2, captions=False)
-    for metric in ("hpsv2", "pickscore"):
+    for metric in ("hpsv2", "image_reward", "pickscore"):
         line = _refused(write_spec, capsys, pref_spec(bare, out, nets, metrics=[metric]), "generated.path")
         assert "no caption" in line and metric in line, line
 
@@ -247,7 +364,7 @@ def test_the_registry_names_per_image_features_after_their_metrics():
     from synthmill.metrics.base import RowsTotal
     from synthmill.metrics.registry import FEATURES, METRICS
 
-    for name in ("hpsv2", "pickscore"):
+    for name in ("hpsv2", "image_reward", "pickscore"):
         assert METRICS[name].features == {"generated": (name,)}
         assert isinstance(FEATURES[name].total(), RowsTotal)
 
@@ -259,7 +376,7 @@ def test_baselines_give_the_job_scores(preferred, shapes_folder, nets):
     _, _, scores = preferred
     files, captions = (list(x) for x in zip(*_samples(shapes_folder), strict=True))
     sections = {"hpsv2": {"weights": nets["hps_weights"], "architecture": nets["hps_arch"]},
-                "pickscore": {"model": nets["pick"]}}
+                "image_reward": dict(nets["ir"]), "pickscore": {"model": nets["pick"]}}
     assert set(BASELINES) == set(sections)
     for name, loop in BASELINES.items():
         theirs = loop(files, captions, sections[name], "cpu")
@@ -274,5 +391,5 @@ def test_resumed_job_reuses_units(preferred, write_spec):
     os.unlink(os.path.join(out, "metrics.json"))
     again = run_eval(write_spec, spec)
     assert again["units_resumed"] == 2 and again["units_run"] == 1
-    for name in ("hpsv2", "pickscore"):
+    for name in ("hpsv2", "image_reward", "pickscore"):
         assert again["metrics"][name] == pytest.approx(result["metrics"][name], abs=1e-9)

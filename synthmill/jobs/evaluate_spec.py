@@ -65,6 +65,14 @@ class HpsSpec:
 
 
 @dataclass
+class ImageRewardSpec:
+    weights: Optional[str] = None  # null: the release's ImageReward.pt; or a path / URL
+    weights_sha256: Optional[str] = None  # expected digest (or prefix) of the weights file
+    med_config: Optional[str] = None  # null: the release's med_config.json (its BERT); or a path / URL
+    tokenizer: Optional[str] = None  # null: bert-base-uncased; or a hub id / BERT tokenizer folder (vocab.txt)
+
+
+@dataclass
 class PickScoreSpec:
     model: Optional[str] = None  # null: yuvalkirstain/PickScore_v1; or a hub id / transformers CLIPModel folder
     processor: Optional[str] = None  # null: the release's (laion CLIP-ViT-H-14) for the release's model, else `model`
@@ -85,7 +93,9 @@ class EvalClusterSpec(ActorClusterSpec):
 PATHS = {"generated.path": "input", "reference.path": "input", "fid.weights": "input",
                                   "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output",
                                   "hpsv2.weights": "input", "hpsv2.architecture": "name_or_path",
-                                  "pickscore.model": "name_or_path", "pickscore.processor": "name_or_path"}
+                                  "pickscore.model": "name_or_path", "pickscore.processor": "name_or_path",
+                                  "image_reward.weights": "input", "image_reward.med_config": "input",
+                                  "image_reward.tokenizer": "name_or_path"}
 
 
 @dataclass
@@ -101,6 +111,7 @@ class EvaluateSpec:
     clip: ClipSpec = field(default_factory=ClipSpec)
     hpsv2: HpsSpec = field(default_factory=HpsSpec)
     pickscore: PickScoreSpec = field(default_factory=PickScoreSpec)
+    image_reward: ImageRewardSpec = field(default_factory=ImageRewardSpec)
     output: EvalOutputSpec = field(default_factory=EvalOutputSpec)
     cluster: EvalClusterSpec = field(default_factory=EvalClusterSpec)
     storage: Dict[str, Any] = field(default_factory=dict)
@@ -132,6 +143,9 @@ class EvaluateSpec:
         require(h.weights_sha256 is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", h.weights_sha256)),
                 "hpsv2.weights_sha256", "must be 8 to 64 hex digits")
         require(bool(h.architecture.strip()), "hpsv2.architecture", "must not be empty")
+        sha = self.image_reward.weights_sha256
+        require(sha is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", sha)), "image_reward.weights_sha256",
+                "must be 8 to 64 hex digits")
         check_cluster(cl)
         require(1 <= cl.decode_threads <= 64, "cluster.decode_threads", f"must be in 1..64, got {cl.decode_threads}")
 

@@ -7,13 +7,14 @@ are new) plus its rows here.
 
 from __future__ import annotations
 
-from synthmill.metrics import clip, fid, hps, inception, isc, pickscore
+from synthmill.metrics import clip, fid, hps, imagereward, inception, isc, pickscore
 from synthmill.metrics.base import Feature, Metric, Network
 
 NETWORKS: dict[str, Network] = {n.name: n for n in (
     inception.NETWORK,
     clip.NETWORK,
     hps.NETWORK,
+    imagereward.NETWORK,
     pickscore.NETWORK,
 )}
 
@@ -22,6 +23,7 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
     isc.LOGITS,
     clip.COSINE,
     hps.SCORES,
+    imagereward.SCORES,
     pickscore.SCORES,
 )}
 
@@ -31,6 +33,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     isc.IS,
     clip.CLIP,
     hps.HPSV2,
+    imagereward.IMAGE_REWARD,
     pickscore.PICKSCORE,
     fid.FID_STATS_ONLY,
 )}
