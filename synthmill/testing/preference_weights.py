@@ -23,15 +23,14 @@ TINY_HPS = {
 def save_tiny_hps(folder: str, seed: int = 0) -> tuple[str, str]:
     """(architecture JSON file, checkpoint file) of a seeded random tiny HPS network in ``folder``."""
     import torch
-
-    from synthmill.metrics.hps import build
+    from open_clip.model import CLIP
 
     os.makedirs(folder, exist_ok=True)
     arch = os.path.join(folder, "open_clip_config.json")
     with open(arch, "w", encoding="utf-8") as fh:
         json.dump({"model_cfg": TINY_HPS}, fh, indent=1)
     torch.manual_seed(seed)
-    model = build(TINY_HPS)
+    model = CLIP(**json.loads(json.dumps(TINY_HPS)))
     weights = os.path.join(folder, "HPS_tiny.pt")
     torch.save({"state_dict": model.state_dict()}, weights)
     return arch, weights
