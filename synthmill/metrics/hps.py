@@ -18,6 +18,7 @@ whose longest side already has the input size but is not square is padded too (t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -65,6 +66,13 @@ def architecture_config(name: str) -> dict[str, Any]:
     if "hf_model_name" in cfg["text_cfg"] or cfg.get("custom_text") or "timm_model_name" in cfg["vision_cfg"]:
         raise SpecError(f"{field} {name}: a CLIP of open_clip's own towers is needed (HPSv2 is a ViT-H-14)")
     return cfg
+
+
+@functools.lru_cache(maxsize=8)
+def input_size(name: str) -> int:
+    """The image input size of the architecture ``name`` (read once per process)."""
+    size = architecture_config(name)["vision_cfg"]["image_size"]
+    return size[0] if isinstance(size, (list, tuple)) else size
 
 
 def build(cfg: dict[str, Any], device: Any = "cpu"):
@@ -135,8 +143,12 @@ class HpsScorer:
 
     def scores(self, images: list[Any], captions: list[str]) -> np.ndarray:
         """float64 HPS of each PIL image with its caption."""
+        return self.scores_of_pixels([pixels(im, self.size) for im in images], captions)
+
+    def scores_of_pixels(self, images: list[Any], captions: list[str]) -> np.ndarray:
+        """float64 HPS of each image made ready by :func:`pixels` with its caption."""
         torch = self.torch
-        x = torch.stack([pixels(im, self.size) for im in images]).to(self.device)
+        x = torch.stack(images).to(self.device)
         tokens = self.tokenizer(captions).to(self.device)
         cuda = str(self.device).startswith("cuda")
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
@@ -154,7 +166,7 @@ class _Net:
         self.scorer = HpsScorer(architecture_config(spec.hpsv2.architecture), weights.load_state_dict(path), device)
 
     def extract(self, features: tuple[str, ...], images: list[Any], captions: list[str]) -> dict[str, Any]:
-        return {"hpsv2": self.scorer.scores(images, captions)}
+        return {"hpsv2": self.scorer.scores_of_pixels(images, captions)}
 
 
 def _check_network(spec: Any, opts: dict[str, Any] | None) -> dict[str, Any]:
@@ -179,7 +191,8 @@ def _describe(spec: Any) -> dict[str, Any]:
             "weights_sha256": h.weights_sha256, "score": PROTOCOL}
 
 
-NETWORK = Network("hpsv2", load=_Net, prepare=lambda spec, image: image, check=_check_network,
+NETWORK = Network("hpsv2", load=_Net, check=_check_network,
+                  prepare=lambda spec, image: pixels(image, input_size(spec.hpsv2.architecture)),
                   captions="the hpsv2 metric scores each image against its caption")
 SCORES = score_feature("hpsv2")
 HPSV2 = score_metric("hpsv2", _describe, _describe)

@@ -14,6 +14,7 @@ revision asked then pinned for every actor).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -39,14 +40,27 @@ def names(spec: Any) -> tuple[str, str]:
     return model, processor
 
 
+@functools.lru_cache(maxsize=4)
+def processor_of(name: str):
+    """The processor ``name`` (loaded once per process; its image half runs on the scorer's decode threads)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(name)
+
+
+def pixels(spec: Any, image: Any):
+    """One PIL image made ready by the processor: its (3, H, W) ``pixel_values``."""
+    return processor_of(names(spec)[1])(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
 class PickScorer:
     """One PickScore model and processor; :meth:`scores` gives each image's score with its caption."""
 
     def __init__(self, model: str, processor: str, device: str = "cpu", revision: str | None = None):
         import torch
-        from transformers import AutoProcessor, CLIPModel
+        from transformers import CLIPModel
 
-        self.processor = AutoProcessor.from_pretrained(processor)
+        self.processor = processor_of(processor)
         self.model = CLIPModel.from_pretrained(model, revision=revision).eval().requires_grad_(False).to(device)
         self.device, self.torch = device, torch
 
@@ -56,9 +70,14 @@ class PickScorer:
 
     def scores(self, images: list[Any], captions: list[str]) -> np.ndarray:
         """float64 PickScore of each PIL image with its caption."""
-        torch = self.torch
         image_inputs = self.processor(images=images, padding=True, truncation=True, max_length=77,
-                                      return_tensors="pt").to(self.device)
+                                      return_tensors="pt")
+        return self.scores_of_pixels(list(image_inputs["pixel_values"]), captions)
+
+    def scores_of_pixels(self, images: list[Any], captions: list[str]) -> np.ndarray:
+        """float64 PickScore of each image's ``pixel_values`` with its caption."""
+        torch = self.torch
+        image_inputs = {"pixel_values": torch.stack(images).to(self.device)}
         text_inputs = self.processor(text=captions, padding=True, truncation=True, max_length=77,
                                      return_tensors="pt").to(self.device)
         with torch.inference_mode():
@@ -74,7 +93,7 @@ class _Net:
         self.scorer = PickScorer(model, processor, device, info.get("revision"))
 
     def extract(self, features: tuple[str, ...], images: list[Any], captions: list[str]) -> dict[str, Any]:
-        return {"pickscore": self.scorer.scores(images, captions)}
+        return {"pickscore": self.scorer.scores_of_pixels(images, captions)}
 
 
 def _local_model(folder: str, field: str) -> str:
@@ -144,7 +163,7 @@ def _describe(spec: Any) -> dict[str, Any]:
     return {"model": model, "processor": processor, "score": PROTOCOL}
 
 
-NETWORK = Network("pickscore", load=_Net, prepare=lambda spec, image: image, check=_check_network,
+NETWORK = Network("pickscore", load=_Net, prepare=pixels, check=_check_network,
                   captions="the pickscore metric scores each image against its caption")
 SCORES = score_feature("pickscore")
 PICKSCORE = score_metric("pickscore", _describe, _describe)
