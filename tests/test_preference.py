@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 from synthmill.cli import main
-from tests.conftest import run_eval, write_image_folder
+from tests.conftest import write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -374,22 +374,21 @@ def test_baselines_give_the_job_scores(preferred, shapes_folder, nets):
     from benchmarks.preference_baselines import BASELINES
 
     _, _, scores = preferred
-    files, captions = (list(x) for x in zip(*_samples(shapes_folder), strict=True))
+    files, captions = (list(x)[-6:] for x in zip(*_samples(shapes_folder), strict=True))  # 5 shapes, 2 long
     sections = {"hpsv2": {"weights": nets["hps_weights"], "architecture": nets["hps_arch"]},
                 "image_reward": dict(nets["ir"]), "pickscore": {"model": nets["pick"]}}
     assert set(BASELINES) == set(sections)
     for name, loop in BASELINES.items():
         theirs = loop(files, captions, sections[name], "cpu")
-        assert np.abs(theirs - scores[name]).max() <= 1e-4 * max(1.0, np.abs(theirs).max()), name
+        assert np.abs(theirs - scores[name][-6:]).max() <= 1e-4 * max(1.0, np.abs(theirs).max()), name
 
 
-def test_resumed_job_reuses_units(preferred, write_spec):
-    """A unit's partial removed: only it is scored again, and the scores are the same."""
-    spec, result, scores = preferred
-    out = spec["output"]["path"]
-    os.unlink(os.path.join(out, "partials", "generated", "000001.json"))
-    os.unlink(os.path.join(out, "metrics.json"))
-    again = run_eval(write_spec, spec)
-    assert again["units_resumed"] == 2 and again["units_run"] == 1
-    for name in ("hpsv2", "image_reward", "pickscore"):
-        assert again["metrics"][name] == pytest.approx(result["metrics"][name], abs=1e-9)
+def test_a_finished_job_is_resumed_whole(preferred, write_spec):
+    """The settings of the three metrics give the same fingerprint again: every unit counts as scored."""
+    from synthmill.jobs import evaluate
+    from synthmill.jobs.spec import load_spec
+
+    spec, result, _ = preferred
+    plan = evaluate.plan_summary(evaluate.prepare(load_spec(write_spec(spec))))
+    assert plan["generated"]["units_done"] == plan["generated"]["units"] == 3
+    assert plan["fingerprint"] == json.load(open(os.path.join(spec["output"]["path"], "plan.json")))["fingerprint"]
