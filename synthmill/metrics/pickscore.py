@@ -119,8 +119,12 @@ def _local_model(folder: str, field: str) -> str:
 
 
 def _hub_model(repo: str, field: str) -> tuple[str, str | None]:
-    """(revision, weights sha256) of a hub model: one metadata request, nothing downloaded."""
-    from huggingface_hub import HfApi
+    """(revision, weights sha256) of a hub model: one metadata request, nothing downloaded; (None, None) under
+    ``HF_HUB_OFFLINE`` (the actors load it from the hub cache, and the digest is not known)."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None, None
 
     try:
         info = HfApi().model_info(repo, files_metadata=True)

@@ -48,5 +48,5 @@ def resolve_weights(field: str, weights: str, sha256: str | None, opts: dict[str
 
     try:
         return w.resolve(weights, sha256, opts)
-    except w.WeightsError as e:
+    except (w.WeightsError, storage.StorageError) as e:  # a download that failed for good names this field too
         raise SpecError(f"{field}: {e}") from None
