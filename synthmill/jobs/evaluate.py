@@ -303,7 +303,7 @@ class EvaluateJob(lifecycle.Job):
             "started_at": self.started.isoformat(timespec="seconds"),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(("synthmill", "torch", "torchvision", "numpy", "scipy", "pillow", "pytorch-fid",
-                                  "torch-fidelity", "open_clip_torch", "ray")),
+                                  "torch-fidelity", "open_clip_torch", "transformers", "ray")),
         }
 
 

@@ -77,6 +77,25 @@ class PrecisionRecallSpec:
 class CmmdSpec:
     model: str = "ViT-L-14-336"  # open_clip name, hf-hub:org/repo or local-dir:/path (the paper's: ViT-L/14 at 336)
     pretrained: Optional[str] = "openai"  # tag, or a checkpoint file; ignored for hf-hub:/local-dir:
+class HpsSpec:
+    version: str = "v2.1"  # v2.0 | v2.1: which release checkpoint `weights: null` is
+    weights: Optional[str] = None  # null: the release's checkpoint of `version`; or a path / URL (a {'state_dict'})
+    weights_sha256: Optional[str] = None  # expected digest (or prefix) of the weights file
+    architecture: str = "ViT-H-14"  # the open_clip model the checkpoint is for; or a JSON file of its config
+
+
+@dataclass
+class ImageRewardSpec:
+    weights: Optional[str] = None  # null: the release's ImageReward.pt; or a path / URL
+    weights_sha256: Optional[str] = None  # expected digest (or prefix) of the weights file
+    med_config: Optional[str] = None  # null: the release's med_config.json (its BERT); or a path / URL
+    tokenizer: Optional[str] = None  # null: bert-base-uncased; or a hub id / BERT tokenizer folder (vocab.txt)
+
+
+@dataclass
+class PickScoreSpec:
+    model: Optional[str] = None  # null: yuvalkirstain/PickScore_v1; or a hub id / transformers CLIPModel folder
+    processor: Optional[str] = None  # null: the release's (laion CLIP-ViT-H-14) for the release's model, else `model`
 
 
 @dataclass
@@ -92,8 +111,12 @@ class EvalClusterSpec(ActorClusterSpec):
 
 #: The fields of a evaluate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
 PATHS = {"generated.path": "input", "reference.path": "input", "fid.weights": "input",
-                                  "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output",
-         "cmmd.model": "clip", "cmmd.pretrained": "file_or_name"}
+         "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output",
+         "cmmd.model": "clip", "cmmd.pretrained": "file_or_name",
+         "hpsv2.weights": "input", "hpsv2.architecture": "name_or_path",
+         "pickscore.model": "name_or_path", "pickscore.processor": "name_or_path",
+         "image_reward.weights": "input", "image_reward.med_config": "input",
+         "image_reward.tokenizer": "name_or_path"}
 
 
 @dataclass
@@ -110,6 +133,9 @@ class EvaluateSpec:
     kid: KidSpec = field(default_factory=KidSpec)
     precision_recall: PrecisionRecallSpec = field(default_factory=PrecisionRecallSpec)
     cmmd: CmmdSpec = field(default_factory=CmmdSpec)
+    hpsv2: HpsSpec = field(default_factory=HpsSpec)
+    pickscore: PickScoreSpec = field(default_factory=PickScoreSpec)
+    image_reward: ImageRewardSpec = field(default_factory=ImageRewardSpec)
     output: EvalOutputSpec = field(default_factory=EvalOutputSpec)
     cluster: EvalClusterSpec = field(default_factory=EvalClusterSpec)
     storage: Dict[str, Any] = field(default_factory=dict)
@@ -145,6 +171,14 @@ class EvaluateSpec:
         nb = self.precision_recall.neighborhood
         require(1 <= nb <= 1000, "precision_recall.neighborhood", f"must be in 1..1000, got {nb}")
         require(bool(self.cmmd.model.strip()), "cmmd.model", "must not be empty")
+        h = self.hpsv2
+        one_of(h.version, ["v2.0", "v2.1"], "hpsv2.version")
+        require(h.weights_sha256 is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", h.weights_sha256)),
+                "hpsv2.weights_sha256", "must be 8 to 64 hex digits")
+        require(bool(h.architecture.strip()), "hpsv2.architecture", "must not be empty")
+        sha = self.image_reward.weights_sha256
+        require(sha is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", sha)), "image_reward.weights_sha256",
+                "must be 8 to 64 hex digits")
         check_cluster(cl)
         require(1 <= cl.decode_threads <= 64, "cluster.decode_threads", f"must be in 1..64, got {cl.decode_threads}")
 

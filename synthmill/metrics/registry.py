@@ -7,13 +7,16 @@ are new) plus its rows here.
 
 from __future__ import annotations
 
-from synthmill.metrics import clip, cmmd, fid, inception, isc, kid
+from synthmill.metrics import clip, cmmd, fid, hps, imagereward, inception, isc, kid, pickscore
 from synthmill.metrics.base import Feature, Metric, Network
 
 NETWORKS: dict[str, Network] = {n.name: n for n in (
     inception.NETWORK,
     clip.NETWORK,
     cmmd.NETWORK,
+    hps.NETWORK,
+    imagereward.NETWORK,
+    pickscore.NETWORK,
 )}
 
 FEATURES: dict[str, Feature] = {f.name: f for f in (
@@ -22,6 +25,9 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
     kid.POOL,
     clip.COSINE,
     cmmd.EMBEDDING,
+    hps.SCORES,
+    imagereward.SCORES,
+    pickscore.SCORES,
 )}
 
 #: In this order their entries appear in metrics.json (and in messages that list the known metrics).
@@ -32,6 +38,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     cmmd.CMMD,
     isc.IS,
     clip.CLIP,
+    hps.HPSV2,
+    imagereward.IMAGE_REWARD,
+    pickscore.PICKSCORE,
     fid.FID_STATS_ONLY,
 )}
 
