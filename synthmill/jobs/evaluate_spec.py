@@ -57,6 +57,14 @@ class ClipSpec:
 
 
 @dataclass
+class CategoriesSpec:
+    """Per-category means of the per-sample metrics: each sample's prompt_index picks the row of a prompts file."""
+
+    column: Optional[str] = None  # the column naming each prompt's category (PartiPrompts: Category, Challenge)
+    path: Optional[str] = None  # the prompts file; null: the one the generate output was made from
+
+
+@dataclass
 class EvalOutputSpec:
     path: str = MISSING
 
@@ -69,7 +77,7 @@ class EvalClusterSpec(ActorClusterSpec):
 
 #: The fields of a evaluate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
 PATHS = {"generated.path": "input", "reference.path": "input", "fid.weights": "input",
-                                  "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output"}
+         "clip.model": "clip", "clip.pretrained": "file_or_name", "categories.path": "input", "output.path": "output"}
 
 
 @dataclass
@@ -83,6 +91,7 @@ class EvaluateSpec:
     fid: FidSpec = field(default_factory=FidSpec)
     inception_score: InceptionScoreSpec = field(default_factory=InceptionScoreSpec)
     clip: ClipSpec = field(default_factory=ClipSpec)
+    categories: CategoriesSpec = field(default_factory=CategoriesSpec)
     output: EvalOutputSpec = field(default_factory=EvalOutputSpec)
     cluster: EvalClusterSpec = field(default_factory=EvalClusterSpec)
     storage: Dict[str, Any] = field(default_factory=dict)
@@ -109,6 +118,10 @@ class EvaluateSpec:
         require(1 <= i.splits <= 1000, "inception_score.splits", f"must be in 1..1000, got {i.splits}")
         require(i.seed >= 0, "inception_score.seed", f"must be >= 0, got {i.seed}")
         require(bool(c.model.strip()), "clip.model", "must not be empty")
+        cat = self.categories
+        require(cat.column is None or bool(cat.column.strip()), "categories.column", "must not be empty")
+        require(cat.path is None or cat.column is not None, "categories.column",
+                "must name the column of categories.path that holds each prompt's category")
         check_cluster(cl)
         require(1 <= cl.decode_threads <= 64, "cluster.decode_threads", f"must be in 1..64, got {cl.decode_threads}")
 
