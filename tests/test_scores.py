@@ -10,6 +10,7 @@ import csv
 import glob
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -77,7 +78,8 @@ def test_scores_parquet_lists_every_sample_and_resumes_to_the_same_bytes(evaluat
     capsys.readouterr()
     assert main(["run", write_spec(bad)]) == 2
     line = capsys.readouterr().err.strip().splitlines()
-    assert len(line) == 1 and line[0].startswith("synthmill: error: categories.column: ") and "prompt_index" in line[0], line
+    assert len(line) == 1 and line[0].startswith("synthmill: error: categories.column: "), line
+    assert "prompt_index" in line[0], line
     assert not os.path.exists(tmp_path / "folder")
     run_eval(write_spec, folder)
     mine = pq.read_table(tmp_path / "folder" / "scores.parquet")
@@ -145,3 +147,18 @@ def test_per_category_table_on_partiprompts(ray_address, tiny_sd, clip_model, wr
     line = capsys.readouterr().err.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("synthmill: error: categories.column 'category' not found in "), line
     assert "Category" in line[0] and not os.path.exists(tmp_path / "bad")
+
+
+def test_evaluate_all_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks evaluate-all --smoke`` (in the background, tests/conftest.py, on a local Ray of its
+    own): torch-fidelity's IS and a direct open_clip loop one after another, then one ``synthmill run`` computing
+    both; both figures, the ratio, and each number agreeing with its library's."""
+    code, stdout, stderr = background_smokes.result("test_evaluate_all_benchmark_smoke")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert re.search(r"^\| \(a\) is: torch-fidelity \| \d+\.\d+ \| \d+\.\d+ \|$", stdout, re.M), stdout
+    assert re.search(r"^\| \(b\) synthmill run, is, clip in one pass .* \| \d+\.\d+ \| \d+\.\d+ \|$", stdout,
+                     re.M), stdout
+    for key in ("inception_score.mean", "inception_score.std", "clip_score"):
+        assert re.search(rf"^{re.escape(key)}: synthmill \S+, library \S+, relative difference \S+ "
+                         r"\(tolerance \S+: agree\)$", stdout, re.M), stdout
+    assert re.search(r"^ratio \(b\)/\(a\) images/s = \d+\.\d+; numbers agree: yes$", stdout, re.M), stdout
