@@ -68,8 +68,12 @@ class SampleScores:
     def table(self) -> pa.Table:
         schema = self.schema
         columns = {}
+        numbers = {f.per_sample.column for f in self.features}
         for name in schema.names:
-            values = [v for p in self.parts for v in p[name]]
+            if name in numbers:  # float64 arrays, joined as they are
+                values = np.concatenate([p[name] for p in self.parts]) if self.parts else np.zeros(0)
+            else:
+                values = [v for p in self.parts for v in p[name]]
             columns[name] = pa.array(values, type=schema.field(name).type)
         return pa.table(columns, schema=schema)
 
