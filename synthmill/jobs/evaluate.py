@@ -150,6 +150,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
                 field = f"{name}.path"
                 job.size = _check_headers(name, job, opts, any(NETWORKS[n].same_size(spec) for n in job.networks))
             _check_counts(spec, {name: job.images.num_samples for name, job in sets.items()})
+            field = "categories.path"
             categories = _categories(spec, gen, opts)
             fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"))
             field = "output.path"
