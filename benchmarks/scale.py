@@ -11,7 +11,8 @@ Each part runs on local disk in a temporary folder, through synthmill's own func
 (2) the driver's check of N committed shards (what ``synthmill status`` and a resumed run do first):
     ``CommittedUnits.done`` over N markers (size check), at N = ``--shards`` / 10 and ``--shards``. The N shards
     are copies of the one real commit of (1), with their markers' ids rewritten and their tars cut to 1 KiB (the
-    size in each marker to match: the check compares sizes and reads no tar). Wall and CPU seconds, and
+    size in each marker to match: the check compares sizes and reads no tar) and their index parts cut to 1 KiB
+    (the check only sees that each exists). Wall and CPU seconds, and
     milliseconds per shard.
 (3) the index merge at the end of a job: ``merge_index`` over ``--parts`` parts of ``--samples-per-shard``
     rows each (COCO captions), as the driver writes ``index.parquet``. Wall and CPU seconds, rows/s.
@@ -136,7 +137,7 @@ def copies(layout: Any, n: int, dest: str) -> Any:
     os.makedirs(index)
     name0 = unit_name(0)
     tar = open(os.path.join(src_shards, name0 + ".tar"), "rb").read()[:1024]  # the check reads sizes, not bytes
-    part = open(os.path.join(src_index, name0 + ".parquet"), "rb").read()
+    part = open(os.path.join(src_index, name0 + ".parquet"), "rb").read()[:1024]  # listed, never read, by the check
     marker = json.load(open(os.path.join(src_shards, name0 + ".json"), encoding="utf-8"))
     for k in range(n):
         name = unit_name(k)

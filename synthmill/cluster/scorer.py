@@ -23,7 +23,7 @@ import numpy as np
 import ray
 
 from synthmill.metrics import partials
-from synthmill.metrics.registry import FEATURES, NETWORKS, networks_of
+from synthmill.metrics.registry import FEATURES, NETWORKS, networks_of, per_sample_of
 from synthmill.sharding import storage
 from synthmill.sharding.images import ImageSet, ImageSetError, Sample, check_pixels, image_size, iter_unit
 from synthmill.sharding.nodes import NodePath, check_node_sees
@@ -48,6 +48,12 @@ class SetJob:
     @property
     def networks(self) -> tuple[str, ...]:
         return networks_of(self.features)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether its partials keep each sample's key: some feature is one number per image, which
+        ``scores.parquet`` lists by key."""
+        return bool(per_sample_of(self.features))
 
     @property
     def captions(self) -> str | None:
@@ -95,7 +101,7 @@ class Scorer:
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "host": socket.gethostname(), "pid": os.getpid()}
 
-    def _decode(self, job: SetJob, sample: Sample) -> tuple[dict[str, Any], str | None]:
+    def _decode(self, job: SetJob, sample: Sample) -> tuple[dict[str, Any], str | None, str]:
         from PIL import Image
 
         # the header first: an image over the limit is never decoded (its pixels, not its file, cost the memory)
@@ -113,7 +119,7 @@ class Scorer:
                 "(set fid.resize_to to score every image at one size)")
         if job.captions and sample.caption is None:
             raise BadImage(f"{sample.name}: no caption (.txt); {job.captions}")
-        return {n: NETWORKS[n].prepare(self.spec, rgb) for n in job.networks}, sample.caption
+        return {n: NETWORKS[n].prepare(self.spec, rgb) for n in job.networks}, sample.caption, sample.key
 
     def _batch(self, job: SetJob, batch: list, acc: dict[str, Any]) -> None:
         captions = [b[1] for b in batch]
@@ -132,6 +138,7 @@ class Scorer:
         unit = job.images.units[k]
         t0 = time.perf_counter()
         acc = {f: FEATURES[f].unit() for f in job.features}
+        keys: list[str] = []
         n = 0
         bs = self.spec.cluster.batch_size
         batch: list = []
@@ -140,6 +147,7 @@ class Scorer:
             decoded = storage.ahead(samples, lambda s: self._decode(job, s), self.decoders, 2 * bs)
             for item in decoded:
                 batch.append(item)
+                keys.append(item[2])
                 if len(batch) == bs:
                     self._batch(job, batch, acc)
                     n, batch = n + len(batch), []
@@ -155,6 +163,9 @@ class Scorer:
         for a in acc.values():
             arrays.update(a.arrays())
             marker.update(a.marker())
+        if job.keyed:  # fixed-width text, which np.load reads without pickle
+            arrays[partials.KEYS] = np.array(keys, dtype=f"<U{max(map(len, keys), default=1)}")
+            marker[partials.KEYS] = True
         marker.update(seconds=round(time.perf_counter() - t0, 3), attempt=attempt)
         return partials.commit(self.work.output, set_name, k, arrays, marker, self.work.storage)
 

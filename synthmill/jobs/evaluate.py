@@ -24,7 +24,8 @@ from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, set_pl
 from synthmill.jobs.spec import node_paths
 from synthmill.metrics import partials
 from synthmill.metrics.base import Finish
-from synthmill.metrics.registry import FEATURES, METRICS, NETWORKS, features_of, networks_of
+from synthmill.metrics.registry import FEATURES, METRICS, NETWORKS, features_of, networks_of, per_sample_of
+from synthmill.metrics.scores import SampleScores, category_table, load_categories, parquet_bytes
 from synthmill.sharding import storage
 from synthmill.sharding.images import (
     ImageSetError,
@@ -34,10 +35,13 @@ from synthmill.sharding.images import (
     image_size,
     open_image_set,
 )
-from synthmill.sharding.layout import FAILURES, OutputLayout
+from synthmill.sharding.layout import FAILURES, SCORES, OutputLayout
 from synthmill.sharding.layout import METRICS as METRICS_FILE
 
 log = logging.getLogger(__name__)
+
+#: The libraries every evaluation records the versions of; each metric adds its own (``Metric.libraries``).
+CORE_LIBRARIES = ("synthmill", "torch", "torchvision", "numpy", "pillow", "pyarrow", "webdataset", "fsspec", "ray")
 
 #: How the per-unit statistics are kept and merged, in metrics.json's protocol.
 STATISTICS = ("per unit its float32 features (float64 sums from 4,096 samples), added to float64 sums in unit "
@@ -51,6 +55,7 @@ class Prepared:
     reference_stats: dict[str, Any] | None  # metric -> the statistics standing in for the reference images, or None
     info: dict[str, dict[str, Any]]  # network name -> what its check found (the Inception weights' path and sha256)
     fingerprint: str
+    categories: tuple[str, list[str | None]] | None = None  # (the prompts file, each prompt's category)
 
     @property
     def layout(self) -> OutputLayout:
@@ -86,6 +91,31 @@ def _check_counts(spec: EvaluateSpec, samples: dict[str, int | None]) -> None:
     """Each metric's minimum sample counts; None (not known before scoring) passes."""
     for m in spec.metrics:
         METRICS[m].check(spec, samples)
+
+
+def _categories(spec: EvaluateSpec, gen: Any, opts: dict[str, Any] | None) -> tuple[str, list[str | None]] | None:
+    """The prompts file named by ``categories`` and each prompt's category (row i: prompt_index i), or None."""
+    import yaml
+
+    column = spec.categories.column
+    if column is None:
+        return None
+    if not per_sample_of(features_of(spec.metrics, "generated")):
+        raise SpecError(f"categories.column: none of the metrics {', '.join(spec.metrics)} gives a number per sample "
+                        "to average per category")
+    if gen.kind != "synthmill":
+        raise SpecError(f"categories.column: the generated set {gen.path} is not a synthmill generate output, so "
+                        "its samples have no prompt_index to join the categories on")
+    plan = storage.read_plan(gen.path, opts) or {}
+    path = spec.categories.path
+    if path is None:  # the prompts the generate job read, as its job.yaml names them (absolute when local)
+        job_url = storage.join(gen.path, "job.yaml")
+        try:
+            job = yaml.safe_load(storage.read_bytes(job_url, opts))
+            path = job["prompts"]["path"]
+        except (FileNotFoundError, yaml.YAMLError, KeyError, TypeError):
+            raise SpecError(f"categories.path: {job_url} names no prompts.path; give categories.path") from None
+    return path, load_categories(path, column, opts, int(plan.get("prompts") or 0))
 
 
 def prepare(spec: EvaluateSpec) -> Prepared:
@@ -124,6 +154,8 @@ def prepare(spec: EvaluateSpec) -> Prepared:
                 field = f"{name}.path"
                 job.size = _check_headers(name, job, opts, any(NETWORKS[n].same_size(spec) for n in job.networks))
             _check_counts(spec, {name: job.images.num_samples for name, job in sets.items()})
+            field = "categories.path"
+            categories = _categories(spec, gen, opts)
             fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"))
             field = "output.path"
             check_output_folder(spec.output.path, fingerprint, opts, "evaluate")
@@ -131,7 +163,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
         raise SpecError(f"{field}: {e}") from None
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None
-    return Prepared(spec, sets, ref_stats, info, fingerprint)
+    return Prepared(spec, sets, ref_stats, info, fingerprint, categories)
 
 
 def _identities(job: SetJob) -> dict[int, str]:
@@ -144,7 +176,7 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
                            "resize_to": p.spec.fid.resize_to, "output": storage.redact_url(p.spec.output.path),
                            "fingerprint": p.fingerprint}
     for name, job in p.sets.items():
-        done = partials.done(p.spec.output.path, name, _identities(job), p.fingerprint, p.spec.storage)
+        done = partials.done(p.spec.output.path, name, _identities(job), p.fingerprint, p.spec.storage, job.keyed)
         out[name] = {"path": storage.redact_url(job.images.path), "kind": job.images.kind,
                      "units": len(job.images.units), "samples": job.images.num_samples, "units_done": len(done)}
     if p.reference_stats is not None:
@@ -187,7 +219,8 @@ class EvaluateJob(lifecycle.Job):
         self.p, self.spec, self.layout = p, p.spec, p.layout
         self.started = datetime.now(timezone.utc)
         self.t0 = time.perf_counter()
-        self.markers = {name: partials.done(self.layout.url, name, _identities(job), p.fingerprint, self.layout.opts)
+        self.markers = {name: partials.done(self.layout.url, name, _identities(job), p.fingerprint, self.layout.opts,
+                                            job.keyed)
                         for name, job in p.sets.items()}
         self.todo = [(name, u.index) for name, job in p.sets.items() for u in job.images.units
                      if u.index not in self.markers[name]]
@@ -246,23 +279,33 @@ class EvaluateJob(lifecycle.Job):
     def failure_message(self, failures: dict[str, str]) -> str:
         return super().failure_message(failures) + " Run the same command again to retry them; scored units are kept."
 
-    def _merge(self, name: str) -> tuple[int, dict[str, Any]]:
-        """The set's sample count and each feature's total over its partials, added in unit order."""
+    def _merge(self, name: str) -> tuple[int, dict[str, Any], SampleScores | None]:
+        """The set's sample count, each feature's total over its partials, added in unit order, and its
+        per-sample numbers when it has any."""
         job, markers = self.p.sets[name], self.markers[name]
         totals = {f: FEATURES[f].total() for f in job.features}
+        scores = None
+        if job.keyed:
+            index = None
+            if job.images.kind == "synthmill":  # unit k is shard k, whose rows index/K.parquet holds
+                shards = OutputLayout(job.images.path, self.layout.opts).shards
+                index = lambda k: shards.companion_url(0, k)  # noqa: E731
+            scores = SampleScores(per_sample_of(job.features), index, self.layout.opts)
         units = range(len(job.images.units))
         for k, part in zip(units, partials.load_in_order(self.layout.url, name, units, self.layout.opts), strict=True):
             for t in totals.values():
                 t.add(part, markers[k])
-        return sum(int(m["count"]) for m in markers.values()), totals
+            if scores is not None:
+                scores.add(k, part, partials.KEYS)
+        return sum(int(m["count"]) for m in markers.values()), totals, scores
 
     def finish(self) -> dict[str, Any]:
         from synthmill.metrics.inception import PROTOCOLS, RESIZE_TO
 
         p, spec, layout = self.p, self.spec, self.layout
-        samples, totals = {}, {}
+        samples, totals, scores = {}, {}, {}
         for name in p.sets:
-            samples[name], totals[name] = self._merge(name)
+            samples[name], totals[name], scores[name] = self._merge(name)
         _check_counts(spec, samples)
 
         def write(file_name: str, data: bytes) -> str:
@@ -284,11 +327,13 @@ class EvaluateJob(lifecycle.Job):
                 key, describe = metric.protocol
                 protocol[key] = describe(spec) if name in spec.metrics else None
         protocol.update(statistics=STATISTICS, tf32=False)
+        per_sample = self._write_scores(scores.get("generated"), write)
         report, sha = self.report, p.weights_sha256
         return {
             "status": "complete",
             "kind": "evaluate",
             "metrics": metrics,
+            **per_sample,
             "samples": samples,
             "protocol": protocol,
             "weights": ({"file": spec.fid.weights or "standard (pytorch-fid's URL)", "sha256": sha,
@@ -302,9 +347,24 @@ class EvaluateJob(lifecycle.Job):
             "actors_lost": report.actors_lost if report else 0,
             "started_at": self.started.isoformat(timespec="seconds"),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(("synthmill", "torch", "torchvision", "numpy", "scipy", "pillow", "pytorch-fid",
-                                  "torch-fidelity", "open_clip_torch", "transformers", "ray")),
+            "versions": versions((*CORE_LIBRARIES, *dict.fromkeys(
+                lib for name, m in METRICS.items() if name in spec.metrics for lib in m.libraries))),
         }
+
+    def _write_scores(self, scores: SampleScores | None, write: Any) -> dict[str, Any]:
+        """Write ``scores.parquet`` (when a metric gives one number per image) and return metrics.json's entries
+        about it: the file and its columns, and the per-category table when ``categories`` asks for one."""
+        if scores is None:
+            return {}
+        table = scores.table()
+        write(SCORES, parquet_bytes(table))
+        columns = tuple(f.per_sample.column for f in scores.features)
+        out: dict[str, Any] = {"scores": {"file": SCORES, "rows": table.num_rows, "columns": table.column_names}}
+        if self.p.categories is not None:
+            path, categories = self.p.categories
+            out["categories"] = {"column": self.spec.categories.column, "path": storage.redact_url(path),
+                                 **category_table(table, categories, columns)}
+        return out
 
 
 def run(p: Prepared) -> dict[str, Any]:

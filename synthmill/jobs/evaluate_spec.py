@@ -77,6 +77,9 @@ class PrecisionRecallSpec:
 class CmmdSpec:
     model: str = "ViT-L-14-336"  # open_clip name, hf-hub:org/repo or local-dir:/path (the paper's: ViT-L/14 at 336)
     pretrained: Optional[str] = "openai"  # tag, or a checkpoint file; ignored for hf-hub:/local-dir:
+
+
+@dataclass
 class HpsSpec:
     version: str = "v2.1"  # v2.0 | v2.1: which release checkpoint `weights: null` is
     weights: Optional[str] = None  # null: the release's checkpoint of `version`; or a path / URL (a {'state_dict'})
@@ -99,6 +102,14 @@ class PickScoreSpec:
 
 
 @dataclass
+class CategoriesSpec:
+    """Per-category means of the per-sample metrics: each sample's prompt_index picks the row of a prompts file."""
+
+    column: Optional[str] = None  # the column naming each prompt's category (PartiPrompts: Category, Challenge)
+    path: Optional[str] = None  # the prompts file; null: the one the generate output was made from
+
+
+@dataclass
 class EvalOutputSpec:
     path: str = MISSING
 
@@ -111,7 +122,7 @@ class EvalClusterSpec(ActorClusterSpec):
 
 #: The fields of a evaluate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
 PATHS = {"generated.path": "input", "reference.path": "input", "fid.weights": "input",
-         "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output",
+         "clip.model": "clip", "clip.pretrained": "file_or_name", "categories.path": "input", "output.path": "output",
          "cmmd.model": "clip", "cmmd.pretrained": "file_or_name",
          "hpsv2.weights": "input", "hpsv2.architecture": "name_or_path",
          "pickscore.model": "name_or_path", "pickscore.processor": "name_or_path",
@@ -136,6 +147,7 @@ class EvaluateSpec:
     hpsv2: HpsSpec = field(default_factory=HpsSpec)
     pickscore: PickScoreSpec = field(default_factory=PickScoreSpec)
     image_reward: ImageRewardSpec = field(default_factory=ImageRewardSpec)
+    categories: CategoriesSpec = field(default_factory=CategoriesSpec)
     output: EvalOutputSpec = field(default_factory=EvalOutputSpec)
     cluster: EvalClusterSpec = field(default_factory=EvalClusterSpec)
     storage: Dict[str, Any] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,16 +39,26 @@ class Network:
     same_size: Callable[[Any], bool] = lambda spec: False  # its inputs must all be one size (unless resized)
 
 
+class PerSample(NamedTuple):
+    """A feature that is one number per image, which ``scores.parquet`` lists per sample: its ``column`` there,
+    and the ``array`` of the unit's partial npz that holds the numbers, in sample order."""
+
+    column: str
+    array: str
+
+
 @dataclass(frozen=True)
 class Feature:
     """What a network gives per image, kept per unit (``unit()``: ``add(values)``, ``arrays()`` for the
     partial's npz, ``marker()`` for extra marker fields) and merged in unit order on the driver (``total()``:
-    ``add(arrays, marker)``)."""
+    ``add(arrays, marker)``). ``per_sample``: set when the feature is one number per image (a CLIP cosine, a
+    preference score), which then gets a column of ``scores.parquet`` and of the per-category table."""
 
     name: str
     network: str
     unit: Callable[[], Any]
     total: Callable[[], Any]
+    per_sample: PerSample | None = None
 
 
 @dataclass
@@ -78,6 +88,7 @@ class Metric:
     yet and passes). ``finish`` returns this metric's entries of ``metrics.json``'s ``metrics``; ``protocol``
     ``(key, describe(spec))`` its entry of ``metrics.json``'s ``protocol``. ``settings(spec)``: the settings of
     its own that shape a unit's partial, for the job's fingerprint (None: it has none beyond the network's).
+    ``libraries``: the packages its numbers come from, whose versions ``metrics.json`` records.
     """
 
     name: str
@@ -88,6 +99,7 @@ class Metric:
     reference_hint: str | None = None
     reference_stats: Callable[[str, dict[str, Any] | None, Any, dict[str, dict[str, Any]]], Any] | None = None
     settings: Callable[[Any], Any] | None = None
+    libraries: tuple[str, ...] = ()
 
 
 def need(metric: str, set_name: str, n: int | None, at_least: int, why: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from synthmill.errors import SpecError
-from synthmill.metrics.base import Feature, Finish, Metric, Network, need
+from synthmill.metrics.base import Feature, Finish, Metric, Network, PerSample, need
 
 
 class _Net:
@@ -68,7 +68,7 @@ class CosineTotal:
         self.truncated += int(marker.get("truncated_captions", 0))
 
 
-COSINE = Feature("clip_cosine", "clip", CosineUnit, CosineTotal)
+COSINE = Feature("clip_cosine", "clip", CosineUnit, CosineTotal, per_sample=PerSample("clip_score", "cos"))
 
 
 def _check(spec: Any, samples: Mapping[str, int | None]) -> None:
@@ -88,4 +88,5 @@ def _describe(spec: Any) -> dict[str, Any]:
             "clip_score_x100": "mean of 100 * max(cosine, 0) (torchmetrics, MLPerf)"}
 
 
-CLIP = Metric("clip", {"generated": ("clip_cosine",)}, _check, _finish, protocol=("clip", _describe))
+CLIP = Metric("clip", {"generated": ("clip_cosine",)}, _check, _finish, protocol=("clip", _describe),
+              libraries=("open_clip_torch",))

@@ -193,4 +193,4 @@ def settings(spec: Any) -> dict[str, Any]:
 CMMD = Metric("cmmd", {"generated": (FEATURE,), "reference": (FEATURE,)}, _check, _finish,
               protocol=("cmmd", _describe),
               reference_hint="cmmd needs a reference (real images, or a stats .npz that keeps their CMMD embeddings)",
-              reference_stats=_load, settings=settings)
+              reference_stats=_load, settings=settings, libraries=("open_clip_torch",))

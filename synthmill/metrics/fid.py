@@ -185,5 +185,6 @@ FID = Metric(
     reference_hint=("fid needs a reference (a folder or tars of real images, or a stats .npz); "
                     "to only write fid_stats.npz of the generated set, use metrics: [fid_stats]"),
     reference_stats=load_stats,
+    libraries=("pytorch-fid", "scipy"),
 )
-FID_STATS_ONLY = Metric("fid_stats", {"generated": ("pool3",)}, _check, _finish_stats)
+FID_STATS_ONLY = Metric("fid_stats", {"generated": ("pool3",)}, _check, _finish_stats, libraries=("pytorch-fid",))

@@ -195,4 +195,4 @@ NETWORK = Network("hpsv2", load=_Net, check=_check_network,
                   prepare=lambda spec, image: pixels(image, input_size(spec.hpsv2.architecture)),
                   captions="the hpsv2 metric scores each image against its caption")
 SCORES = score_feature("hpsv2")
-HPSV2 = score_metric("hpsv2", _describe, _describe)
+HPSV2 = score_metric("hpsv2", _describe, _describe, ("open_clip_torch",))

@@ -217,4 +217,4 @@ def _describe(spec: Any) -> dict[str, Any]:
 NETWORK = Network("image_reward", load=_Net, prepare=lambda spec, image: image, check=_check_network,
                   captions="the image_reward metric scores each image against its caption")
 SCORES = score_feature("image_reward")
-IMAGE_REWARD = score_metric("image_reward", _describe, _describe)
+IMAGE_REWARD = score_metric("image_reward", _describe, _describe, ("transformers",))

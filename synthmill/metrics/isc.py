@@ -31,4 +31,4 @@ def _finish(f: Finish) -> dict[str, Any]:
 
 
 IS = Metric("is", {"generated": ("logits",)}, _check, _finish,
-            protocol=("inception_score", lambda spec: IS_CONVENTION))
+            protocol=("inception_score", lambda spec: IS_CONVENTION), libraries=("torch-fidelity",))

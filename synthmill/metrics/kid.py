@@ -94,7 +94,7 @@ def _describe_kid(spec: Any) -> dict[str, Any]:
 KID = Metric("kid", {"generated": (FIDELITY_POOL,), "reference": (FIDELITY_POOL,)}, _check_kid, _finish_kid,
              protocol=("kid", _describe_kid),
              reference_hint="kid needs a reference (real images, or a stats .npz that keeps their KID features)",
-             reference_stats=_load("kid", _kid_least))
+             reference_stats=_load("kid", _kid_least), libraries=("torch-fidelity",))
 
 
 # ---- precision and recall ----
@@ -139,4 +139,4 @@ PRECISION_RECALL = Metric(
     "precision_recall", {"generated": (FIDELITY_POOL,), "reference": (FIDELITY_POOL,)}, _check_prc, _finish_prc,
     protocol=("precision_recall", _describe_prc),
     reference_hint="precision_recall needs a reference (real images, or a stats .npz that keeps their features)",
-    reference_stats=_load("precision_recall", _prc_least))
+    reference_stats=_load("precision_recall", _prc_least), libraries=("torch-fidelity",))

@@ -21,6 +21,10 @@ from synthmill.sharding import storage
 from synthmill.sharding.layout import OutputLayout
 from synthmill.sharding.units import CommittedUnits
 
+#: The partial's array (and marker flag) of its samples' keys, in sample order, kept when a feature of the set is one
+#: number per image (``scores.parquet``).
+KEYS = "keys"
+
 
 def set_units(output: str, set_name: str, storage_options: dict[str, Any] | None = None) -> CommittedUnits:
     """The committed units of set ``set_name`` in the evaluate output ``output``."""
@@ -45,10 +49,12 @@ def commit(output: str, set_name: str, k: int, arrays: dict[str, np.ndarray], ma
 
 
 def done(output: str, set_name: str, identities: dict[int, str], fingerprint: str,
-         storage_options: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
-    """Markers of the units (unit id -> input identity) whose committed partial is valid."""
+         storage_options: dict[str, Any] | None = None, keyed: bool = False) -> dict[int, dict[str, Any]]:
+    """Markers of the units (unit id -> input identity) whose committed partial is valid; ``keyed``: which also
+    keeps its samples' keys (a partial committed before keys were kept is scored again)."""
+    extra = {KEYS: True} if keyed else {}
     return set_units(output, set_name, storage_options).done(
-        identities, lambda k: {"fingerprint": fingerprint, "identity": identities[k]})
+        identities, lambda k: {"fingerprint": fingerprint, "identity": identities[k], **extra})
 
 
 def load(output: str, set_name: str, k: int, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:

@@ -170,4 +170,4 @@ def _describe(spec: Any) -> dict[str, Any]:
 NETWORK = Network("pickscore", load=_Net, prepare=pixels, check=_check_network,
                   captions="the pickscore metric scores each image against its caption")
 SCORES = score_feature("pickscore")
-PICKSCORE = score_metric("pickscore", _describe, _describe)
+PICKSCORE = score_metric("pickscore", _describe, _describe, ("transformers",))

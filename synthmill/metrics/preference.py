@@ -14,16 +14,19 @@ from typing import Any
 import numpy as np
 
 from synthmill.errors import SpecError
-from synthmill.metrics.base import Feature, Finish, Metric, Rows, RowsTotal, need
+from synthmill.metrics.base import Feature, Finish, Metric, PerSample, Rows, RowsTotal, need
 from synthmill.sharding import storage
 
 
 def score_feature(name: str) -> Feature:
-    """The per-image scores of metric ``name``, given by the network of the same name."""
-    return Feature(name, name, lambda: Rows(name, lambda: np.zeros(0)), lambda: RowsTotal(name))
+    """The per-image scores of metric ``name``, given by the network of the same name (a column of
+    ``scores.parquet`` of that name)."""
+    return Feature(name, name, lambda: Rows(name, lambda: np.zeros(0)), lambda: RowsTotal(name),
+                   per_sample=PerSample(name, name))
 
 
-def score_metric(name: str, describe: Callable[[Any], Any], settings: Callable[[Any], Any]) -> Metric:
+def score_metric(name: str, describe: Callable[[Any], Any], settings: Callable[[Any], Any],
+                 libraries: tuple[str, ...]) -> Metric:
     """A per-sample metric: ``metrics.json`` gets ``NAME`` (the mean score), ``NAME_std`` and ``NAME_network`` (what
     the network's check found: its weights' source and sha256). ``settings(spec)``: what shapes the scores, for the
     job's fingerprint."""
@@ -38,7 +41,7 @@ def score_metric(name: str, describe: Callable[[Any], Any], settings: Callable[[
         return {name: float(scores.mean()), f"{name}_std": float(scores.std()), f"{name}_network": network}
 
     return Metric(name, {"generated": (name,)}, check, finish, protocol=(name, describe),
-                  settings=settings)
+                  settings=settings, libraries=libraries)
 
 
 def resolve_weights(field: str, weights: str, sha256: str | None, opts: dict[str, Any] | None) -> tuple[str, str]:

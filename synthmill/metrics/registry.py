@@ -51,6 +51,12 @@ def features_of(metrics: list[str], set_name: str) -> tuple[str, ...]:
     return tuple(f for f in FEATURES if f in wanted)
 
 
+def per_sample_of(features: tuple[str, ...]) -> tuple[Feature, ...]:
+    """The features among ``features`` that are one number per image (``scores.parquet``'s columns), in table
+    order."""
+    return tuple(FEATURES[f] for f in FEATURES if f in features and FEATURES[f].per_sample)
+
+
 def networks_of(features: tuple[str, ...]) -> tuple[str, ...]:
     """The networks that give ``features``, each once, in table order."""
     wanted = {FEATURES[f].network for f in features}

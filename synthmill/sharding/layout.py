@@ -28,6 +28,7 @@ PLAN = "plan.json"
 JOB_YAML = "job.yaml"
 SUMMARY = "summary.json"
 METRICS = "metrics.json"
+SCORES = "scores.parquet"  # an evaluation's per-sample numbers
 FAILURES = "failures.json"
 INDEX = "index.parquet"
 FID_STATS = "fid_stats.npz"
