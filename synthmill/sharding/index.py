@@ -38,17 +38,18 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{f: r.get(f) for f in INDEX_SCHEMA.names} for r in rows], schema=INDEX_SCHEMA)
 
 
-def merge_index(layout: OutputLayout, shard_ids: Iterable[int]) -> int:
-    """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order); return the row count."""
+def merge_index(layout: OutputLayout, shard_ids: Iterable[int], schema: pa.Schema = INDEX_SCHEMA) -> int:
+    """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order), with the columns of ``schema``
+    (a generate job's :data:`INDEX_SCHEMA`, or a filter's); return the row count."""
     n = 0
     fd, tmp = tempfile.mkstemp(suffix=".parquet")
     os.close(fd)
     try:
         try:
-            with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
+            with pq.ParquetWriter(tmp, schema) as writer:
                 for k in shard_ids:
                     data = storage.read_bytes(layout.shards.companion_url(0, k), layout.opts)
-                    table = pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
+                    table = pq.read_table(pa.BufferReader(data)).cast(schema)
                     writer.write_table(table)
                     n += table.num_rows
         except OSError as e:  # the temporary's disk (TMPDIR), not the output's
