@@ -58,7 +58,8 @@ def source(reference, s3):  # noqa: F811
                                         index["image_index"].to_pylist(), strict=True)
               if score_of(int(k))[0] > 0.25 and not score_of(int(k))[1] and j == 0]
     assert 3 <= len(chosen) < 11, chosen  # some chosen, some not
-    return {"local": out, "chosen": chosen, "scores": scores, "scores_sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    return {"local": out, "chosen": chosen, "scores": scores,
+            "scores_sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
 
 
 def filter_spec(s3: dict, output: str, where: str = WHERE, **extra) -> dict:  # noqa: F811
@@ -118,7 +119,8 @@ def test_filter_on_s3_copies_the_chosen_samples_byte_for_byte(reference, s3, sou
     # status and dry run see it complete; the same command again keeps it as it is
     assert main(["status", path, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert (st["kind"], st["complete"], st["shards_done"], st["samples_done"]) == ("filter", True, n_shards, len(chosen))
+    assert (st["kind"], st["complete"], st["shards_done"], st["samples_done"]) == \
+        ("filter", True, n_shards, len(chosen))
     assert main(["status", path]) == 0
     text = capsys.readouterr().out
     assert f"selected   {len(chosen)} of 22 samples" in text and f"{n_shards} / {n_shards} done" in text
@@ -228,7 +230,7 @@ def test_filter_benchmark_smoke(background_smokes) -> None:
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(r"^same samples as \(a\): \(b\) (\d+)/\1$", stdout, re.M), stdout
     assert re.search(r"^same samples as \(a\): \(c\) (\d+)/\1$", stdout, re.M), stdout
-    assert re.search(r"^ratios: samples/s \(b\)/\(a\) = \d+\.\d+ \(goal >= 0\.9: (met|not met)\), \(c\)/\(a\) = \d+\.\d+",
-                     stdout, re.M), stdout
+    assert re.search(r"^ratios: samples/s \(b\)/\(a\) = \d+\.\d+ \(goal >= 0\.9: (met|not met)\), "
+                     r"\(c\)/\(a\) = \d+\.\d+", stdout, re.M), stdout
     m = re.search(r"^memory: .* peak (\d+) KiB of Python allocations; largest source shard (\d+) KiB", stdout, re.M)
     assert m and int(m.group(1)) < int(m.group(2)), stdout

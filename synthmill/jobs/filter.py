@@ -207,7 +207,8 @@ def select(spec: FilterSpec, source: Source, scores: Scores | None) -> tuple[Sel
     counts = {"source_samples": index.num_rows}
     if scores is not None:
         _check_scores(q, scores, source)
-        counts["without_scores"] = q.scalar("SELECT count(*) FROM index_t AS i ANTI JOIN scores_t AS s ON i.key = s.key")
+        counts["without_scores"] = q.scalar(
+            "SELECT count(*) FROM index_t AS i ANTI JOIN scores_t AS s ON i.key = s.key")
     rows = q.rows(spec.where)
     chosen = index.select(["key", "shard"]).take(pa.array(rows))
     selection = Selection(chosen["key"].combine_chunks().cast(pa.string()),
@@ -350,7 +351,6 @@ class FilterJob(lifecycle.Job):
     def work(self, resources: dict[str, float]) -> dict[str, str]:
         import ray
 
-        from synthmill.cluster.connect import actor_options
         from synthmill.cluster.copier import CopierActor, CopyWork
         from synthmill.cluster.pool import ProgressBar, ShardPool
 

@@ -96,11 +96,12 @@ class FilterSpec:
     def plan_mismatch(self, plan: dict[str, Any]) -> str | None:
         """How ``plan`` (an output's plan.json) disagrees with this spec (the output's job.yaml), or None."""
         samples, shards, per = (plan.get(k) for k in ("samples", "shards", "samples_per_shard"))
-        if count(per) and per != self.output.samples_per_shard:
-            return f'its "samples_per_shard" is {per:,}, and output.samples_per_shard {self.output.samples_per_shard:,}'
-        if isinstance(samples, int) and isinstance(shards, int) and shards != -(-samples // self.output.samples_per_shard):
+        mine = self.output.samples_per_shard
+        if count(per) and per != mine:
+            return f'its "samples_per_shard" is {per:,}, and output.samples_per_shard {mine:,}'
+        if isinstance(samples, int) and isinstance(shards, int) and shards != -(-samples // mine):
             return (f'its "shards" is {shards:,}, and {samples:,} samples at output.samples_per_shard '
-                    f'{self.output.samples_per_shard:,} are {-(-samples // self.output.samples_per_shard):,} shards')
+                    f'{mine:,} are {-(-samples // mine):,} shards')
         if all(k in plan for k in INPUT_KEYS) and REDACTED not in self.where:
             fingerprint = self.fingerprint(plan)
             if plan.get("fingerprint") != fingerprint:
