@@ -138,8 +138,11 @@ sys.exit(main(["run", sys.argv[1]]))
 
 def test_a_killed_filter_resumes_into_the_same_tars(reference, ray_address, s3, source, write_spec,  # noqa: F811
                                                     tmp_path, capsys):
-    """The driver SIGKILLed once a shard is committed, before the last: the same command commits the rest, and
-    every tar equals those of the uninterrupted run into S3 (the previous test's, or made here)."""
+    """The driver SIGKILLed once a shard is committed, before the last (its one copier stopped at that moment, then
+    killed too): the same command commits the rest, and every tar equals those of the uninterrupted run into S3
+    (the previous test's, or made here)."""
+    from benchmarks.chaos import actor_pids
+
     fs, chosen = s3["fs"], source["chosen"]
     n_shards = -(-len(chosen) // PER_SHARD)
     if not fs.exists("synth/clean/summary.json"):
@@ -155,17 +158,26 @@ def test_a_killed_filter_resumes_into_the_same_tars(reference, ray_address, s3, 
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     shards = os.path.join(out, "shards")
     deadline = time.monotonic() + 240
+    copier: list[int] = []
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if os.path.isdir(shards) and any(n.endswith(".json") for n in os.listdir(shards)):
+            copier = copier or actor_pids("ray::CopierActor")
+            if copier and os.path.isdir(shards) and any(n.endswith(".json") for n in os.listdir(shards)):
+                for pid in copier:
+                    os.kill(pid, signal.SIGSTOP)  # mid-way through its next shard, or between shards
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
-            time.sleep(0.005)
+            time.sleep(0.002 if copier else 0.05)
         proc.wait(60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for pid in copier:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
     done = sorted(n for n in os.listdir(shards) if n.endswith(".json"))
     assert 1 <= len(done) < n_shards, done
@@ -209,6 +221,13 @@ def test_bad_conditions_and_scores_exit_2_with_nothing_written(reference, s3, so
     assert main(["run", write_spec(spec)]) == 2
     assert "key '0000000100' is not a sample of" in capsys.readouterr().err
     assert not out.exists()
+    # nothing chosen: an output of no shards, its empty index and its lineage, and no Ray needed
+    empty = filter_spec(s3, str(tmp_path / "empty"), "seed < 0", scores={"path": None})
+    empty["source"]["path"] = local
+    assert main(["run", write_spec(empty)]) == 0
+    assert capsys.readouterr().out.startswith("done: 0 of 22 samples selected into 0 shards")
+    assert pq.read_table(tmp_path / "empty" / "index.parquet").num_rows == 0
+    assert json.loads((tmp_path / "empty" / "lineage.json").read_text())["counts"]["selected"] == 0
     # the condition on the index alone, locally: a plain read of the output
     spec = filter_spec(s3, str(out), "image_index = 1 AND NOT blank_prompt", scores={"path": None})
     spec["source"]["path"] = local
@@ -219,6 +238,15 @@ def test_bad_conditions_and_scores_exit_2_with_nothing_written(reference, s3, so
     got = read_wds(str(out))
     assert len(got) == len(want) == 10
     assert [s["png"] for s in got] == [s["png"] for s in want]
+    # a filter of that filter: its source_key is the first filter's key
+    again = {"kind": "filter", "source": {"path": str(out)}, "where": "source_key >= '0000000011'",
+             "output": {"path": str(tmp_path / "again"), "samples_per_shard": 4}, "cluster": {"num_actors": 1}}
+    assert main(["validate", write_spec(again)]) == 0
+    assert capsys.readouterr().out.strip().endswith(": 5 of 10 samples selected -> 2 shards")
+    assert main(["run", write_spec(again)]) == 0
+    twice = read_wds(str(tmp_path / "again"))
+    assert [s["png"] for s in twice] == [s["png"] for s in got[5:]]
+    assert [json.loads(s["json"])["source_key"] for s in twice] == [f"{i:010d}" for i in range(5, 10)]
 
 
 def test_filter_benchmark_smoke(background_smokes) -> None:
