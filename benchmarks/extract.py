@@ -6,7 +6,11 @@ downloaded here; speed does not depend on the values). Then, on the same images,
 count:
 
 (a) pytorch-fid: ``fid_score.get_activations`` over the files (its DataLoader, batch ``--batch``),
-    the network loaded through torch.hub's cache as pytorch-fid does;
+    the network loaded through torch.hub's cache as pytorch-fid does, decoding on as many DataLoader workers
+    as synthmill's scorer has decode threads (``cluster.decode_threads``, 4 by default): the fair baseline,
+    which every ratio divides by;
+(a0) the same with ``get_activations``' own default of one DataLoader worker, printed beside it (what a
+    user who calls it without ``num_workers`` gets);
 (b) synthmill's :class:`~synthmill.cluster.scorer.Scorer` (no Ray) scoring the folder as units of
     ``--unit`` files: FID features only, the same work as (a), plus committing the float64 sums;
 (c) the same with FID features and IS logits (torch-fidelity's network: a second forward pass);
@@ -55,7 +59,8 @@ def make_images(folder: str, n: int, size: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def _pytorch_fid(files: list[str], weights: str, batch: int, workdir: str) -> tuple[float, np.ndarray, np.ndarray]:
+def _pytorch_fid(files: list[str], weights: str, batch: int, workdir: str,
+                 workers: int) -> tuple[float, np.ndarray, np.ndarray]:
     import torch
     from pytorch_fid import fid_score
     from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
@@ -74,9 +79,9 @@ def _pytorch_fid(files: list[str], weights: str, batch: int, workdir: str) -> tu
             os.environ["TORCH_HOME"] = old
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    fid_score.get_activations(files[:batch], model, batch_size=batch, device=device, num_workers=0)  # warm-up
+    fid_score.get_activations(files[:batch], model, batch_size=batch, device=device, num_workers=workers)  # warm-up
     t = time.perf_counter()
-    act = fid_score.get_activations(files, model, batch_size=batch, device=device, num_workers=0)
+    act = fid_score.get_activations(files, model, batch_size=batch, device=device, num_workers=workers)
     secs = time.perf_counter() - t
     return secs, act.mean(axis=0), np.cov(act, rowvar=False)
 
@@ -130,6 +135,7 @@ def _end_to_end(folder: str, weights: str, batch: int, unit: int, threads: int, 
 def run(images: int, size: int, batch: int, unit: int, end_to_end: bool = True) -> dict[str, Any]:
     import torch
 
+    from synthmill.jobs.evaluate_spec import EvaluateSpec
     from synthmill.testing.random_weights import save_random_inception
 
     work = tempfile.mkdtemp(prefix="synthmill-bench-extract-")
@@ -138,18 +144,21 @@ def run(images: int, size: int, batch: int, unit: int, end_to_end: bool = True) 
         files = make_images(folder, images, size)
         weights = save_random_inception(os.path.join(work, "inception.pth"), seed=0)
         threads = torch.get_num_threads()
-        a, mu, sigma = _pytorch_fid(files, weights, batch, work)
+        decode = EvaluateSpec().cluster.decode_threads  # what (b), (c) and (d) decode on
+        a, mu, sigma = _pytorch_fid(files, weights, batch, work, decode)
+        a0, _, _ = _pytorch_fid(files, weights, batch, work, 1)
         b, (sums, device) = _scorer(folder, weights, batch, unit, False, os.path.join(work, "b"))
         c, _ = _scorer(folder, weights, batch, unit, True, os.path.join(work, "c"))
-        seconds = {"a": a, "b": b, "c": c}
+        seconds = {"a": a, "a0": a0, "b": b, "c": c}
         if end_to_end:
             seconds["d"] = _end_to_end(folder, weights, batch, unit, threads, os.path.join(work, "d"))
         mu_b, sigma_b = sums.mean_cov()
         return {
             "images": images, "size": size, "batch": batch, "unit": unit, "threads": threads, "device": device,
+            "decode_workers": decode,
             "seconds": seconds,
             "images_per_s": {k: images / v for k, v in seconds.items()},
-            "ratios": {f"{k}/a": a / v for k, v in seconds.items() if k != "a"},
+            "ratios": {f"{k}/a": a / v for k, v in seconds.items() if k not in ("a", "a0")},
             "stats_max_rel_diff": float(max(np.abs(mu_b - mu).max() / np.abs(mu).max(),
                                             np.abs(sigma_b - sigma).max() / np.abs(sigma).max())),
         }
@@ -158,7 +167,10 @@ def run(images: int, size: int, batch: int, unit: int, end_to_end: bool = True) 
 
 
 def render(r: dict[str, Any]) -> str:
-    names = {"a": "pytorch-fid get_activations (FID features)", "b": "synthmill Scorer, FID features",
+    workers = r.get("decode_workers", 0)
+    names = {"a": f"pytorch-fid get_activations (FID features), {workers} DataLoader workers",
+             "a0": "the same with its default of 1 DataLoader worker",
+             "b": f"synthmill Scorer, FID features, {workers} decode threads",
              "c": "synthmill Scorer, FID features + IS logits", "d": "synthmill run (evaluate job, 1 actor)"}
     lines = [f"{r['images']} PNG images of {r['size']}x{r['size']}, batch {r['batch']}, units of {r['unit']}, "
              f"{r['threads']} torch threads, device {r['device']}", "",
@@ -169,7 +181,7 @@ def render(r: dict[str, Any]) -> str:
             continue
         lines.append(f"| ({k}) {name} | {r['seconds'][k]:.2f} | {r['images_per_s'][k]:.2f} |")
     rt = r["ratios"]
-    ratios = ", ".join(f"({k[0]})/(a) = {v:.3f}" for k, v in rt.items())
+    ratios = ", ".join(f"({k.split('/')[0]})/(a) = {v:.3f}" for k, v in rt.items())
     lines += ["", f"ratios: {ratios}; statistics (b) vs (a): max relative difference {r['stats_max_rel_diff']:.2e}"]
     return "\n".join(lines)
 

@@ -132,12 +132,26 @@ def device_and_dtype() -> tuple[str, Any]:
 # -- (a) the plain diffusers script ----------------------------------------------------------------
 
 
-def load_plain(model: str) -> Any:
-    """``DiffusionPipeline.from_pretrained`` on the device, progress bars off."""
+def channels_last_of(cfg: Settings) -> bool:
+    """Whether (b) and (c) run channels-last (``model.channels_last``; unset: on CUDA only, as synthmill does).
+    The plain loop (a) and Ray Data (d) get the same, so that a ratio measures synthmill and not a setting."""
+    options = dict(cfg.model_options)
+    if options.get("channels_last") is not None:
+        return bool(options["channels_last"])
+    return device_and_dtype()[0] == "cuda"
+
+
+def load_plain(model: str, channels_last: bool) -> Any:
+    """``DiffusionPipeline.from_pretrained`` on the device, progress bars off; with ``channels_last``, the UNet
+    and VAE moved to that memory format as a user does it (``module.to(memory_format=...)``)."""
+    import torch
     from diffusers import DiffusionPipeline
 
     device, dtype = device_and_dtype()
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+    if channels_last:
+        for module in (pipe.unet, pipe.vae):
+            module.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -229,7 +243,8 @@ class RayDataGenerator:
     (a)'s per-sample generators and returns PNG bytes, prompt and metadata per sample.
     """
 
-    def __init__(self, model: str, steps: int, guidance_scale: float, size: int, seed: int, threads: int):
+    def __init__(self, model: str, steps: int, guidance_scale: float, size: int, seed: int, threads: int,
+                 channels_last: bool):
         import torch
         from diffusers import DiffusionPipeline
 
@@ -237,6 +252,9 @@ class RayDataGenerator:
         if device == "cpu":
             torch.set_num_threads(threads)
         self.pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+        if channels_last:
+            for module in (self.pipe.unet, self.pipe.vae):
+                module.to(memory_format=torch.channels_last)
         self.pipe.set_progress_bar_config(disable=True)
         self.steps, self.guidance_scale, self.size, self.seed = steps, guidance_scale, size, seed
 
@@ -294,7 +312,8 @@ def ray_data_generate(cfg: Settings, prompts: list[str], out_dir: str, threads: 
     ds = ray.data.from_arrow(blocks).map_batches(
         RayDataGenerator,
         fn_constructor_kwargs={"model": cfg.model, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
-                               "size": cfg.size, "seed": cfg.seed, "threads": threads},
+                               "size": cfg.size, "seed": cfg.seed, "threads": threads,
+                               "channels_last": channels_last_of(cfg)},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=threads,
@@ -444,11 +463,11 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
     print(f"model {cfg.model}; {cfg.prompts} prompts, {cfg.size}x{cfg.size}, {cfg.steps} steps, "
           f"guidance {cfg.guidance_scale}, batch {cfg.batch_size}, {cfg.samples_per_shard} samples/shard; "
           f"device {device} ({str(dtype).replace('torch.', '')}), torch threads (a) {threads}, "
-          f"cluster.cpus_per_actor {actor_threads or 'default'}; "
+          f"cluster.cpus_per_actor {actor_threads or 'default'}; channels-last for all: {channels_last_of(cfg)}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
     t0 = time.perf_counter()
-    pipe = load_plain(cfg.model)
+    pipe = load_plain(cfg.model, channels_last_of(cfg))
     plain_load = time.perf_counter() - t0
     plain_generate(pipe, cfg, prompts, os.path.join(work, "a-cold"))
     plain_cold = import_s + time.perf_counter() - t0
@@ -475,6 +494,17 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
     plain_images = tar_images(os.path.join(work, "a"))
     print(compare_images(plain_images, tar_images(os.path.join(work, "b", "shards")), "(a) vs (b)"), flush=True)
     del pipe, gen
+    defaults_s = []  # (a0): the plain loop as diffusers sets it up by default, where (a) was given channels-last
+    if channels_last_of(cfg):
+        torch.set_num_threads(threads)
+        pipe = load_plain(cfg.model, False)
+        plain_batch(pipe, cfg, prompts[:cfg.batch_size], cfg.seed)
+        for _ in range(cfg.repeats):
+            t0 = time.perf_counter()
+            plain_generate(pipe, cfg, prompts, os.path.join(work, "a0"))
+            defaults_s.append(time.perf_counter() - t0)
+        print(f"(a0) plain loop without channels-last (diffusers' default): best {min(defaults_s):.2f} s", flush=True)
+        del pipe
     if device == "cuda":
         torch.cuda.empty_cache()  # the synthmill run below needs the GPU memory
 
@@ -504,6 +534,9 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
         Timing("(c) `synthmill run`, cluster.num_actors=1",
                "end to end: process start, Ray start, load, generation", n, cli),
     ]
+    if defaults_s:  # last: render() finds the other rows by position
+        rows.append(Timing("(a0) plain diffusers loop, diffusers' defaults (no channels-last)", steady, n,
+                           min(defaults_s)))
     if not ray_data:
         return rows
 
@@ -558,7 +591,7 @@ def sweep(cfg: Settings, work: str, batch_sizes: list[int]) -> list[dict[str, An
     import torch
 
     prompts = read_prompts(cfg.prompts)
-    pipe = load_plain(cfg.model)
+    pipe = load_plain(cfg.model, channels_last_of(cfg))
     actor_threads = generator_threads(cfg)
     rows = []
     for bs in batch_sizes:
@@ -607,12 +640,17 @@ def render(rows: list[Timing]) -> str:
     """The markdown table and the ratio lines (the second only with (d)'s rows)."""
     lines = ["| variant | timed | images | seconds | images/s |", "| --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {t.variant} | {t.timed} | {t.images} | {t.seconds:.2f} | {t.images_per_s:.3f} |" for t in rows]
+    defaults = [t for t in rows if t.variant.startswith("(a0)")]
+    rows = [t for t in rows if not t.variant.startswith("(a0)")]
     steady = rows[1].images_per_s / rows[0].images_per_s
     e2e = rows[3].images_per_s / rows[2].images_per_s
     verdict = "met" if steady >= GOAL else "NOT met"
     lines.append("")
     lines.append(f"ratios: steady state (b)/(a) = {steady:.3f} (goal >= {GOAL}: {verdict}); "
                  f"end to end (c)/(a) = {e2e:.3f}")
+    if defaults:
+        lines.append(f"with the plain loop at diffusers' defaults (a0): steady state (b)/(a0) = "
+                     f"{rows[1].images_per_s / defaults[0].images_per_s:.3f}")
     if len(rows) > 4:  # (d): rows[4] without its Ray start, rows[5] with it
         with_start, without = (rows[3].images_per_s / r.images_per_s if r.images else float("inf")
                                for r in (rows[5], rows[4]))

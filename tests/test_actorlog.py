@@ -7,6 +7,7 @@ last line, with nothing kept of the rest.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -67,6 +68,7 @@ def test_each_failed_attempt_of_a_shard_is_one_line_and_a_log(reference, write_s
     assert main(["run", path]) == 1
     err = capsys.readouterr().err
     assert "1 of 5 shards failed (000001)" in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith(f"Full tracebacks: {out}/logs/ (2 files of this run)."), err
     messages = [r.getMessage() for r in caplog.records if "000001" in r.getMessage()]
     assert len(messages) == 2 and all("\n" not in m for m in messages), messages
     logs = []
@@ -82,6 +84,38 @@ def test_each_failed_attempt_of_a_shard_is_one_line_and_a_log(reference, write_s
     assert main(["status", str(out)]) == 0
     status = capsys.readouterr().out
     assert re.search(r"^shards +4 / 5 ", status, re.M) and re.search(r"^failures +1:", status, re.M), status
+
+
+def test_a_scorer_unit_that_fails_is_one_line_and_a_log(evaluated, write_spec, tmp_path, capsys, caplog):
+    """An evaluate unit whose partial cannot be committed (a folder squats on its npz's path), two attempts: one
+    line each naming the unit, attempt, actor and log file; the job's last line says where the logs are; the
+    other units are kept and the same command completes once the path is free."""
+    spec, _ = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(spec["output"]["path"], out)
+    for name in ("generated/000001.json", "generated/000001.npz"):
+        os.unlink(out / "partials" / name)
+    os.makedirs(out / "partials" / "generated" / "000001.npz" / "in-the-way")
+    job = dict(spec, output=dict(spec["output"], path=str(out)), cluster=dict(spec["cluster"], max_attempts=2))
+    path = write_spec(job)
+    assert main(["run", path]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("synthmill: job failed: 1 units failed (generated/000001); first error: ") and last.endswith(
+        f"Full tracebacks: {out}/logs/ (2 files of this run)."), err
+    assert "Traceback" not in err and not os.path.exists(out / "metrics.json"), err
+    messages = [r.getMessage() for r in caplog.records if "generated/000001 attempt" in r.getMessage()]
+    assert len(messages) == 2 and all("\n" not in m for m in messages), messages
+    for attempt, message in enumerate(messages, 1):
+        found = re.search(r"\(full traceback: (?P<log>\S+/logs/\S+\.log)\)$", message)
+        assert found and message.startswith(f"unit generated/000001 attempt {attempt} failed on actor "), message
+        assert "IsADirectoryError" in open(found.group("log"), encoding="utf-8").read()
+    shutil.rmtree(out / "partials" / "generated" / "000001.npz")
+    assert main(["run", path]) == 0
+    with open(out / "metrics.json", encoding="utf-8") as fh:
+        scores = json.load(fh)["metrics"]
+    scores.pop("fid_reference")  # it names the output that holds the reference statistics
+    assert scores == {k: v for k, v in evaluated[1]["metrics"].items() if k != "fid_reference"}
 
 
 def test_failure_logs_are_written_whole_on_s3(s3):  # noqa: F811

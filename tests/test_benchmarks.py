@@ -117,6 +117,21 @@ def test_driver_benchmark_smoke(background_smokes) -> None:
                      stdout, re.M), stdout
 
 
+def test_scale_benchmark_smoke(capsys) -> None:
+    """``python -m benchmarks scale --smoke`` (in this process: no Ray, a few seconds): a shard costs the storage
+    three writes (tar, index part, marker: three PUTs on S3), the driver's check of it two listings and one read,
+    the merge one read; the check of 2,000 copies of it finds every one; the merge writes every row."""
+    from benchmarks import scale
+
+    assert scale.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "    commit (actor): {'write_bytes': 2, 'write_json': 1}\n" in out, out
+    assert "    check (driver, status / resume): {'list_sizes': 2, 'read_json': 1}\n" in out, out
+    assert "    index merge (driver): {'read_bytes': 1, 'put_file': 1}\n" in out, out
+    assert re.search(r"^\| 2,000 \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+ \|$", out, re.M), out
+    assert re.search(r"^\(3\) index merge of 50 parts of 100 rows \(5,000 rows, ", out, re.M), out
+
+
 def test_startup_benchmark_smoke(background_smokes) -> None:
     """``python -m benchmarks startup --smoke --s3`` (in the background): the start-up breakdown of ``synthmill run``
     (from its summary.json milestones; on a local Ray it starts) next to a plain script's, and the ratio, both

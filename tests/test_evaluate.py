@@ -358,7 +358,7 @@ BAD = {
     "unknown clip model": (lambda c: {"clip": {"model": "ViT-G-15", "pretrained": None}}, "clip.model", "did you mean"),
     "mixed sizes in a folder": (lambda c: {"generated": {"path": c["mixed"]}}, "0000000003.png", "mixed sizes"),
     "stats without sigma": (lambda c: {"reference": {"path": c["bad_npz"]}}, "reference.path", "'sigma'"),
-    "unknown metric": (lambda c: {"metrics": ["fid", "kid"]}, "metrics[1]", "known"),
+    "unknown metric": (lambda c: {"metrics": ["fid", "kdi"]}, "metrics[1]", "known"),
 }
 
 

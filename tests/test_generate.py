@@ -430,8 +430,9 @@ def test_poisoned_shard_fails_alone_and_rerun_retries_only_it(ray_address, tiny_
 
 def test_other_prompts_in_the_same_file_are_another_job(reference, write_spec, tmp_path, capsys, prompts_tsv):
     """The prompts enter the job's fingerprint as their content: the reference's rows copied to another path
-    resume its output (nothing to run); the same file with one row changed, or one row added, is refused
-    with exit 2 naming prompts.path, and the output is left as it was."""
+    resume its output (nothing to run); the same file with one row changed is refused with exit 2 naming
+    prompts.path and the first committed shard whose rows changed, and the output is left as it was. A row
+    appended is a grown job (tests/test_dataset.py): its dry run counts the one new row."""
     import shutil
 
     spec, out = reference
@@ -448,14 +449,19 @@ def test_other_prompts_in_the_same_file_are_another_job(reference, write_spec, t
     original = moved.read_text(encoding="utf-8")
     lines = original.splitlines(keepends=True)
     one_changed = "".join(lines[:3] + [lines[3].replace("\t", "\tedited: ", 1)] + lines[4:])
-    for edited in (one_changed, original + "99\tone more prompt\n"):
-        moved.write_text(edited, encoding="utf-8")
-        for command in ("validate", "run"):
-            assert main([command, path]) == 2
-            line = capsys.readouterr().err.strip().splitlines()[-1]
-            assert line.startswith(f"synthmill: error: prompts.path {moved}: its rows differ from those {copy} was "
-                                   "generated from (11 prompts then, "), line
-        assert files_under(copy) == before
+    moved.write_text(one_changed, encoding="utf-8")
+    for command in ("validate", "run"):
+        assert main([command, path]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"synthmill: error: prompts.path {moved}: rows 1..3 (those of shard 000000, the first "
+                               f"one whose rows changed) differ from those {copy} was generated from"), line
+    assert files_under(copy) == before
+    with open(moved, "wb") as fh:  # as written (csv's "\r\n" line endings), and one row appended
+        fh.write(open(prompts_tsv, "rb").read() + b"99\tone more prompt\r\n")
+    assert main(["run", path, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["prompts"], plan["prompts_new"], plan["shards"], plan["shards_done"]) == (12, 1, 6, 5)
+    assert files_under(copy) == before
 
 
 def test_a_bad_row_deep_in_the_prompts_is_exit_2_before_anything_runs(tiny_sd, write_spec, tmp_path, capsys):

@@ -5,6 +5,11 @@ is its Ray actor. ``process_shard(k)`` reads shard k's prompt rows, denoises the
 a device lock, and hands each finished batch to encoder threads, so the device starts the next batch
 (of this shard, or of the next shard queued on the actor) while earlier images are encoded, written
 and uploaded. It returns the shard's marker: a small dict, never the images.
+
+A batch holds samples of one size, guidance scale and kind of negative prompt (given or not) only, so no
+image is padded or cropped and each batch is one pipeline call: a shard's samples are grouped by these, in
+the order each group first appears, and batched within each group. The tar holds the samples in that order
+(key order within a group); the marker's ``batches`` lists each batch's height, width and sample count.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from synthmill.sharding.index import index_table
 from synthmill.sharding.layout import SHARDS, OutputLayout
 from synthmill.sharding.nodes import NodePath, check_node_sees
 from synthmill.sharding.plan import ShardPlan, sample_key
-from synthmill.sharding.sources import PromptSource
+from synthmill.sharding.sources import PromptSource, rows_digest
 from synthmill.sharding.units import LocalPayload
 from synthmill.sharding.writer import ShardTarWriter
 
@@ -51,12 +56,22 @@ class Sample:
     seed: int
     prompt_tokens: int
     truncated: bool
+    height: int = 0
+    width: int = 0
+    guidance_scale: float = 0.0
+    negative_prompt: str | None = None
+    values: dict[str, Any] | None = None  # the kept columns of its row
+
+    def group(self) -> tuple[int, int, float, bool]:
+        """What every sample of one batch shares."""
+        return self.height, self.width, self.guidance_scale, self.negative_prompt is None
 
 
 class ShardGenerator:
     """Holds one pipeline; :meth:`process_shard` may be called from several threads at once."""
 
-    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan):
+    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, fingerprints: tuple[str, ...] | None = None):
+        """``fingerprints``: each plan part's (what its shards' markers hold); one part, of this source, if None."""
         from synthmill.models.loading import (
             fetch_in_background,
             load_pipeline,
@@ -77,6 +92,7 @@ class ShardGenerator:
         self.import_s = time.perf_counter() - t_imports
 
         self.spec, self.source, self.plan = spec, source, plan
+        self.fingerprints = fingerprints or (spec.fingerprint(source.digest),)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(spec.cluster.cpus_per_actor)
@@ -111,11 +127,14 @@ class ShardGenerator:
 
     # -- one shard -------------------------------------------------------------------------------
 
-    def samples(self, k: int) -> list[Sample]:
-        """Shard ``k``'s samples, with prompts read from the source and token counts."""
+    def samples(self, k: int, digest: list[str] | None = None) -> list[Sample]:
+        """Shard ``k``'s samples, with prompts read from the source and token counts; ``digest`` gets its rows'
+        :func:`~synthmill.sharding.sources.rows_digest`."""
         prompts = self.plan.prompts(k)
         read = storage.retrying(self.source.url, "read prompts",
                                 lambda: self.source.read_rows(prompts.start, prompts.stop))
+        if digest is not None:
+            digest.append(rows_digest(read))
         rows = {r.index: r for r in read}
         if len(rows) != len(prompts):
             raise RuntimeError(f"{self.source.url}: expected rows {prompts.start}..{prompts.stop - 1}, got {len(rows)}")
@@ -125,29 +144,43 @@ class ShardGenerator:
             with self._tokenizer_lock:  # shards in flight on this actor count tokens one at a time
                 for p in prompts:
                     tokens[p] = len(self.tokenizer(rows[p].text, truncation=False).input_ids)
+        s = self.spec.sampling
         out = []
         for i in self.plan.samples(k):
             p, j = self.plan.split(i)
             row, n_tok = rows[p], tokens[p]
-            out.append(Sample(i, row.text, row.blank, p, j, self.plan.seed_of(i), n_tok, bool(limit and n_tok > limit)))
+            given = row.settings
+            h, w = given.get("size") or (tuple(s.sizes[p % len(s.sizes)]) if s.sizes else (s.height, s.width))
+            seed = given["seed"] + j if "seed" in given else self.plan.seed_of(i)
+            out.append(Sample(i, row.text, row.blank, p, j, seed, n_tok, bool(limit and n_tok > limit),
+                              h, w, given.get("guidance_scale", s.guidance_scale),
+                              given.get("negative_prompt", s.negative_prompt), row.values))
         return out
+
+    def batches(self, samples: list[Sample]) -> list[list[Sample]]:
+        """``samples`` in batches of at most ``cluster.batch_size``, each of one :meth:`Sample.group`."""
+        groups: dict[tuple, list[Sample]] = {}
+        for sample in samples:
+            groups.setdefault(sample.group(), []).append(sample)
+        bs = self.spec.cluster.batch_size
+        return [g[lo:lo + bs] for g in groups.values() for lo in range(0, len(g), bs)]
 
     def denoise(self, batch: list[Sample]) -> tuple[np.ndarray, list[bool | None]]:
         """Run the pipeline on one batch: uint8 NHWC images (converted on the device) and NSFW flags."""
         import torch
 
-        s = self.spec.sampling
+        s, first = self.spec.sampling, batch[0]
         kwargs: dict[str, Any] = dict(
             prompt=[b.prompt for b in batch],
             num_inference_steps=s.steps,
-            guidance_scale=s.guidance_scale,
-            height=s.height,
-            width=s.width,
+            guidance_scale=first.guidance_scale,
+            height=first.height,  # SDXL's size conditioning (original and target size) defaults to these
+            width=first.width,
             generator=[torch.Generator("cpu").manual_seed(b.seed) for b in batch],
             output_type="pt",
         )
-        if s.negative_prompt is not None:
-            kwargs["negative_prompt"] = [s.negative_prompt] * len(batch)
+        if first.negative_prompt is not None:
+            kwargs["negative_prompt"] = [b.negative_prompt for b in batch]
         with torch.inference_mode():
             out = self.pipe(**kwargs)
             # In float32, as diffusers' own numpy/PIL output does it: scaling a float16 image by 255 in
@@ -162,9 +195,10 @@ class ShardGenerator:
         plus truncation, blank and NSFW flags)."""
         s, m = self.spec.sampling, self.spec.model
         return {
+            **(sample.values or {}),
             "key": sample_key(sample.index), "shard": shard, "prompt": sample.prompt,
-            "negative_prompt": s.negative_prompt, "seed": sample.seed, "steps": s.steps,
-            "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width,
+            "negative_prompt": sample.negative_prompt, "seed": sample.seed, "steps": s.steps,
+            "guidance_scale": sample.guidance_scale, "height": sample.height, "width": sample.width,
             "model": storage.redact_url(m.path),
             "scheduler": self.scheduler, "dtype": self.dtype, "prompt_index": sample.prompt_index,
             "image_index": sample.image_index, "source_row": sample.prompt_index,
@@ -189,7 +223,8 @@ class ShardGenerator:
     def process_shard(self, k: int, attempt: int = 1) -> dict[str, Any]:
         """Generate, write and commit shard ``k``; return its marker."""
         t0 = time.perf_counter()
-        samples = self.samples(k)
+        digest: list[str] = []
+        samples = self.samples(k, digest)
         layout = OutputLayout(self.spec.output.path, self.spec.storage)
         tmp_dir = layout.local_path(SHARDS) if layout.is_local else None
         if tmp_dir:
@@ -206,10 +241,9 @@ class ShardGenerator:
                         writer.write(member)
                         metas.append(meta)
 
-            bs = self.spec.cluster.batch_size
+            batches = self.batches(samples)
             with self._device_lock:
-                for lo in range(0, len(samples), bs):
-                    batch = samples[lo:lo + bs]
+                for batch in batches:
                     tb = time.perf_counter()
                     images, nsfw = self._device_thread.submit(self.denoise, batch).result()
                     busy += time.perf_counter() - tb
@@ -222,10 +256,12 @@ class ShardGenerator:
             writer.discard()
             raise
         self.busy_s += busy
+        metas.sort(key=lambda m: m["key"])  # the index is in key order
         marker = {
             "shard": k, "count": len(metas), "size": size, "sha256": sha,
-            "fingerprint": self.spec.fingerprint(self.source.digest),
+            "fingerprint": self.fingerprints[self.plan.part_of(k)],
             "first_key": metas[0]["key"], "last_key": metas[-1]["key"],
+            "batches": [[b[0].height, b[0].width, len(b)] for b in batches], "rows_digest": digest[0],
             "blank_prompts": sum(m["blank_prompt"] for m in metas),
             "truncated_prompts": sum(m["truncated"] for m in metas),
             "nsfw": sum(bool(m["nsfw"]) for m in metas),
@@ -234,7 +270,7 @@ class ShardGenerator:
         }
         try:
             index = io.BytesIO()
-            pq.write_table(index_table(metas), index)
+            pq.write_table(index_table(metas, self.source.keep_types), index)
             marker = layout.shards.commit(k, LocalPayload(path, size, sha), marker, [index.getvalue()])
         finally:
             if os.path.exists(path):  # remote outputs upload a copy; the local temporary goes
@@ -246,11 +282,12 @@ class ShardGenerator:
 class GeneratorActor:
     """Ray actor around :class:`ShardGenerator` (created with num_gpus=1 on GPU clusters)."""
 
-    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, node_paths: list[NodePath]):
+    def __init__(self, spec: Any, source: PromptSource, plan: ShardPlan, node_paths: list[NodePath],
+                 fingerprints: tuple[str, ...] | None = None):
         self.start_error: Exception | None = None
         try:
             check_node_sees(node_paths)  # the model, prompts and output the driver checked
-            self.gen = ShardGenerator(spec, source, plan)
+            self.gen = ShardGenerator(spec, source, plan, fingerprints)
         except Exception as e:  # raised by ready(): Ray would print an __init__'s traceback (synthmill.cluster.pool)
             self.start_error = e
 

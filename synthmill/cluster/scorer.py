@@ -112,7 +112,7 @@ class Scorer:
                 f"{job.size[0]}x{job.size[1]}; images of mixed sizes give meaningless FID/IS "
                 "(set fid.resize_to to score every image at one size)")
         if job.captions and sample.caption is None:
-            raise BadImage(f"{sample.name}: no caption (.txt) for the clip metric")
+            raise BadImage(f"{sample.name}: no caption (.txt); {job.captions}")
         return {n: NETWORKS[n].prepare(self.spec, rgb) for n in job.networks}, sample.caption
 
     def _batch(self, job: SetJob, batch: list, acc: dict[str, Any]) -> None:

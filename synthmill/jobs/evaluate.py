@@ -48,7 +48,7 @@ STATISTICS = ("per unit its float32 features (float64 sums from 4,096 samples), 
 class Prepared:
     spec: EvaluateSpec
     sets: dict[str, SetJob]
-    reference_stats: Any  # statistics standing in for the reference images (metrics.fid.ReferenceStats), or None
+    reference_stats: dict[str, Any] | None  # metric -> the statistics standing in for the reference images, or None
     info: dict[str, dict[str, Any]]  # network name -> what its check found (the Inception weights' path and sha256)
     fingerprint: str
 
@@ -109,9 +109,13 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             field = "reference.path"
             if wanted["reference"]:
                 rpath = spec.reference.path
-                by_stats = next((METRICS[m].reference_stats for m in spec.metrics if METRICS[m].reference_stats), None)
-                if rpath.endswith(".npz") and by_stats:
-                    ref_stats = by_stats(rpath, opts, spec, info)
+                loaders = {m: METRICS[m].reference_stats for m in spec.metrics if METRICS[m].reference_stats}
+                if rpath.endswith(".npz") and loaders:
+                    images_only = [m for m in spec.metrics if METRICS[m].features.get("reference") and m not in loaders]
+                    if images_only:
+                        raise SpecError(f"reference.path {rpath}: {images_only[0]} needs the reference images, "
+                                        "not a stats file")
+                    ref_stats = {m: load(rpath, opts, spec, info) for m, load in loaders.items()}
                 else:
                     images = open_image_set(rpath, opts, spec.reference.samples_per_unit, set_plan_check(field, opts))
                     sets["reference"] = SetJob(images, wanted["reference"], max_pixels=spec.reference.max_image_pixels,
@@ -144,7 +148,7 @@ def plan_summary(p: Prepared) -> dict[str, Any]:
         out[name] = {"path": storage.redact_url(job.images.path), "kind": job.images.kind,
                      "units": len(job.images.units), "samples": job.images.num_samples, "units_done": len(done)}
     if p.reference_stats is not None:
-        out["reference"] = {"path": storage.redact_url(p.reference_stats.path), "kind": "stats"}
+        out["reference"] = {"path": storage.redact_url(p.spec.reference.path), "kind": "stats"}
     return out
 
 
@@ -266,7 +270,9 @@ class EvaluateJob(lifecycle.Job):
             return layout.file(file_name)
 
         ref = p.sets.get("reference")
-        fin = Finish(spec, totals, samples, p.info, p.reference_stats, ref.images.kind if ref else None, write)
+        stats = p.reference_stats or {}
+        fin = Finish(spec, totals, samples, p.info, stats.get("fid"), ref.images.kind if ref else None,
+                     write, references=stats)
         metrics: dict[str, Any] = {}
         for name, metric in METRICS.items():
             if name in spec.metrics:
@@ -297,7 +303,7 @@ class EvaluateJob(lifecycle.Job):
             "started_at": self.started.isoformat(timespec="seconds"),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(("synthmill", "torch", "torchvision", "numpy", "scipy", "pillow", "pytorch-fid",
-                                  "torch-fidelity", "open_clip_torch", "ray")),
+                                  "torch-fidelity", "open_clip_torch", "transformers", "ray")),
         }
 
 

@@ -57,6 +57,48 @@ class ClipSpec:
 
 
 @dataclass
+class KidSpec:
+    """torch-fidelity's KID settings, with its names and defaults."""
+
+    subsets: int = 100
+    subset_size: int = 1000
+    degree: int = 3  # polynomial kernel (gamma x.y + coef0)^degree
+    gamma: Optional[float] = None  # null: 1 / feature dimensions
+    coef0: float = 1.0
+    seed: int = 2020  # numpy RandomState of the subsets
+
+
+@dataclass
+class PrecisionRecallSpec:
+    neighborhood: int = 3  # the k of each sample's k-nearest-neighbour ball (torch-fidelity's prc_neighborhood)
+
+
+@dataclass
+class CmmdSpec:
+    model: str = "ViT-L-14-336"  # open_clip name, hf-hub:org/repo or local-dir:/path (the paper's: ViT-L/14 at 336)
+    pretrained: Optional[str] = "openai"  # tag, or a checkpoint file; ignored for hf-hub:/local-dir:
+class HpsSpec:
+    version: str = "v2.1"  # v2.0 | v2.1: which release checkpoint `weights: null` is
+    weights: Optional[str] = None  # null: the release's checkpoint of `version`; or a path / URL (a {'state_dict'})
+    weights_sha256: Optional[str] = None  # expected digest (or prefix) of the weights file
+    architecture: str = "ViT-H-14"  # the open_clip model the checkpoint is for; or a JSON file of its config
+
+
+@dataclass
+class ImageRewardSpec:
+    weights: Optional[str] = None  # null: the release's ImageReward.pt; or a path / URL
+    weights_sha256: Optional[str] = None  # expected digest (or prefix) of the weights file
+    med_config: Optional[str] = None  # null: the release's med_config.json (its BERT); or a path / URL
+    tokenizer: Optional[str] = None  # null: bert-base-uncased; or a hub id / BERT tokenizer folder (vocab.txt)
+
+
+@dataclass
+class PickScoreSpec:
+    model: Optional[str] = None  # null: yuvalkirstain/PickScore_v1; or a hub id / transformers CLIPModel folder
+    processor: Optional[str] = None  # null: the release's (laion CLIP-ViT-H-14) for the release's model, else `model`
+
+
+@dataclass
 class EvalOutputSpec:
     path: str = MISSING
 
@@ -69,7 +111,12 @@ class EvalClusterSpec(ActorClusterSpec):
 
 #: The fields of a evaluate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
 PATHS = {"generated.path": "input", "reference.path": "input", "fid.weights": "input",
-                                  "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output"}
+         "clip.model": "clip", "clip.pretrained": "file_or_name", "output.path": "output",
+         "cmmd.model": "clip", "cmmd.pretrained": "file_or_name",
+         "hpsv2.weights": "input", "hpsv2.architecture": "name_or_path",
+         "pickscore.model": "name_or_path", "pickscore.processor": "name_or_path",
+         "image_reward.weights": "input", "image_reward.med_config": "input",
+         "image_reward.tokenizer": "name_or_path"}
 
 
 @dataclass
@@ -83,6 +130,12 @@ class EvaluateSpec:
     fid: FidSpec = field(default_factory=FidSpec)
     inception_score: InceptionScoreSpec = field(default_factory=InceptionScoreSpec)
     clip: ClipSpec = field(default_factory=ClipSpec)
+    kid: KidSpec = field(default_factory=KidSpec)
+    precision_recall: PrecisionRecallSpec = field(default_factory=PrecisionRecallSpec)
+    cmmd: CmmdSpec = field(default_factory=CmmdSpec)
+    hpsv2: HpsSpec = field(default_factory=HpsSpec)
+    pickscore: PickScoreSpec = field(default_factory=PickScoreSpec)
+    image_reward: ImageRewardSpec = field(default_factory=ImageRewardSpec)
     output: EvalOutputSpec = field(default_factory=EvalOutputSpec)
     cluster: EvalClusterSpec = field(default_factory=EvalClusterSpec)
     storage: Dict[str, Any] = field(default_factory=dict)
@@ -109,6 +162,23 @@ class EvaluateSpec:
         require(1 <= i.splits <= 1000, "inception_score.splits", f"must be in 1..1000, got {i.splits}")
         require(i.seed >= 0, "inception_score.seed", f"must be >= 0, got {i.seed}")
         require(bool(c.model.strip()), "clip.model", "must not be empty")
+        k = self.kid
+        require(1 <= k.subsets <= 100_000, "kid.subsets", f"must be in 1..100000, got {k.subsets}")
+        require(k.subset_size >= 2, "kid.subset_size", f"must be >= 2 (the unbiased MMD), got {k.subset_size}")
+        require(1 <= k.degree <= 10, "kid.degree", f"must be in 1..10, got {k.degree}")
+        require(k.gamma is None or k.gamma > 0, "kid.gamma", f"must be > 0 or null, got {k.gamma}")
+        require(k.seed >= 0, "kid.seed", f"must be >= 0, got {k.seed}")
+        nb = self.precision_recall.neighborhood
+        require(1 <= nb <= 1000, "precision_recall.neighborhood", f"must be in 1..1000, got {nb}")
+        require(bool(self.cmmd.model.strip()), "cmmd.model", "must not be empty")
+        h = self.hpsv2
+        one_of(h.version, ["v2.0", "v2.1"], "hpsv2.version")
+        require(h.weights_sha256 is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", h.weights_sha256)),
+                "hpsv2.weights_sha256", "must be 8 to 64 hex digits")
+        require(bool(h.architecture.strip()), "hpsv2.architecture", "must not be empty")
+        sha = self.image_reward.weights_sha256
+        require(sha is None or bool(re.fullmatch(r"[0-9a-fA-F]{8,64}", sha)), "image_reward.weights_sha256",
+                "must be 8 to 64 hex digits")
         check_cluster(cl)
         require(1 <= cl.decode_threads <= 64, "cluster.decode_threads", f"must be in 1..64, got {cl.decode_threads}")
 

@@ -390,7 +390,7 @@ class FilterJob(lifecycle.Job):
         from synthmill.sharding.index import merge_index
 
         p, layout = self.p, self.layout
-        n_index = merge_index(layout, range(p.num_shards), p.schema)
+        n_index = merge_index(layout, range(p.num_shards), schema=p.schema)
         if n_index != len(p.selection):
             raise RuntimeError(f"index has {n_index} rows for {len(p.selection)} samples")
         spec = p.spec

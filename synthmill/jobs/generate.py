@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,13 +19,13 @@ from synthmill.errors import SpecError
 from synthmill.jobs import lifecycle
 from synthmill.jobs.fields import MAX_SEED, require
 from synthmill.jobs.generate_spec import GenerateSpec
-from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, versions
+from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, check_plan_matches_job, versions
 from synthmill.jobs.spec import node_paths
 from synthmill.models.loading import check_model_path, model_files
 from synthmill.sharding import storage
 from synthmill.sharding.layout import FAILURES, PLAN, SUMMARY, OutputLayout
-from synthmill.sharding.plan import MAX_SHARDS, ShardPlan, plan_problem
-from synthmill.sharding.sources import PromptSource, open_source
+from synthmill.sharding.plan import MAX_SHARDS, ShardPlan, earlier_parts, plan_problem, shard_fingerprint
+from synthmill.sharding.sources import PromptSource, open_source, rows_digest
 
 log = logging.getLogger(__name__)
 
@@ -37,42 +38,116 @@ class Prepared:
     source: PromptSource
     plan: ShardPlan
     model_files: dict[str, list] | None = None  # see synthmill.models.loading.model_files
+    #: the parts earlier runs ended with, when the prompts grew since (plan.json's ``grown_from``)
+    earlier: list[dict[str, Any]] = field(default_factory=list)
+    prompts_before: int = 0  # rows the output's plan had before this run (0: a new output)
 
     @property
     def fingerprint(self) -> str:
         return self.spec.fingerprint(self.source.digest)
 
     @property
+    def fingerprints(self) -> tuple[str, ...]:
+        """What the markers of each part's shards hold."""
+        return (*(p["fingerprint"] for p in self.earlier), self.fingerprint)
+
+    def shard_fingerprint(self) -> Callable[[int], str]:
+        return lambda k: self.fingerprints[self.plan.part_of(k)]
+
+    @property
     def layout(self) -> OutputLayout:
         return OutputLayout(self.spec.output.path, self.spec.storage)
 
 
-def done_shards(layout: OutputLayout, shard_ids: Any, fingerprint: str,
+def done_shards(layout: OutputLayout, shard_ids: Any, fingerprint: str | Callable[[int], str],
                 check: str = "size") -> dict[int, dict[str, Any]]:
-    """Markers of the committed shards of this job among ``shard_ids`` (synthmill.sharding.units)."""
-    return layout.shards.done(shard_ids, lambda k: {"fingerprint": fingerprint}, check)
+    """Markers of the committed shards of this job among ``shard_ids`` (synthmill.sharding.units); ``fingerprint``:
+    what each marker holds, or ``k ->`` that, for a job whose prompts grew."""
+    of = fingerprint if callable(fingerprint) else (lambda k: fingerprint)
+    return layout.shards.done(shard_ids, lambda k: {"fingerprint": of(k)}, check)
 
 
-def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list] | None = None) -> None:
-    """``output.path`` must be new, empty, or an earlier run of this same job (with the same prompts, and the
-    model's files as they were: ``files``, see :func:`~synthmill.models.loading.model_files`)."""
-    out, opts = spec.output.path, spec.storage
+def _previous_plan(out: str, opts: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan.json already in ``out``, or None (none, or not a mapping; the output check names what is wrong)."""
     try:
-        check_output_folder(out, spec.fingerprint(source.digest), opts, "generate")
-    except SpecError:
-        try:  # say which setting differs when it is the prompts' content
-            previous = storage.read_json(storage.join(out, PLAN), opts)
-        except (OSError, ValueError, storage.StorageError):  # output.path is a file, or under one
-            previous = None
-        before = previous.get("prompts_digest") if isinstance(previous, dict) else None
-        # blame the prompts only when they are all that differs: the spec with the earlier rows gives the
-        # earlier fingerprint (another job's folder differs in its settings too)
-        if before and before != source.digest and spec.fingerprint(before) == previous.get("fingerprint"):
+        previous = storage.read_json(storage.join(out, PLAN), opts)
+    except (OSError, ValueError, storage.StorageError, SpecError):  # output.path is a file, or under one
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
+def _marks(previous: dict[str, Any] | None) -> tuple[int, ...]:
+    """The row counts whose digests the scan takes: where each earlier run's prompts ended."""
+    if previous is None:
+        return ()
+    ends = [p.get("prompts") for p in earlier_parts(previous) if isinstance(p, dict)] + [previous.get("prompts")]
+    return tuple(n for n in ends if isinstance(n, int) and not isinstance(n, bool) and n > 0)
+
+
+def _changed_rows(spec: GenerateSpec, source: PromptSource, previous: dict[str, Any], first: int, stop: int) -> str:
+    """Which rows in ``[first, stop)`` changed since ``previous`` (the output's plan) was made: the rows of the first
+    committed shard whose rows' digest (in its marker) differs from what the file now holds, else the range."""
+    out, s = spec.output.path, spec.sampling
+    ends = _marks(previous)
+    plan = ShardPlan(ends[-1], s.images_per_prompt, spec.output.samples_per_shard, s.seed, ends[:-1])
+    layout = OutputLayout(out, spec.storage)
+    done = done_shards(layout, range(plan.num_shards), shard_fingerprint(previous))
+    for k in sorted(done):
+        rows = plan.prompts(k)
+        if rows.stop <= first or rows.start >= stop or "rows_digest" not in done[k]:
+            continue
+        now = source.read_rows(rows.start, min(rows.stop, source.num_rows))
+        if len(now) != len(rows) or rows_digest(now) != done[k]["rows_digest"]:
+            return f"rows {rows.start + 1}..{rows.stop} (those of shard {k:06d}, the first one whose rows changed)"
+    return f"rows {first + 1}..{stop} (the bytes of some row changed)"
+
+
+def _grown(spec: GenerateSpec, source: PromptSource, previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parts of ``previous`` (the output's plan, made by these settings from other rows) when the prompt file
+    only grew since: every row it was made from is there, unchanged. Else a SpecError naming the first rows that
+    changed, or were removed."""
+    out, url = spec.output.path, spec.prompts.path
+    keys = ("prompts", "shards", "prompts_digest", "fingerprint")
+    parts = [*earlier_parts(previous), {k: previous.get(k) for k in keys}]
+    start = 0
+    for part in parts:
+        n = part.get("prompts")
+        if not isinstance(n, int) or n <= 0:
+            raise SpecError(f"output.path {out}: its {PLAN} names no prompt count; use a new output.path")
+        if n > source.num_rows:
             raise SpecError(
-                f"prompts.path {spec.prompts.path}: its rows differ from those {out} was generated from "
-                f"({previous.get('prompts')} prompts then, {source.num_rows} now, other content); restore "
-                "them, or use a new output.path") from None
-        raise
+                f"prompts.path {url}: it has {source.num_rows} rows, and {out} was generated from {n}: rows "
+                f"{source.num_rows + 1}..{n} were removed (or prompts.limit lowered); restore them, or use a new "
+                "output.path")
+        if part.get("prompts_digest") not in source.prefix_digests.get(n, (source.digest,) if n == source.num_rows
+                                                                         else ()):
+            rows = _changed_rows(spec, source, previous, start, n)
+            raise SpecError(
+                f"prompts.path {url}: {rows} differ from those {out} was generated from; rows may only be "
+                "appended to a prompt file an output was made from: restore them, or use a new output.path")
+        start = n
+    return parts
+
+
+def check_output(spec: GenerateSpec, source: PromptSource,
+                 files: dict[str, list] | None = None) -> list[dict[str, Any]]:
+    """``output.path`` must be new, empty, or an earlier run of this same job (with the same prompts, or rows appended
+    to them, and the model's files as they were: ``files``, see :func:`~synthmill.models.loading.model_files`).
+    Returns the parts the earlier runs ended with (plan.json's ``grown_from``), when the prompts grew since."""
+    out, opts = spec.output.path, spec.storage
+    previous = _previous_plan(out, opts)
+    fingerprint = spec.fingerprint(source.digest)
+    try:
+        check_output_folder(out, fingerprint, opts, "generate")
+        earlier = earlier_parts(previous) if previous and previous.get("fingerprint") == fingerprint else []
+    except SpecError:
+        before = previous.get("prompts_digest") if previous else None
+        # the prompts are all that differs when the spec with the earlier rows gives the earlier fingerprint
+        # (another job's folder differs in its settings too): grown, or edited
+        if not (before and before != source.digest and spec.fingerprint(before) == previous.get("fingerprint")):
+            raise
+        check_plan_matches_job(out, opts, previous)
+        earlier = _grown(spec, source, previous)
     previous = storage.read_plan(out, opts)
     before = previous.get("model_files") if isinstance(previous, dict) else None
     if isinstance(before, dict) and files is not None and before != files:  # outputs of older code lack it
@@ -82,6 +157,7 @@ def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list
             f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}: other size, time or presence; a "
             "distill run exporting again into the same folder does this); the shards done were made by the "
             "files it replaced, so resuming would mix two models: use a new output.path, or restore the model")
+    return earlier
 
 
 
@@ -93,29 +169,37 @@ def prepare(spec: GenerateSpec) -> Prepared:
             check_model_path(spec.model, spec.storage, only_here=starts_local_ray(spec.cluster.address))
             files = model_files(spec.model.path, spec.storage)
             field = "prompts.path"
-            source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage)
+            source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage,
+                                 tuple(spec.prompts.keep), dict(spec.prompts.per_row))
             source.check()
             s = spec.sampling
             plan = ShardPlan(0, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
-            source.scan(plan.rows_per_shard())  # every row parsed, the content digest taken
+            previous = _previous_plan(spec.output.path, spec.storage)
+            # every row parsed, the content digest taken, and that of the rows each earlier run ended with
+            source.scan(plan.rows_per_shard(), _marks(previous))
             field = "output.path"
-            check_output(spec, source, files)
+            earlier = check_output(spec, source, files)
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None
-    plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed)
+    plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed,
+                     tuple(p["prompts"] for p in earlier))
     require(s.seed + plan.num_samples - 1 <= MAX_SEED, "sampling.seed",
             f"{s.seed} + {plan.num_samples} samples passes the largest seed, 2**63-1")
+    require(source.max_row_seed + s.images_per_prompt - 1 <= MAX_SEED, "prompts.per_row.seed",
+            f"a row's seed {source.max_row_seed} + its {s.images_per_prompt} images passes the largest seed, 2**63-1")
     require(plan.num_shards <= MAX_SHARDS, "output.samples_per_shard",
             f"{plan.num_samples:,} samples at {plan.samples_per_shard:,} a shard are {plan.num_shards:,} shards, more "
             f"than a job holds ({MAX_SHARDS:,}: a file each, and a marker); raise it")
-    return Prepared(spec, source, plan, files)
+    before = previous.get("prompts") if previous and previous.get("kind") in (None, "generate") else 0
+    return Prepared(spec, source, plan, files, earlier, before if isinstance(before, int) else 0)
 
 
 def plan_summary(p: Prepared) -> dict[str, Any]:
     """What ``--dry-run`` prints: sizes of the plan and what is already done."""
-    done = done_shards(p.layout, range(p.plan.num_shards), p.fingerprint, p.spec.output.resume_check)
+    done = done_shards(p.layout, range(p.plan.num_shards), p.shard_fingerprint(), p.spec.output.resume_check)
     return {
         "prompts": p.plan.num_prompts,
+        "prompts_new": p.plan.num_prompts - p.prompts_before,  # rows the output's plan does not hold yet
         "samples": p.plan.num_samples,
         "shards": p.plan.num_shards,
         "samples_per_shard": p.plan.samples_per_shard,
@@ -173,7 +257,10 @@ def actor_utilisation(infos: list[dict[str, Any]], markers: dict[int, dict[str, 
 
 
 def ok_line(spec_path: str, plan: dict[str, Any]) -> str:
-    return f"ok: {spec_path}: {plan['prompts']} prompts -> {plan['samples']} samples in {plan['shards']} shards"
+    new = plan.get("prompts_new", plan["prompts"])
+    grown = f" ({new} new since the output's last run)" if 0 < new < plan["prompts"] else ""
+    return (f"ok: {spec_path}: {plan['prompts']} prompts{grown} -> {plan['samples']} samples in {plan['shards']} "
+            "shards")
 
 
 def done_line(summary: dict[str, Any], output: str) -> str:
@@ -197,7 +284,8 @@ class GenerateJob(lifecycle.Job):
         self.t0 = time.perf_counter()
         self.wall0 = time.time()
         self.startup: dict[str, Any] = {}  # seconds from run() to each start-up milestone
-        self.markers = done_shards(self.layout, range(p.plan.num_shards), p.fingerprint, p.spec.output.resume_check)
+        self.markers = done_shards(self.layout, range(p.plan.num_shards), p.shard_fingerprint(),
+                                   p.spec.output.resume_check)
         self.resumed = len(self.markers)
         self.todo = [k for k in range(p.plan.num_shards) if k not in self.markers]
         log.info("%d shards planned, %d already done, %d to run", p.plan.num_shards, self.resumed, len(self.todo))
@@ -230,10 +318,13 @@ class GenerateJob(lifecycle.Job):
 
     def plan(self) -> dict[str, Any]:
         p = self.p
-        return {"kind": "generate", "fingerprint": p.fingerprint, "prompts": p.plan.num_prompts,
+        plan = {"kind": "generate", "fingerprint": p.fingerprint, "prompts": p.plan.num_prompts,
                 "prompts_digest": p.source.digest, "model_files": p.model_files,
                 "samples": p.plan.num_samples, "shards": p.plan.num_shards,
                 "samples_per_shard": p.plan.samples_per_shard, "compute": self.compute}
+        if p.earlier:  # the prompts grew: each earlier run's rows, their digest, and the shards they made
+            plan["grown_from"] = p.earlier
+        return plan
 
     def work(self, resources: dict[str, float]) -> dict[str, str]:
         import ray
@@ -249,7 +340,7 @@ class GenerateJob(lifecycle.Job):
         seen = node_paths(spec, ("model.path", "prompts.path", "output.path"))  # what each actor reads
 
         def make_actor():
-            return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, seen)
+            return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, seen, self.p.fingerprints)
 
         pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
                          max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s,
@@ -280,7 +371,7 @@ class GenerateJob(lifecycle.Job):
         from synthmill.sharding.index import merge_index
 
         plan, markers, report, startup = self.plan_, self.markers, self.report, self.startup
-        n_index = merge_index(self.layout, range(plan.num_shards))
+        n_index = merge_index(self.layout, range(plan.num_shards), self.p.source.keep_types)
         if n_index != plan.num_samples:
             raise RuntimeError(f"index has {n_index} rows for {plan.num_samples} samples")
         elapsed = time.perf_counter() - self.t0
@@ -340,7 +431,7 @@ def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
     """The state of a generate output, from its plan, markers, failures and summary."""
     from synthmill.sharding.writer import TMP_SUFFIX
 
-    markers = done_shards(layout, range(plan["shards"]), plan["fingerprint"])
+    markers = done_shards(layout, range(plan["shards"]), shard_fingerprint(plan))
     failures = layout.read_json(FAILURES)
     failures = failures if isinstance(failures, dict) else {}
     summary = layout.read_json(SUMMARY)
@@ -357,6 +448,9 @@ def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
         "shards": plan["shards"],
         "samples_done": samples_done,
         "samples": plan["samples"],
+        "prompts": plan.get("prompts"),
+        # the rows each run added: the first run's, then those appended before each later one
+        "prompts_added": _added(plan),
         "failed_shards": (failures.get("failed_shards") or {}) if not summary else {},
         "images_per_s_per_actor": round(samples_done / elapsed_s, 4) if elapsed_s else None,
         "denoise_fraction": round(denoise_s / elapsed_s, 4) if elapsed_s else None,
@@ -364,6 +458,16 @@ def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
         "device_idle": [a["device_idle_fraction"] for a in (summary or {}).get("actors", [])],
         "unfinished_temporaries": len(stray),
     }
+
+
+def _added(plan: dict[str, Any]) -> list[int] | None:
+    """The rows each run added to a grown job's prompts: the first run's, then those appended before each later
+    one (None: the prompts never grew)."""
+    ends = [p.get("prompts") for p in earlier_parts(plan)]
+    if not ends or not all(isinstance(n, int) for n in [*ends, plan.get("prompts")]):
+        return None
+    ends.append(plan["prompts"])
+    return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def render_status(st: dict[str, Any]) -> str:
@@ -374,6 +478,10 @@ def render_status(st: dict[str, Any]) -> str:
         f"shards     {st['shards_done']} / {st['shards']} done",
         f"samples    {st['samples_done']} / {st['samples']} ({pct:.1f}%)",
     ]
+    if st.get("prompts_added"):
+        first, *later = st["prompts_added"]
+        lines.append(f"prompts    {st['prompts']}: {first} in the first run, then "
+                     + ", ".join(f"{n} appended" for n in later) + f" ({later[-1]} new in the last run)")
     if st["images_per_s_per_actor"] is not None:
         lines.append(f"throughput {st['images_per_s_per_actor']} images/s per actor (shard time), "
                      f"denoising {100 * st['denoise_fraction']:.0f}% of it")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from synthmill.errors import SpecError
 from synthmill.jobs.fields import MAX_SEED, ActorClusterSpec, check_cluster, one_of, require
 from synthmill.models.schedulers import SCHEDULERS
 from synthmill.sharding.encoders import ENCODERS
-from synthmill.sharding.plan import count
+from synthmill.sharding.plan import count, earlier_parts, plan_problem
+from synthmill.sharding.rows import META_FIELDS, PER_ROW_SETTINGS, check_size
 from synthmill.sharding.storage import REDACTED
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -52,6 +54,8 @@ class PromptsSpec:
     path: str = MISSING  # .txt | .jsonl | .csv | .tsv | .parquet
     column: str = "caption"  # for tabular sources (ignored for .txt)
     limit: Optional[int] = None  # use only the first `limit` rows
+    keep: List[str] = field(default_factory=list)  # columns carried into each sample's json and the index
+    per_row: Dict[str, str] = field(default_factory=dict)  # setting -> column that overrides it per row
 
 
 @dataclass
@@ -60,8 +64,9 @@ class SamplingSpec:
 
     steps: int = 25
     guidance_scale: float = 7.5
-    height: int = 512
-    width: int = 512
+    height: Optional[int] = None  # 512 unless sizes is given
+    width: Optional[int] = None
+    sizes: Optional[List[List[int]]] = None  # [[height, width], ...]: row i gets sizes[i % len(sizes)]
     negative_prompt: Optional[str] = None
     seed: int = 0  # sample i gets seed + i
     images_per_prompt: int = 1
@@ -119,11 +124,37 @@ class GenerateSpec:
         )
         require(bool(p.path.strip()), "prompts.path", "must not be empty")
         require(p.limit is None or p.limit >= 1, "prompts.limit", f"must be >= 1 or null, got {p.limit}")
+        text_file = p.path.lower().endswith(".txt")
+        for i, name in enumerate(p.keep):
+            require(not text_file, "prompts.keep", "a .txt prompt file has no columns to keep")
+            require(name not in META_FIELDS, f"prompts.keep.{i}",
+                    f"'{name}' is a field every sample's json has already; rename the column")
+            require(name not in p.keep[:i], f"prompts.keep.{i}", f"'{name}' is listed twice")
+        for setting in p.per_row:
+            one_of(setting, PER_ROW_SETTINGS, f"prompts.per_row.{setting}")
+            require(not text_file, f"prompts.per_row.{setting}", "a .txt prompt file has no columns")
+            require(bool(p.per_row[setting].strip()), f"prompts.per_row.{setting}", "must name a column")
         require(1 <= s.steps <= 1000, "sampling.steps", f"must be in 1..1000, got {s.steps}")
         require(0.0 <= s.guidance_scale <= 100.0, "sampling.guidance_scale",
                 f"must be in 0..100, got {s.guidance_scale}")
+        if s.sizes is not None:
+            given = [n for n in ("height", "width") if getattr(s, n) is not None]
+            require(not given, f"sampling.{given[0] if given else 'height'}",
+                    "give sampling.sizes or sampling.height and width, not both")
+            require(len(s.sizes) >= 1, "sampling.sizes", "must list at least one [height, width]")
+            for i, hw in enumerate(s.sizes):
+                require(len(hw) == 2, f"sampling.sizes.{i}", f"must be [height, width], got {list(hw)}")
+                try:
+                    check_size(*hw)
+                except ValueError as e:
+                    raise SpecError(f"field 'sampling.sizes.{i}': {e}") from None
+        else:
+            s.height = 512 if s.height is None else s.height
+            s.width = 512 if s.width is None else s.width
         for name in ("height", "width"):
             v = getattr(s, name)
+            if v is None:
+                continue
             require(8 <= v <= 8192, f"sampling.{name}", f"must be in 8..8192, got {v}")
             require(v % 8 == 0, f"sampling.{name}", f"must be a multiple of 8, got {v} (try {max(8, v // 8 * 8)})")
         require(0 <= s.seed <= MAX_SEED, "sampling.seed", f"must be in 0..2**63-1, got {s.seed}")
@@ -157,11 +188,20 @@ class GenerateSpec:
         for k, default in _LATE_MODEL_KEYS.items():
             if m[k] == default:
                 m.pop(k)
+        sampling = asdict(self.sampling)
+        if sampling["sizes"] is None:  # added later: outputs made before it keep their fingerprint
+            sampling.pop("sizes")
+            sampling["height"] = 512 if sampling["height"] is None else sampling["height"]
+            sampling["width"] = 512 if sampling["width"] is None else sampling["width"]
+        prompts = {"rows": prompts_digest,  # .txt has no columns
+                   "column": None if self.prompts.path.lower().endswith(".txt") else self.prompts.column}
+        for key in ("keep", "per_row"):  # likewise: only when given
+            if getattr(self.prompts, key):
+                prompts[key] = getattr(self.prompts, key)
         basis = {
             "model": m,
-            "prompts": {"rows": prompts_digest,  # .txt has no columns
-                        "column": None if self.prompts.path.lower().endswith(".txt") else self.prompts.column},
-            "sampling": asdict(self.sampling),
+            "prompts": prompts,
+            "sampling": sampling,
             "output": {k: getattr(self.output, k) for k in ("format", "quality", "samples_per_shard")
                        if k != "quality" or self.output.format != "png"},  # PNG is lossless: no quality
             "batch_size": self.cluster.batch_size,
@@ -186,13 +226,19 @@ class GenerateSpec:
         if prompts is not None and samples is not None and samples != prompts * s.images_per_prompt:
             return (f'its "samples" is {samples:,}, and {prompts:,} prompts at sampling.images_per_prompt '
                     f'{s.images_per_prompt:,} are {prompts * s.images_per_prompt:,}')
-        if samples is not None and shards is not None and shards != -(-samples // o.samples_per_shard):
+        grown = "grown_from" in plan
+        if grown:
+            problem = plan_problem(plan)
+            if problem:
+                return problem
+        elif samples is not None and shards is not None and shards != -(-samples // o.samples_per_shard):
             return (f'its "shards" is {shards:,}, and {samples:,} samples at output.samples_per_shard '
                     f'{o.samples_per_shard:,} are {-(-samples // o.samples_per_shard):,} shards')
-        digest = plan.get("prompts_digest")
-        if isinstance(digest, str) and REDACTED not in json.dumps(self._fingerprint_basis(digest)):
-            fingerprint = self.fingerprint(digest)
-            if plan.get("fingerprint") != fingerprint:
-                return (f'its "fingerprint" is {plan.get("fingerprint")!r}, and these settings with its '
-                        f'prompts_digest give {fingerprint!r}')
+        for where, part in [*((f"grown_from[{i}]", p) for i, p in enumerate(earlier_parts(plan))), ("", plan)]:
+            digest = part.get("prompts_digest") if isinstance(part, dict) else None
+            if isinstance(digest, str) and REDACTED not in json.dumps(self._fingerprint_basis(digest)):
+                fingerprint = self.fingerprint(digest)
+                if part.get("fingerprint") != fingerprint:
+                    return (f'its {where + " " if where else ""}"fingerprint" is {part.get("fingerprint")!r}, and '
+                            f'these settings with its prompts_digest give {fingerprint!r}')
         return None

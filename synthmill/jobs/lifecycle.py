@@ -27,7 +27,7 @@ from typing import Any
 from synthmill.errors import JobFailed
 from synthmill.jobs.outputs import claim_output, write_job_yaml
 from synthmill.sharding import storage
-from synthmill.sharding.layout import FAILURES, OutputLayout
+from synthmill.sharding.layout import FAILURES, LOGS, OutputLayout
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,24 @@ class Job(ABC):
         """The closing work; returns the content of the final file."""
 
 
+def _logs_of_this_run(layout: OutputLayout, since: float) -> str:
+    """The end of the failure line, ``Full tracebacks: URL/logs/ (N files of this run).``, when this run's actors
+    left failure logs; "" otherwise.
+
+    The logs are named by the time their run started (``cluster.pool.FailureLog``), so this run's sort at or
+    after ``since`` to the second; earlier runs' files are not counted."""
+    try:
+        names = storage.list_sizes(layout.file(LOGS), layout.opts)
+    except Exception:  # noqa: BLE001 - the failure line must come out even when the listing cannot
+        return ""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(since)))
+    ours = [n for n in names if n.endswith(".log") and n[:len(stamp)] >= stamp]
+    if not ours:
+        return ""
+    files = f"{len(ours)} file{'s' * (len(ours) > 1)}"
+    return f" Full tracebacks: {storage.redact_url(layout.file(LOGS))}/ ({files} of this run)."
+
+
 def run(job: Job) -> dict[str, Any]:
     """Run ``job`` through the lifecycle above; return its final file's content."""
     from synthmill.cluster.connect import connect
@@ -97,7 +115,7 @@ def run(job: Job) -> dict[str, Any]:
         failures = job.work(resources)
         if failures:
             layout.write_json(FAILURES, job.failures_record(failures))
-            raise JobFailed(job.failure_message(failures))
+            raise JobFailed(job.failure_message(failures) + _logs_of_this_run(layout, wall0))
     layout.remove(FAILURES)
     result = job.finish()
     storage.remove_stale_temporaries(layout.url, wall0)

@@ -84,7 +84,9 @@ def claim_output(layout: OutputLayout, plan: dict[str, Any]) -> None:
         if holder is None:
             continue
         theirs = holder.get("kind") or "generate"  # outputs of the first versions name no kind
-        if theirs != kind or holder.get("fingerprint") != fingerprint:
+        # a generate job whose prompts grew holds the plan of its earlier rows: its fingerprint is among those
+        grown = [p.get("fingerprint") for p in plan.get("grown_from") or () if isinstance(p, dict)]
+        if theirs != kind or holder.get("fingerprint") not in (fingerprint, *grown):
             raise SpecError(
                 f"output.path {url}: another {theirs} job (fingerprint {holder.get('fingerprint')}, its spec "
                 f"{storage.join(url, JOB_YAML)}) took this folder while this {kind} job (fingerprint "

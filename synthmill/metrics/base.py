@@ -60,10 +60,11 @@ class Finish:
     totals: dict[str, dict[str, Any]]  # set name -> feature name -> total
     samples: dict[str, int]  # set name -> samples scored; a metric may add the reference's
     info: dict[str, dict[str, Any]]  # network name -> what its check found
-    reference: Any  # the reference given as statistics (metrics.fid.ReferenceStats), or None
+    reference: Any  # the reference given as statistics, as FID loads it (metrics.fid.ReferenceStats), or None
     reference_kind: str | None  # the reference image set's kind (folder, tars, synthmill), or None
     write: Callable[[str, bytes], str]  # (file name, bytes) -> its URL in the output
     done: dict[str, Any] = field(default_factory=dict)  # what one metric computed that another reuses
+    references: dict[str, Any] = field(default_factory=dict)  # metric name -> its reference_stats, from a stats file
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def known_model(model: str, pretrained: str | None) -> str | None:
-    """Why ``model``/``pretrained`` cannot load, or None; checks names and files only, loads nothing."""
+def known_model(model: str, pretrained: str | None, section: str = "clip") -> str | None:
+    """Why ``model``/``pretrained`` cannot load, or None; checks names and files only, loads nothing.
+    ``section``: the spec section that names them (``clip``, ``cmmd``), for the message."""
     import os
 
     import open_clip
@@ -31,38 +32,38 @@ def known_model(model: str, pretrained: str | None) -> str | None:
         from synthmill.models.loading import HUB_LOGIN, hub_file_missing
 
         repo = model[len("hf-hub:"):]
-        missing, where = hub_file_missing(repo, "open_clip_config.json", None, f"clip.model {model}")
+        missing, where = hub_file_missing(repo, "open_clip_config.json", None, f"{section}.model {model}")
         if missing in ("repo", "gated"):
-            return (f"clip.model {model}: {'a gated model' if missing == 'gated' else 'no such model'} on {where} "
+            return (f"{section}.model {model}: {'a gated model' if missing == 'gated' else 'no such model'} on {where} "
                     f"(a private or gated model needs access and a token: {HUB_LOGIN})")
         if missing == "file":
-            return f"clip.model {model}: not an open_clip model (no open_clip_config.json on {where})"
+            return f"{section}.model {model}: not an open_clip model (no open_clip_config.json on {where})"
         return None
     if model.startswith("local-dir:"):
         folder = model[len("local-dir:"):]
         config = os.path.join(folder, "open_clip_config.json")
         if not os.path.isfile(config):
-            return f"clip.model {model}: no open_clip_config.json in {folder}"
+            return f"{section}.model {model}: no open_clip_config.json in {folder}"
         try:
             with open(config, encoding="utf-8") as fh:
                 cfg = json.load(fh)
         except (OSError, ValueError) as e:
-            return f"clip.model {model}: {config} cannot be read ({e})"
+            return f"{section}.model {model}: {config} cannot be read ({e})"
         if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
-            return f"clip.model {model}: {config} has no model_cfg object (open_clip's local-dir layout)"
+            return f"{section}.model {model}: {config} has no model_cfg object (open_clip's local-dir layout)"
         return None
     names = open_clip.list_models()
     if model not in names:
         import difflib
 
         close = difflib.get_close_matches(model, names, n=3)
-        return (f"clip.model {model!r}: not an open_clip model"
+        return (f"{section}.model {model!r}: not an open_clip model"
                 + (f"; did you mean {', '.join(close)}?" if close else ""))
     if pretrained is None or os.path.isfile(pretrained):
         return None
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
-        return (f"clip.pretrained {pretrained!r}: neither a file nor a pretrained tag of {model} "
+        return (f"{section}.pretrained {pretrained!r}: neither a file nor a pretrained tag of {model} "
                 f"(tags: {', '.join(tags) or 'none'})")
     return None
 
@@ -97,6 +98,34 @@ class ClipScorer:
             a = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
             b = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
         return (a * b).sum(-1).double().cpu().numpy()
+
+    def embeddings(self, images: list[Any]) -> np.ndarray:
+        """(B, d) float32 image embeddings of PIL images, as ``encode_image`` gives them (not normalised)."""
+        torch = self.torch
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        with torch.inference_mode():
+            return self.model.encode_image(pixels).float().cpu().numpy()
+
+
+def checkpoint_file(model: str, pretrained: str | None) -> str | None:
+    """The local file open_clip loaded the weights of ``model``/``pretrained`` from (after it loaded them, so a
+    download is in its cache), or None when it loaded none (a built-in architecture without ``pretrained``)."""
+    import os
+    from pathlib import Path
+
+    from open_clip import factory
+    from open_clip import pretrained as tags
+
+    if model.startswith("local-dir:"):
+        found = factory._find_checkpoint_in_dir(Path(model[len("local-dir:"):]))
+        return str(found) if found else None
+    if model.startswith("hf-hub:"):
+        return tags.download_pretrained_from_hf(model[len("hf-hub:"):])
+    if pretrained is None:
+        return None
+    if os.path.isfile(pretrained):
+        return pretrained
+    return tags.download_pretrained(tags.get_pretrained_cfg(model, pretrained)) or None
 
 
 def clip_scores(cos: np.ndarray) -> dict[str, float]:

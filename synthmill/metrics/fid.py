@@ -108,21 +108,49 @@ def _check_meta(ref: ReferenceStats, spec: Any, sha: str | None) -> None:
                             f"{field}={ours!r}; FID across protocols is not comparable")
 
 
-def stats_file(mu: np.ndarray, sigma: np.ndarray, n: int, spec: Any, weights_sha256: str | None) -> bytes:
-    """mu and sigma as pytorch-fid writes them, plus how they were made (pytorch-fid ignores the rest)."""
+def stats_file(mu: np.ndarray | None, sigma: np.ndarray | None, n: int, spec: Any, weights_sha256: str | None,
+               extra: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """mu and sigma as pytorch-fid writes them, plus how they were made (pytorch-fid ignores the rest), plus
+    ``extra`` arrays (other metrics' per-image features, which can stand in for the images as a reference)."""
     from synthmill.metrics.partials import npz_bytes
 
-    return npz_bytes({"mu": mu, "sigma": sigma, "n": np.array(n), "protocol": np.array(spec.fid.protocol),
-                      "resize_to": np.array(spec.fid.resize_to or 0), "weights_sha256": np.array(weights_sha256 or "")})
+    arrays = {"mu": mu, "sigma": sigma} if mu is not None else {}
+    return npz_bytes({**arrays, "n": np.array(n), "protocol": np.array(spec.fid.protocol),
+                      "resize_to": np.array(spec.fid.resize_to or 0), "weights_sha256": np.array(weights_sha256 or ""),
+                      **(extra or {})})
+
+
+#: The statistics file written for each set (the reference's only when it is images).
+STATS_FILES = {"generated": FID_STATS, "reference": REFERENCE_STATS}
+
+
+def write_set_stats(f: Finish, set_name: str) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """Write the set's statistics file once, whichever metric asks first; return its URL, mu and sigma.
+
+    It holds mu and sigma when FID's features were computed, and the arrays of every merged feature total
+    that offers ``stats_arrays(spec)`` (KID's and CMMD's per-image features), so it can be a later job's
+    reference for each of those metrics.
+    """
+    key = f"{set_name}_stats"
+    if key not in f.done:
+        totals = f.totals[set_name]
+        mu = sigma = None
+        if "pool3" in totals:
+            mu, sigma = totals["pool3"].sums.mean_cov()
+        extra: dict[str, np.ndarray] = {}
+        for total in totals.values():
+            if hasattr(total, "stats_arrays"):
+                extra.update(total.stats_arrays(f.spec))
+        sha = f.info.get("inception", {}).get("sha256")
+        url = f.write(STATS_FILES[set_name], stats_file(mu, sigma, f.samples[set_name], f.spec, sha, extra))
+        f.done[key] = url, mu, sigma
+    return f.done[key]
 
 
 def _generated_stats(f: Finish) -> tuple[np.ndarray, np.ndarray]:
     """The generated set's mean and covariance, written to ``fid_stats.npz`` once whichever metric asks first."""
-    if "generated_stats" not in f.done:
-        mu, sigma = f.totals["generated"]["pool3"].sums.mean_cov()
-        f.write(FID_STATS, stats_file(mu, sigma, f.samples["generated"], f.spec, f.info["inception"]["sha256"]))
-        f.done["generated_stats"] = mu, sigma
-    return f.done["generated_stats"]
+    _, mu, sigma = write_set_stats(f, "generated")
+    return mu, sigma
 
 
 def _check(spec: Any, samples: Mapping[str, int | None]) -> None:
@@ -142,9 +170,7 @@ def _finish_fid(f: Finish) -> dict[str, Any]:
         ref_mu, ref_sigma = f.reference.mu, f.reference.sigma
         ref_desc = {"kind": "stats", "path": storage.redact_url(f.reference.path), **f.reference.meta}
     else:
-        n = f.samples["reference"]
-        ref_mu, ref_sigma = f.totals["reference"]["pool3"].sums.mean_cov()
-        written = f.write(REFERENCE_STATS, stats_file(ref_mu, ref_sigma, n, spec, f.info["inception"]["sha256"]))
+        written, ref_mu, ref_sigma = write_set_stats(f, "reference")
         ref_desc = {"kind": f.reference_kind, "path": storage.redact_url(spec.reference.path),
                     "stats_written": storage.redact_url(written)}
     out: dict[str, Any] = {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "fid_reference": ref_desc}

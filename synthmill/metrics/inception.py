@@ -7,7 +7,9 @@ Networks are the libraries' own definitions, loaded from one verified weights fi
   downloads the standard file through ``load_state_dict_from_url``; we hand it the state dict we
   loaded and checked instead, so the network is pytorch-fid's, module for module.
 - IS logits come from torch-fidelity's ``FeatureExtractorInceptionV3`` (``logits_unbiased``: the
-  1008-way fc layer without its bias), loaded from the same file.
+  1008-way fc layer without its bias), loaded from the same file; so do KID's and precision/recall's
+  features (its ``2048`` pool features, torch-fidelity's default layer for both), from the same forward
+  pass when both are asked.
 
 FID protocols (recorded in ``metrics.json`` with the text below):
 """
@@ -35,6 +37,9 @@ RESIZE_TO = "PIL bicubic resize of the 8-bit RGB image to resize_to x resize_to 
 
 __doc__ += "\n".join(f"\n- ``{k}``: {v}." for k, v in PROTOCOLS.items())
 
+#: The feature name of torch-fidelity's 2048 pool features (KID, precision/recall) in the metrics table.
+FIDELITY_POOL = "fidelity_pool"
+
 _build_lock = threading.Lock()
 
 
@@ -53,11 +58,11 @@ def pytorch_fid_network(state_dict: dict[str, Any], protocol: str):
     return net.eval().requires_grad_(False)
 
 
-def torch_fidelity_logits_network(weights_path: str):
-    """torch-fidelity's extractor of unbiased logits, loaded from ``weights_path``."""
+def torch_fidelity_logits_network(weights_path: str, features: tuple[str, ...] = ("logits_unbiased",)):
+    """torch-fidelity's extractor of ``features`` (unbiased logits; ``2048``: pool features), from ``weights_path``."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"],
+    return FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                        feature_extractor_weights_path=weights_path)
 
 
@@ -72,10 +77,11 @@ def _clean_resize(image: np.ndarray) -> np.ndarray:
 
 
 class InceptionExtractor:
-    """FID features and/or IS logits of batches of 8-bit RGB images (HxWx3 numpy arrays)."""
+    """FID features, IS logits and/or torch-fidelity's pool features (KID, precision/recall) of batches of 8-bit
+    RGB images (HxWx3 numpy arrays)."""
 
     def __init__(self, state_dict: dict[str, Any], weights_path: str, protocol: str, fid: bool, isc: bool,
-                 device: str = "cpu"):
+                 device: str = "cpu", fidelity_pool: bool = False):
         import torch
 
         if protocol not in PROTOCOLS:
@@ -85,7 +91,8 @@ class InceptionExtractor:
         torch.backends.cudnn.allow_tf32 = False
         self.protocol, self.device = protocol, device
         self.fid_net = pytorch_fid_network(state_dict, protocol).to(device) if fid else None
-        self.is_net = torch_fidelity_logits_network(weights_path).to(device) if isc else None
+        self.fidelity = (("logits_unbiased",) if isc else ()) + (("2048",) if fidelity_pool else ())
+        self.is_net = torch_fidelity_logits_network(weights_path, self.fidelity).to(device) if self.fidelity else None
 
     def _fid_input(self, images: list[np.ndarray]):
         import torch
@@ -103,14 +110,19 @@ class InceptionExtractor:
             out = self.fid_net(self._fid_input(images).to(self.device))[0]
         return out.squeeze(3).squeeze(2).cpu().numpy()
 
-    def is_logits(self, images: list[np.ndarray]) -> np.ndarray:
-        """(B, 1008) float32 unbiased logits."""
+    def fidelity_features(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """torch-fidelity's features of one forward pass: ``logits_unbiased`` (B, 1008) and/or ``2048`` (B, 2048),
+        float32, as the extractor was built."""
         import torch
 
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(self.device)
         with torch.inference_mode():
-            (logits,) = self.is_net(x)
-        return logits.cpu().numpy()
+            out = self.is_net(x)
+        return {name: t.cpu().numpy() for name, t in zip(self.fidelity, out, strict=True)}
+
+    def is_logits(self, images: list[np.ndarray]) -> np.ndarray:
+        """(B, 1008) float32 unbiased logits."""
+        return self.fidelity_features(images)["logits_unbiased"]
 
 
 def inception_score(logits: np.ndarray, splits: int, seed: int, shuffle: bool = True) -> tuple[float, float]:
@@ -153,14 +165,19 @@ class _Net:
         # Resolved on this node: a URL is downloaded into this node's cache (once, under a lock).
         path, _ = weights.resolve(info["weights"], info["sha256"], spec.storage)
         self.extractor = InceptionExtractor(weights.load_state_dict(path), path, spec.fid.protocol,
-                                            "pool3" in features, "logits" in features, device)
+                                            "pool3" in features, "logits" in features, device,
+                                            fidelity_pool=FIDELITY_POOL in features)
 
     def extract(self, features: tuple[str, ...], images: list[np.ndarray], captions: list[Any]) -> dict[str, Any]:
         out = {}
         if "pool3" in features:
             out["pool3"] = self.extractor.fid_features(images)
-        if "logits" in features:
-            out["logits"] = self.extractor.is_logits(images)
+        if "logits" in features or FIDELITY_POOL in features:
+            fidelity = self.extractor.fidelity_features(images)
+            if "logits" in features:
+                out["logits"] = fidelity["logits_unbiased"]
+            if FIDELITY_POOL in features:
+                out[FIDELITY_POOL] = fidelity["2048"]
         return out
 
 

@@ -7,25 +7,40 @@ are new) plus its rows here.
 
 from __future__ import annotations
 
-from synthmill.metrics import clip, fid, inception, isc
+from synthmill.metrics import clip, cmmd, fid, hps, imagereward, inception, isc, kid, pickscore
 from synthmill.metrics.base import Feature, Metric, Network
 
 NETWORKS: dict[str, Network] = {n.name: n for n in (
     inception.NETWORK,
     clip.NETWORK,
+    cmmd.NETWORK,
+    hps.NETWORK,
+    imagereward.NETWORK,
+    pickscore.NETWORK,
 )}
 
 FEATURES: dict[str, Feature] = {f.name: f for f in (
     fid.POOL3,
     isc.LOGITS,
+    kid.POOL,
     clip.COSINE,
+    cmmd.EMBEDDING,
+    hps.SCORES,
+    imagereward.SCORES,
+    pickscore.SCORES,
 )}
 
 #: In this order their entries appear in metrics.json (and in messages that list the known metrics).
 METRICS: dict[str, Metric] = {m.name: m for m in (
     fid.FID,
+    kid.KID,
+    kid.PRECISION_RECALL,
+    cmmd.CMMD,
     isc.IS,
     clip.CLIP,
+    hps.HPSV2,
+    imagereward.IMAGE_REWARD,
+    pickscore.PICKSCORE,
     fid.FID_STATS_ONLY,
 )}
 

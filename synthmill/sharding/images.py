@@ -97,6 +97,10 @@ def _job_size(path: str, opts: dict[str, Any] | None) -> tuple[int, int] | None:
     except yaml.YAMLError as e:
         raise ImageSetError(f"{url}: not valid YAML ({type(e).__name__})") from None
     s = job.get("sampling") if isinstance(job, dict) else None
+    prompts = job.get("prompts") if isinstance(job, dict) else None
+    per_row = prompts.get("per_row") if isinstance(prompts, dict) else None
+    if isinstance(s, dict) and (s.get("sizes") or (isinstance(per_row, dict) and per_row.get("size"))):
+        return None  # images of several sizes: each image's header says
     if not isinstance(s, dict) or "width" not in s or "height" not in s:
         return None
     if not (_is_count(s["width"]) and _is_count(s["height"])):
@@ -108,7 +112,7 @@ def _job_size(path: str, opts: dict[str, Any] | None) -> tuple[int, int] | None:
 def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None,
                    check_plan: Callable[[str, dict[str, Any]], None] | None) -> ImageSet:
     from synthmill.sharding.layout import OutputLayout
-    from synthmill.sharding.plan import plan_problem
+    from synthmill.sharding.plan import plan_problem, shard_fingerprint
 
     problem = plan_problem(plan)
     if problem:
@@ -117,7 +121,8 @@ def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None,
         check_plan(path, plan)
     n = plan["shards"]
     shards = OutputLayout(path, opts).shards
-    done = shards.done(range(n), lambda k: {"fingerprint": plan.get("fingerprint")})
+    fingerprint = shard_fingerprint(plan)  # a shard made before the prompts grew holds its part's
+    done = shards.done(range(n), lambda k: {"fingerprint": fingerprint(k)})
     if len(done) < n:
         raise ImageSetError(
             f"{path}: the generate job there is not complete ({len(done)} of {n} shards committed); "

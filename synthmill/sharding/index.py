@@ -1,4 +1,8 @@
-"""``index.parquet``: one row per sample, streamed from per-shard parts (one row group each)."""
+"""``index.parquet``: one row per sample, streamed from per-shard parts (one row group each).
+
+Its columns are :data:`INDEX_SCHEMA`'s, then the job's kept prompt columns (``prompts.keep``) with their types.
+A part written before a column existed (``height``, ``width`` and ``guidance_scale`` came later) gives nulls in
+it, so an output started by earlier code still merges."""
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ INDEX_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("negative_prompt", pa.string()),
         ("seed", pa.int64()),
+        ("height", pa.int64()),
+        ("width", pa.int64()),
+        ("guidance_scale", pa.float64()),
         ("prompt_index", pa.int64()),
         ("image_index", pa.int64()),
         ("source_row", pa.int64()),
@@ -33,14 +40,29 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows (dicts with at least the schema's columns) -> a table with :data:`INDEX_SCHEMA`."""
-    return pa.Table.from_pylist([{f: r.get(f) for f in INDEX_SCHEMA.names} for r in rows], schema=INDEX_SCHEMA)
+def index_schema(keep_types: Iterable[tuple[str, pa.DataType]] = ()) -> pa.Schema:
+    """:data:`INDEX_SCHEMA` and the kept columns, (name, type) each."""
+    return pa.schema([*INDEX_SCHEMA, *(pa.field(name, t) for name, t in keep_types)])
 
 
-def merge_index(layout: OutputLayout, shard_ids: Iterable[int], schema: pa.Schema = INDEX_SCHEMA) -> int:
-    """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order), with the columns of ``schema``
-    (a generate job's :data:`INDEX_SCHEMA`, or a filter's); return the row count."""
+def index_table(rows: list[dict[str, Any]], keep_types: Iterable[tuple[str, pa.DataType]] = ()) -> pa.Table:
+    """Rows (dicts with at least the schema's columns) -> a table with :func:`index_schema`."""
+    schema = index_schema(keep_types)
+    return pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in order: nulls for any it lacks (a part of earlier code)."""
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def merge_index(layout: OutputLayout, shard_ids: Iterable[int],
+                keep_types: Iterable[tuple[str, pa.DataType]] = (), schema: pa.Schema | None = None) -> int:
+    """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order); return the row count. Its columns
+    are ``schema``'s when given (a filter's: its source's and the lineage columns), else :func:`index_schema`'s."""
+    schema = schema if schema is not None else index_schema(keep_types)
     n = 0
     fd, tmp = tempfile.mkstemp(suffix=".parquet")
     os.close(fd)
@@ -49,7 +71,7 @@ def merge_index(layout: OutputLayout, shard_ids: Iterable[int], schema: pa.Schem
             with pq.ParquetWriter(tmp, schema) as writer:
                 for k in shard_ids:
                     data = storage.read_bytes(layout.shards.companion_url(0, k), layout.opts)
-                    table = pq.read_table(pa.BufferReader(data)).cast(schema)
+                    table = _conform(pq.read_table(pa.BufferReader(data)), schema)
                     writer.write_table(table)
                     n += table.num_rows
         except OSError as e:  # the temporary's disk (TMPDIR), not the output's
