@@ -77,6 +77,7 @@ BACKGROUND_SMOKES = {
     "test_generate_benchmark_smoke": ["-m", "benchmarks.generate", "--smoke"],
     "test_distill_benchmark_smoke": ["-m", "benchmarks", "distill", "--smoke"],
     "test_evaluate_all_benchmark_smoke": ["-m", "benchmarks", "evaluate-all", "--smoke"],
+    "test_filter_benchmark_smoke": ["-m", "benchmarks", "filter", "--smoke"],
 }
 #: The background smokes' priority: low, yet not so low that their Rays' own processes starve outright.
 BACKGROUND_NICE = 10

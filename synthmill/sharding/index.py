@@ -59,18 +59,19 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def merge_index(layout: OutputLayout, shard_ids: Iterable[int],
-                keep_types: Iterable[tuple[str, pa.DataType]] = ()) -> int:
-    """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order); return the row count."""
-    INDEX_SCHEMA = index_schema(keep_types)  # noqa: N806 - this output's schema
+                keep_types: Iterable[tuple[str, pa.DataType]] = (), schema: pa.Schema | None = None) -> int:
+    """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order); return the row count. Its columns
+    are ``schema``'s when given (a filter's: its source's and the lineage columns), else :func:`index_schema`'s."""
+    schema = schema if schema is not None else index_schema(keep_types)
     n = 0
     fd, tmp = tempfile.mkstemp(suffix=".parquet")
     os.close(fd)
     try:
         try:
-            with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
+            with pq.ParquetWriter(tmp, schema) as writer:
                 for k in shard_ids:
                     data = storage.read_bytes(layout.shards.companion_url(0, k), layout.opts)
-                    table = _conform(pq.read_table(pa.BufferReader(data)), INDEX_SCHEMA)
+                    table = _conform(pq.read_table(pa.BufferReader(data)), schema)
                     writer.write_table(table)
                     n += table.num_rows
         except OSError as e:  # the temporary's disk (TMPDIR), not the output's

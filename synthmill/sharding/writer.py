@@ -54,6 +54,7 @@ class ShardTarWriter:
     def write(self, sample: dict[str, bytes | str]) -> None:
         try:
             self._tar.write(sample)
+            self._tar.tarstream.members.clear()  # tarfile keeps each header written; none is read again
         except OSError as e:
             raise disk_full(e, self.path) or e from None
 
