@@ -6,8 +6,8 @@ Each part runs on local disk in a temporary folder, through synthmill's own func
     ``CommittedUnits.commit`` as a generate actor commits it (the tar, its index part, then its marker), the
     driver then checks it (``CommittedUnits.done``: one listing per folder, the marker read) and the index merge
     reads its part. Every call into ``synthmill.sharding.storage`` is counted by name. On S3 each call is one
-    request, except a ``put_file`` of a tar larger than s3fs's multipart chunk (50 MiB), which is
-    ceil(size / chunk) + 2, and a listing, which is one request per 1,000 names.
+    request, except a ``put_file`` of a tar of 100 MiB or more (s3fs uploads those in parts of 50 MiB), which is
+    ceil(size / 50 MiB) + 2, and a listing, which is one request per 1,000 names.
 (2) the driver's check of N committed shards (what ``synthmill status`` and a resumed run do first):
     ``CommittedUnits.done`` over N markers (size check), at N = ``--shards`` / 10 and ``--shards``. The N shards
     are copies of the one real commit of (1), with their markers' ids rewritten and their tars cut to 1 KiB (the
@@ -17,11 +17,16 @@ Each part runs on local disk in a temporary folder, through synthmill's own func
 (3) the index merge at the end of a job: ``merge_index`` over ``--parts`` parts of ``--samples-per-shard``
     rows each (COCO captions), as the driver writes ``index.parquet``. Wall and CPU seconds, rows/s.
 
+(4) the same merge from an S3-protocol server on 127.0.0.1 (moto's, as the tests use), ``--s3-parts`` parts, with
+    the parts read one at a time (``READ_AHEAD`` 1, how the merge read them before) and read ahead on threads
+    (synthmill's ``READ_AHEAD``), interleaved, best of 2 each. moto's requests cost less than S3's (a local
+    Python server, no network), so the ratio is a lower bound of what reading ahead saves against S3.
+
 CPU seconds (this process's user + system time) are printed beside wall seconds: they are less sensitive to
 other load on the machine.
 
     python -m benchmarks scale               # 1,000,000 shards checked, a merge of 10,000 parts of 1,000 rows
-    python -m benchmarks scale --smoke       # 2,000 shards, 50 parts; what tests/test_benchmarks.py runs
+    python -m benchmarks scale --smoke       # 2,000 shards, 50 parts, 20 on S3; what tests/test_benchmarks.py runs
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CAPTIONS = REPO / "configs" / "prompts" / "coco2014_5k_captions.tsv"
-SMOKE = {"shards": 2000, "parts": 50, "samples_per_shard": 100}
+SMOKE = {"shards": 2000, "parts": 50, "samples_per_shard": 100, "s3_parts": 20}
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -176,6 +181,34 @@ def merge_cost(work: str, parts: int, samples: int, captions: list[str]) -> dict
             "ms_per_part": 1000 * wall / parts, "index_mib": size / 2**20}
 
 
+def s3_merge_cost(work: str, parts: int, samples: int, captions: list[str]) -> dict[str, Any]:
+    """(4): ``merge_index`` over ``parts`` parts on a moto server, one at a time and read ahead."""
+    from benchmarks.startup import s3_model
+    from synthmill.sharding import index
+    from synthmill.sharding.layout import INDEX_PARTS, OutputLayout
+    from synthmill.sharding.units import unit_name
+
+    folder = os.path.join(work, "s3-merge")
+    os.makedirs(os.path.join(folder, INDEX_PARTS))
+    for k in range(parts):
+        with open(os.path.join(folder, INDEX_PARTS, unit_name(k) + ".parquet"), "wb") as fh:
+            fh.write(_index_part(k, samples, captions))
+    ahead, seconds = index.READ_AHEAD, {1: [], index.READ_AHEAD: []}
+    with s3_model(folder) as (url, options):
+        layout = OutputLayout(url, options)
+        try:
+            for _ in range(2):
+                for depth in seconds:
+                    index.READ_AHEAD = depth
+                    rows, wall, _ = _timed(lambda: index.merge_index(layout, range(parts)))
+                    assert rows == parts * samples, rows
+                    seconds[depth].append(wall)
+        finally:
+            index.READ_AHEAD = ahead
+    one, many = min(seconds[1]), min(seconds[ahead])
+    return {"parts": parts, "one_s": one, "ahead_s": many, "ahead": ahead, "ratio": one / many}
+
+
 def render(r: dict[str, Any]) -> str:
     req = r["requests"]
     lines = [f"(1) storage calls of one shard of {r['samples_per_shard']} samples:",
@@ -193,10 +226,16 @@ def render(r: dict[str, Any]) -> str:
     lines += [f"(3) index merge of {m['parts']:,} parts of {r['samples_per_shard']} rows ({m['rows']:,} rows, "
               f"{m['index_mib']:.1f} MiB index.parquet): {m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU, "
               f"{m['rows_per_s']:,.0f} rows/s, {m['ms_per_part']:.3f} ms per part"]
+    s3 = r["s3_merge"]
+    lines += ["", f"(4) index merge of {s3['parts']:,} parts from moto on 127.0.0.1: one part at a time "
+                  f"{s3['one_s']:.2f} s ({1000 * s3['one_s'] / s3['parts']:.2f} ms per part), read ahead on "
+                  f"{s3['ahead']} threads {s3['ahead_s']:.2f} s "
+                  f"({1000 * s3['ahead_s'] / s3['parts']:.2f} ms per part); ratio {s3['ratio']:.2f}x"]
+    lines += ["", f"load average at the end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}"]
     return "\n".join(lines)
 
 
-def run(shards: int, parts: int, samples: int) -> dict[str, Any]:
+def run(shards: int, parts: int, samples: int, s3_parts: int) -> dict[str, Any]:
     captions = _captions()
     work = tempfile.mkdtemp(prefix="synthmill-bench-scale-")
     try:
@@ -207,8 +246,9 @@ def run(shards: int, parts: int, samples: int) -> dict[str, Any]:
             checks.append(check_cost(out, n))
             shutil.rmtree(out.url)
         merge = merge_cost(work, parts, samples, captions)
+        s3 = s3_merge_cost(work, s3_parts, samples, captions)
         del req["layout"]
-        return {"samples_per_shard": samples, "requests": req, "checks": checks, "merge": merge}
+        return {"samples_per_shard": samples, "requests": req, "checks": checks, "merge": merge, "s3_merge": s3}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -218,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=1_000_000, help="committed shards the driver checks (default 1M)")
     p.add_argument("--parts", type=int, default=10_000, help="index parts merged (default 10,000)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="rows per index part (default 1000)")
+    p.add_argument("--s3-parts", type=int, default=500, help="index parts merged from moto (default 500)")
     p.add_argument("--smoke", action="store_true", help=f"small sizes: {SMOKE}")
     args = p.parse_args(argv)
     if args.smoke:
         args.shards, args.parts, args.samples_per_shard = SMOKE["shards"], SMOKE["parts"], SMOKE["samples_per_shard"]
-    print(render(run(args.shards, args.parts, args.samples_per_shard)), flush=True)
+        args.s3_parts = SMOKE["s3_parts"]
+    print(render(run(args.shards, args.parts, args.samples_per_shard, args.s3_parts)), flush=True)
     return 0
 
 

@@ -120,7 +120,8 @@ def test_driver_benchmark_smoke(background_smokes) -> None:
 def test_scale_benchmark_smoke(capsys) -> None:
     """``python -m benchmarks scale --smoke`` (in this process: no Ray, a few seconds): a shard costs the storage
     three writes (tar, index part, marker: three PUTs on S3), the driver's check of it two listings and one read,
-    the merge one read; the check of 2,000 copies of it finds every one; the merge writes every row."""
+    the merge one read; the check of 2,000 copies of it finds every one; the merges, local and from a moto
+    server, write every row."""
     from benchmarks import scale
 
     assert scale.main(["--smoke"]) == 0
@@ -130,6 +131,7 @@ def test_scale_benchmark_smoke(capsys) -> None:
     assert "    index merge (driver): {'read_bytes': 1, 'put_file': 1}\n" in out, out
     assert re.search(r"^\| 2,000 \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+ \|$", out, re.M), out
     assert re.search(r"^\(3\) index merge of 50 parts of 100 rows \(5,000 rows, ", out, re.M), out
+    assert re.search(r"^\(4\) index merge of 20 parts from moto on 127\.0\.0\.1: .* ratio \d+\.\d+x$", out, re.M), out
 
 
 def test_startup_benchmark_smoke(background_smokes) -> None:

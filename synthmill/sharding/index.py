@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -58,6 +59,10 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+#: Index parts the merge reads at once (threads; twice as many are queued ahead).
+READ_AHEAD = 8
+
+
 def merge_index(layout: OutputLayout, shard_ids: Iterable[int],
                 keep_types: Iterable[tuple[str, pa.DataType]] = (), schema: pa.Schema | None = None) -> int:
     """Write ``OUTPUT/index.parquet`` from the parts of ``shard_ids`` (in order); return the row count. Its columns
@@ -68,9 +73,11 @@ def merge_index(layout: OutputLayout, shard_ids: Iterable[int],
     os.close(fd)
     try:
         try:
-            with pq.ParquetWriter(tmp, schema) as writer:
-                for k in shard_ids:
-                    data = storage.read_bytes(layout.shards.companion_url(0, k), layout.opts)
+            with pq.ParquetWriter(tmp, schema) as writer, ThreadPoolExecutor(READ_AHEAD) as pool:
+                # the parts are read READ_AHEAD at a time, in order: on S3 each is a request of its own, and
+                # one after another they would cost the merge a round trip per shard (docs/scale.md)
+                read = lambda k: storage.read_bytes(layout.shards.companion_url(0, k), layout.opts)  # noqa: E731
+                for data in storage.ahead(iter(shard_ids), read, pool, 2 * READ_AHEAD):
                     table = _conform(pq.read_table(pa.BufferReader(data)), schema)
                     writer.write_table(table)
                     n += table.num_rows
