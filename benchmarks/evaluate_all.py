@@ -365,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode workers, both sides (default: torch-fidelity's fixed choice)")
     p.add_argument("--full-size", action="store_true", help="ViT-L-14 CLIP instead of a tiny one (for a GPU)")
     p.add_argument("--metrics", default=None, help="comma-separated: only these metrics (default: all with a baseline)")
-    p.add_argument("--smoke", action="store_true", help="a few tiny images: checks the code runs")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few tiny images: checks the code runs (with --metrics: those metrics)")
     args = p.parse_args(argv)
-    if args.smoke:
-        args = SimpleNamespace(**SMOKE, smoke=True)
+    if args.smoke:  # the smoke's settings; --metrics, when given, still picks the metrics
+        args = SimpleNamespace(**{**SMOKE, "metrics": args.metrics or SMOKE["metrics"]}, smoke=True)
     if args.threads is None:
         import torch
 

@@ -1,8 +1,11 @@
 """How users compute KID, precision/recall and CMMD today, one tool after another: the baselines of a
 single-pass evaluation, keyed by metric name.
 
-Each ``BASELINES[name](generated, reference, settings)`` reads two folders of images itself and returns the
-numbers under the names ``metrics.json`` gives them, so a benchmark can time it and compare:
+``BASELINES`` holds one :class:`benchmarks.evaluate_all.Baseline` row per metric (what ``python -m benchmarks
+evaluate-all`` merges into its table): the evaluate spec's sections synthmill's job needs, and a run of the
+function below on the benchmark's two folders. Each function ``kid`` / ``precision_recall`` / ``cmmd``
+``(generated, reference, settings)`` reads two folders of images itself and returns the numbers under the names
+``metrics.json`` gives them, so a benchmark can time it and compare:
 
 - ``kid`` and ``precision_recall``: ``torch_fidelity.calculate_metrics`` on the folders, one call each (as
   ``fidelity --kid`` and ``fidelity --prc`` are run), with the Inception file of ``settings["weights"]``;
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from benchmarks.evaluate_all import Baseline, Bench
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
@@ -84,8 +88,59 @@ def cmmd(generated: str, reference: str, settings: dict[str, Any]) -> dict[str, 
                                            + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()))}
 
 
-BASELINES: dict[str, Callable[[str, str, dict[str, Any]], dict[str, float]]] = {
-    "kid": kid,
-    "precision_recall": precision_recall,
-    "cmmd": cmmd,
+# ---- the rows of the evaluate-all benchmark ----
+
+def _kid_section(b: Bench) -> dict[str, int]:
+    """torch-fidelity's 100 subsets of 1000, the subsets no larger than the smaller set."""
+    return {"subsets": 100, "subset_size": min(1000, len(b.files), len(b.reference_files))}
+
+
+def _settings(b: Bench) -> dict[str, Any]:
+    return {"weights": b.inception_weights(), "kid": _kid_section(b), "neighborhood": 3, "cuda": b.device == "cuda",
+            "batch_size": b.batch}
+
+
+def _inception_spec(b: Bench, section: str, value: dict[str, Any]) -> dict[str, Any]:
+    # KID and precision/recall read the features of the Inception file IS and FID use (fid.weights)
+    return {"reference": {"path": b.reference}, "fid": {"weights": b.inception_weights()}, section: value}
+
+
+def _cmmd_model(b: Bench) -> tuple[str, str | None]:
+    """(model, pretrained): a tiny local-dir CLIP, or the paper's ViT-L-14-336 with seeded random weights."""
+    if "cmmd" not in b.shared:
+        if b.full_size:
+            import open_clip
+            import torch
+
+            torch.manual_seed(0)
+            path = os.path.join(b.work, "vit-l-14-336.pt")
+            torch.save(open_clip.create_model("ViT-L-14-336").state_dict(), path)
+            b.shared["cmmd"] = ("ViT-L-14-336", path)
+        else:
+            from synthmill.testing.random_weights import save_tiny_clip
+
+            b.shared["cmmd"] = (save_tiny_clip(os.path.join(b.work, "cmmd-clip"), seed=1), None)
+    return b.shared["cmmd"]
+
+
+def _cmmd_spec(b: Bench) -> dict[str, Any]:
+    model, pretrained = _cmmd_model(b)
+    return {"reference": {"path": b.reference}, "cmmd": {"model": model, "pretrained": pretrained}}
+
+
+def _cmmd_run(b: Bench) -> dict[str, float]:
+    model, pretrained = _cmmd_model(b)
+    return cmmd(b.generated, b.reference, {**_settings(b), "cmmd_model": model, "cmmd_pretrained": pretrained})
+
+
+#: metric name -> its row of the evaluate-all benchmark (tolerances: tests/test_metrics_more.py's)
+BASELINES: dict[str, Baseline] = {
+    "kid": Baseline(lambda b: _inception_spec(b, "kid", _kid_section(b)),
+                    lambda b: kid(b.generated, b.reference, _settings(b)),
+                    {"kid": 1e-3, "kid_std": 1e-2}, "torch-fidelity (kid)"),
+    "precision_recall": Baseline(lambda b: _inception_spec(b, "precision_recall", {"neighborhood": 3}),
+                                 lambda b: precision_recall(b.generated, b.reference, _settings(b)),
+                                 {"precision": 0.0, "recall": 0.0, "f_score": 0.0}, "torch-fidelity (prc)"),
+    "cmmd": Baseline(_cmmd_spec, _cmmd_run, {"cmmd": 1e-6, "cmmd_unbiased": 1e-6},
+                     "open_clip + google-research/cmmd formula"),
 }

@@ -1,6 +1,6 @@
 """How users score human preference today, one release after another: each release's own scoring loop.
 
-``BASELINES[metric](files, captions, section, device)`` returns one float64 score per image file, in order;
+``RELEASE_LOOPS[metric](files, captions, section, device)`` returns one float64 score per image file, in order;
 ``section`` is the evaluate spec's section of that metric as a dict (``weights`` / ``architecture`` for
 ``hpsv2``, ``weights`` / ``med_config`` / ``tokenizer`` for ``image_reward``, ``model`` / ``processor`` for
 ``pickscore``), naming the same files the evaluate job loads. No release can be imported beside this stack
@@ -13,14 +13,23 @@ no package), so each loop is the release's scoring written out as it runs:
   image, through synthmill's loading of the release network (the release's modules need fairscale and timm 0.6).
 - ``pickscore`` (its README's ``calc_probs``): one prompt at a time with its image, processor, normalised
   features, ``logit_scale.exp() * (text_embs @ image_embs.T)[0]``.
+
+``BASELINES`` holds one :class:`benchmarks.evaluate_all.Baseline` row per metric (what ``python -m benchmarks
+evaluate-all`` merges into its table): tiny seeded networks in the releases' formats under the benchmark's work
+folder (``synthmill.testing.preference_weights``), the spec section naming them, and the loop's mean score, which
+``metrics.json`` reports under the metric's name. With ``--full-size`` they are not run: the release networks
+are published checkpoints that are not on this machine.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from benchmarks.evaluate_all import Baseline, Bench
 
 
 def hpsv2_release_loop(files: list[str], captions: list[str], section: dict[str, Any], device: str) -> np.ndarray:
@@ -90,8 +99,45 @@ def image_reward_release_loop(files: list[str], captions: list[str], section: di
                            for file, caption in zip(files, captions, strict=True)])
 
 
-BASELINES: dict[str, Callable[[list[str], list[str], dict[str, Any], str], np.ndarray]] = {
+RELEASE_LOOPS: dict[str, Callable[[list[str], list[str], dict[str, Any], str], np.ndarray]] = {
     "hpsv2": hpsv2_release_loop,
     "image_reward": image_reward_release_loop,
     "pickscore": pickscore_release_loop,
+}
+
+
+# ---- the rows of the evaluate-all benchmark ----
+
+def _section(b: Bench, metric: str) -> dict[str, Any]:
+    """The spec section of ``metric`` naming its tiny seeded network, written under ``b.work`` once."""
+    key = f"preference:{metric}"
+    if key not in b.shared:
+        from synthmill.testing import preference_weights as w
+
+        folder = os.path.join(b.work, metric)
+        if metric == "hpsv2":
+            arch, weights = w.save_tiny_hps(folder, seed=1)
+            b.shared[key] = {"weights": weights, "architecture": arch}
+        elif metric == "image_reward":
+            b.shared[key] = dict(w.save_tiny_image_reward(folder, seed=3))
+        else:
+            b.shared[key] = {"model": w.save_tiny_pickscore(folder, seed=2)}
+    return b.shared[key]
+
+
+def _row(metric: str, library: str) -> Baseline:
+    def run(b: Bench) -> dict[str, float]:
+        return {metric: float(RELEASE_LOOPS[metric](b.files, b.captions, _section(b, metric), b.device).mean())}
+
+    def unavailable(b: Bench) -> str | None:
+        return "the release checkpoint is not on this machine" if b.full_size else None
+
+    return Baseline(lambda b: {metric: dict(_section(b, metric))}, run, {metric: 1e-4}, library, unavailable)
+
+
+#: metric name -> its row of the evaluate-all benchmark (tolerance: tests/test_preference.py's)
+BASELINES: dict[str, Baseline] = {
+    "hpsv2": _row("hpsv2", "HPSv2 release loop (img_score.py)"),
+    "image_reward": _row("image_reward", "ImageReward.score loop"),
+    "pickscore": _row("pickscore", "PickScore calc_probs loop"),
 }

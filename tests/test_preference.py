@@ -371,14 +371,14 @@ def test_the_registry_names_per_image_features_after_their_metrics():
 
 def test_baselines_give_the_job_scores(preferred, shapes_folder, nets):
     """The release loops the evaluate-all benchmark times against give the job's per-image scores."""
-    from benchmarks.preference_baselines import BASELINES
+    from benchmarks.preference_baselines import RELEASE_LOOPS
 
     _, _, scores = preferred
     files, captions = (list(x)[-6:] for x in zip(*_samples(shapes_folder), strict=True))  # 5 shapes, 2 long
     sections = {"hpsv2": {"weights": nets["hps_weights"], "architecture": nets["hps_arch"]},
                 "image_reward": dict(nets["ir"]), "pickscore": {"model": nets["pick"]}}
-    assert set(BASELINES) == set(sections)
-    for name, loop in BASELINES.items():
+    assert set(RELEASE_LOOPS) == set(sections)
+    for name, loop in RELEASE_LOOPS.items():
         theirs = loop(files, captions, sections[name], "cpu")
         assert np.abs(theirs - scores[name][-6:]).max() <= 1e-4 * max(1.0, np.abs(theirs).max()), name
 
