@@ -262,3 +262,24 @@ def test_filter_benchmark_smoke(background_smokes) -> None:
                      r"\(c\)/\(a\) = \d+\.\d+", stdout, re.M), stdout
     m = re.search(r"^memory: .* peak (\d+) KiB of Python allocations; largest source shard (\d+) KiB", stdout, re.M)
     assert m and int(m.group(1)) < int(m.group(2)), stdout
+
+
+def test_a_filter_reads_the_scores_an_evaluate_job_wrote(reference, evaluated, write_spec, tmp_path):
+    """The scores of a real evaluate output (its scores.parquet, CLIP per sample) select samples: the chosen keys are
+    the source keys whose clip_score in that file is above the median, in source order, byte for byte."""
+    _, local = reference
+    spec, _ = evaluated
+    scores = pq.read_table(os.path.join(spec["output"]["path"], "scores.parquet")).to_pylist()
+    median = sorted(r["clip_score"] for r in scores)[len(scores) // 2]
+    wanted = [r["key"] for r in scores if r["clip_score"] > median]
+    assert 0 < len(wanted) < len(scores)
+    out = str(tmp_path / "clean")
+    job = {"kind": "filter", "source": {"path": local}, "scores": {"path": spec["output"]["path"]},
+           "where": f"clip_score > {median!r}", "output": {"path": out, "samples_per_shard": 4},
+           "cluster": {"num_actors": 1}}
+    assert main(["run", write_spec(job)]) == 0
+    got = read_wds(out)
+    assert [json.loads(s["json"])["source_key"] for s in got] == sorted(wanted)
+    source = {s["__key__"]: s for s in read_wds(local)}
+    for s in got:
+        assert s["png"] == source[json.loads(s["json"])["source_key"]]["png"]
