@@ -148,7 +148,9 @@ def test_unreachable_cluster_address_is_exit_2_and_writes_nothing(job_specs, wri
             expected = f"synthmill: error: {given} / cluster.cpus_per_worker: 2 training workers need CPU {cpus} " \
                        "each, all at once, and the Ray cluster holds 1 at most (its nodes: CPU "
         started[given] = (kind, expected, out, proc)
-    deadline = time.monotonic() + 60  # the bound: Ray alone would retry 20 times, ~4 s each here
+    # the bound: one connection attempt (~41 s, synthmill.cluster.connect.CONNECT_ENV) plus five interpreters'
+    # imports on a loaded 2-core machine; Ray alone would retry 20 times, ~14 minutes for an unreachable address
+    deadline = time.monotonic() + 150
     try:
         for _given, (kind, expected, out, proc) in started.items():
             _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))

@@ -163,8 +163,14 @@ def test_a_killed_filter_resumes_into_the_same_tars(reference, ray_address, s3, 
         while time.monotonic() < deadline and proc.poll() is None:
             copier = copier or actor_pids("ray::CopierActor")
             if copier and os.path.isdir(shards) and any(n.endswith(".json") for n in os.listdir(shards)):
-                for pid in copier:
-                    os.kill(pid, signal.SIGSTOP)  # mid-way through its next shard, or between shards
+                # the copiers as they are now: the one first seen may have been an earlier job's, gone since
+                copier = []
+                for pid in actor_pids("ray::CopierActor"):
+                    try:
+                        os.kill(pid, signal.SIGSTOP)  # mid-way through its next shard, or between shards
+                        copier.append(pid)
+                    except ProcessLookupError:
+                        pass
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.002 if copier else 0.05)
