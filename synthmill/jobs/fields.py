@@ -48,9 +48,14 @@ def require_count_or_auto(value: Any, field: str) -> None:
 
 
 def check_cluster(c: Any) -> None:
-    """The ``cluster`` settings every job kind with actors shares: counts, batch, retries, resources."""
-    require_count_or_auto(c.num_actors, "cluster.num_actors")
+    """The ``cluster`` settings every job kind with batched actors shares: counts, batch, retries, resources."""
     require(1 <= c.batch_size <= 4096, "cluster.batch_size", f"must be in 1..4096, got {c.batch_size}")
+    check_actor_pool(c)
+
+
+def check_actor_pool(c: Any) -> None:
+    """The ``cluster`` settings of any actor pool (``cluster.pool.ShardPool``): counts, retries, resources."""
+    require_count_or_auto(c.num_actors, "cluster.num_actors")
     require(c.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {c.cpus_per_actor}")
     require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor",
             f"must be in 1..16, got {c.inflight_per_actor}")

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Union
 
 from omegaconf import MISSING
 
-from synthmill.jobs.fields import check_resources, one_of, require, require_count_or_auto
+from synthmill.jobs.fields import check_actor_pool, one_of, require
 from synthmill.jobs.generate_spec import RESUME_CHECKS
 from synthmill.sharding.plan import count
 from synthmill.sharding.storage import REDACTED
@@ -75,13 +75,7 @@ class FilterSpec:
         require(1 <= o.samples_per_shard <= 1_000_000, "output.samples_per_shard",
                 f"must be in 1..1000000, got {o.samples_per_shard}")
         one_of(o.resume_check, RESUME_CHECKS, "output.resume_check")
-        require_count_or_auto(c.num_actors, "cluster.num_actors")
-        require(c.cpus_per_actor >= 1, "cluster.cpus_per_actor", f"must be >= 1, got {c.cpus_per_actor}")
-        require(1 <= c.inflight_per_actor <= 16, "cluster.inflight_per_actor",
-                f"must be in 1..16, got {c.inflight_per_actor}")
-        require(1 <= c.max_attempts <= 100, "cluster.max_attempts", f"must be in 1..100, got {c.max_attempts}")
-        require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
-        check_resources(c.resources, "cluster.cpus_per_actor")
+        check_actor_pool(c)
 
     def fingerprint(self, inputs: dict[str, Any]) -> str:
         """Hash of what the output's bytes depend on: the source's identity (its job's fingerprint and its shards'

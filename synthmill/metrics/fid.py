@@ -58,14 +58,19 @@ class ReferenceStats:
     meta: dict[str, Any]
 
 
-def load_stats(path: str, opts: dict[str, Any] | None, spec: Any, info: dict[str, dict[str, Any]]) -> ReferenceStats:
-    """The statistics file ``reference.path``, checked: its arrays, and that it was made as this job's are."""
+def read_reference(path: str, opts: dict[str, Any] | None) -> bytes:
+    """The bytes of the statistics file ``reference.path``; SpecError naming it when it cannot be read."""
     try:
-        data = storage.read_bytes(path, opts)
+        return storage.read_bytes(path, opts)
     except FileNotFoundError:
         raise SpecError(f"reference.path {path}: file not found") from None
     except (IsADirectoryError, PermissionError) as e:
         raise SpecError(f"reference.path {path}: cannot read it ({e.strerror})") from None
+
+
+def load_stats(path: str, opts: dict[str, Any] | None, spec: Any, info: dict[str, dict[str, Any]]) -> ReferenceStats:
+    """The statistics file ``reference.path``, checked: its arrays, and that it was made as this job's are."""
+    data = read_reference(path, opts)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -17,6 +17,7 @@ import numpy as np
 
 from synthmill.errors import SpecError
 from synthmill.metrics.base import Finish, RowsTotal
+from synthmill.metrics.fid import read_reference
 from synthmill.sharding import storage
 
 
@@ -45,12 +46,7 @@ def load_rows(path: str, opts: dict[str, Any] | None, key: str, dim: int | None,
               metric: str) -> ReferenceRows:
     """The rows ``key`` of the statistics file ``path``, checked: real numbers, ``dim`` columns (None: any), and
     each setting of ``want`` (name -> value, as the file stores it) equal to this job's."""
-    try:
-        data = storage.read_bytes(path, opts)
-    except FileNotFoundError:
-        raise SpecError(f"reference.path {path}: file not found") from None
-    except (IsADirectoryError, PermissionError) as e:
-        raise SpecError(f"reference.path {path}: cannot read it ({e.strerror})") from None
+    data = read_reference(path, opts)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             if key not in z.files:
