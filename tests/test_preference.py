@@ -392,3 +392,31 @@ def test_a_finished_job_is_resumed_whole(preferred, write_spec):
     plan = evaluate.plan_summary(evaluate.prepare(load_spec(write_spec(spec))))
     assert plan["generated"]["units_done"] == plan["generated"]["units"] == 3
     assert plan["fingerprint"] == json.load(open(os.path.join(spec["output"]["path"], "plan.json")))["fingerprint"]
+
+
+def test_a_checkpoint_replaced_in_place_is_a_new_job(preferred, nets, write_spec, tmp_path, capsys):
+    """The weights' digests enter the fingerprint: plan.json names the digest each network's file had; once the
+    HPS checkpoint is overwritten in place with other weights, the same spec is refused as an output conflict
+    (exit 2, naming output.path). The file is put back afterwards for the other tests."""
+    import shutil
+
+    from synthmill.testing.preference_weights import save_tiny_hps
+
+    spec, _, _ = preferred
+    weights = nets["hps_weights"]
+    recorded = json.load(open(os.path.join(spec["output"]["path"], "plan.json")))["networks_sha256"]
+    assert set(recorded) == {"hpsv2", "image_reward", "pickscore"}
+    assert recorded["hpsv2"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    path = write_spec(spec)
+    assert main(["validate", path]) == 0
+    capsys.readouterr()
+
+    _, other = save_tiny_hps(str(tmp_path / "other"), seed=7)
+    shutil.copyfile(weights, tmp_path / "kept")
+    try:
+        shutil.copyfile(other, weights)  # same path, other weights
+        assert main(["validate", path]) == 2
+    finally:
+        shutil.copyfile(tmp_path / "kept", weights)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("synthmill: error: output.path") and "different job" in err, err

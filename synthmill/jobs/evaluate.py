@@ -66,6 +66,13 @@ class Prepared:
         return self.info.get("inception", {}).get("sha256")
 
 
+def networks_sha256(info: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The digests of the weights files of the networks other than Inception (whose digest has its own key):
+    what their checks found, for the job's fingerprint."""
+    return {name: found["sha256"] for name, found in sorted(info.items())
+            if name != "inception" and found.get("sha256")}
+
+
 def _check_headers(name: str, job: SetJob, opts: dict[str, Any] | None, same_size: bool) -> tuple[int, int] | None:
     """What image headers tell before anything is decoded: every image within ``NAME.max_image_pixels`` and, with
     ``same_size``, of one size, which is returned. Reads every header of a local folder, else the first image's
@@ -156,7 +163,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             _check_counts(spec, {name: job.images.num_samples for name, job in sets.items()})
             field = "categories.path"
             categories = _categories(spec, gen, opts)
-            fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"))
+            fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"), networks_sha256(info))
             field = "output.path"
             check_output_folder(spec.output.path, fingerprint, opts, "evaluate")
     except ImageSetError as e:
@@ -238,6 +245,7 @@ class EvaluateJob(lifecycle.Job):
     def plan(self) -> dict[str, Any]:
         log.info("%d units to score, %d already scored", len(self.todo), self.resumed)
         return {"kind": "evaluate", "fingerprint": self.p.fingerprint, "weights_sha256": self.p.weights_sha256,
+                "networks_sha256": networks_sha256(self.p.info),
                 "sets": {n: {"path": storage.redact_url(j.images.path), "units": len(j.images.units),
                              "samples": j.images.num_samples} for n, j in self.p.sets.items()}}
 

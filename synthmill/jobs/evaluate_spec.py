@@ -194,10 +194,12 @@ class EvaluateSpec:
         check_cluster(cl)
         require(1 <= cl.decode_threads <= 64, "cluster.decode_threads", f"must be in 1..64, got {cl.decode_threads}")
 
-    def fingerprint(self, weights_sha256: str | None) -> str:
-        """Hash of what a unit's partial result depends on (the input's identity is in each marker)."""
-        return hashlib.sha256(json.dumps(self._fingerprint_basis(weights_sha256), sort_keys=True).encode()
-                              ).hexdigest()[:16]
+    def fingerprint(self, weights_sha256: str | None, networks_sha256: dict[str, str] | None = None) -> str:
+        """Hash of what a unit's partial result depends on (the input's identity is in each marker):
+        these settings, the Inception weights' digest and the digests of the other networks' weights files
+        (``networks_sha256``: network name -> sha256), so a weights file replaced in place is a new job."""
+        basis = self._fingerprint_basis(weights_sha256, networks_sha256)
+        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
     def plan_mismatch(self, plan: dict[str, Any]) -> str | None:
         """How ``plan`` (an output's plan.json) disagrees with this spec (the output's job.yaml), or None: its
@@ -205,16 +207,17 @@ class EvaluateSpec:
         plans written before it was recorded, and settings job.yaml holds redacted, are not compared)."""
         if "weights_sha256" not in plan:
             return None
-        weights = plan["weights_sha256"]
-        if REDACTED in json.dumps(self._fingerprint_basis(weights)):
+        weights, networks = plan["weights_sha256"], plan.get("networks_sha256")
+        if REDACTED in json.dumps(self._fingerprint_basis(weights, networks)):
             return None
-        fingerprint = self.fingerprint(weights)
+        fingerprint = self.fingerprint(weights, networks)
         if plan.get("fingerprint") != fingerprint:
             return (f'its "fingerprint" is {plan.get("fingerprint")!r}, and these settings with its weights_sha256 '
-                    f'give {fingerprint!r}')
+                    f'(and networks_sha256) give {fingerprint!r}')
         return None
 
-    def _fingerprint_basis(self, weights_sha256: str | None) -> dict[str, Any]:
+    def _fingerprint_basis(self, weights_sha256: str | None,
+                           networks_sha256: dict[str, str] | None = None) -> dict[str, Any]:
         basis: dict[str, Any] = {
             "metrics": sorted({"fid" if m == "fid_stats" else m for m in self.metrics}),
             "fid": {"protocol": self.fid.protocol, "resize_to": self.fid.resize_to, "weights": weights_sha256},
@@ -225,4 +228,6 @@ class EvaluateSpec:
         own = {m: METRICS[m].settings(self) for m in sorted(self.metrics) if METRICS[m].settings}
         if own:  # the settings of metrics that have their own (none of the first four, so their jobs resume)
             basis["settings"] = own
+        if networks_sha256:  # only jobs with such networks have it, so jobs of the first four metrics resume
+            basis["networks"] = dict(networks_sha256)
         return basis
