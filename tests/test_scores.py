@@ -139,6 +139,23 @@ def test_per_category_table_on_partiprompts(ray_address, tiny_sd, clip_model, wr
     assert again["units_run"] == 0
     assert again["categories"]["by_category"] == _means(scores, [r["Challenge"] for r in rows])
 
+    # both columns in one job: a table for each, and each a column of scores.parquet (for filter's conditions)
+    spec["categories"] = {"columns": ["Category", "Challenge"]}
+    both = run_eval(write_spec, spec)
+    assert both["units_run"] == 0 and both["categories"]["columns"] == ["Category", "Challenge"]
+    for column in ("Category", "Challenge"):
+        assert both["categories"]["by_column"][column] == {
+            "by_category": _means(scores, [r[column] for r in rows]), "samples_without_category": 0}
+    joined = pq.read_table(tmp_path / "eval" / "scores.parquet").to_pydict()
+    assert joined["clip_score"] == scores.column("clip_score").to_pylist()
+    for column in ("Category", "Challenge"):
+        assert joined[column] == [rows[p][column] for p in joined["prompt_index"]]
+    spec["categories"] = {"column": "Category", "columns": ["Challenge"]}
+    capsys.readouterr()
+    assert main(["validate", write_spec(spec)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()
+    assert line == ["synthmill: error: field 'categories.columns': give column or columns, not both"], line
+
     # a column the file does not have: exit 2, one line naming the field, nothing written
     spec["categories"] = {"column": "category"}
     spec["output"] = {"path": str(tmp_path / "bad")}

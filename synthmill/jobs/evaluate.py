@@ -25,7 +25,14 @@ from synthmill.jobs.spec import node_paths
 from synthmill.metrics import partials
 from synthmill.metrics.base import Finish
 from synthmill.metrics.registry import FEATURES, METRICS, NETWORKS, features_of, networks_of, per_sample_of
-from synthmill.metrics.scores import SampleScores, category_table, load_categories, parquet_bytes
+from synthmill.metrics.scores import (
+    KEY_COLUMNS,
+    SampleScores,
+    category_table,
+    load_categories,
+    parquet_bytes,
+    with_categories,
+)
 from synthmill.sharding import storage
 from synthmill.sharding.images import (
     ImageSetError,
@@ -55,7 +62,7 @@ class Prepared:
     reference_stats: dict[str, Any] | None  # metric -> the statistics standing in for the reference images, or None
     info: dict[str, dict[str, Any]]  # network name -> what its check found (the Inception weights' path and sha256)
     fingerprint: str
-    categories: tuple[str, list[str | None]] | None = None  # (the prompts file, each prompt's category)
+    categories: tuple[str, dict[str, list[str | None]]] | None = None  # (the prompts file, column -> each prompt's)
 
     @property
     def layout(self) -> OutputLayout:
@@ -100,19 +107,34 @@ def _check_counts(spec: EvaluateSpec, samples: dict[str, int | None]) -> None:
         METRICS[m].check(spec, samples)
 
 
-def _categories(spec: EvaluateSpec, gen: Any, opts: dict[str, Any] | None) -> tuple[str, list[str | None]] | None:
-    """The prompts file named by ``categories`` and each prompt's category (row i: prompt_index i), or None."""
+def category_columns(spec: EvaluateSpec) -> list[str]:
+    """The prompt columns ``categories`` names (``column``, or each of ``columns``)."""
+    c = spec.categories
+    return [c.column] if c.column is not None else list(c.columns)
+
+
+def _categories(spec: EvaluateSpec, gen: Any, opts: dict[str, Any] | None
+                ) -> tuple[str, dict[str, list[str | None]]] | None:
+    """The prompts file named by ``categories`` and, for each category column, each prompt's category (row i:
+    prompt_index i), or None."""
     import yaml
 
-    column = spec.categories.column
-    if column is None:
+    names = category_columns(spec)
+    if not names:
         return None
-    if not per_sample_of(features_of(spec.metrics, "generated")):
-        raise SpecError(f"categories.column: none of the metrics {', '.join(spec.metrics)} gives a number per sample "
+    field = "categories.column" if spec.categories.column is not None else "categories.columns"
+    wanted = per_sample_of(features_of(spec.metrics, "generated"))
+    if not wanted:
+        raise SpecError(f"{field}: none of the metrics {', '.join(spec.metrics)} gives a number per sample "
                         "to average per category")
     if gen.kind != "synthmill":
-        raise SpecError(f"categories.column: the generated set {gen.path} is not a synthmill generate output, so "
+        raise SpecError(f"{field}: the generated set {gen.path} is not a synthmill generate output, so "
                         "its samples have no prompt_index to join the categories on")
+    taken = {name for name, _ in KEY_COLUMNS} | {"nsfw"} | {f.per_sample.column for f in wanted}
+    for name in names:  # each becomes a column of scores.parquet too
+        if name in taken:
+            raise SpecError(f"{field} {name!r}: already the name of a scores.parquet column "
+                            f"({', '.join(sorted(taken))})")
     plan = storage.read_plan(gen.path, opts) or {}
     path = spec.categories.path
     if path is None:  # the prompts the generate job read, as its job.yaml names them (absolute when local)
@@ -122,7 +144,14 @@ def _categories(spec: EvaluateSpec, gen: Any, opts: dict[str, Any] | None) -> tu
             path = job["prompts"]["path"]
         except (FileNotFoundError, yaml.YAMLError, KeyError, TypeError):
             raise SpecError(f"categories.path: {job_url} names no prompts.path; give categories.path") from None
-    return path, load_categories(path, column, opts, int(plan.get("prompts") or 0))
+    by_column = {}
+    for name in names:
+        try:
+            by_column[name] = load_categories(path, name, opts, int(plan.get("prompts") or 0))
+        except SpecError as e:
+            message = str(e)
+            raise SpecError(message.replace("categories.column ", f"{field} ", 1)) from None
+    return path, by_column
 
 
 def prepare(spec: EvaluateSpec) -> Prepared:
@@ -365,13 +394,21 @@ class EvaluateJob(lifecycle.Job):
         if scores is None:
             return {}
         table = scores.table()
-        write(SCORES, parquet_bytes(table))
         columns = tuple(f.per_sample.column for f in scores.features)
+        tables: dict[str, Any] = {}
+        if self.p.categories is not None:  # each category column joins the table and gets its table of means
+            path, by_column = self.p.categories
+            for name, categories in by_column.items():
+                tables[name] = category_table(table, categories, columns)
+            table = with_categories(table, by_column)
+        write(SCORES, parquet_bytes(table))
         out: dict[str, Any] = {"scores": {"file": SCORES, "rows": table.num_rows, "columns": table.column_names}}
-        if self.p.categories is not None:
-            path, categories = self.p.categories
-            out["categories"] = {"column": self.spec.categories.column, "path": storage.redact_url(path),
-                                 **category_table(table, categories, columns)}
+        if tables:
+            where = storage.redact_url(path)
+            if self.spec.categories.column is not None:
+                out["categories"] = {"column": self.spec.categories.column, "path": where, **tables[name]}
+            else:
+                out["categories"] = {"columns": list(tables), "path": where, "by_column": tables}
         return out
 
 

@@ -106,6 +106,7 @@ class CategoriesSpec:
     """Per-category means of the per-sample metrics: each sample's prompt_index picks the row of a prompts file."""
 
     column: Optional[str] = None  # the column naming each prompt's category (PartiPrompts: Category, Challenge)
+    columns: List[str] = field(default_factory=list)  # or several such columns: a table for each, in one job
     path: Optional[str] = None  # the prompts file; null: the one the generate output was made from
 
 
@@ -162,6 +163,12 @@ class EvaluateSpec:
         for m in self.metrics:
             hint = METRICS[m].reference_hint
             require(not hint or bool(r.path and r.path.strip()), "reference.path", hint or "")
+        cat = self.categories
+        require(cat.column is None or not cat.columns, "categories.columns", "give column or columns, not both")
+        require(len(set(cat.columns)) == len(cat.columns), "categories.columns", f"lists a column twice: {cat.columns}")
+        for k, name in enumerate([cat.column] if cat.column is not None else cat.columns):
+            where = f"categories.columns[{k}]" if cat.columns else "categories.column"
+            require(bool(name.strip()), where, "must not be empty")
         for name, spu in (("generated", g.samples_per_unit), ("reference", r.samples_per_unit)):
             require(1 <= spu <= 1_000_000, f"{name}.samples_per_unit", f"must be in 1..1000000, got {spu}")
         for name, limit in (("generated", g.max_image_pixels), ("reference", r.max_image_pixels)):

@@ -130,3 +130,13 @@ def category_table(table: pa.Table, categories: list[str | None], columns: tuple
         rows = np.asarray(groups[c])
         by[c] = {"count": len(rows), **{col: float(np.mean(values[col][rows])) for col in columns}}
     return {"by_category": by, "samples_without_category": apart}
+
+
+def with_categories(table: pa.Table, by_column: Mapping[str, list[str | None]]) -> pa.Table:
+    """``table`` with one string column per category column: each sample's category, picked by its prompt_index
+    (null for a blank category or a sample without prompt_index)."""
+    prompt_index = table.column("prompt_index").to_pylist()
+    for name, categories in by_column.items():
+        values = [categories[p] if p is not None else None for p in prompt_index]
+        table = table.append_column(pa.field(name, pa.string()), pa.array(values, pa.string()))
+    return table
