@@ -29,9 +29,9 @@ def counts(plan: dict[str, Any], marks: list[tuple[float, dict[str, Any]]], summ
         ("status", (summary or {}).get("status", "running or stopped (no summary.json yet)")),
         ("samples", f"{done} of {plan.get('samples', '?')}"),
         ("shards", f"{len(marks)} of {plan.get('shards', '?')}"),
-        ("blank prompts", sum(m.get("blank_prompts", 0) for _, m in marks)),
-        ("truncated prompts", sum(m.get("truncated_prompts", 0) for _, m in marks)),
-        ("flagged (nsfw)", sum(m.get("nsfw", 0) for _, m in marks)),
+        ("blank prompts", _total(marks, "blank_prompts")),
+        ("truncated prompts", _total(marks, "truncated_prompts")),
+        ("flagged (nsfw)", _total(marks, "nsfw")),
     ]
     if summary and "images_per_s" in summary:
         rows.append(("images/s (last run)", summary["images_per_s"]))
@@ -41,14 +41,22 @@ def counts(plan: dict[str, Any], marks: list[tuple[float, dict[str, Any]]], summ
     return h.table(["", "value"], [{"": k, "value": v} for k, v in rows], css="counts")
 
 
+def _total(marks: list[tuple[float, dict[str, Any]]], key: str) -> int | None:
+    """The markers' sum of a count, or None where they do not record it (a filter's shards)."""
+    have = [m[key] for _, m in marks if isinstance(m.get(key), int)]
+    return sum(have) if have else None
+
+
 def contact_sheet(layout: OutputLayout, limit: int = h.CONTACT_SHEET) -> str:
     index = h.read_index(layout, ["key", "shard", "prompt", "seed"])
-    chosen = h.seeded_sample(index, limit)
+    shards = set(h.seeded_sample(sorted({r["shard"] for r in index}), h.SHEET_SHARDS))
+    chosen = h.seeded_sample([r for r in index if r["shard"] in shards], limit)
     wanted: dict[int, set[str]] = {}
     for row in chosen:
         wanted.setdefault(int(row["shard"]), set()).add(row["key"])
     images = h.read_images(layout, wanted)
-    note = (f"<p class=\"note\">{len(chosen)} of {len(index)} samples, drawn with seed {h.SAMPLE_SEED}.</p>"
+    note = (f"<p class=\"note\">{len(chosen)} of {len(index)} samples, from {len(shards)} shards, drawn with seed "
+            f"{h.SAMPLE_SEED}.</p>"
             if len(chosen) < len(index) else f"<p class=\"note\">all {len(index)} samples.</p>")
     figs = [h.thumb_figure(images.get(r["key"]), r.get("prompt") or "(blank prompt)",
                            f"{r['key']} seed {r.get('seed')}: {r.get('prompt')}") for r in chosen]

@@ -23,8 +23,10 @@ from synthmill.sharding.layout import INDEX, INDEX_PARTS, SHARDS, OutputLayout
 #: The longest side of a thumbnail, in pixels, and its JPEG quality.
 THUMB_PX = 160
 THUMB_QUALITY = 80
-#: At most this many images of one output on its contact sheet, whatever its size.
+#: At most this many images of one output on its contact sheet, whatever its size, from at most this many of its
+#: shards (so at most that many tars are opened).
 CONTACT_SHEET = 64
+SHEET_SHARDS = 8
 #: The sample of thumbnails is drawn with this seed, so one output's page shows the same images every time.
 SAMPLE_SEED = 0
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -167,17 +169,19 @@ def _mtime(entry: Mapping[str, Any]) -> float:
 
 
 def read_images(layout: OutputLayout, wanted: Mapping[int, Iterable[str]]) -> dict[str, bytes]:
-    """key -> encoded image bytes, for the keys of each shard in ``wanted`` (shard -> keys). Each tar is read
-    once, as a stream, and only as far as its last wanted image."""
+    """key -> encoded image bytes, for the keys of each shard in ``wanted`` (shard -> keys).
+
+    Each tar is read once, as far as its last wanted image, by seeking from header to header: the images not
+    wanted are skipped, never read (remote tars in small blocks, so a skip costs a header's read)."""
     out: dict[str, bytes] = {}
     for shard, keys in sorted(wanted.items()):
         need = set(keys)
         fs, path = storage.filesystem(layout.file(SHARDS, f"{shard:06d}.tar"), layout.opts)
         try:
-            fh = fs.open(path, "rb")
+            fh = fs.open(path, "rb") if layout.is_local else fs.open(path, "rb", block_size=1 << 16)
         except FileNotFoundError:
             continue
-        with fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        with fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             for member in tar:
                 key, _, ext = member.name.rpartition(".")
                 if key in need and ext.lower() in IMAGE_EXTS:

@@ -105,7 +105,8 @@ def category_bars(layout: OutputLayout, models: list[str]) -> str:
             tables[m] = by
     if not tables:
         return ""
-    categories = sorted({c for by in tables.values() for c in by})
+    categories = sorted({c for by in tables.values() for c in by}, key=lambda c: (0, int(c), "") if c.isdigit()
+                        else (1, 0, c))  # ids in number order
     columns = sorted({k for by in tables.values() for v in by.values() for k in v if k != "count"})
     out = ["<h3>By category</h3>"]
     width = 0.8 / len(tables)
