@@ -125,7 +125,8 @@ def study(reference, evaluated, prompts_tsv, tmp_path_factory):
 
     assert run(generate, spec_b, "gen_b")["status"] == "complete"
     spec_eval = dict(evaluated[0], generated={"path": str(out / "models" / "b")},
-                     output={"path": str(out / "scores" / "b")}, categories={"column": "id", "path": prompts_tsv})
+                     output={"path": str(out / "scores" / "b")}, categories={"column": "id", "path": prompts_tsv},
+                     cluster={**evaluated[0]["cluster"], "num_actors": 1})  # one scorer: fewer network loads
     assert run(evaluate, spec_eval, "eval_b")["status"] == "complete"
     models = {"a": spec_a["model"]["path"], "b": model_b}
     published = {"a": {"fid": 13.05, "is_mean": 36.76, "clip_score": 0.2958}, "b": {}}
@@ -150,6 +151,9 @@ def study(reference, evaluated, prompts_tsv, tmp_path_factory):
     return str(out), table
 
 
+# Run alone, this test's fixtures also make the session's reference job and its evaluation (in a full run, the
+# evaluate tests made them already): on a busy 2-core machine that is more than the default 600 s.
+@pytest.mark.timeout(1800)
 def test_study_page_in_chromium(study, chromium, tmp_path):
     out, table = study
     page_file = tmp_path / "report.html"
@@ -192,6 +196,7 @@ def test_study_page_in_chromium(study, chromium, tmp_path):
     assert "clip_score by category" in alts
 
 
+@pytest.mark.timeout(1200)  # its distillation starts Ray Train
 def test_generate_evaluate_and_distill_pages_in_chromium(study, reference, distilled_small, chromium, tmp_path):
     """One page of three outputs: sections in the order given, each with what its kind shows."""
     import pyarrow.parquet as pq
