@@ -241,8 +241,10 @@ def test_generate_evaluate_and_distill_pages_in_chromium(study, reference, disti
     assert extremes == [f"clip_score {v:.6g}" for v in scores[::-1][:4] + scores[:4]]
     assert len(tables(seen, "categories")[0]["rows"]) == 11  # the prompts' 11 ids (scores/b has categories)
 
-    # distill: a curve per loss term, the learning rate and samples/s
-    assert {"loss terms", "learning rate", "samples/s"} <= set(alts)
+    # distill: a curve per loss term (and nothing else on that plot), the learning rate and samples/s
+    first = json.loads(Path(distilled_small, "metrics.jsonl").read_text().splitlines()[0])
+    assert [k for k in first if k.startswith("loss")] == ["loss", "loss_feature_kd", "loss_output_kd", "loss_task"]
+    assert {"loss terms: loss, loss_feature_kd, loss_output_kd, loss_task", "learning rate", "samples/s"} <= set(alts)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from synthmill.jobs import report_html as h
 from synthmill.sharding import storage
 from synthmill.sharding.layout import SUMMARY, TRAIN_LOG, OutputLayout
 
-#: metrics.jsonl's keys that are not a loss term, each plotted on its own.
+#: metrics.jsonl's keys plotted on their own (loss terms, the keys that start with "loss", share one plot).
 OWN_PLOTS = {"lr": "learning rate", "samples_per_s": "samples/s"}
 
 
@@ -28,14 +28,14 @@ def section(layout: OutputLayout, plan: dict[str, Any], title: str) -> str:
         parts.append("<p class=\"note\">no logged step yet (metrics.jsonl).</p>")
         return "<section class=\"distill\">" + "".join(parts) + "</section>"
     steps = [r["step"] for r in lines]
-    terms = [k for k in lines[0] if k != "step" and k not in OWN_PLOTS and _numeric(lines, k)]
+    terms = [k for k in lines[0] if k.startswith("loss") and _numeric(lines, k)]
     fig, ax = h.figure()
     for term in terms:
         ax.plot(steps, [r.get(term) for r in lines], label=term, marker="." if len(steps) < 50 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
-    parts.append("<h3>Loss terms</h3>" + h.svg_img(fig, "loss terms"))
+    parts.append("<h3>Loss terms</h3>" + h.svg_img(fig, "loss terms: " + ", ".join(terms)))
     for key, label in OWN_PLOTS.items():
         if _numeric(lines, key):
             fig, ax = h.figure(6.4, 2.4)
