@@ -129,7 +129,8 @@ def study(reference, evaluated, prompts_tsv, tmp_path_factory):
                      cluster={**evaluated[0]["cluster"], "num_actors": 1})  # one scorer: fewer network loads
     assert run(evaluate, spec_eval, "eval_b")["status"] == "complete"
     models = {"a": spec_a["model"]["path"], "b": model_b}
-    published = {"a": {"fid": 13.05, "is_mean": 36.76, "clip_score": 0.2958}, "b": {}}
+    # a's: BK-SDM's SD v1.4 row (the tiny model does worse); b's FID: one it beats (its difference green)
+    published = {"a": {"fid": 13.05, "is_mean": 36.76, "clip_score": 0.2958}, "b": {"fid": 1000.0}}
     metric_keys = ["fid", "is_mean", "clip_score"]
     rows = []
     for name, model in models.items():
@@ -179,6 +180,7 @@ def test_study_page_in_chromium(study, chromium, tmp_path):
                 assert cell["cls"] == ("better" if (value < 0) == lower_better else "worse"), column
             elif column.endswith("_difference"):
                 assert cell["cls"] == "", column
+    assert [c["cls"] for c in page_table["rows"][1] if c["cls"]] == ["better"]  # b's FID, below the 1000 published
 
     # the same-seed grid: a prompt per row, one image per model, and the same seed across the row
     [grid] = tables(seen, "grid")
