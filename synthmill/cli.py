@@ -54,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("output", help="output folder, or the job spec YAML (its output.path and storage options)")
     st.add_argument("overrides", nargs="*", default=[], help="with a job spec: key=value overrides")
     st.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    for sp in (run, val, st):
+    rep = sub.add_parser("report", help="one self-contained HTML page about outputs (generate, evaluate, distill, "
+                         "filter, study)")
+    rep.add_argument("outputs", nargs="+", metavar="PATH", help="output folders (local or URLs)")
+    rep.add_argument("-o", "--out", default="report.html", help="the HTML file to write (default: report.html)")
+    for sp in (run, val, st, rep):
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -88,6 +92,15 @@ def _main(args: argparse.Namespace) -> int:
         except OSError as e:  # a local folder that cannot be read: a loop of links, no permission
             raise SpecError(f"{output}: cannot be read ({e.strerror or e})") from None
         print(json.dumps(st, indent=1) if args.json else status.render(st))
+        return 0
+    if args.command == "report":
+        from synthmill.jobs import report
+        from synthmill.sharding.storage import remember_secrets
+
+        remember_secrets(urls=[*args.outputs, args.out])
+        size = report.write_report(args.outputs, args.out)
+        print(f"report: {args.out} ({len(args.outputs)} output{'s' if len(args.outputs) > 1 else ''}, "
+              f"{size / 1e6:.1f} MB)")
         return 0
     spec = load_spec(args.spec, args.overrides)
     _remember_secrets_of(spec)
