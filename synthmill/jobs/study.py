@@ -78,12 +78,12 @@ def prepare(spec: StudySpec) -> Prepared:
     except storage.StorageError as e:
         raise SpecError(f"output.path: {e}") from None
     p = Prepared(spec)
-    for i, m in enumerate(spec.models):
+    for i, name in enumerate(spec.names):
         gen_spec, eval_spec = spec.generate_spec(i), spec.evaluate_spec(i)
         try:
             gen = generate.prepare(gen_spec)
         except SpecError as e:
-            raise _in_model(m.name, e) from None
+            raise _in_model(name, e) from None
         gen_layout = gen.layout
         done = generate.done_shards(gen_layout, range(gen.plan.num_shards), gen.shard_fingerprint(),
                                     gen_spec.output.resume_check)
@@ -96,8 +96,8 @@ def prepare(spec: StudySpec) -> Prepared:
             else:
                 evaluate.check_before_generated(eval_spec)
         except SpecError as e:
-            raise _in_model(m.name, e) from None
-        p.parts.append(Part(m.name, gen_spec, eval_spec, gen, generated, scored))
+            raise _in_model(name, e) from None
+        p.parts.append(Part(name, gen_spec, eval_spec, gen, generated, scored))
     return p
 
 

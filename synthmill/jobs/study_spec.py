@@ -64,7 +64,7 @@ class StudySpec:
     """A study: every model generated from one prompt set with one protocol, each scored the same way."""
 
     kind: str = "study"
-    models: List[StudyModelSpec] = field(default_factory=list)
+    models: List[Dict[str, Any]] = field(default_factory=list)  # each a StudyModelSpec (checked as one, by index)
     model: Dict[str, Any] = field(default_factory=dict)  # model.* settings every model shares
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
     sampling: StudySamplingSpec = field(default_factory=StudySamplingSpec)
@@ -77,7 +77,7 @@ class StudySpec:
     def check(self) -> None:
         require(bool(self.models), "models", "must list at least one model ({name: ..., path: ...})")
         names: dict[str, int] = {}
-        for i, m in enumerate(self.models):
+        for i, m in enumerate(self.entries()):
             require(bool(NAME.fullmatch(m.name)) and m.name.strip(".") != "", f"models[{i}].name",
                     f"{m.name!r} is not a folder-safe word (letters, digits, '.', '_', '-'; at most 100)")
             require(m.name not in names, f"models[{i}].name",
@@ -94,7 +94,7 @@ class StudySpec:
                 require(column in self.metric_columns(), f"published.{name}.{key}",
                         f"not a column of this study's table ({', '.join(self.metric_columns())})")
         for i in range(len(self.models)):
-            self.models[i].path = self.generate_spec(i).model.path  # resolved, as the generate job reads it
+            self.models[i]["path"] = self.generate_spec(i).model.path  # resolved, as the generate job reads it
         ev = self.evaluate_spec(0)
         for dotted in evaluate_spec.PATHS:  # the evaluation's paths as resolved, for job.yaml
             section, _, leaf = dotted.partition(".")
@@ -102,6 +102,14 @@ class StudySpec:
                 self.evaluate[section][leaf] = getattr(getattr(ev, section), leaf)
         for i in range(1, len(self.models)):
             self.evaluate_spec(i)
+
+    def entries(self) -> list[StudyModelSpec]:
+        """The models, each checked against :class:`StudyModelSpec` (an unknown key is named with its index)."""
+        return [_build(StudyModelSpec, [m], f"models[{i}]") for i, m in enumerate(self.models)]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.entries()]
 
     def metric_columns(self) -> list[str]:
         """The table's metric columns, in the order of ``evaluate.metrics``."""
@@ -124,7 +132,7 @@ class StudySpec:
 
     def generate_spec(self, i: int) -> GenerateSpec:
         """Model ``i``'s generate spec (resolved and checked): the study's settings with its overrides."""
-        m = self.models[i]
+        m = self.entries()[i]
         where = f"models[{i}] ({m.name})"
         sampling = {k: v for k, v in asdict(self.sampling).items() if k != "scheduler"}
         scheduler = m.sampling.get("scheduler", self.sampling.scheduler)
@@ -138,7 +146,7 @@ class StudySpec:
 
     def evaluate_spec(self, i: int) -> EvaluateSpec:
         """Model ``i``'s evaluate spec (resolved and checked): the study's ``evaluate`` on its images."""
-        m = self.models[i]
+        m = self.entries()[i]
         base = {"generated": {"path": self.model_output(m.name)}, "output": {"path": self.scores_output(m.name)},
                 "storage": dict(self.storage)}
         over = {"cluster": {"address": self.cluster.address}} if self.cluster.address else {}
