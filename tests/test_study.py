@@ -58,7 +58,7 @@ def _run(path: str, *overrides: str) -> dict:
 def studied(ray_address, tiny_sd, tiny_sd_b, prompts_tsv, reference, inception_file, clip_model, tmp_path_factory):
     """The two-model study, run once: (its spec dict, its spec file, its output folder, its summary)."""
     folder = tmp_path_factory.mktemp("study")
-    spec = study_spec(tiny_sd, tiny_sd_b, prompts_tsv, reference[1], inception_file, f"local-dir:{clip_model}",
+    spec = study_spec(tiny_sd, tiny_sd_b, prompts_tsv, reference[1], inception_file, clip_model,
                       str(folder / "out"))
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
