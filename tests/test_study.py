@@ -194,17 +194,17 @@ BAD = [
 
 @pytest.mark.parametrize("case", range(len(BAD)))
 def test_bad_input_is_one_line_before_anything_is_written(case, tiny_sd, tiny_sd_b, prompts_tsv, tmp_path):
-    from synthmill.cli import main
 
     spec = study_spec(tiny_sd, tiny_sd_b, prompts_tsv, "ref.npz", "w.pth", "ViT-B-32", str(tmp_path / "out"))
     BAD[case][0](spec)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     from synthmill.errors import SpecError
+    from synthmill.jobs import study
     from synthmill.jobs.spec import load_spec
 
     with pytest.raises(SpecError, match=BAD[case][1]):
-        load_spec(str(path))
+        study.model_specs(load_spec(str(path)))
     if case == 0:  # the command: exit 2, one line
         proc = subprocess.run([*SYNTHMILL, "validate", str(path)], capture_output=True, text=True, cwd=str(REPO),
                               env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
@@ -225,6 +225,8 @@ def test_shipped_studies_load(name, tmp_path):
         overrides.append(f"prompts.path={captions}")
     spec = load_spec(str(REPO / "configs" / "studies" / name), overrides)
     assert spec.kind == "study" and len(spec.models) >= 3 and spec.published
-    for i in range(len(spec.models)):
-        assert spec.generate_spec(i).output.path.endswith(f"/models/{spec.names[i]}")
-        assert spec.evaluate_spec(i).output.path.endswith(f"/scores/{spec.names[i]}")
+    from synthmill.jobs import study
+
+    for name, gen, ev in study.model_specs(spec):
+        assert gen.output.path.endswith(f"/models/{name}") and ev.output.path.endswith(f"/scores/{name}")
+        assert ev.generated.path == gen.output.path and gen.sampling.steps in (4, 25)

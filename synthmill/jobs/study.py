@@ -20,13 +20,15 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs import evaluate, generate, lifecycle
+from synthmill.jobs.evaluate_spec import PATHS as EVALUATE_PATHS
 from synthmill.jobs.evaluate_spec import EvaluateSpec
+from synthmill.jobs.generate_spec import PATHS as GENERATE_PATHS
 from synthmill.jobs.generate_spec import GenerateSpec
 from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, versions
 from synthmill.jobs.study_spec import StudySpec
@@ -70,16 +72,89 @@ def _in_model(name: str, e: Exception) -> SpecError:
     return SpecError(f"model {name}: {e}")
 
 
+# ---- each model's generate and evaluate specs ----
+
+def model_generate_spec(spec: StudySpec, i: int) -> GenerateSpec:
+    """Model ``i``'s generate spec (resolved and checked): the study's settings with its overrides."""
+    m = spec.entries()[i]
+    where = f"models[{i}] ({m.name})"
+    sampling = {k: v for k, v in asdict(spec.sampling).items() if k != "scheduler"}
+    scheduler = m.sampling.get("scheduler", spec.sampling.scheduler)
+    base = {"model": {**spec.model, "path": m.path, **({"scheduler": scheduler} if scheduler else {})},
+            "prompts": asdict(spec.prompts), "sampling": sampling,
+            "output": {**asdict(spec.output), "path": spec.model_output(m.name)},
+            "cluster": asdict(spec.cluster), "storage": dict(spec.storage)}
+    over = {"model": dict(m.model), "sampling": {k: v for k, v in m.sampling.items() if k != "scheduler"},
+            "cluster": dict(m.cluster)}
+    return _checked(_build(GenerateSpec, [base, over], where), GENERATE_PATHS, where)
+
+
+def model_evaluate_spec(spec: StudySpec, i: int) -> EvaluateSpec:
+    """Model ``i``'s evaluate spec (resolved and checked): the study's ``evaluate`` on its images."""
+    m = spec.entries()[i]
+    base = {"generated": {"path": spec.model_output(m.name)}, "output": {"path": spec.scores_output(m.name)},
+            "storage": dict(spec.storage)}
+    over = {"cluster": {"address": spec.cluster.address}} if spec.cluster.address else {}
+    built = _build(EvaluateSpec, [spec.evaluate, base, over], "evaluate")
+    return _checked(built, EVALUATE_PATHS, f"evaluate (models[{i}] {m.name})")
+
+
+def model_specs(spec: StudySpec) -> list[tuple[str, GenerateSpec, EvaluateSpec]]:
+    """(name, generate spec, evaluate spec) of every model, each resolved and checked: a bad override or setting is
+    a SpecError naming the model. The study spec gets the resolved paths (its job.yaml holds them)."""
+    out = []
+    for i, name in enumerate(spec.names):
+        gen, ev = model_generate_spec(spec, i), model_evaluate_spec(spec, i)
+        spec.models[i]["path"] = gen.model.path
+        out.append((name, gen, ev))
+    for dotted in EVALUATE_PATHS:
+        section, _, leaf = dotted.partition(".")
+        if out and isinstance(spec.evaluate.get(section), dict) and leaf in spec.evaluate[section]:
+            spec.evaluate[section][leaf] = getattr(getattr(out[0][2], section), leaf)
+    return out
+
+
+def _build(schema: type, layers: list[dict[str, Any]], where: str) -> Any:
+    """``schema`` with ``layers`` merged in order by OmegaConf in struct mode; an unknown key or a wrong type is a
+    SpecError naming ``where``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from synthmill.jobs.spec import _explain
+
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), *(OmegaConf.create(layer) for layer in layers))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise SpecError(f"{where}: field '{missing[0]}' is required and has no value")
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema, where) from None
+
+
+def _checked(spec: Any, paths: dict[str, str], where: str) -> Any:
+    """``spec`` with its paths resolved and its own checks passed; a SpecError says ``where`` it came from."""
+    from synthmill.jobs.spec import check_output_outside_inputs, resolve_paths
+
+    try:
+        resolve_paths(spec, paths)
+        spec.check()
+        check_output_outside_inputs(spec, paths)
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
+    return spec
+
+
 def prepare(spec: StudySpec) -> Prepared:
     """Check every model's generate and evaluate inputs and outputs without loading a model or writing anything."""
+    specs = model_specs(spec)
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
             check_output_folder(spec.output.path, spec.fingerprint(), spec.storage, "study")
     except storage.StorageError as e:
         raise SpecError(f"output.path: {e}") from None
     p = Prepared(spec)
-    for i, name in enumerate(spec.names):
-        gen_spec, eval_spec = spec.generate_spec(i), spec.evaluate_spec(i)
+    for name, gen_spec, eval_spec in specs:
         try:
             gen = generate.prepare(gen_spec)
         except SpecError as e:

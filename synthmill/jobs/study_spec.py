@@ -8,18 +8,18 @@ with ``generated`` and ``output`` filled in. Model NAME writes ``OUTPUT/models/N
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from synthmill.errors import SpecError
-from synthmill.jobs import evaluate_spec, generate_spec
+from synthmill.errors import SpecError, first_line
 from synthmill.jobs.evaluate_spec import EvaluateSpec
 from synthmill.jobs.fields import require
-from synthmill.jobs.generate_spec import ClusterSpec, GenerateSpec, OutputSpec, PromptsSpec, SamplingSpec
+from synthmill.jobs.generate_spec import ClusterSpec, OutputSpec, PromptsSpec, SamplingSpec
 
 #: A model's name is one folder under OUTPUT/models and OUTPUT/scores: a word of letters, digits, ., _ and -.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -93,19 +93,10 @@ class StudySpec:
                 column = PUBLISHED_ALIASES.get(key, key)
                 require(column in self.metric_columns(), f"published.{name}.{key}",
                         f"not a column of this study's table ({', '.join(self.metric_columns())})")
-        for i in range(len(self.models)):
-            self.models[i]["path"] = self.generate_spec(i).model.path  # resolved, as the generate job reads it
-        ev = self.evaluate_spec(0)
-        for dotted in evaluate_spec.PATHS:  # the evaluation's paths as resolved, for job.yaml
-            section, _, leaf = dotted.partition(".")
-            if isinstance(self.evaluate.get(section), dict) and leaf in self.evaluate[section]:
-                self.evaluate[section][leaf] = getattr(getattr(ev, section), leaf)
-        for i in range(1, len(self.models)):
-            self.evaluate_spec(i)
 
     def entries(self) -> list[StudyModelSpec]:
         """The models, each checked against :class:`StudyModelSpec` (an unknown key is named with its index)."""
-        return [_build(StudyModelSpec, [m], f"models[{i}]") for i, m in enumerate(self.models)]
+        return [_entry(i, m) for i, m in enumerate(self.models)]
 
     @property
     def names(self) -> list[str]:
@@ -130,29 +121,6 @@ class StudySpec:
 
         return storage.join(self.output.path, "scores", name)
 
-    def generate_spec(self, i: int) -> GenerateSpec:
-        """Model ``i``'s generate spec (resolved and checked): the study's settings with its overrides."""
-        m = self.entries()[i]
-        where = f"models[{i}] ({m.name})"
-        sampling = {k: v for k, v in asdict(self.sampling).items() if k != "scheduler"}
-        scheduler = m.sampling.get("scheduler", self.sampling.scheduler)
-        base = {"model": {**self.model, "path": m.path, **({"scheduler": scheduler} if scheduler else {})},
-                "prompts": asdict(self.prompts), "sampling": sampling,
-                "output": {**asdict(self.output), "path": self.model_output(m.name)},
-                "cluster": asdict(self.cluster), "storage": dict(self.storage)}
-        over = {"model": dict(m.model), "sampling": {k: v for k, v in m.sampling.items() if k != "scheduler"},
-                "cluster": dict(m.cluster)}
-        return _checked(_build(GenerateSpec, [base, over], where), generate_spec.PATHS, where)
-
-    def evaluate_spec(self, i: int) -> EvaluateSpec:
-        """Model ``i``'s evaluate spec (resolved and checked): the study's ``evaluate`` on its images."""
-        m = self.entries()[i]
-        base = {"generated": {"path": self.model_output(m.name)}, "output": {"path": self.scores_output(m.name)},
-                "storage": dict(self.storage)}
-        over = {"cluster": {"address": self.cluster.address}} if self.cluster.address else {}
-        spec = _build(EvaluateSpec, [self.evaluate, base, over], "evaluate")
-        return _checked(spec, evaluate_spec.PATHS, f"evaluate (models[{i}] {m.name})")
-
     def fingerprint(self) -> str:
         """What the study's own folder is claimed by. It is the same for every study: the models' settings are
         each in its own outputs' fingerprints (a changed model is refused there, by name), and a model added to
@@ -165,32 +133,23 @@ class StudySpec:
         return None
 
 
-def _build(schema: type, layers: list[dict[str, Any]], where: str) -> Any:
-    """``schema`` with ``layers`` merged in order by OmegaConf in struct mode; an unknown key or a wrong type is a
-    SpecError naming ``where``."""
+def _entry(i: int, m: dict[str, Any]) -> StudyModelSpec:
+    """``models[i]`` as a :class:`StudyModelSpec`; a SpecError naming ``models[i]`` for an unknown key or type."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from synthmill.jobs.spec import _explain
-
+    known = [f.name for f in fields(StudyModelSpec)]
+    unknown = [k for k in m if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f"; did you mean 'models[{i}].{close[0]}'?" if close else ""
+        raise SpecError(f"models[{i}]: unknown key '{unknown[0]}'{hint} (known keys here: {', '.join(known)})")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema), *(OmegaConf.create(layer) for layer in layers))
+        cfg = OmegaConf.merge(OmegaConf.structured(StudyModelSpec), OmegaConf.create(dict(m)))
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
-            raise SpecError(f"{where}: field '{missing[0]}' is required and has no value")
+            raise SpecError(f"field 'models[{i}].{missing[0]}' is required and has no value")
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise _explain(e, schema, where) from None
-
-
-def _checked(spec: Any, paths: dict[str, str], where: str) -> Any:
-    """``spec`` with its paths resolved and its own checks passed; a SpecError says ``where`` it came from."""
-    from synthmill.jobs.spec import check_output_outside_inputs, resolve_paths
-
-    try:
-        resolve_paths(spec, paths)
-        spec.check()
-        check_output_outside_inputs(spec, paths)
-    except SpecError as e:
-        raise SpecError(f"{where}: {e}") from None
-    return spec
+        key = getattr(e, "full_key", "") or ""
+        raise SpecError(f"field 'models[{i}]{'.' + key if key else ''}': {first_line(e)}") from None
