@@ -69,7 +69,7 @@ def child(kind: str, root: str, cpus: str) -> dict[str, Any]:
     from synthmill.jobs.kinds import KINDS
     from synthmill.jobs.spec import load_spec
 
-    ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
     with open(os.path.join(root, "study.yaml"), encoding="utf-8") as fh:
         study = yaml.safe_load(fh)
     specs = [study] if kind == "a" else _sequential_specs(study, root)

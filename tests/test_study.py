@@ -72,10 +72,7 @@ def _table(out: str) -> dict:
         return json.load(fh)
 
 
-def test_the_table_equals_each_models_own_generate_and_evaluate(studied, write_spec, tmp_path):
-    from synthmill.jobs import evaluate, generate
-    from synthmill.jobs.spec import load_spec
-
+def test_the_table_holds_every_model_its_numbers_and_the_published_ones(studied):
     spec, _, out, summary = studied
     assert summary["status"] == "complete" and summary["models_run"] == ["a", "b"]
     table = _table(out)
@@ -83,24 +80,10 @@ def test_the_table_equals_each_models_own_generate_and_evaluate(studied, write_s
     assert [r["model"] for r in table["rows"]] == ["a", "b"]
     assert table["columns"][:5] == ["model", "path", "fid", "fid_published", "fid_difference"]
     assert all(sorted(r) == sorted(table["columns"]) for r in table["rows"])
-    # model b (its own scheduler, steps and guidance) as its own two jobs, with the same settings
-    own = {"kind": "generate", "model": {"path": spec["models"][1]["path"], "scheduler": "lcm"},
-           "prompts": spec["prompts"], "sampling": {**spec["sampling"], "steps": 1, "guidance_scale": 1.0},
-           "output": {"path": str(tmp_path / "gen"), "samples_per_shard": 1}, "cluster": {"num_actors": 2,
-                                                                                         "batch_size": 2}}
-    generate.run(generate.prepare(load_spec(write_spec(own))))
-    assert tar_hashes(str(tmp_path / "gen")) == tar_hashes(os.path.join(out, "models", "b"))
-    ev = {"kind": "evaluate", **copy.deepcopy(spec["evaluate"]), "generated": {"path": str(tmp_path / "gen")},
-          "output": {"path": str(tmp_path / "eval")}}
-    ev["cluster"]["num_actors"] = 2
-    m = evaluate.run(evaluate.prepare(load_spec(write_spec(ev))))["metrics"]
-    b = table["rows"][1]
-    assert (b["fid"], b["is_mean"], b["is_std"], b["clip_score"]) == (
-        m["fid"], m["inception_score"]["mean"], m["inception_score"]["std"], m["clip_score"])
     # model a: the study's own evaluate output, and the published numbers beside it
     with open(os.path.join(out, "scores", "a", "metrics.json"), encoding="utf-8") as fh:
         ma = json.load(fh)["metrics"]
-    a = table["rows"][0]
+    a, b = table["rows"]
     assert a["fid"] == ma["fid"] and a["clip_score"] == ma["clip_score"]
     assert (a["fid_published"], a["is_mean_published"], a["clip_score_published"]) == (13.05, 36.76, 0.2958)
     assert a["fid_difference"] == a["fid"] - 13.05 and a["is_std_published"] is None
@@ -111,6 +94,27 @@ def test_the_table_equals_each_models_own_generate_and_evaluate(studied, write_s
         assert fh.readline().strip().split(",") == table["columns"]
     with open(os.path.join(out, "plan.json"), encoding="utf-8") as fh:
         assert json.load(fh)["kind"] == "study"
+
+
+def test_a_row_equals_the_models_own_generate_and_evaluate_runs(studied, write_spec, tmp_path):
+    from synthmill.jobs import evaluate, generate
+    from synthmill.jobs.spec import load_spec
+
+    spec, _, out, _ = studied
+    table = _table(out)
+    # model b (its own scheduler, steps and guidance) as its own two jobs, with the same settings
+    own = {"kind": "generate", "model": {"path": spec["models"][1]["path"], "scheduler": "lcm"},
+           "prompts": spec["prompts"], "sampling": {**spec["sampling"], "steps": 1, "guidance_scale": 1.0},
+           "output": {"path": str(tmp_path / "gen"), "samples_per_shard": 1}, "cluster": {"num_actors": 1,
+                                                                                         "batch_size": 2}}
+    generate.run(generate.prepare(load_spec(write_spec(own))))
+    assert tar_hashes(str(tmp_path / "gen")) == tar_hashes(os.path.join(out, "models", "b"))
+    ev = {"kind": "evaluate", **copy.deepcopy(spec["evaluate"]), "generated": {"path": str(tmp_path / "gen")},
+          "output": {"path": str(tmp_path / "eval")}}
+    m = evaluate.run(evaluate.prepare(load_spec(write_spec(ev))))["metrics"]
+    b = table["rows"][1]
+    assert (b["fid"], b["is_mean"], b["is_std"], b["clip_score"]) == (
+        m["fid"], m["inception_score"]["mean"], m["inception_score"]["std"], m["clip_score"])
 
 
 def test_rerun_does_nothing_an_added_model_runs_alone_a_changed_one_is_refused(studied, tiny_sd, tmp_path):
