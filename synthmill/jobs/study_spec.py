@@ -4,6 +4,7 @@ A study builds, for each model, a generate spec and an evaluate spec of the kind
 ``prompts``, ``sampling``, ``output`` settings and ``cluster`` with the model's own overrides merged in by
 OmegaConf (so a key those schemas lack is an unknown key, named with the model), and its ``evaluate`` section
 with ``generated`` and ``output`` filled in. Model NAME writes ``OUTPUT/models/NAME`` and ``OUTPUT/scores/NAME``.
+The runner (:func:`synthmill.jobs.study.model_specs`) builds and checks those specs: this module imports no loader.
 """
 
 from __future__ import annotations
