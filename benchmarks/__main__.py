@@ -4,7 +4,7 @@ start-up benchmarks with their defaults.
     python -m benchmarks                    # generate, fid, extract, distill, driver, startup
     python -m benchmarks fid --smoke        # one benchmark by name, with its own flags
                                             # (generate, fid, extract, evaluate-all, distill, chaos, driver, startup,
-                                            # scale, filter)
+                                            # scale, filter, study)
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
     python -m benchmarks gpu                # on a GPU machine: generate at full size
                                             # (SD 1.5 @512, SSD-1B and SDXL @1024) and distill
@@ -35,7 +35,7 @@ def _runner(module: str, returns_code: bool = True) -> Callable[[list[str]], int
 BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
     name: _runner(name, returns_code=name != "chaos")
     for name in ("generate", "fid", "extract", "evaluate-all", "distill", "driver", "startup", "chaos", "scale",
-                 "filter")
+                 "filter", "study")
 }
 # what a bare ``python -m benchmarks`` runs, in this order
 DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")

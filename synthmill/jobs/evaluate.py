@@ -154,6 +154,49 @@ def _categories(spec: EvaluateSpec, gen: Any, opts: dict[str, Any] | None
     return path, by_column
 
 
+def _reference(spec: EvaluateSpec, info: dict[str, dict[str, Any]], wanted: tuple[str, ...]
+               ) -> tuple[dict[str, Any] | None, SetJob | None]:
+    """The reference statistics standing in for the reference images (a stats .npz), or the reference image set."""
+    opts = spec.storage
+    if not wanted:
+        return None, None
+    rpath = spec.reference.path
+    loaders = {m: METRICS[m].reference_stats for m in spec.metrics if METRICS[m].reference_stats}
+    if rpath.endswith(".npz") and loaders:
+        images_only = [m for m in spec.metrics if METRICS[m].features.get("reference") and m not in loaders]
+        if images_only:
+            raise SpecError(f"reference.path {rpath}: {images_only[0]} needs the reference images, not a stats file")
+        return {m: load(rpath, opts, spec, info) for m, load in loaders.items()}, None
+    images = open_image_set(rpath, opts, spec.reference.samples_per_unit, set_plan_check("reference.path", opts))
+    return None, SetJob(images, wanted, max_pixels=spec.reference.max_image_pixels, name="reference")
+
+
+def check_before_generated(spec: EvaluateSpec) -> str:
+    """Check what an evaluation reads besides its generated set, which does not exist yet (a study checks its
+    evaluation before the images are made): the networks' weights, the reference and the output folder. Returns
+    the evaluation's fingerprint. :func:`prepare` checks all of it again, with the generated set, before it runs."""
+    opts = spec.storage
+    wanted = {name: features_of(spec.metrics, name) for name in ("generated", "reference")}
+    field = "fid.weights"
+    try:
+        with storage.retry_budget(VALIDATE_RETRY_S):
+            info = {n: NETWORKS[n].check(spec, opts)
+                    for n in networks_of(tuple(f for fs in wanted.values() for f in fs))}
+            field = "reference.path"
+            _, ref_set = _reference(spec, info, wanted["reference"])
+            if ref_set is not None:
+                ref_set.size = _check_headers("reference", ref_set, opts,
+                                              any(NETWORKS[n].same_size(spec) for n in ref_set.networks))
+            fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"))
+            field = "output.path"
+            check_output_folder(spec.output.path, fingerprint, opts, "evaluate")
+    except ImageSetError as e:
+        raise SpecError(f"{field}: {e}") from None
+    except storage.StorageError as e:
+        raise SpecError(f"{field}: {e}") from None
+    return fingerprint
+
+
 def prepare(spec: EvaluateSpec) -> Prepared:
     """Check every input without loading a network or writing anything; plan the units."""
     opts = spec.storage
@@ -171,21 +214,10 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             if sets["generated"].captions:  # the rest are checked as they are scored
                 check_first_sample(gen, opts, sets["generated"].captions, spec.generated.max_image_pixels,
                                    "generated.max_image_pixels")
-            ref_stats = None
             field = "reference.path"
-            if wanted["reference"]:
-                rpath = spec.reference.path
-                loaders = {m: METRICS[m].reference_stats for m in spec.metrics if METRICS[m].reference_stats}
-                if rpath.endswith(".npz") and loaders:
-                    images_only = [m for m in spec.metrics if METRICS[m].features.get("reference") and m not in loaders]
-                    if images_only:
-                        raise SpecError(f"reference.path {rpath}: {images_only[0]} needs the reference images, "
-                                        "not a stats file")
-                    ref_stats = {m: load(rpath, opts, spec, info) for m, load in loaders.items()}
-                else:
-                    images = open_image_set(rpath, opts, spec.reference.samples_per_unit, set_plan_check(field, opts))
-                    sets["reference"] = SetJob(images, wanted["reference"], max_pixels=spec.reference.max_image_pixels,
-                                               name="reference")
+            ref_stats, ref_set = _reference(spec, info, wanted["reference"])
+            if ref_set is not None:
+                sets["reference"] = ref_set
             for name, job in sets.items():
                 field = f"{name}.path"
                 job.size = _check_headers(name, job, opts, any(NETWORKS[n].same_size(spec) for n in job.networks))
