@@ -2,8 +2,8 @@
 
 The model is the suite's tiny SD pipeline (saved and loaded back as users' folders are); the data are the
 reference generate job's 22 image-caption samples. Four short runs feed every test: a full fine-tune with
-EMA; a LoRA fine-tune (with EMA of the adapters) straight to step 4; the same LoRA job stopped at step 2
-and raised to step 4. A distill job then starts its student from the full fine-tune's output.
+EMA (``synthmill run``, beside the others); a LoRA fine-tune (with EMA of the adapters) straight to step 4;
+the same LoRA job stopped at step 2 and raised to step 4. A distill job then starts its student from the full fine-tune's output.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,11 +83,54 @@ def finetuned(ray_address, tiny_sd, reference, tmp_path_factory):
         paths[name] = str(folder / f"{name}.yaml")
         with open(paths[name], "w", encoding="utf-8") as fh:
             yaml.safe_dump(spec, fh)
-    summaries = {"full": run_spec(paths["full"]), "lora": run_spec(paths["lora"])}
-    staged = f"output.path={out['lora_staged']}"
-    summaries["lora_stage1"] = run_spec(paths["lora"], staged, "train.max_steps=2")
-    summaries["lora_staged"] = run_spec(paths["lora"], staged)
+    # the full fine-tune runs as `synthmill run` on the session's Ray while the three LoRA runs go on in this
+    # process: a run alone leaves much of the 2 cores idle while Ray Train starts its workers
+    log = open(folder / "full.log", "w+", encoding="utf-8")  # a file, not a pipe: Ray's output would fill one
+    full = subprocess.Popen([sys.executable, "-m", "synthmill.cli", "run", paths["full"]],
+                            env=dict(os.environ, RAY_ADDRESS=ray_address), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        summaries = {"lora": run_spec(paths["lora"])}
+        staged = f"output.path={out['lora_staged']}"
+        summaries["lora_stage1"] = run_spec(paths["lora"], staged, "train.max_steps=2")
+        summaries["lora_staged"] = run_spec(paths["lora"], staged)
+        full.wait(timeout=400)
+    finally:
+        if full.poll() is None:
+            os.killpg(full.pid, signal.SIGKILL)
+    log.seek(0)
+    assert full.returncode == 0, log.read()[-3000:]
+    log.close()
+    with open(os.path.join(out["full"], "summary.json"), encoding="utf-8") as fh:
+        summaries["full"] = json.load(fh)
     return {"out": out, "summaries": summaries, "paths": paths, "data": data}
+
+
+def _fixed_task_loss(model: str, unet, data: str) -> float:
+    """The task loss of ``unet`` on the first 8 samples with fixed noise and timesteps (the target the model's
+    scheduler asks for), computed here from diffusers' parts."""
+    from diffusers import DDPMScheduler
+
+    from synthmill.distill.data import ShardStream, StreamSpec
+    from synthmill.distill.train import encode_text, load_teacher, tokenizers
+    from synthmill.jobs.generate_spec import ModelSpec
+    from synthmill.sharding.images import open_image_set
+
+    pipe = load_teacher(ModelSpec(path=model), None)
+    stream = ShardStream(StreamSpec(open_image_set(data).units, 32, True, False, 0, 8, 0), tokenizers(pipe), 0, 1)
+    items = [s for _, s in zip(range(8), stream.iter_as(0, 1), strict=False)]
+    batch = {k: torch.stack([s[k] for s in items]) for k in items[0]}
+    g = torch.Generator().manual_seed(0)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample(generator=g)
+        latents = latents * pipe.vae.config.scaling_factor
+        cond = encode_text(pipe, batch, torch.device("cpu"))
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
+        target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        pred = unet.eval()(sched.add_noise(latents, noise, t), t, **cond).sample
+    return float(torch.nn.functional.mse_loss(pred, target))
 
 
 def _unet_params(model: str) -> int:
@@ -112,6 +158,12 @@ def test_full_finetune_with_ema_exports_a_pipeline_and_holds_one_unet(finetuned,
     pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "pipeline"))
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert same(ema, {k: v for k, v in pipe.unet.state_dict().items()})
+    # on fixed samples, noise and timesteps the trained UNet's loss is below the model's own
+    trained = UNet2DConditionModel.from_pretrained(ckpt(out, STEPS, "student"))
+    before = _fixed_task_loss(tiny_sd, UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"),
+                              finetuned["data"])
+    after = _fixed_task_loss(tiny_sd, trained, finetuned["data"])
+    assert after < 0.9 * before, (before, after)
     assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
 
 
