@@ -3,7 +3,8 @@
 The model is the suite's tiny SD pipeline (saved and loaded back as users' folders are); the data are the
 reference generate job's 22 image-caption samples. Four short runs feed every test: a full fine-tune with
 EMA (``synthmill run``, beside the others); a LoRA fine-tune (with EMA of the adapters) straight to step 4;
-the same LoRA job stopped at step 2 and raised to step 4. A distill job then starts its student from the full fine-tune's output.
+the same LoRA job stopped at step 2 and raised to step 4. A distill job then starts its student from the
+full fine-tune's output.
 """
 
 from __future__ import annotations
