@@ -1,26 +1,28 @@
-"""The training function each Ray Train worker runs: one DDP replica of the student, a frozen teacher.
+"""The training function each Ray Train worker runs: one DDP replica of what the objective trains.
 
-Per worker: the teacher pipeline loads once in float32 on the CPU (so the student's weights copy from
-full-precision tensors), the student is cut from it (models/students.py), then the frozen parts (teacher
-UNet, text encoder(s), VAE) move to the worker's device in the training precision (half precision on a
-GPU; the VAE stays in float32 where its config asks, as SDXL's does). The student trains in float32
-under autocast, wrapped in DDP by ``ray.train.torch.prepare_model``.
+The loop is the same for every objective (distill/objectives.py: KD, the task loss of a fine-tune, ...).
+Per worker: the objective's pipeline (the teacher, or the model to fine-tune) loads once in float32 on the
+CPU (so a student's weights copy from full-precision tensors), the objective builds its trainable module
+from it and places it and the frozen networks it keeps (KD: the teacher UNet) on the worker's device; the
+text encoder(s) and VAE move there in the training precision (half precision on a GPU; the VAE stays in
+float32 where its config asks, as SDXL's does). Trainable weights stay float32 under autocast, wrapped in
+DDP by ``ray.train.torch.prepare_model``.
 
 Each optimizer step takes ``gradient_accumulation`` micro-batches (gradients all-reduced only on the
 last). Noise, timesteps and VAE samples come from a generator seeded by (seed, step, rank, micro-batch),
 and the data stream resumes at the exact batch (distill/data.py), so a run resumed from a checkpoint
 takes the same steps as one that never stopped.
 
-Checkpoints (rank 0 writes, every rank reports) hold the student (diffusers folder), the EMA weights
-(a diffusers folder with the EMA state in its config), the optimizer, LR schedule and loss-scaler state,
-and the metrics lines up to that step. ``OUTPUT/metrics.jsonl`` is rewritten from the checkpoint's lines
-when a run resumes, so a step trained again after a crash is logged once.
+Checkpoints (rank 0 writes, every rank reports) hold the trainable weights (``student/``: a diffusers
+folder, or LoRA adapters), the EMA weights (``ema/``), the objective's own state (``objective.pt``, when
+it has one), the optimizer, LR schedule and loss-scaler state, and the metrics lines up to that step.
+``OUTPUT/metrics.jsonl`` is rewritten from the checkpoint's lines when a run resumes, so a step trained
+again after a crash is logged once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ import time
 from typing import Any
 
 from synthmill.distill.data import BadData, ShardStream, StreamSpec, _seed, make_loader
+from synthmill.distill.objectives import MicroBatch, build_student, load_pipeline_fp32, objective
 from synthmill.sharding import storage
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,11 @@ BAD_DATA = "synthmill-bad-data: "
 
 CKPT_PREFIX = "step_"
 
+#: A checkpoint's file of the objective's own state (Objective.state_dict), when it has one.
+OBJECTIVE_STATE = "objective.pt"
+
+__all__ = ["build_student", "encode_text", "load_teacher", "tokenizers", "train_loop"]
+
 
 def checkpoint_name(step: int) -> str:
     return f"{CKPT_PREFIX}{step:08d}"
@@ -45,10 +53,7 @@ def checkpoint_name(step: int) -> str:
 
 def load_teacher(teacher: Any, storage_options: dict[str, Any] | None):
     """The teacher pipeline in float32 on the CPU (its own safety checker never loads)."""
-    from synthmill.models.loading import load_pipeline
-
-    spec = dataclasses.replace(teacher, dtype="float32", safety_checker=False, scheduler=None)
-    return load_pipeline(spec, "cpu", storage_options)
+    return load_pipeline_fp32(teacher, storage_options)
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -75,20 +80,6 @@ def encode_text(pipe: Any, batch: dict[str, Any], device: Any) -> dict[str, Any]
         "encoder_hidden_states": torch.cat(states, dim=-1),
         "added_cond_kwargs": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, pooled.dtype)},
     }
-
-
-def build_student(spec: Any, teacher_unet: Any):
-    """The student of ``student.arch``: weights copied from the teacher, or freshly initialised."""
-    from diffusers import UNet2DConditionModel
-
-    from synthmill.models.students import make_student, student_config
-
-    if spec.student.init == "teacher":
-        return make_student(teacher_unet, spec.student.arch)
-    import torch
-
-    torch.manual_seed(spec.train.seed)
-    return UNet2DConditionModel.from_config(student_config(teacher_unet, spec.student.arch))
 
 
 class MetricsLog:
@@ -134,11 +125,8 @@ def _train(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    from synthmill.models.kd import DistillLoss, LossWeights
 
     spec, units, fingerprint = config["spec"], config["units"], config["fingerprint"]
     t, out, opts = spec.train, spec.output.path, spec.storage
@@ -148,9 +136,20 @@ def _train(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(spec.cluster.cpus_per_worker)
 
-    pipe = load_teacher(spec.teacher, opts)
-    student = build_student(spec, pipe.unet)
-    step, lines, state = 0, [], None
+    kind = objective(config["objective"])
+    pipe = load_pipeline_fp32(kind.model_spec(spec), opts)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    obj = kind(spec, pipe, noise_scheduler)
+    module = obj.build()
+    frozen = _frozen_dtype(t.mixed_precision, device)
+    obj.place(module, device, frozen)
+    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) else frozen
+    pipe.vae.to(device, vae_dtype).requires_grad_(False).eval()
+    for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if enc is not None:
+            enc.to(device, frozen).requires_grad_(False).eval()
+
+    step, lines, state, ema = 0, [], None, None
     checkpoint = ray.train.get_checkpoint()
     ckpt_ctx = checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
     with ckpt_ctx as ckpt_dir:
@@ -159,42 +158,33 @@ def _train(config: dict[str, Any]) -> None:
             if state["fingerprint"] != fingerprint:
                 raise RuntimeError(f"checkpoint {ckpt_dir} belongs to another job (fingerprint {state['fingerprint']})")
             step = int(state["step"])
-            loaded = UNet2DConditionModel.from_pretrained(os.path.join(ckpt_dir, "student"))
-            student.load_state_dict(loaded.state_dict())
-            del loaded
+            obj.load_trainable(module, os.path.join(ckpt_dir, "student"))
             with open(os.path.join(ckpt_dir, "metrics.jsonl"), encoding="utf-8") as fh:
                 lines = [ln.rstrip("\n") for ln in fh if ln.strip()]
-            ema = EMAModel.from_pretrained(os.path.join(ckpt_dir, "ema"), UNet2DConditionModel) if t.ema else None
+            if t.ema:
+                ema = obj.load_ema(os.path.join(ckpt_dir, "ema"), module)
+            extra = os.path.join(ckpt_dir, OBJECTIVE_STATE)
+            if os.path.exists(extra):
+                obj.load_state_dict(torch.load(extra, map_location="cpu", weights_only=True))
             if state.get("world") != world or state.get("loader_workers") != spec.data.loader_workers:
                 log.warning("resuming with %s workers x %s loader processes (checkpoint: %s x %s): the data order "
                             "from here differs from an uninterrupted run", world, spec.data.loader_workers,
                             state.get("world"), state.get("loader_workers"))
-        else:
-            ema = None
     if rank == 0:
-        log.info("distill: %s from step %d to %d on %d workers (%s)", spec.student.arch, step, t.max_steps, world,
+        log.info("%s (%s): from step %d to %d on %d workers (%s)", spec.kind, kind.name, step, t.max_steps, world,
                  device)
 
-    frozen = _frozen_dtype(t.mixed_precision, device)
-    teacher = pipe.unet.to(device, frozen).requires_grad_(False).eval()
-    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) else frozen
-    pipe.vae.to(device, vae_dtype).requires_grad_(False).eval()
-    for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if enc is not None:
-            enc.to(device, frozen).requires_grad_(False).eval()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    student = student.to(device).train()
+    module.train()
+    params = obj.parameters(module)
     if t.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+        module.enable_gradient_checkpointing()
     if t.ema:
         if ema is None:
-            ema = EMAModel(student.parameters(), decay=t.ema_decay, model_cls=UNet2DConditionModel,
-                           model_config=student.config)
+            ema = obj.new_ema(module, t.ema_decay)
         ema.to(device)
-    model = ray.train.torch.prepare_model(student, move_to_device=False)
-    loss_fn = DistillLoss(model, teacher, LossWeights(spec.loss.task, spec.loss.output_kd, spec.loss.feature_kd))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+    model = ray.train.torch.prepare_model(module, move_to_device=False)
+    obj.bind(model)
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     lr_schedule = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                 num_training_steps=t.max_steps)
@@ -206,12 +196,13 @@ def _train(config: dict[str, Any]) -> None:
         lr_schedule.load_state_dict(state["lr_schedule"])
         scaler.load_state_dict(state["scaler"])
     metrics = MetricsLog(out, lines, opts) if rank == 0 else None
+    held = {"unet_params": unet_parameters_held()}
 
     if step >= t.max_steps:
-        _report(step, {}, None)
+        _report(step, held, None)
         return
 
-    accum = t.gradient_accumulation
+    accum, terms = t.gradient_accumulation, kind.terms
     stream = ShardStream(
         StreamSpec(units, spec.data.resolution, spec.data.center_crop, spec.data.random_flip,
                    spec.data.shuffle_buffer, t.batch_size, t.seed, opts, spec.data.max_image_pixels),
@@ -223,7 +214,7 @@ def _train(config: dict[str, Any]) -> None:
     window_t0, window_samples = time.perf_counter(), 0
     while step < t.max_steps:
         step += 1
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(len(terms), dtype=torch.float64)
         for a in range(accum):
             batch = next(batches)
             gen = torch.Generator(device).manual_seed(_seed(t.seed, "noise", step, rank, a) % (2**63))
@@ -232,43 +223,35 @@ def _train(config: dict[str, Any]) -> None:
                 latents = pipe.vae.encode(pixels).latent_dist.sample(generator=gen)
                 latents = ((latents - shift) * scale).float()
                 cond = encode_text(pipe, batch, device)
-            noise = torch.randn(latents.shape, generator=gen, device=device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=gen, device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
             sync = contextlib.nullcontext() if a == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    total, terms = loss_fn(noisy, timesteps, cond, target)
+                    total, values = obj.loss(MicroBatch(latents, cond, gen, step, a))
                 scaler.scale(total / accum).backward()
-            sums += torch.tensor([terms["loss"], terms["loss_task"], terms["loss_output_kd"], terms["loss_feature_kd"]],
-                                 dtype=torch.float64)
+            sums += torch.tensor([values[k] for k in terms], dtype=torch.float64)
             window_samples += latents.shape[0]
         if t.max_grad_norm > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), t.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         lr = lr_schedule.get_last_lr()[0]
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
         if ema is not None:
-            ema.step(student.parameters())
+            ema.step(params)
+        obj.after_step(step)
 
         last = step == t.max_steps
         if step % t.log_every == 0 or last:
+            n = len(terms)
             packed = torch.cat([sums / accum, torch.tensor([float(window_samples)], dtype=torch.float64)])
             if world > 1 and dist.is_initialized():
                 dist.all_reduce(packed)  # sum over workers
-                packed[:4] /= world
+                packed[:n] /= world
             elapsed = time.perf_counter() - window_t0
-            record = {"step": step, "loss": float(packed[0]), "loss_task": float(packed[1]),
-                      "loss_output_kd": float(packed[2]), "loss_feature_kd": float(packed[3]), "lr": lr,
-                      "samples_per_s": round(float(packed[4]) / elapsed, 4) if elapsed > 0 else None,
+            record = {"step": step, **{k: float(packed[i]) for i, k in enumerate(terms)}, "lr": lr,
+                      "samples_per_s": round(float(packed[n]) / elapsed, 4) if elapsed > 0 else None,
                       "samples": int((step) * t.batch_size * accum * world)}
             if metrics is not None:
                 metrics.add(record)
@@ -277,7 +260,22 @@ def _train(config: dict[str, Any]) -> None:
             state = {"fingerprint": fingerprint, "step": step, "world": world,
                      "loader_workers": spec.data.loader_workers, "optimizer": optimizer.state_dict(),
                      "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict()}
-            _report(step, {"step": step}, (student, ema, state, metrics) if rank == 0 else None)
+            _report(step, {"step": step, **held}, (obj, module, ema, state, metrics) if rank == 0 else None)
+
+
+def unet_parameters_held() -> int:
+    """Parameters of the UNets alive in this process (each tensor once): what a worker holds besides the
+    VAE and text encoders. A fine-tune holds one UNet; KD two (student and teacher)."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    seen: dict[int, int] = {}
+    for o in gc.get_objects():
+        if isinstance(o, UNet2DConditionModel):
+            for p in o.parameters():
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
 
 
 def _report(step: int, metrics: dict[str, Any], payload: tuple | None) -> None:
@@ -288,11 +286,14 @@ def _report(step: int, metrics: dict[str, Any], payload: tuple | None) -> None:
     if payload is None:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_name(step))
         return
-    student, ema, state, log_lines = payload
+    obj, module, ema, state, log_lines = payload
     with tempfile.TemporaryDirectory(prefix="synthmill-ckpt-") as tmp:
-        student.save_pretrained(os.path.join(tmp, "student"), safe_serialization=True)
+        obj.save_trainable(module, os.path.join(tmp, "student"))
         if ema is not None:
-            ema.save_pretrained(os.path.join(tmp, "ema"))
+            obj.save_ema(ema, os.path.join(tmp, "ema"))
+        extra = obj.state_dict()
+        if extra is not None:
+            torch.save(extra, os.path.join(tmp, OBJECTIVE_STATE))
         torch.save(state, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "metrics.jsonl"), "w", encoding="utf-8") as fh:
             fh.write("".join(line + "\n" for line in log_lines.lines))

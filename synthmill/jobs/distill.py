@@ -222,7 +222,8 @@ def _trainer(p: Prepared, n_workers: int, use_gpu: bool):
     per_worker = {"CPU": spec.cluster.cpus_per_worker, **spec.cluster.resources}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "units": p.data.units, "fingerprint": p.fingerprint,
+        train_loop_config={"spec": spec, "objective": spec.objective(), "units": p.data.units,
+                           "fingerprint": p.fingerprint,
                            "node_paths": node_paths(spec, ("teacher.path", "data.path", "output.path"))},
         scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -272,33 +273,42 @@ def _failure_message(exc: BaseException) -> str:
     return (errors[-1] if errors else (lines[-1] if lines else type(exc).__name__)).strip()
 
 
-def export_pipeline(spec: DistillSpec, checkpoint_dir: str) -> str:
-    """Write ``OUTPUT/pipeline/``: the teacher pipeline with the student UNet (EMA weights when trained with EMA)."""
-    from diffusers import UNet2DConditionModel
+def export_pipeline(spec: Any, checkpoint_dir: str) -> str:
+    """Write what the spec's objective exports from a checkpoint (distill/objectives.py): ``OUTPUT/pipeline/``
+    (the pipeline with the trained UNet, its EMA weights when trained with EMA; ``model_index.json`` last)
+    and any file beside it (a LoRA's ``pytorch_lora_weights.safetensors``). Returns the pipeline's URL."""
+    from synthmill.distill.objectives import objective
 
-    from synthmill.distill.train import load_teacher
-
-    weights = os.path.join(checkpoint_dir, "ema" if spec.train.ema else "student")
-    unet = UNet2DConditionModel.from_pretrained(weights)  # an EMA folder's config also holds the EMA state: ignored
-    pipe = load_teacher(spec.teacher, spec.storage)  # the same loading rules as the workers
-    pipe.register_modules(unet=unet)
     layout = OutputLayout(spec.output.path, spec.storage)
-    out = layout.file(PIPELINE)
+    export = objective(spec.objective()).export
     if layout.is_local:
         out = layout.local_path(PIPELINE)
-        tmp = tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=layout.local_path())
-        os.chmod(tmp, 0o777 & ~storage.umask())  # mkdtemp makes it private; the pipeline is for others to load
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        # staged in the output folder (one rename each), under a name the lifecycle removes if a run dies here
+        staged = tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=layout.local_path())
+        try:
+            export(spec, checkpoint_dir, staged)
+            for name in sorted(os.listdir(staged)):
+                if name != PIPELINE:  # files beside the pipeline come first: the pipeline is never newer
+                    os.replace(os.path.join(staged, name), layout.local_path(name))
+            built = os.path.join(staged, PIPELINE)
+            os.chmod(built, 0o777 & ~storage.umask())  # the pipeline is for others to load
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(built, out)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         return out
-    with tempfile.TemporaryDirectory(prefix="synthmill-pipeline-") as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+    out = layout.file(PIPELINE)
+    with tempfile.TemporaryDirectory(prefix="synthmill-export-") as staged:
+        export(spec, checkpoint_dir, staged)
+        for name in sorted(os.listdir(staged)):
+            if name != PIPELINE:
+                storage.put_file(os.path.join(staged, name), layout.file(name), spec.storage)
+        built = os.path.join(staged, PIPELINE)
         storage.remove(storage.join(out, "model_index.json"), spec.storage)
-        files = sorted(os.path.relpath(os.path.join(r, f), tmp) for r, _, fs in os.walk(tmp) for f in fs)
+        files = sorted(os.path.relpath(os.path.join(r, f), built) for r, _, fs in os.walk(built) for f in fs)
         # the index last: it makes the folder a pipeline
         for rel in sorted(files, key=lambda f: f == "model_index.json"):
-            storage.put_file(os.path.join(tmp, rel), storage.join(out, *rel.split(os.sep)), spec.storage)
+            storage.put_file(os.path.join(built, rel), storage.join(out, *rel.split(os.sep)), spec.storage)
     return out
 
 
@@ -462,6 +472,8 @@ class DistillJob(lifecycle.Job):
         summary = _summary(self.p, self.scaling, self.t0, t_train,
                            os.path.basename(self.result.checkpoint.path.rstrip("/")), pipeline, self.started)
         summary["attempts"] = self.attempts
+        # the parameters of the UNets a worker held (distill/train.py): the trained one, and a teacher if any
+        summary["worker_unet_params"] = (self.result.metrics or {}).get("unet_params")
         return summary
 
 

@@ -106,6 +106,7 @@ class DistillSpec:
     """A distill job: train a smaller student UNet on a teacher's outputs and features."""
 
     kind: str = "distill"
+    method: str = "kd"  # the objective (distill/objectives.py): kd (BK-SDM block-removal KD)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -115,10 +116,16 @@ class DistillSpec:
     output: DistillOutputSpec = field(default_factory=DistillOutputSpec)
     storage: Dict[str, Any] = field(default_factory=dict)
 
+    def objective(self) -> str:
+        """The row of distill/objectives.OBJECTIVES that trains this job."""
+        return self.method
+
     def check(self) -> None:
+        from synthmill.distill.objectives import methods
         from synthmill.models.students import KNOWN_ARCHS
 
         d, lo, t, c = self.data, self.loss, self.train, self.cluster
+        one_of(self.method, methods("distill"), "method")
         require(bool(self.teacher.path.strip()), "teacher.path", "must not be empty")
         require(not self.teacher.compile, "teacher.compile",
                 "is a generate setting; distill does not compile the teacher")
@@ -191,5 +198,8 @@ class DistillSpec:
         data.pop("max_image_pixels")  # a bound on the input, not what is trained on: the jobs that pass it agree
         unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
         teacher = {k: v for k, v in asdict(self.teacher).items() if k not in unused}
-        return {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),
-                "train": train}
+        basis = {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),
+                 "train": train}
+        if self.method != "kd":  # kd's outputs keep the fingerprint they had before there was a choice
+            basis["method"] = self.method
+        return basis
