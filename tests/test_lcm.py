@@ -8,6 +8,8 @@ EMA target, and LCM-LoRA), and the LCM-LoRA weights file must load with plain ``
 
 from __future__ import annotations
 
+import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -234,3 +236,192 @@ def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, tmp_path):
     fresh.load_lora_weights(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(fresh.unet(z, t, **cond).sample, adapted, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distill jobs with method: lcm, on the session's Ray (tiny SD teacher, the reference generate job's shards)
+
+
+def lcm_spec(teacher: str, data: str, output: str, rank: int | None = None, **train) -> dict:
+    t = {"max_steps": 4, "batch_size": 2, "gradient_accumulation": 2, "learning_rate": 1.0e-4,
+         "checkpoint_every": 2, "log_every": 1}
+    t.update(train)
+    student = {"arch": "teacher", **({"lora": {"rank": rank}} if rank else {})}
+    return {
+        "kind": "distill",
+        "method": "lcm",
+        "teacher": {"path": teacher},
+        "student": student,
+        "lcm": {"time_cond_proj_dim": 16},
+        "data": {"path": data, "resolution": 32, "loader_workers": 1, "shuffle_buffer": 8},
+        "train": t,
+        "cluster": {"num_workers": 1},
+        "output": {"path": output},
+    }
+
+
+def _writer(folder):
+    import yaml
+
+    counter = iter(range(100))
+
+    def write(spec: dict) -> str:
+        path = folder / f"job{next(counter)}.yaml"
+        path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+        return str(path)
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def lcm_full(ray_address, tiny_sd, reference, tmp_path_factory):
+    """Full LCM trained 4 steps straight (``synthmill run`` in a subprocess on the session's Ray, meanwhile)
+    and, in another output, 2 steps then raised to 4."""
+    import subprocess
+    import sys
+
+    from tests.test_distill import run_distill
+
+    folder = tmp_path_factory.mktemp("lcm")
+    write = _writer(folder)
+    straight, resumed = str(folder / "straight"), str(folder / "resumed")
+    log = open(folder / "straight.log", "w+", encoding="utf-8")  # a file, not a pipe: Ray's output would fill one
+    proc = subprocess.Popen([sys.executable, "-m", "synthmill.cli", "run", write(lcm_spec(tiny_sd, reference[1],
+                                                                                          straight))],
+                            env=dict(os.environ, RAY_ADDRESS=ray_address), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        first = run_distill(write, lcm_spec(tiny_sd, reference[1], resumed, max_steps=2))
+        assert first["steps"] == 2
+        again = run_distill(write, lcm_spec(tiny_sd, reference[1], resumed), "train.max_steps=4")
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert proc.returncode == 0, output[-3000:]
+    with open(os.path.join(straight, "summary.json"), encoding="utf-8") as fh:
+        return {"straight": straight, "resumed": resumed, "straight_summary": json.load(fh), "resumed_summary": again}
+
+
+@pytest.fixture(scope="module")
+def lcm_lora(ray_address, tiny_sd, reference, tmp_path_factory):
+    """LCM-LoRA of rank 4, 2 steps on 2 workers."""
+    from tests.test_distill import run_distill
+
+    folder = tmp_path_factory.mktemp("lcm-lora")
+    output = str(folder / "lora")
+    spec = lcm_spec(tiny_sd, reference[1], output, rank=4, max_steps=2, learning_rate=1.0e-3)
+    spec["cluster"]["num_workers"] = 2
+    return {"lora": output, "lora_summary": run_distill(_writer(folder), spec)}
+
+
+def _ckpt(output: str, step: int, *parts: str) -> str:
+    return os.path.join(output, "checkpoints", f"step_{step:08d}", *parts)
+
+
+def test_lcm_job_resumes_exactly_and_holds_three_unets(lcm_full, tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    from tests.test_distill import metrics_lines, unet_weights
+
+    j = lcm_full
+    assert j["resumed_summary"]["steps_resumed"] == 2 and j["resumed_summary"]["steps_run"] == 2
+    a = unet_weights(_ckpt(j["resumed"], 4, "student"))
+    b = unet_weights(_ckpt(j["straight"], 4, "student"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ta = torch.load(_ckpt(j["resumed"], 4, "objective.pt"), weights_only=True)["target"]
+    tb = torch.load(_ckpt(j["straight"], 4, "objective.pt"), weights_only=True)["target"]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    assert not torch.equal(ta["conv_in.weight"], teacher.state_dict()["conv_in.weight"])  # the target moved
+    lines, straight = metrics_lines(j["resumed"]), metrics_lines(j["straight"])
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for x, y in zip(lines, straight, strict=True):
+        assert {k: v for k, v in x.items() if k != "samples_per_s"} == {k: v for k, v in y.items()
+                                                                         if k != "samples_per_s"}
+    # a worker held the teacher, the student and the target network: nothing else
+    student = lcm_student(teacher, 16)
+    n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    assert j["straight_summary"]["worker_unet_params"] == n_teacher + 2 * n_student
+    assert (j["straight_summary"]["teacher_params"], j["straight_summary"]["student_params"]) == (n_teacher, n_student)
+
+
+def test_lcm_pipeline_loads_with_lcm_scheduler_and_generates_in_4_steps(lcm_full, write_spec, prompts_tsv,
+                                                                        tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from tests.conftest import base_spec, read_wds, run_job
+
+    folder = os.path.join(lcm_full["straight"], "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.unet.config.time_cond_proj_dim == 16
+    target = torch.load(_ckpt(lcm_full["straight"], 4, "objective.pt"), weights_only=True)["target"]
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in target.items())  # the export is the target
+    spec = base_spec(folder, prompts_tsv, str(tmp_path / "gen"))
+    spec["prompts"]["limit"] = 3
+    spec["sampling"].update(scheduler="lcm", steps=4, guidance_scale=1.0, images_per_prompt=1)
+    spec["cluster"]["num_actors"] = 1
+    summary = run_job(write_spec, spec)
+    assert summary["samples"] == 3
+    samples = read_wds(spec["output"]["path"])
+    assert len(samples) == 3 and all(s["png"][:4] == b"\x89PNG" for s in samples)
+
+
+def test_lcm_lora_weights_load_in_diffusers_and_change_the_images(lcm_lora, tiny_sd):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    j = lcm_lora
+    assert j["lora_summary"]["workers"] == 2 and j["lora_summary"]["steps"] == 2
+    assert os.path.isfile(os.path.join(j["lora"], "pytorch_lora_weights.safetensors"))
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    probe = UNet2DConditionModel.from_config(teacher.config)
+    lora_params = len([p for p in add_lora(probe, 4)])
+    assert lora_params > 0
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_adapted = sum(p.numel() for p in probe.parameters())
+    assert j["lora_summary"]["worker_unet_params"] == n_adapted > n_teacher  # one UNet: the teacher is itself
+    assert (j["lora_summary"]["teacher_params"], j["lora_summary"]["student_params"]) == (n_teacher, n_adapted)
+
+    def images(pipe):
+        return np.stack([np.asarray(im) for im in pipe(["a red cube", "two cats"], num_inference_steps=2,
+                                                       height=32, width=32, guidance_scale=7.5, output_type="pil",
+                                                       generator=torch.Generator().manual_seed(0)).images])
+
+    import numpy as np
+
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    plain.set_progress_bar_config(disable=True)
+    before = images(plain)
+    plain.load_lora_weights(j["lora"])
+    after = images(plain)
+    assert (before != after).any()
+    # the exported pipeline is the teacher's with the adapters fused in, on LCMScheduler
+    fused = DiffusionPipeline.from_pretrained(os.path.join(j["lora"], "pipeline"))
+    assert type(fused.scheduler).__name__ == "LCMScheduler"
+    g = torch.Generator().manual_seed(3)
+    z, t, cond = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.unet(z, t, encoder_hidden_states=cond).sample,
+                                   plain.unet(z, t, encoder_hidden_states=cond).sample, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["student.arch=bk-small"], "student.arch"),
+    (["lcm.w_min=20"], "lcm.w_min"),
+    (["lcm.loss=l1"], "lcm.loss"),
+    (["lcm.num_ddim_timesteps=0"], "lcm.num_ddim_timesteps"),
+    (["lcm.ema_decay=1.0"], "lcm.ema_decay"),
+    (["student.lora.rank=0"], "student.lora.rank"),
+    (["train.ema=true"], "train.ema"),
+    (["method=kd", "student.arch=bk-small", "student.lora.rank=4"], "student.lora.rank"),
+    (["method=kd"], "student.arch"),
+    (["method=lcx"], "method"),
+])
+def test_bad_lcm_values_are_exit_2(overrides, field, tiny_sd, write_spec, capsys, tmp_path):
+    from tests.test_distill import _bad
+
+    data = str(tmp_path / "data")  # never read: the spec is refused first
+    msg = _bad(write_spec, capsys, lcm_spec(tiny_sd, data, str(tmp_path / "never")), *overrides)
+    assert f"'{field}'" in msg, msg

@@ -85,7 +85,8 @@ def _plan_student(spec: DistillSpec, unet_cfg: dict[str, Any]) -> tuple[int, int
 
     diffusers.utils.logging.set_verbosity_error()  # a meta-device .to(dtype) warns about nothing
 
-    from synthmill.models.students import count_parameters, make_student
+    from synthmill.distill.objectives import objective
+    from synthmill.models.students import count_parameters
 
     cfg = {k: v for k, v in unet_cfg.items() if not k.startswith("_")}
     try:
@@ -95,7 +96,7 @@ def _plan_student(spec: DistillSpec, unet_cfg: dict[str, Any]) -> tuple[int, int
         raise SpecError(f"teacher.path {spec.teacher.path}: unet/config.json does not build a "
                         f"UNet2DConditionModel ({type(e).__name__}: {e})") from None
     try:
-        student = make_student(teacher, spec.student.arch)
+        student = objective(spec.objective()).plan_student(spec, teacher)
     except ValueError as e:
         raise SpecError(f"field 'student.arch': {e}") from None
     return count_parameters(teacher), count_parameters(student), len(student.down_blocks)

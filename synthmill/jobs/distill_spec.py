@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Union
 
 from omegaconf import MISSING
 
+from synthmill.errors import SpecError
 from synthmill.jobs.fields import (
     MAX_SEED,
     check_resources,
@@ -31,9 +32,33 @@ class TeacherSpec(ModelSpec):
 
 
 @dataclass
+class StudentLoraSpec:
+    rank: Optional[int] = None  # method lcm: LCM-LoRA, peft adapters of this rank on the teacher's UNet; null: off
+
+
+@dataclass
 class StudentSpec:
-    arch: str = MISSING  # bk-base | bk-small | bk-tiny | ssd-1b | vega, or a diffusers UNet folder
+    arch: str = MISSING  # bk-base | bk-small | bk-tiny | ssd-1b | vega, a diffusers UNet folder; lcm: teacher
     init: str = "teacher"  # teacher: copy weights by the BK-SDM mapping; random: keep the fresh initialisation
+    lora: StudentLoraSpec = field(default_factory=StudentLoraSpec)
+
+
+#: ``student.arch`` of ``method: lcm``: the teacher's own layout and weights.
+TEACHER_ARCH = "teacher"
+
+
+@dataclass
+class LCMSpec:
+    """Latent consistency distillation (``method: lcm``); the defaults are the LCM training scripts'."""
+
+    w_min: float = 3.0  # guidance scales drawn uniformly from [w_min, w_max] (LCM form: Imagen's scale - 1)
+    w_max: float = 15.0
+    num_ddim_timesteps: int = 50  # the DDIM solver's grid (skipping steps of num_train_timesteps / this)
+    loss: str = "huber"  # huber (pseudo-Huber, huber_c) | l2
+    huber_c: float = 0.001
+    ema_decay: float = 0.95  # the target network's EMA (full LCM)
+    time_cond_proj_dim: int = 256  # the guidance embedding's width added to the student (full LCM)
+    timestep_scaling: float = 10.0  # the boundary condition's c_skip / c_out timestep scaling
 
 
 @dataclass
@@ -106,11 +131,12 @@ class DistillSpec:
     """A distill job: train a smaller student UNet on a teacher's outputs and features."""
 
     kind: str = "distill"
-    method: str = "kd"  # the objective (distill/objectives.py): kd (BK-SDM block-removal KD)
+    method: str = "kd"  # the objective (distill/objectives.py): kd (BK-SDM block-removal KD) | lcm
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
     data: DataSpec = field(default_factory=DataSpec)
     loss: LossSpec = field(default_factory=LossSpec)
+    lcm: LCMSpec = field(default_factory=LCMSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     cluster: TrainClusterSpec = field(default_factory=TrainClusterSpec)
     output: DistillOutputSpec = field(default_factory=DistillOutputSpec)
@@ -132,6 +158,7 @@ class DistillSpec:
         arch = self.student.arch.strip()
         require(bool(arch), "student.arch", f"must name a layout ({', '.join(KNOWN_ARCHS)}) or a UNet folder")
         one_of(self.student.init, ("teacher", "random"), "student.init")
+        self._check_lcm()
         require(bool(d.path.strip()), "data.path", "must not be empty")
         require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
                 f"must be a positive multiple of 8 (the VAE downsamples by 8), got {d.resolution}")
@@ -173,6 +200,30 @@ class DistillSpec:
         require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
         check_resources(c.resources, "cluster.cpus_per_worker")
 
+    def _check_lcm(self) -> None:
+        from synthmill.models.lcm import LCMConfig
+
+        rank, lcm = self.student.lora.rank, self.method == "lcm"
+        if not lcm:
+            require(self.student.arch.strip() != TEACHER_ARCH, "student.arch",
+                    f"'{TEACHER_ARCH}' is the student of method lcm; method {self.method} names a smaller layout")
+            require(rank is None, "student.lora.rank",
+                    f"LoRA students are method lcm's (LCM-LoRA), not {self.method}'s")
+            return
+        require(self.student.arch.strip() == TEACHER_ARCH, "student.arch",
+                f"method lcm distills the teacher into its own layout: use '{TEACHER_ARCH}', got "
+                f"{self.student.arch!r}")
+        require(self.student.init == "teacher", "student.init",
+                "method lcm starts from the teacher's weights: use 'teacher'")
+        require(rank is None or 1 <= rank <= 1024, "student.lora.rank", f"must be in 1..1024 or null, got {rank}")
+        require(not (self.train.ema and rank is None), "train.ema",
+                "full LCM keeps its own EMA target network (lcm.ema_decay) and exports it; train.ema is for "
+                "LCM-LoRA's adapters only")
+        c = self.lcm
+        for name, message in LCMConfig(c.w_min, c.w_max, c.num_ddim_timesteps, c.loss, c.huber_c, c.ema_decay,
+                                       c.time_cond_proj_dim, c.timestep_scaling).problems():
+            raise SpecError(f"field 'lcm.{name}': {message}")
+
     def fingerprint(self) -> str:
         """Hash of what the trained weights depend on. ``train.max_steps`` is left out (raise it to train
         further), as are logging and checkpoint cadence and the cluster."""
@@ -198,8 +249,13 @@ class DistillSpec:
         data.pop("max_image_pixels")  # a bound on the input, not what is trained on: the jobs that pass it agree
         unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
         teacher = {k: v for k, v in asdict(self.teacher).items() if k not in unused}
-        basis = {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),
-                 "train": train}
+        student = asdict(self.student)
+        if student["lora"]["rank"] is None:  # outputs from before student.lora keep their fingerprint
+            student.pop("lora")
+        basis = {"teacher": teacher, "student": student, "data": data, "loss": asdict(self.loss), "train": train}
         if self.method != "kd":  # kd's outputs keep the fingerprint they had before there was a choice
             basis["method"] = self.method
+        if self.method == "lcm":
+            basis["lcm"] = asdict(self.lcm)
+            basis.pop("loss")  # kd's weights: not what LCM trains on
         return basis

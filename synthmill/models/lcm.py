@@ -57,22 +57,30 @@ class LCMConfig:
     time_cond_proj_dim: int = 256
     timestep_scaling: float = 10.0
 
+    def problems(self, num_train_timesteps: int = 1000) -> list[tuple[str, str]]:
+        """(field, what is wrong) for each field that cannot work; empty when all can."""
+        out = []
+        if not 0 <= self.w_min <= self.w_max:
+            out.append(("w_min", f"{self.w_min} and w_max {self.w_max}: need 0 <= w_min <= w_max"))
+        if not 1 <= self.num_ddim_timesteps <= num_train_timesteps:
+            out.append(("num_ddim_timesteps", f"{self.num_ddim_timesteps}: need 1..{num_train_timesteps} (the "
+                                              "teacher's training timesteps)"))
+        if self.loss not in LOSSES:
+            out.append(("loss", f"{self.loss!r}: one of {', '.join(LOSSES)}"))
+        if not 0 < self.huber_c < float("inf"):
+            out.append(("huber_c", f"{self.huber_c}: must be > 0 and finite"))
+        if not 0 <= self.ema_decay < 1:
+            out.append(("ema_decay", f"{self.ema_decay}: need 0 <= ema_decay < 1"))
+        if not 2 <= self.time_cond_proj_dim <= 4096:
+            out.append(("time_cond_proj_dim", f"{self.time_cond_proj_dim}: need 2..4096"))
+        if not 0 < self.timestep_scaling < float("inf"):
+            out.append(("timestep_scaling", f"{self.timestep_scaling}: must be > 0 and finite"))
+        return out
+
     def check(self, num_train_timesteps: int = 1000) -> None:
         """Raise ValueError naming the first field that cannot work."""
-        if not 0 <= self.w_min <= self.w_max:
-            raise ValueError(f"w_min {self.w_min} and w_max {self.w_max}: need 0 <= w_min <= w_max")
-        if not 1 <= self.num_ddim_timesteps <= num_train_timesteps:
-            raise ValueError(f"num_ddim_timesteps {self.num_ddim_timesteps}: need 1..{num_train_timesteps}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss {self.loss!r}: one of {', '.join(LOSSES)}")
-        if not self.huber_c > 0:
-            raise ValueError(f"huber_c {self.huber_c}: must be > 0")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay {self.ema_decay}: need 0 <= ema_decay < 1")
-        if self.time_cond_proj_dim < 2:
-            raise ValueError(f"time_cond_proj_dim {self.time_cond_proj_dim}: need at least 2")
-        if not self.timestep_scaling > 0:
-            raise ValueError(f"timestep_scaling {self.timestep_scaling}: must be > 0")
+        for name, message in self.problems(num_train_timesteps):
+            raise ValueError(f"{name} {message}")
 
 
 def _per_sample(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -189,11 +197,15 @@ def update_ema(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
 def lcm_student(teacher_unet: Any, time_cond_proj_dim: int):
     """The teacher's UNet with a guidance-scale embedding: its own layout and weights, plus the
     ``time_embedding.cond_proj`` projection of ``time_cond_proj_dim`` inputs, initialised to zero so the
-    student starts as the teacher exactly. A teacher that already has the embedding is copied as it is."""
+    student starts as the teacher exactly. A teacher that already has the embedding is copied as it is. A
+    teacher on the meta device gives the layout alone (no weights), on the meta device."""
     from diffusers import UNet2DConditionModel
 
     base = unwrap(teacher_unet)
     dim = base.config.time_cond_proj_dim or time_cond_proj_dim
+    if next(base.parameters()).device.type == "meta":  # a plan: the layout only
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(base.config, time_cond_proj_dim=dim)
     student = UNet2DConditionModel.from_config(base.config, time_cond_proj_dim=dim)
     result = student.load_state_dict(base.state_dict(), strict=False)
     missing = set(result.missing_keys) - {"time_embedding.cond_proj.weight"}
