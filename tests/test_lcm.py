@@ -361,7 +361,8 @@ def test_lcm_pipeline_loads_with_lcm_scheduler_and_generates_in_4_steps(lcm_full
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in target.items())  # the export is the target
     spec = base_spec(folder, prompts_tsv, str(tmp_path / "gen"))
     spec["prompts"]["limit"] = 3
-    spec["sampling"].update(scheduler="lcm", steps=4, guidance_scale=1.0, images_per_prompt=1)
+    spec["model"]["scheduler"] = "lcm"
+    spec["sampling"].update(steps=4, guidance_scale=1.0, images_per_prompt=1)
     spec["cluster"]["num_actors"] = 1
     summary = run_job(write_spec, spec)
     assert summary["samples"] == 3
