@@ -3,7 +3,8 @@
 Full LCM (``student: {arch: teacher}``): the student is the teacher's UNet with a guidance-scale embedding
 (models/lcm.lcm_student); the teacher UNet stays frozen in the training precision, and the EMA target
 network (``lcm.ema_decay``) runs under autocast with float32 weights: an average of decay 0.95 kept in
-float16 would round every update of a small learning rate away, and the target would never move. The
+float16 would round away the updates smaller than half a float16 step (at a learning rate of 1e-6, most of
+them), and the target would trail the student by hundreds of steps. The
 export is the target network in the teacher's pipeline with an ``LCMScheduler``.
 
 LCM-LoRA (``student.lora.rank``): peft adapters on the teacher's own UNet (its base weights frozen in the
