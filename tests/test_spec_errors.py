@@ -299,7 +299,7 @@ def test_shipped_configs_load(name):
     from synthmill.jobs.spec import load_spec
 
     spec = load_spec(os.path.join(REPO, "configs", name))
-    assert spec.kind in ("generate", "evaluate", "distill")
+    assert spec.kind in ("generate", "evaluate", "distill", "finetune")
 
 
 @pytest.mark.parametrize("path, revision, needles", [

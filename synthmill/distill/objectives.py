@@ -247,17 +247,28 @@ def load_pipeline_fp32(model: Any, storage_options: dict[str, Any] | None) -> An
 
 
 def build_student(spec: Any, teacher_unet: Any):
-    """The student of ``student.arch``: weights copied from the teacher, or freshly initialised."""
+    """The student of ``student.arch``: weights copied from the teacher (``init: teacher``), freshly initialised
+    (``random``), or loaded from the UNet folder ``student.init`` names (the driver checked that they fit)."""
     from diffusers import UNet2DConditionModel
 
     from synthmill.models.students import make_student, student_config
 
-    if spec.student.init == "teacher":
+    init = spec.student.init
+    if init == "teacher":
         return make_student(teacher_unet, spec.student.arch)
     import torch
 
     torch.manual_seed(spec.train.seed)
-    return UNet2DConditionModel.from_config(student_config(teacher_unet, spec.student.arch))
+    student = UNet2DConditionModel.from_config(student_config(teacher_unet, spec.student.arch))
+    if init == "random":
+        return student
+    from synthmill.models.fetch import local_model_path
+    from synthmill.sharding import storage
+
+    folder = storage.path_of(init) if storage.is_local(init) else local_model_path(init, spec.storage)
+    loaded = UNet2DConditionModel.from_pretrained(folder)  # an EMA folder's config also holds its state: ignored
+    student.load_state_dict(loaded.state_dict(), strict=True)
+    return student
 
 
 class KD(Objective):

@@ -1,5 +1,9 @@
 """Running a distill job: validate -> Ray Train TorchTrainer (resumes from OUTPUT/checkpoints) -> export.
 
+The runner serves every training kind: ``kind: finetune`` (jobs/finetune.py) prepares through
+:func:`prepare_training` and runs through :class:`DistillJob`; what is trained, on which loss, and what is
+exported is the spec's objective (distill/objectives.py).
+
 ``prepare`` checks every input without loading weights: the teacher folder and its UNet / VAE configs,
 the student layout against the teacher (on the meta device, so it also gives parameter counts), the
 data shards (found, complete, the first sample an image with a caption), the resolution against the
@@ -26,7 +30,7 @@ from typing import Any
 from synthmill.cluster.connect import starts_local_ray
 from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs import lifecycle
-from synthmill.jobs.distill_spec import DistillSpec
+from synthmill.jobs.distill_spec import INIT_KEYWORDS, DistillSpec
 from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, set_plan_check, versions
 from synthmill.jobs.spec import node_paths
 from synthmill.models.loading import check_model_path, is_hub_id
@@ -39,74 +43,138 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prepared:
-    spec: DistillSpec
+    spec: Any  # DistillSpec, or another training kind's spec (jobs/finetune.py)
     data: ImageSet
-    teacher_params: int
-    student_params: int
+    models: dict[str, Any]  # what plan.json and summary.json say of the models (names, parameter counts)
     steps_done: int
     fingerprint: str
+    model_field: str = "teacher"  # the spec section naming the pipeline that is loaded
+    worker_spec: Any = None  # the spec the workers get, when it differs from ``spec`` (a resolved student.init)
+    node_fields: tuple[str, ...] = ()  # more local-path fields every worker's node must see
+
+    @property
+    def teacher_params(self) -> int:
+        return self.models["teacher_params"]
+
+    @property
+    def student_params(self) -> int:
+        return self.models["student_params"]
 
     @property
     def layout(self) -> OutputLayout:
         return OutputLayout(self.spec.output.path, self.spec.storage)
 
 
-def _component_config(spec: DistillSpec, name: str) -> dict[str, Any]:
-    """``teacher.path``/NAME/config.json, read without loading weights (hub ids through the hub cache)."""
-    path = spec.teacher.path
+def _component_config(spec: Any, name: str, section: str = "teacher") -> dict[str, Any]:
+    """SECTION.path/NAME/config.json (``teacher.path`` of a distill job), read without loading weights (hub ids
+    through the hub cache)."""
+    model = getattr(spec, section)
+    path = model.path
     if is_hub_id(path):
         from diffusers import ConfigMixin
 
         try:
-            return dict(ConfigMixin.load_config(path, subfolder=name, revision=spec.teacher.revision))
+            return dict(ConfigMixin.load_config(path, subfolder=name, revision=model.revision))
         except Exception as e:
-            raise SpecError(f"teacher.path {path}: cannot read {name}/config.json ({type(e).__name__}: {e})") from None
+            raise SpecError(f"{section}.path {path}: cannot read {name}/config.json "
+                            f"({type(e).__name__}: {e})") from None
     url = storage.join(path, name, "config.json")
     try:
         cfg = storage.read_json(url, spec.storage)
     except ValueError as e:  # not JSON, or not UTF-8
-        raise SpecError(f"teacher.path {path}: {name}/config.json is not valid JSON ({e})") from None
+        raise SpecError(f"{section}.path {path}: {name}/config.json is not valid JSON ({e})") from None
     except (IsADirectoryError, PermissionError) as e:
-        raise SpecError(f"teacher.path {path}: cannot read {name}/config.json ({e.strerror})") from None
+        raise SpecError(f"{section}.path {path}: cannot read {name}/config.json ({e.strerror})") from None
     if cfg is None:
-        raise SpecError(f"teacher.path {path}: has no {name}/config.json; a distill teacher is a text-to-image "
+        what = "a distill teacher" if section == "teacher" else f"a {spec.kind} model"
+        raise SpecError(f"{section}.path {path}: has no {name}/config.json; {what} is a text-to-image "
                         "pipeline with a UNet and a VAE")
     if not isinstance(cfg, dict):
-        raise SpecError(f"teacher.path {path}: {name}/config.json holds a JSON {type(cfg).__name__}, not an object "
-                        "of settings")
+        raise SpecError(f"{section}.path {path}: {name}/config.json holds a JSON {type(cfg).__name__}, not an "
+                        "object of settings")
     return cfg
 
 
-def _plan_student(spec: DistillSpec, unet_cfg: dict[str, Any]) -> tuple[int, int, int]:
-    """(teacher params, student params, number of down blocks of the student) from configs on the meta device."""
+def meta_unet(spec: Any, unet_cfg: dict[str, Any], section: str = "teacher", where: str | None = None) -> Any:
+    """The UNet of ``unet_cfg`` on the meta device (its layout and parameter count, no memory); a config that
+    builds none is a SpecError naming ``where`` (default: SECTION.path's unet/config.json)."""
     import diffusers
     import torch
     from diffusers import UNet2DConditionModel
 
     diffusers.utils.logging.set_verbosity_error()  # a meta-device .to(dtype) warns about nothing
-
-    from synthmill.distill.objectives import objective
-    from synthmill.models.students import count_parameters
-
     cfg = {k: v for k, v in unet_cfg.items() if not k.startswith("_")}
     try:
         with torch.device("meta"):
-            teacher = UNet2DConditionModel.from_config(cfg)
+            return UNet2DConditionModel.from_config(cfg)
     except Exception as e:
-        raise SpecError(f"teacher.path {spec.teacher.path}: unet/config.json does not build a "
-                        f"UNet2DConditionModel ({type(e).__name__}: {e})") from None
+        where = where or f"{section}.path {getattr(spec, section).path}: unet/config.json"
+        raise SpecError(f"{where} does not build a UNet2DConditionModel ({type(e).__name__}: {e})") from None
+
+
+def _plan_student(spec: DistillSpec, unet_cfg: dict[str, Any]) -> tuple[int, int, int, str | None]:
+    """(teacher params, student params, number of down blocks of the student, the UNet folder ``student.init``
+    names or None) from configs on the meta device."""
+    from synthmill.distill.objectives import objective
+    from synthmill.models.students import count_parameters, first_mismatch
+
+    teacher = meta_unet(spec, unet_cfg)
     try:
         student = objective(spec.objective()).plan_student(spec, teacher)
     except ValueError as e:
         raise SpecError(f"field 'student.arch': {e}") from None
-    return count_parameters(teacher), count_parameters(student), len(student.down_blocks)
+    init = init_folder(spec)
+    if init is not None:
+        other = meta_unet(spec, storage.read_json(storage.join(init, "config.json"), spec.storage),
+                          where=f"field 'student.init': {storage.redact_url(init)}/config.json")
+        mismatch = first_mismatch(student, other)
+        if mismatch:
+            raise SpecError(f"field 'student.init': the UNet at {storage.redact_url(init)} does not fit the "
+                            f"{spec.student.arch} layout of this teacher: {mismatch}")
+    return count_parameters(teacher), count_parameters(student), len(student.down_blocks), init
 
 
-def _check_resolution(spec: DistillSpec, vae_cfg: dict[str, Any], unet_cfg: dict[str, Any], student_down: int) -> None:
+#: The weight files a diffusers UNet folder may hold (one of them).
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+
+
+def init_folder(spec: DistillSpec) -> str | None:
+    """The UNet folder ``student.init`` names, or None for ``teacher`` / ``random``. A previous distill or
+    finetune output gives its exported ``pipeline/unet``, or (not exported yet) its latest checkpoint's
+    ``student``; a pipeline folder its ``unet``; else the folder itself. SpecError when none holds a UNet."""
+    init = spec.student.init
+    if init in INIT_KEYWORDS:
+        return None
+    opts = spec.storage
+    candidates = [storage.join(init, PIPELINE, "unet")]
+    step = latest_step(init, opts)
+    if step:
+        from synthmill.distill.train import checkpoint_name
+
+        candidates.append(OutputLayout(init, opts).file(CHECKPOINTS, checkpoint_name(step), "student"))
+    candidates += [init, storage.join(init, "unet")]
+    for folder in candidates:
+        cfg = storage.read_json(storage.join(folder, "config.json"), opts)
+        if cfg is None:
+            continue
+        if not isinstance(cfg, dict) or cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+            raise SpecError(f"field 'student.init': {storage.redact_url(folder)}/config.json is not the config of a "
+                            "UNet2DConditionModel")
+        if not set(UNET_WEIGHTS) & set(storage.list_sizes(folder, opts)):
+            raise SpecError(f"field 'student.init': {storage.redact_url(folder)} has a UNet config but no weights "
+                            f"({' or '.join(UNET_WEIGHTS)})")
+        return folder
+    raise SpecError(f"field 'student.init': {storage.redact_url(init)} is neither teacher, random, a diffusers UNet "
+                    "folder, a pipeline folder with a unet/, nor a distill or finetune output (with a pipeline/ or a "
+                    "checkpoint of a whole UNet)")
+
+
+def _check_resolution(spec: Any, vae_cfg: dict[str, Any], unet_cfg: dict[str, Any], student_down: int,
+                      section: str = "teacher") -> None:
     channels = vae_cfg.get("block_out_channels", [0, 0, 0, 0])
     if not isinstance(channels, list) or not channels:
-        raise SpecError(f"teacher.path {spec.teacher.path}: vae/config.json gives block_out_channels {channels!r}, "
-                        "not a list of channel counts")
+        raise SpecError(f"{section}.path {getattr(spec, section).path}: vae/config.json gives block_out_channels "
+                        f"{channels!r}, not a list of channel counts")
     vae_factor = 2 ** (len(channels) - 1)
     res = spec.data.resolution
     if res % vae_factor:
@@ -134,21 +202,45 @@ def steps_done(spec: DistillSpec) -> int:
 
 def prepare(spec: DistillSpec) -> Prepared:
     """Check every input without loading a model's weights or writing anything."""
-    field = "teacher.path"
+
+    init: list[str | None] = []
+
+    def models(unet_cfg: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        teacher_params, student_params, student_down, folder = _plan_student(spec, unet_cfg)
+        init.append(folder)
+        described = {"teacher": storage.redact_url(spec.teacher.path), "student": spec.student.arch,
+                     "teacher_params": teacher_params, "student_params": student_params}
+        if folder is not None:
+            described["student_init"] = storage.redact_url(folder)
+        return described, student_down
+
+    p = prepare_training(spec, "teacher", models)
+    if init[0] is not None:  # the workers take the UNet folder found here (the node check sees it too)
+        p.worker_spec = dataclasses.replace(spec, student=dataclasses.replace(spec.student, init=init[0]))
+        p.node_fields += ("student.init",)
+    return p
+
+
+def prepare_training(spec: Any, section: str, models: Any) -> Prepared:
+    """The checks every training kind shares, without loading weights or writing anything: the pipeline of
+    ``spec.<section>`` (its folder, UNet and VAE configs), ``models(unet_config) -> (plan fields, down blocks
+    of the trained UNet)``, the resolution, the data, the output folder and the steps already trained."""
+    field = f"{section}.path"
+    model = getattr(spec, section)
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
-            # load_teacher never loads the teacher's safety checker: its folder may be missing
-            check_model_path(dataclasses.replace(spec.teacher, safety_checker=False), spec.storage, field="teacher",
+            # the workers never load the pipeline's safety checker: its folder may be missing
+            check_model_path(dataclasses.replace(model, safety_checker=False), spec.storage, field=section,
                              only_here=starts_local_ray(spec.cluster.address))
-            unet_cfg = _component_config(spec, "unet")
-            vae_cfg = _component_config(spec, "vae")
-            teacher_params, student_params, student_down = _plan_student(spec, unet_cfg)
-            _check_resolution(spec, vae_cfg, unet_cfg, student_down)
+            unet_cfg = _component_config(spec, "unet", section)
+            vae_cfg = _component_config(spec, "vae", section)
+            described, down = models(unet_cfg)
+            _check_resolution(spec, vae_cfg, unet_cfg, down, section)
             field = "data.path"
             try:
                 data = open_image_set(spec.data.path, spec.storage, spec.data.samples_per_unit,
                                       set_plan_check(field, spec.storage))
-                check_first_sample(data, spec.storage, "distillation trains on image-text pairs",
+                check_first_sample(data, spec.storage, f"{spec.kind} trains on image-text pairs",
                                    spec.data.max_image_pixels, "data.max_image_pixels")
             except ImageSetError as e:
                 raise SpecError(f"data.path {e}") from None
@@ -159,23 +251,20 @@ def prepare(spec: DistillSpec) -> Prepared:
                 raise SpecError(f"data.path {spec.data.path}: {n} samples cannot feed {readers} readers "
                                 f"(cluster.num_workers x data.loader_workers); use fewer, or more data")
             field = "output.path"
-            check_output_folder(spec.output.path, spec.fingerprint(), spec.storage, "distill")
+            check_output_folder(spec.output.path, spec.fingerprint(), spec.storage, spec.kind)
             done = steps_done(spec)
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None
     if done > spec.train.max_steps:
         raise SpecError(f"field 'train.max_steps': {spec.train.max_steps} is below step {done}, already trained at "
                         f"{spec.output.path}; raise it to train further, or use a new output.path")
-    return Prepared(spec, data, teacher_params, student_params, done, spec.fingerprint())
+    return Prepared(spec, data, described, done, spec.fingerprint(), section)
 
 
 def plan_summary(p: Prepared) -> dict[str, Any]:
     s, t = p.spec, p.spec.train
     return {
-        "teacher": storage.redact_url(s.teacher.path),
-        "student": s.student.arch,
-        "teacher_params": p.teacher_params,
-        "student_params": p.student_params,
+        **p.models,
         "data": storage.redact_url(s.data.path),
         "data_kind": p.data.kind,
         "data_units": len(p.data.units),
@@ -223,9 +312,10 @@ def _trainer(p: Prepared, n_workers: int, use_gpu: bool):
     per_worker = {"CPU": spec.cluster.cpus_per_worker, **spec.cluster.resources}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "objective": spec.objective(), "units": p.data.units,
+        train_loop_config={"spec": p.worker_spec or spec, "objective": spec.objective(), "units": p.data.units,
                            "fingerprint": p.fingerprint,
-                           "node_paths": node_paths(spec, ("teacher.path", "data.path", "output.path"))},
+                           "node_paths": node_paths(p.worker_spec or spec, (f"{p.model_field}.path", "data.path",
+                                                                             "output.path") + p.node_fields)},
         scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=CHECKPOINTS, storage_path=storage_path, storage_filesystem=filesystem,
@@ -326,12 +416,9 @@ def _summary(p: Prepared, scaling: tuple[int, bool] | None, t0: float, t_train: 
     rates = [r["samples_per_s"] for r in lines if r["step"] > p.steps_done + t.log_every and r.get("samples_per_s")]
     return {
         "status": "complete",
-        "kind": "distill",
+        "kind": spec.kind,
         "fingerprint": p.fingerprint,
-        "teacher": storage.redact_url(spec.teacher.path),
-        "student": spec.student.arch,
-        "teacher_params": p.teacher_params,
-        "student_params": p.student_params,
+        **p.models,
         "steps": t.max_steps,
         "steps_resumed": p.steps_done if scaling else t.max_steps,
         "steps_run": steps_run,
@@ -353,8 +440,9 @@ def _summary(p: Prepared, scaling: tuple[int, bool] | None, t0: float, t_train: 
 
 def ok_line(spec_path: str, plan: dict[str, Any]) -> str:
     samples = plan["data_samples"] if plan["data_samples"] is not None else "?"
+    start = f" from {plan['student_init']}" if plan.get("student_init") else ""
     return (f"ok: {spec_path}: {plan['teacher']} ({plan['teacher_params'] / 1e6:.1f}M) -> {plan['student']} "
-            f"({plan['student_params'] / 1e6:.1f}M) on {samples} samples in {plan['data_units']} units at "
+            f"({plan['student_params'] / 1e6:.1f}M){start} on {samples} samples in {plan['data_units']} units at "
             f"{plan['resolution']}px; step {plan['steps_done']} of {plan['max_steps']}")
 
 
@@ -415,14 +503,14 @@ class DistillJob(lifecycle.Job):
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
     def plan(self) -> dict[str, Any]:
-        return {"kind": "distill", **plan_summary(self.p)}
+        return {"kind": self.spec.kind, **plan_summary(self.p)}
 
     def work(self, resources: dict[str, float]) -> dict[str, str]:
         from ray.train import TrainingFailedError
 
         spec, out = self.spec, self.layout.url
         n_workers, use_gpu = self.scaling
-        log.info("distill %s -> %s: %d workers (%s), steps %d..%d", spec.teacher.path, spec.student.arch, n_workers,
+        log.info("%s %s: %d workers (%s), steps %d..%d", spec.kind, storage.redact_url(spec.output.path), n_workers,
                  "GPU" if use_gpu else "CPU", self.p.steps_done, spec.train.max_steps)
         # Retries are the driver's, not Ray Train's (its FailureConfig retries every error): bad data fails at
         # once with exit 2, anything else restarts the worker group from the latest checkpoint.
@@ -511,26 +599,37 @@ def status(layout: OutputLayout, plan: dict[str, Any]) -> dict[str, Any]:
         last = json.loads(lines[-1]) if lines else None
     except ValueError:  # a line cut off by a crash mid-write (the job rewrites the file from its checkpoint)
         last = None
+    if "teacher" in plan:
+        model = f"{plan.get('teacher')} -> {plan.get('student')}"
+    else:
+        rank = plan.get("lora_rank")
+        model = f"{plan.get('model')}" + (f" (LoRA rank {rank})" if rank else "")
     return {
-        "output": layout.url, "kind": "distill",
+        "output": layout.url, "kind": plan.get("kind", "distill"),
         "complete": bool(summary and summary.get("status") == "complete"),
-        "student": plan.get("student"), "teacher": plan.get("teacher"),
+        "student": plan.get("student"), "teacher": plan.get("teacher"), "model": model,
         "checkpoint_step": latest_step(layout.url, layout.opts), "max_steps": plan.get("max_steps"),
         "last_logged": last if isinstance(last, dict) else None,
         "pipeline": summary.get("pipeline") if summary else None,
     }
 
 
+#: How ``synthmill status`` names a logged loss term; others by their key less ``loss_``.
+TERM_LABELS = {"loss_task": "task", "loss_output_kd": "output KD", "loss_feature_kd": "feature KD"}
+
+
 def render_status(st: dict[str, Any]) -> str:
     lines = [f"output     {st['output']}", f"state      {'complete' if st['complete'] else 'incomplete'}",
-             f"model      {st['teacher']} -> {st['student']}",
+             f"model      {st['model']}",
              f"checkpoint step {st['checkpoint_step']} of {st['max_steps']}"]
     last = st["last_logged"]
     if last:
-        lines.append(f"logged     step {last['step']}: loss {last['loss']:.5g} "
-                     f"(task {last['loss_task']:.4g}, output KD "
-                     f"{last['loss_output_kd']:.4g}, feature KD {last['loss_feature_kd']:.4g}), "
-                     f"{last.get('samples_per_s')} samples/s")
+        keys = [k for k in TERM_LABELS if k in last] + sorted(k for k in last if k.startswith("loss_")
+                                                                and k not in TERM_LABELS)
+        terms = ", ".join(f"{TERM_LABELS.get(k, k[len('loss_'):])} {last[k]:.4g}" for k in keys
+                          if isinstance(last[k], (int, float)))
+        lines.append(f"logged     step {last['step']}: loss {last['loss']:.5g}" + (f" ({terms})" if terms else "")
+                     + f", {last.get('samples_per_s')} samples/s")
     if st["pipeline"]:
         lines.append(f"pipeline   {st['pipeline']}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from synthmill.sharding.images import MAX_IMAGE_PIXELS
 from synthmill.sharding.storage import REDACTED
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+INIT_KEYWORDS = ("teacher", "random")  # student.init values that are not a folder
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -39,7 +40,9 @@ class StudentLoraSpec:
 @dataclass
 class StudentSpec:
     arch: str = MISSING  # bk-base | bk-small | bk-tiny | ssd-1b | vega, a diffusers UNet folder; lcm: teacher
-    init: str = "teacher"  # teacher: copy weights by the BK-SDM mapping; random: keep the fresh initialisation
+    # teacher: copy weights by the BK-SDM mapping; random: keep the fresh initialisation; else a UNet folder
+    # (local or s3://), a pipeline folder, or a previous distill/finetune output, whose weights fit the layout
+    init: str = "teacher"
     lora: StudentLoraSpec = field(default_factory=StudentLoraSpec)
 
 
@@ -123,7 +126,8 @@ class DistillOutputSpec:
 
 #: The fields of a distill spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
 PATHS = {"teacher.path": "name_or_path", "teacher.custom_pipeline": "name_or_path",
-                                 "student.arch": "arch", "data.path": "input", "output.path": "output"}
+                                 "student.arch": "arch", "student.init": "init", "data.path": "input",
+                                 "output.path": "output"}
 
 
 @dataclass
@@ -157,48 +161,15 @@ class DistillSpec:
                 "is a generate setting; distill does not compile the teacher")
         arch = self.student.arch.strip()
         require(bool(arch), "student.arch", f"must name a layout ({', '.join(KNOWN_ARCHS)}) or a UNet folder")
-        one_of(self.student.init, ("teacher", "random"), "student.init")
+        require(bool(self.student.init.strip()), "student.init",
+                f"must be {' or '.join(INIT_KEYWORDS)}, or a UNet folder or earlier output to start from")
         self._check_lcm()
-        require(bool(d.path.strip()), "data.path", "must not be empty")
-        require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
-                f"must be a positive multiple of 8 (the VAE downsamples by 8), got {d.resolution}")
-        require(d.resolution <= 4096, "data.resolution", f"must be <= 4096, got {d.resolution}")
-        require(0 <= d.shuffle_buffer <= 100_000, "data.shuffle_buffer",
-                f"must be in 0..100000, got {d.shuffle_buffer}")
-        require(0 <= d.loader_workers <= 64, "data.loader_workers", f"must be in 0..64, got {d.loader_workers}")
-        require(1 <= d.samples_per_unit <= 1_000_000, "data.samples_per_unit",
-                f"must be in 1..1000000, got {d.samples_per_unit}")
-        require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {d.max_image_pixels}")
         for name in ("task", "output_kd", "feature_kd"):
             require(0 <= getattr(lo, name) < math.inf, f"loss.{name}",
                     f"must be >= 0 and finite, got {getattr(lo, name)}")
         require(lo.task + lo.output_kd + lo.feature_kd > 0, "loss",
                 "at least one of task, output_kd, feature_kd must be > 0")
-        require(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
-        require(1 <= t.batch_size <= 4096, "train.batch_size", f"must be in 1..4096, got {t.batch_size}")
-        require(1 <= t.gradient_accumulation <= 1024, "train.gradient_accumulation",
-                f"must be in 1..1024, got {t.gradient_accumulation}")
-        require(0 < t.learning_rate < 1, "train.learning_rate", f"must be in (0, 1), got {t.learning_rate}")
-        one_of(t.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
-        require(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {t.lr_warmup_steps}")
-        for name in ("adam_beta1", "adam_beta2"):
-            require(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
-        require(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be >= 0, got {t.adam_weight_decay}")
-        require(t.adam_epsilon > 0, "train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
-        require(t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
-        one_of(t.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
-        require(0 < t.ema_decay < 1, "train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
-        require(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
-        require(t.checkpoints_kept >= 1, "train.checkpoints_kept", f"must be >= 1, got {t.checkpoints_kept}")
-        require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
-        require(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in 0..2**63-1, got {t.seed}")
-        require_count_or_auto(c.num_workers, "cluster.num_workers")
-        if isinstance(c.use_gpu, str):
-            require(c.use_gpu == "auto", "cluster.use_gpu", f"must be true, false or 'auto', got {c.use_gpu!r}")
-        require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
-        require(c.max_failures >= 0, "cluster.max_failures", f"must be >= 0, got {c.max_failures}")
-        require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
-        check_resources(c.resources, "cluster.cpus_per_worker")
+        check_training(d, t, c)
 
     def _check_lcm(self) -> None:
         from synthmill.models.lcm import LCMConfig
@@ -241,21 +212,67 @@ class DistillSpec:
         return None
 
     def _fingerprint_basis(self) -> dict[str, Any]:
-        train = asdict(self.train)
-        for k in ("max_steps", "checkpoint_every", "checkpoints_kept", "log_every"):
-            train.pop(k)
-        data = asdict(self.data)
-        data.pop("loader_workers")
-        data.pop("max_image_pixels")  # a bound on the input, not what is trained on: the jobs that pass it agree
-        unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
-        teacher = {k: v for k, v in asdict(self.teacher).items() if k not in unused}
+        shared = training_basis(self.teacher, self.data, self.train)
         student = asdict(self.student)
         if student["lora"]["rank"] is None:  # outputs from before student.lora keep their fingerprint
             student.pop("lora")
-        basis = {"teacher": teacher, "student": student, "data": data, "loss": asdict(self.loss), "train": train}
+        basis = {"teacher": shared["model"], "student": student, "data": shared["data"],
+                 "loss": asdict(self.loss), "train": shared["train"]}
         if self.method != "kd":  # kd's outputs keep the fingerprint they had before there was a choice
             basis["method"] = self.method
         if self.method == "lcm":
             basis["lcm"] = asdict(self.lcm)
             basis.pop("loss")  # kd's weights: not what LCM trains on
         return basis
+
+
+def check_training(d: DataSpec, t: TrainSpec, c: TrainClusterSpec) -> None:
+    """The checks of the sections every training kind shares: data, train, cluster."""
+    require(bool(d.path.strip()), "data.path", "must not be empty")
+    require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
+            f"must be a positive multiple of 8 (the VAE downsamples by 8), got {d.resolution}")
+    require(d.resolution <= 4096, "data.resolution", f"must be <= 4096, got {d.resolution}")
+    require(0 <= d.shuffle_buffer <= 100_000, "data.shuffle_buffer",
+            f"must be in 0..100000, got {d.shuffle_buffer}")
+    require(0 <= d.loader_workers <= 64, "data.loader_workers", f"must be in 0..64, got {d.loader_workers}")
+    require(1 <= d.samples_per_unit <= 1_000_000, "data.samples_per_unit",
+            f"must be in 1..1000000, got {d.samples_per_unit}")
+    require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {d.max_image_pixels}")
+    require(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    require(1 <= t.batch_size <= 4096, "train.batch_size", f"must be in 1..4096, got {t.batch_size}")
+    require(1 <= t.gradient_accumulation <= 1024, "train.gradient_accumulation",
+            f"must be in 1..1024, got {t.gradient_accumulation}")
+    require(0 < t.learning_rate < 1, "train.learning_rate", f"must be in (0, 1), got {t.learning_rate}")
+    one_of(t.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+    require(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {t.lr_warmup_steps}")
+    for name in ("adam_beta1", "adam_beta2"):
+        require(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
+    require(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be >= 0, got {t.adam_weight_decay}")
+    require(t.adam_epsilon > 0, "train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
+    require(t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
+    one_of(t.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
+    require(0 < t.ema_decay < 1, "train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
+    require(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
+    require(t.checkpoints_kept >= 1, "train.checkpoints_kept", f"must be >= 1, got {t.checkpoints_kept}")
+    require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    require(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in 0..2**63-1, got {t.seed}")
+    require_count_or_auto(c.num_workers, "cluster.num_workers")
+    if isinstance(c.use_gpu, str):
+        require(c.use_gpu == "auto", "cluster.use_gpu", f"must be true, false or 'auto', got {c.use_gpu!r}")
+    require(c.cpus_per_worker >= 1, "cluster.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
+    require(c.max_failures >= 0, "cluster.max_failures", f"must be >= 0, got {c.max_failures}")
+    require(c.start_timeout_s > 0, "cluster.start_timeout_s", f"must be > 0, got {c.start_timeout_s}")
+    check_resources(c.resources, "cluster.cpus_per_worker")
+
+
+def training_basis(model: Any, data: DataSpec, train: TrainSpec) -> dict[str, Any]:
+    """The fingerprint basis of the sections every training kind shares: the loaded model's settings that
+    decide the weights, the data as trained on, and the training settings (less ``max_steps``, cadence)."""
+    train_d = asdict(train)
+    for k in ("max_steps", "checkpoint_every", "checkpoints_kept", "log_every"):
+        train_d.pop(k)
+    data_d = asdict(data)
+    data_d.pop("loader_workers")
+    data_d.pop("max_image_pixels")  # a bound on the input, not what is trained on: the jobs that pass it agree
+    unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
+    return {"model": {k: v for k, v in asdict(model).items() if k not in unused}, "data": data_d, "train": train_d}

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
-from synthmill.jobs import distill_spec, evaluate_spec, filter_spec, generate_spec
+from synthmill.jobs import distill_spec, evaluate_spec, filter_spec, finetune_spec, generate_spec
 
 
 @dataclass(frozen=True)
@@ -42,4 +42,5 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("evaluate", evaluate_spec.EvaluateSpec, evaluate_spec.PATHS, "synthmill.jobs.evaluate"),
     JobKind("distill", distill_spec.DistillSpec, distill_spec.PATHS, "synthmill.jobs.distill"),
     JobKind("filter", filter_spec.FilterSpec, filter_spec.PATHS, "synthmill.jobs.filter"),
+    JobKind("finetune", finetune_spec.FinetuneSpec, finetune_spec.PATHS, "synthmill.jobs.finetune"),
 )}

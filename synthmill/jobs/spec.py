@@ -40,7 +40,8 @@ def resolve_paths(spec: Any, paths: Mapping[str, str]) -> None:
     ``paths`` names the schema's fields that may hold a local path, and how each is read: ``"input"`` (a file
     or folder to read), ``"output"`` (the job's output folder), ``"name_or_path"`` (a hub id or name, or a local
     folder or file when one exists at that path), ``"file_or_name"`` (a name, or a file when one exists
-    there), ``"arch"`` (a student layout's name, else as ``"name_or_path"``) and ``"clip"`` (an open_clip name,
+    there), ``"arch"`` (a student layout's name, else as ``"name_or_path"``), ``"init"`` (``teacher`` or
+    ``random``, else as ``"input"``) and ``"clip"`` (an open_clip name,
     ``local-dir:PATH`` among them). A leading ``~`` is the user's home.
 
     Ray's actors and workers do not run in the driver's directory: on a cluster joined through an address
@@ -79,6 +80,8 @@ def resolve_paths(spec: Any, paths: Mapping[str, str]) -> None:
 
             if arch_name(path):
                 continue
+        if how == "init" and path in ("teacher", "random"):
+            continue  # a keyword of student.init, not a folder
         if how == "file_or_name" and not os.path.isfile(path):
             continue  # a name (a pretrained tag), as its reader takes it
         if (working_dir and not os.path.isabs(path)) or (how in ("name_or_path", "arch") and not os.path.exists(path)):
@@ -468,7 +471,8 @@ def _folder_key(value: str) -> tuple[str, str] | None:
 def check_output_outside_inputs(spec: Any, paths: Mapping[str, str]) -> None:
     """``output.path`` must not be an input folder, nor inside one: the job would write into what it reads (a
     model folder whose file list then changes under every rerun, an image or data folder that it lists). The
-    inputs are the fields read as a file or folder (``input``) or as a model folder (``name_or_path``, ``arch``).
+    inputs are the fields read as a file or folder (``input``, ``init``) or as a model folder (``name_or_path``,
+    ``arch``).
     SpecError naming both fields."""
     outputs = [f for f, how in paths.items() if how == "output"]
     for out_field in outputs:
@@ -478,7 +482,7 @@ def check_output_outside_inputs(spec: Any, paths: Mapping[str, str]) -> None:
             continue
         for dotted, how in paths.items():
             value = field_value(spec, dotted)
-            if how not in ("input", "name_or_path", "arch") or not isinstance(value, str) or not value:
+            if how not in ("input", "name_or_path", "arch", "init") or not isinstance(value, str) or not value:
                 continue  # not an input, or one read by name (a CLIP folder's files are not listed)
             key = _folder_key(value)
             if key is None or key[0] != out_key[0] or (not key[0] and not os.path.isdir(key[1])):

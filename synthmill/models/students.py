@@ -486,3 +486,30 @@ def make_student(teacher_unet: Any, arch: str | os.PathLike, *, return_report: b
     student.train(teacher_unet.training)
     report = _copy(teacher_unet, student, plan)
     return (student, report) if return_report else student
+
+
+def _block_of(key: str) -> str:
+    """The block a state-dict key belongs to: ``down_blocks.1``, ``up_blocks.0``, ``mid_block``, or its top module."""
+    parts = key.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def first_mismatch(student: Any, other: Any) -> str | None:
+    """Where the weights of ``other`` (a UNet, or its state dict) do not fit the layout of ``student``, in the
+    student's order: the first tensor missing from ``other``, of another shape there, or (after the student's
+    tensors) one ``other`` has and the student has not, named with its block. None when every tensor fits.
+    Works on the meta device."""
+    mine = student.state_dict()
+    theirs = other if isinstance(other, Mapping) else other.state_dict()
+    for key, tensor in mine.items():
+        if key not in theirs:
+            return f"block {_block_of(key)}: {key} is missing"
+        if tuple(theirs[key].shape) != tuple(tensor.shape):
+            return (f"block {_block_of(key)}: {key} has shape {tuple(theirs[key].shape)}, the student's is "
+                    f"{tuple(tensor.shape)}")
+    extra = [k for k in theirs if k not in mine]
+    if extra:
+        return f"block {_block_of(extra[0])}: {extra[0]} is not in the student"
+    return None
