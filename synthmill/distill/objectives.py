@@ -14,6 +14,9 @@ Rows
     ``task``
         The diffusion task loss alone (``kind: finetune``): the model's own UNet trains (all of it, or
         peft LoRA adapters on it), no other UNet is held.
+    ``lcm``
+        Latent consistency distillation (``method: lcm``; :mod:`synthmill.distill.lcm`): the teacher's own
+        UNet with a guidance embedding and an EMA target network, or LCM-LoRA adapters on it.
 
 The interface, in the order the worker calls it (``spec`` is the job's spec dataclass, ``pipe`` the
 pipeline that :meth:`Objective.model_spec` names, loaded in float32 on the CPU):
@@ -180,6 +183,12 @@ class Objective:
     def model_spec(cls, spec: Any) -> Any:
         raise NotImplementedError
 
+    @classmethod
+    def plan_student(cls, spec: Any, teacher_unet: Any) -> Any:
+        """A distill method's student built from ``teacher_unet`` (on the meta device when the driver plans:
+        layout and parameter count only). Raises ValueError when the spec's student does not fit it."""
+        raise NotImplementedError
+
     def build(self) -> Any:
         raise NotImplementedError
 
@@ -271,6 +280,12 @@ class KD(Objective):
     @classmethod
     def model_spec(cls, spec: Any) -> Any:
         return spec.teacher
+
+    @classmethod
+    def plan_student(cls, spec: Any, teacher_unet: Any) -> Any:
+        from synthmill.models.students import make_student
+
+        return make_student(teacher_unet, spec.student.arch)
 
     def build(self) -> Any:
         return build_student(self.spec, self.pipe.unet)
@@ -455,6 +470,7 @@ class ObjectiveRow:
 OBJECTIVES: dict[str, ObjectiveRow] = {r.name: r for r in (
     ObjectiveRow("kd", "distill", "synthmill.distill.objectives:KD"),
     ObjectiveRow("task", "finetune", "synthmill.distill.objectives:Task"),
+    ObjectiveRow("lcm", "distill", "synthmill.distill.lcm:LCM"),
 )}
 
 

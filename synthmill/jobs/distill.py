@@ -115,11 +115,12 @@ def meta_unet(spec: Any, unet_cfg: dict[str, Any], section: str = "teacher", whe
 def _plan_student(spec: DistillSpec, unet_cfg: dict[str, Any]) -> tuple[int, int, int, str | None]:
     """(teacher params, student params, number of down blocks of the student, the UNet folder ``student.init``
     names or None) from configs on the meta device."""
-    from synthmill.models.students import count_parameters, first_mismatch, make_student
+    from synthmill.distill.objectives import objective
+    from synthmill.models.students import count_parameters, first_mismatch
 
     teacher = meta_unet(spec, unet_cfg)
     try:
-        student = make_student(teacher, spec.student.arch)
+        student = objective(spec.objective()).plan_student(spec, teacher)
     except ValueError as e:
         raise SpecError(f"field 'student.arch': {e}") from None
     init = init_folder(spec)

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Union
 
 from omegaconf import MISSING
 
+from synthmill.errors import SpecError
 from synthmill.jobs.fields import (
     MAX_SEED,
     check_resources,
@@ -32,11 +33,35 @@ class TeacherSpec(ModelSpec):
 
 
 @dataclass
+class StudentLoraSpec:
+    rank: Optional[int] = None  # method lcm: LCM-LoRA, peft adapters of this rank on the teacher's UNet; null: off
+
+
+@dataclass
 class StudentSpec:
-    arch: str = MISSING  # bk-base | bk-small | bk-tiny | ssd-1b | vega, or a diffusers UNet folder
+    arch: str = MISSING  # bk-base | bk-small | bk-tiny | ssd-1b | vega, a diffusers UNet folder; lcm: teacher
     # teacher: copy weights by the BK-SDM mapping; random: keep the fresh initialisation; else a UNet folder
     # (local or s3://), a pipeline folder, or a previous distill/finetune output, whose weights fit the layout
     init: str = "teacher"
+    lora: StudentLoraSpec = field(default_factory=StudentLoraSpec)
+
+
+#: ``student.arch`` of ``method: lcm``: the teacher's own layout and weights.
+TEACHER_ARCH = "teacher"
+
+
+@dataclass
+class LCMSpec:
+    """Latent consistency distillation (``method: lcm``); the defaults are the LCM training scripts'."""
+
+    w_min: float = 3.0  # guidance scales drawn uniformly from [w_min, w_max] (LCM form: Imagen's scale - 1)
+    w_max: float = 15.0
+    num_ddim_timesteps: int = 50  # the DDIM solver's grid (skipping steps of num_train_timesteps / this)
+    loss: str = "huber"  # huber (pseudo-Huber, huber_c) | l2
+    huber_c: float = 0.001
+    ema_decay: float = 0.95  # the target network's EMA (full LCM)
+    time_cond_proj_dim: int = 256  # the guidance embedding's width added to the student (full LCM)
+    timestep_scaling: float = 10.0  # the boundary condition's c_skip / c_out timestep scaling
 
 
 @dataclass
@@ -110,11 +135,12 @@ class DistillSpec:
     """A distill job: train a smaller student UNet on a teacher's outputs and features."""
 
     kind: str = "distill"
-    method: str = "kd"  # the objective (distill/objectives.py): kd (BK-SDM block-removal KD)
+    method: str = "kd"  # the objective (distill/objectives.py): kd (BK-SDM block-removal KD) | lcm
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
     data: DataSpec = field(default_factory=DataSpec)
     loss: LossSpec = field(default_factory=LossSpec)
+    lcm: LCMSpec = field(default_factory=LCMSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     cluster: TrainClusterSpec = field(default_factory=TrainClusterSpec)
     output: DistillOutputSpec = field(default_factory=DistillOutputSpec)
@@ -137,12 +163,37 @@ class DistillSpec:
         require(bool(arch), "student.arch", f"must name a layout ({', '.join(KNOWN_ARCHS)}) or a UNet folder")
         require(bool(self.student.init.strip()), "student.init",
                 f"must be {' or '.join(INIT_KEYWORDS)}, or a UNet folder or earlier output to start from")
+        self._check_lcm()
         for name in ("task", "output_kd", "feature_kd"):
             require(0 <= getattr(lo, name) < math.inf, f"loss.{name}",
                     f"must be >= 0 and finite, got {getattr(lo, name)}")
         require(lo.task + lo.output_kd + lo.feature_kd > 0, "loss",
                 "at least one of task, output_kd, feature_kd must be > 0")
         check_training(d, t, c)
+
+    def _check_lcm(self) -> None:
+        from synthmill.models.lcm import LCMConfig
+
+        rank, lcm = self.student.lora.rank, self.method == "lcm"
+        if not lcm:
+            require(self.student.arch.strip() != TEACHER_ARCH, "student.arch",
+                    f"'{TEACHER_ARCH}' is the student of method lcm; method {self.method} names a smaller layout")
+            require(rank is None, "student.lora.rank",
+                    f"LoRA students are method lcm's (LCM-LoRA), not {self.method}'s")
+            return
+        require(self.student.arch.strip() == TEACHER_ARCH, "student.arch",
+                f"method lcm distills the teacher into its own layout: use '{TEACHER_ARCH}', got "
+                f"{self.student.arch!r}")
+        require(self.student.init == "teacher", "student.init",
+                "method lcm starts from the teacher's weights: use 'teacher'")
+        require(rank is None or 1 <= rank <= 1024, "student.lora.rank", f"must be in 1..1024 or null, got {rank}")
+        require(not (self.train.ema and rank is None), "train.ema",
+                "full LCM keeps its own EMA target network (lcm.ema_decay) and exports it; train.ema is for "
+                "LCM-LoRA's adapters only")
+        c = self.lcm
+        for name, message in LCMConfig(c.w_min, c.w_max, c.num_ddim_timesteps, c.loss, c.huber_c, c.ema_decay,
+                                       c.time_cond_proj_dim, c.timestep_scaling).problems():
+            raise SpecError(f"field 'lcm.{name}': {message}")
 
     def fingerprint(self) -> str:
         """Hash of what the trained weights depend on. ``train.max_steps`` is left out (raise it to train
@@ -162,10 +213,16 @@ class DistillSpec:
 
     def _fingerprint_basis(self) -> dict[str, Any]:
         shared = training_basis(self.teacher, self.data, self.train)
-        basis = {"teacher": shared["model"], "student": asdict(self.student), "data": shared["data"],
+        student = asdict(self.student)
+        if student["lora"]["rank"] is None:  # outputs from before student.lora keep their fingerprint
+            student.pop("lora")
+        basis = {"teacher": shared["model"], "student": student, "data": shared["data"],
                  "loss": asdict(self.loss), "train": shared["train"]}
         if self.method != "kd":  # kd's outputs keep the fingerprint they had before there was a choice
             basis["method"] = self.method
+        if self.method == "lcm":
+            basis["lcm"] = asdict(self.lcm)
+            basis.pop("loss")  # kd's weights: not what LCM trains on
         return basis
 
 
