@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any
 
-from synthmill.distill.data import BadData, ShardStream, StreamSpec, _seed, make_loader
+from synthmill.distill.data import BadData, ShardStream, StreamSpec, _seed, batch_latents, make_loader
 from synthmill.sharding import storage
 
 log = logging.getLogger(__name__)
@@ -214,13 +214,14 @@ def _train(config: dict[str, Any]) -> None:
     accum = t.gradient_accumulation
     stream = ShardStream(
         StreamSpec(units, spec.data.resolution, spec.data.center_crop, spec.data.random_flip,
-                   spec.data.shuffle_buffer, t.batch_size, t.seed, opts, spec.data.max_image_pixels),
+                   spec.data.shuffle_buffer, t.batch_size, t.seed, opts, spec.data.max_image_pixels,
+                   pipe.vae_scale_factor, pipe.vae.config.latent_channels),
         tokenizers(pipe), rank, world, start_batch=step * accum,
     )
     batches = iter(make_loader(stream, t.batch_size, spec.data.loader_workers))
     scale = pipe.vae.config.scaling_factor
     shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    window_t0, window_samples = time.perf_counter(), 0
+    window_t0, window_samples, window_encoded = time.perf_counter(), 0, 0
     while step < t.max_steps:
         step += 1
         sums = torch.zeros(4, dtype=torch.float64)
@@ -228,9 +229,8 @@ def _train(config: dict[str, Any]) -> None:
             batch = next(batches)
             gen = torch.Generator(device).manual_seed(_seed(t.seed, "noise", step, rank, a) % (2**63))
             with torch.no_grad():
-                pixels = batch["pixel_values"].to(device, vae_dtype)
-                latents = pipe.vae.encode(pixels).latent_dist.sample(generator=gen)
-                latents = ((latents - shift) * scale).float()
+                latents, encoded = batch_latents(batch, pipe.vae, gen, device, vae_dtype, shift, scale)
+                window_encoded += encoded  # stored latents (output.save_latents) skip the VAE
                 cond = encode_text(pipe, batch, device)
             noise = torch.randn(latents.shape, generator=gen, device=device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
@@ -261,7 +261,8 @@ def _train(config: dict[str, Any]) -> None:
 
         last = step == t.max_steps
         if step % t.log_every == 0 or last:
-            packed = torch.cat([sums / accum, torch.tensor([float(window_samples)], dtype=torch.float64)])
+            packed = torch.cat([sums / accum, torch.tensor([float(window_samples), float(window_encoded)],
+                                                           dtype=torch.float64)])
             if world > 1 and dist.is_initialized():
                 dist.all_reduce(packed)  # sum over workers
                 packed[:4] /= world
@@ -269,10 +270,10 @@ def _train(config: dict[str, Any]) -> None:
             record = {"step": step, "loss": float(packed[0]), "loss_task": float(packed[1]),
                       "loss_output_kd": float(packed[2]), "loss_feature_kd": float(packed[3]), "lr": lr,
                       "samples_per_s": round(float(packed[4]) / elapsed, 4) if elapsed > 0 else None,
-                      "samples": int((step) * t.batch_size * accum * world)}
+                      "samples": int((step) * t.batch_size * accum * world), "vae_encoded": int(packed[5])}
             if metrics is not None:
                 metrics.add(record)
-            window_t0, window_samples = time.perf_counter(), 0
+            window_t0, window_samples, window_encoded = time.perf_counter(), 0, 0
         if step % t.checkpoint_every == 0 or last:
             state = {"fingerprint": fingerprint, "step": step, "world": world,
                      "loader_workers": spec.data.loader_workers, "optimizer": optimizer.state_dict(),

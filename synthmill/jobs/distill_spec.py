@@ -122,6 +122,10 @@ class DistillSpec:
         require(bool(self.teacher.path.strip()), "teacher.path", "must not be empty")
         require(not self.teacher.compile, "teacher.compile",
                 "is a generate setting; distill does not compile the teacher")
+        require(self.teacher.unet is None, "teacher.unet",
+                "is a generate setting; a distill teacher is a whole pipeline folder (export one with the UNet in it)")
+        require(not self.teacher.lora, "teacher.lora",
+                "is a generate setting; a distill teacher is a whole pipeline folder (fuse the LoRA and export it)")
         arch = self.student.arch.strip()
         require(bool(arch), "student.arch", f"must name a layout ({', '.join(KNOWN_ARCHS)}) or a UNet folder")
         one_of(self.student.init, ("teacher", "random"), "student.init")
@@ -189,7 +193,8 @@ class DistillSpec:
         data = asdict(self.data)
         data.pop("loader_workers")
         data.pop("max_image_pixels")  # a bound on the input, not what is trained on: the jobs that pass it agree
-        unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
+        unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode", "unet", "lora",
+                  "lora_fuse")
         teacher = {k: v for k, v in asdict(self.teacher).items() if k not in unused}
         return {"teacher": teacher, "student": asdict(self.student), "data": data, "loss": asdict(self.loss),
                 "train": train}
