@@ -101,6 +101,7 @@ class ShardGenerator:
         self.speed = optimize_pipeline(self.pipe, spec.model, self.device)
         self.load_s = time.perf_counter() - t0
         self.dtype = str(self.pipe.dtype).replace("torch.", "")
+        self.latents_name = self._latents_name() if spec.output.save_latents else None
         self.scheduler = type(self.pipe.scheduler).__name__
         # Token counting gets its own copy of the tokenizer: a fast tokenizer keeps truncation settings
         # as mutable state, so sharing it with the pipeline (called under the device lock from another
@@ -115,6 +116,17 @@ class ShardGenerator:
         self._encoders = ThreadPoolExecutor(spec.cluster.encode_threads, thread_name_prefix="encode")
         self.busy_s = 0.0  # time spent denoising, for the idle fraction
         self.samples_done = 0  # images out of the pipeline so far (the driver's progress bar polls it)
+
+    def _latents_name(self) -> str:
+        """The step callback's tensor that the VAE decodes after the last step: ``denoised`` where the pipeline
+        has one (LCM's pipeline decodes it), else ``latents``."""
+        import inspect
+
+        names = getattr(self.pipe, "_callback_tensor_inputs", None) or []
+        if "callback_on_step_end" not in inspect.signature(self.pipe.__call__).parameters or "latents" not in names:
+            raise RuntimeError(f"output.save_latents: {type(self.pipe).__name__} takes no callback_on_step_end "
+                               "with its latents; generate without save_latents")
+        return "denoised" if "denoised" in names else "latents"
 
     def info(self) -> dict[str, Any]:
         """Where this generator runs: host, device, dtype, scheduler, load time."""
@@ -183,12 +195,12 @@ class ShardGenerator:
         if first.negative_prompt is not None:
             kwargs["negative_prompt"] = [b.negative_prompt for b in batch]
         final: list[Any] = []
-        if self.spec.output.save_latents:
+        if self.latents_name:
             def keep(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                final[:] = [tensors["latents"]]  # after each step's scheduler update; the last is what is decoded
+                final[:] = [tensors[self.latents_name]]  # after each step's scheduler update; the last is decoded
                 return tensors
 
-            kwargs.update(callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
+            kwargs.update(callback_on_step_end=keep, callback_on_step_end_tensor_inputs=[self.latents_name])
         with torch.inference_mode():
             out = self.pipe(**kwargs)
             # In float32, as diffusers' own numpy/PIL output does it: scaling a float16 image by 255 in

@@ -347,7 +347,8 @@ class GenerateJob(lifecycle.Job):
         n_actors = min(self.n_actors, len(todo))
         source_ref, plan_ref = ray.put(self.p.source), ray.put(plan)
         options = actor_options(spec.cluster, self.use_gpu)
-        seen = node_paths(spec, ("model.path", "model.unet", "model.lora.*.path", "prompts.path", "output.path"))  # what each actor reads
+        seen = node_paths(spec, ("model.path", "model.unet", "model.lora.*.path", "prompts.path",
+                                 "output.path"))  # what each actor reads
 
         def make_actor():
             return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, seen, self.p.fingerprints)

@@ -474,7 +474,7 @@ def check_output_outside_inputs(spec: Any, paths: Mapping[str, str]) -> None:
         out_key = _folder_key(out) if isinstance(out, str) and out else None
         if out_key is None:
             continue
-        for dotted, how in paths.items():
+        for dotted, how in ((f, how) for pattern, how in paths.items() for f in expand_field(spec, pattern)):
             value = field_value(spec, dotted)
             if how not in ("input", "name_or_path", "arch") or not isinstance(value, str) or not value:
                 continue  # not an input, or one read by name (a CLIP folder's files are not listed)

@@ -162,7 +162,8 @@ def check_lora(model: Any, storage_options: dict[str, Any] | None = None, field:
         path, label = lora.path, f"{field}.lora.{i}.path {lora.path}"
         if not storage.is_local(path):
             fs, inner = storage.filesystem(path, storage_options)
-            if not storage.retrying(path, "check", lambda fs=fs, inner=inner: fs.exists(f"{inner.rstrip('/')}/{LORA_FILE}")):
+            weights = f"{inner.rstrip('/')}/{LORA_FILE}"
+            if not storage.retrying(path, "check", lambda fs=fs, weights=weights: fs.exists(weights)):
                 raise SpecError(f"{label}: no {LORA_FILE} there (a remote LoRA is the folder that holds it)")
             continue
         file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path

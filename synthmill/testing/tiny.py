@@ -217,7 +217,7 @@ def save_tiny_pipeline(folder: str | os.PathLike, kind: str = "sd", seed: int = 
 
 
 def save_tiny_unet(folder: str | os.PathLike, kind: str = "sd", seed: int = 1, unet_layout: str = "small") -> str:
-    """The UNet of a tiny pipeline of another ``seed``, saved as a diffusers UNet folder (a swapped-in ``model.unet``)."""
+    """The UNet of a tiny pipeline of another ``seed``, saved as a diffusers UNet folder (for ``model.unet``)."""
     build_tiny_pipeline(kind, seed, unet_layout).unet.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
 
