@@ -173,8 +173,7 @@ def prepare(spec: GenerateSpec) -> Prepared:
         with storage.retry_budget(VALIDATE_RETRY_S):
             check_model_path(spec.model, spec.storage, only_here=starts_local_ray(spec.cluster.address))
             files = model_files(spec.model.path, spec.storage)
-            field = "model.unet" if spec.model.unet else "model.lora"
-            check_parts(spec.model, spec.storage)
+            check_parts(spec.model, spec.storage)  # each error names its part's field
             parts = parts_files(spec.model, spec.storage)
             field = "prompts.path"
             source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage,

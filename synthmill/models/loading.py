@@ -8,6 +8,7 @@ only safetensors weights load unless ``model.allow_pickle`` is set, and remote c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -181,21 +182,38 @@ def check_lora(model: Any, storage_options: dict[str, Any] | None = None, field:
             raise SpecError(f"{label}: holds no LoRA weights (none of its {len(keys)} tensors is a lora_ one)")
 
 
+def _parts(model: Any, field: str = "model") -> list[tuple[str, str]]:
+    """(field, path) of each trained part given: ``FIELD.unet``, ``FIELD.lora.I.path``."""
+    return ([(f"{field}.unet", model.unet)] if model.unet else []) + [
+        (f"{field}.lora.{i}.path", lora.path) for i, lora in enumerate(model.lora)]
+
+
 def check_parts(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> None:
-    """``FIELD.unet`` and ``FIELD.lora``, where given (:func:`check_unet`, :func:`check_lora`)."""
-    if model.unet:
-        check_unet(model, storage_options, field)
-    check_lora(model, storage_options, field)
+    """``FIELD.unet`` and ``FIELD.lora``, where given (:func:`check_unet`, :func:`check_lora`); storage that does
+    not answer is a SpecError naming the part's field."""
+    try:
+        if model.unet:
+            check_unet(model, storage_options, field)
+    except storage.StorageError as e:
+        raise SpecError(f"{field}.unet {model.unet}: {e}") from None
+    for i, lora in enumerate(model.lora):
+        try:
+            check_lora(dataclasses.replace(model, lora=[lora]), storage_options, field)
+        except SpecError as e:  # the one-entry list calls it 0
+            raise SpecError(str(e).replace(f"{field}.lora.0.path", f"{field}.lora.{i}.path", 1)) from None
+        except storage.StorageError as e:
+            raise SpecError(f"{field}.lora.{i}.path {lora.path}: {e}") from None
 
 
 def parts_files(model: Any, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, list]]:
     """field -> :func:`model_files` of each trained part (``model.unet``, ``model.lora.I.path``); a single file's
     identity is listed under the name ''. What plan.json records beside the model's own files."""
     out = {}
-    if model.unet:
-        out["model.unet"] = model_files(model.unet, storage_options) or {}
-    for i, lora in enumerate(model.lora):
-        out[f"model.lora.{i}.path"] = model_files(lora.path, storage_options) or {}
+    for name, path in _parts(model):
+        try:
+            out[name] = model_files(path, storage_options) or {}
+        except storage.StorageError as e:
+            raise SpecError(f"{name} {path}: {e}") from None
     return out
 
 
