@@ -10,7 +10,10 @@ batch, resolution, precision and loss:
     batches pre-decoded in memory (no data loading at all), AdamW steps;
 (b) ``synthmill run`` of a distill job with 1 Ray Train worker (its data stream, DDP wrapper, metrics,
     checkpoints at the end);
-(c) the same with 2 workers (``--workers``), when the machine has the CPUs or GPUs for them.
+(c) the same with 2 workers (``--workers``), when the machine has the CPUs or GPUs for them;
+(d)/(e) with ``--latents``: (b) over the images in one tar, then over the same tar with each sample's latents
+    beside its image (``KEY.latents.npy``, what a generate job with ``output.save_latents`` writes; here the
+    teacher VAE's encodings of the images), which the job trains on instead of running the VAE encoder.
 
 Printed: steady-state samples/s of each (the first ``--warmup`` steps excluded; (b) and (c) from their
 ``metrics.jsonl``), end-to-end samples/s of (b)/(c) (start-up, model load and export included), the
@@ -19,6 +22,7 @@ ratios to (a), and on a GPU the peak memory of (a).
     python -m benchmarks.distill               # the CPU numbers of RESULTS.md
     python -m benchmarks.distill --smoke       # seconds of training; what tests/test_benchmarks.py runs
     python -m benchmarks.distill --teacher sd-v1.4 --size 512 --batch 8 --arch bk-small   # on a GPU
+    python -m benchmarks.distill --latents --workers 1 --size 64     # the with/without-latents rows
 """
 
 from __future__ import annotations
@@ -61,6 +65,37 @@ def make_data(folder: str, n: int, size: int) -> str:
         with open(path[:-4] + ".txt", "w", encoding="utf-8") as fh:
             fh.write(captions[i % len(captions)])
     return folder
+
+
+def make_tar(teacher: str, folder: str, tar: str, latents: bool) -> str:
+    """The image folder's samples in one WebDataset tar; with ``latents``, each with ``KEY.latents.npy`` beside it
+    (the teacher VAE's mean encoding, scaled, float16)."""
+    import glob
+    import io
+    import tarfile
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae") if latents else None
+    with tarfile.open(tar, "w") as out:
+        for png in sorted(glob.glob(os.path.join(folder, "*.png"))):
+            key = os.path.basename(png)[:-4]
+            members = {"png": open(png, "rb").read(), "txt": open(png[:-4] + ".txt", "rb").read()}
+            if vae is not None:
+                pixels = torch.from_numpy(np.asarray(Image.open(png).convert("RGB")).copy())
+                with torch.no_grad():
+                    dist = vae.encode(pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)[None]).latent_dist
+                buf = io.BytesIO()
+                np.save(buf, (dist.mean[0] * vae.config.scaling_factor).to(torch.float16).numpy())
+                members["latents.npy"] = buf.getvalue()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+    return tar
 
 
 def plain_loop(teacher: str, data: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -127,11 +162,12 @@ def plain_loop(teacher: str, data: str, args: argparse.Namespace) -> dict[str, A
     return out
 
 
-def synthmill_job(teacher: str, data: str, workdir: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
+def synthmill_job(teacher: str, data: str, workdir: str, workers: int, args: argparse.Namespace,
+                  name: str = "") -> dict[str, Any]:
     """(b)/(c): ``synthmill run`` of the same training as a distill job, in a fresh process."""
     import yaml
 
-    out = os.path.join(workdir, f"out-{workers}")
+    out = os.path.join(workdir, f"out-{workers}{name}")
     spec = {
         "kind": "distill",
         "teacher": {"path": teacher},
@@ -143,7 +179,7 @@ def synthmill_job(teacher: str, data: str, workdir: str, workers: int, args: arg
         "cluster": {"num_workers": workers},
         "output": {"path": out},
     }
-    path = os.path.join(workdir, f"distill-{workers}.yaml")
+    path = os.path.join(workdir, f"distill-{workers}{name}.yaml")
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(spec, fh)
     try:
@@ -156,7 +192,7 @@ def synthmill_job(teacher: str, data: str, workdir: str, workers: int, args: arg
     steady = [r["samples_per_s"] for r in lines if r["step"] > args.warmup]
     samples = args.steps * args.batch * workers
     return {"samples_per_s": sum(steady) / len(steady), "end_to_end": samples / wall, "wall_s": wall,
-            "final_loss": lines[-1]["loss"]}
+            "final_loss": lines[-1]["loss"], "vae_encoded": sum(r.get("vae_encoded", 0) for r in lines)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the steady-state rate")
     p.add_argument("--workers", type=int, default=2, help="workers of (c); 1 skips it")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--latents", action="store_true", help="also (d)/(e): without and with stored latents")
     p.add_argument("--smoke", action="store_true")
     return p
 
@@ -192,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((label, r["samples_per_s"], r["end_to_end"]))
             print(f"{label}: {r['samples_per_s']:.2f} samples/s steady, {r['end_to_end']:.2f} end to end "
                   f"({r['wall_s']:.1f}s wall, final loss {r['final_loss']:.4f})", flush=True)
+        if args.latents:
+            rates = {}
+            for latents in (False, True):
+                tar = make_tar(teacher, data, os.path.join(work, f"data-{int(latents)}.tar"), latents)
+                r = synthmill_job(teacher, tar, work, 1, args, f"-tar{int(latents)}")
+                label = (f"({'e' if latents else 'd'}) synthmill run, 1 worker, tar "
+                         f"{'with' if latents else 'no'} latents")
+                rows.append((label, r["samples_per_s"], r["end_to_end"]))
+                rates[latents] = r["samples_per_s"]
+                print(f"{label}: {r['samples_per_s']:.2f} samples/s steady, {r['end_to_end']:.2f} end to end "
+                      f"({r['wall_s']:.1f}s wall, final loss {r['final_loss']:.4f}, VAE encoded {r['vae_encoded']} "
+                      "samples)", flush=True)
+            print(f"stored latents: {rates[True] / rates[False]:.3f}x the samples/s of encoding them", flush=True)
     print(f"\nteacher {args.teacher}, student {args.arch}, {args.size}x{args.size}, batch {args.batch} per worker, "
           f"{args.steps} steps ({args.warmup} warm-up)")
     print(f"{'':44s} {'samples/s':>10s} {'vs (a)':>8s} {'end-to-end':>11s}")

@@ -120,9 +120,11 @@ def _remember_secrets_of(spec) -> None:
     from omegaconf import OmegaConf
 
     from synthmill.jobs.kinds import KINDS
+    from synthmill.jobs.spec import expand_field
     from synthmill.sharding.storage import remember_secrets
 
-    urls = [OmegaConf.select(OmegaConf.structured(spec), dotted) for dotted in KINDS[spec.kind].paths]
+    urls = [OmegaConf.select(OmegaConf.structured(spec), dotted) for pattern in KINDS[spec.kind].paths
+            for dotted in expand_field(spec, pattern)]
     remember_secrets(spec.storage, [u for u in urls if isinstance(u, str)])
 
 

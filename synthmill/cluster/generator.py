@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import ray
 
 from synthmill.sharding import storage
-from synthmill.sharding.encoders import ENCODERS
+from synthmill.sharding.encoders import ENCODERS, LATENTS
 from synthmill.sharding.index import index_table
 from synthmill.sharding.layout import SHARDS, OutputLayout
 from synthmill.sharding.nodes import NodePath, check_node_sees
@@ -101,6 +101,7 @@ class ShardGenerator:
         self.speed = optimize_pipeline(self.pipe, spec.model, self.device)
         self.load_s = time.perf_counter() - t0
         self.dtype = str(self.pipe.dtype).replace("torch.", "")
+        self.latents_name = self._latents_name() if spec.output.save_latents else None
         self.scheduler = type(self.pipe.scheduler).__name__
         # Token counting gets its own copy of the tokenizer: a fast tokenizer keeps truncation settings
         # as mutable state, so sharing it with the pipeline (called under the device lock from another
@@ -115,6 +116,17 @@ class ShardGenerator:
         self._encoders = ThreadPoolExecutor(spec.cluster.encode_threads, thread_name_prefix="encode")
         self.busy_s = 0.0  # time spent denoising, for the idle fraction
         self.samples_done = 0  # images out of the pipeline so far (the driver's progress bar polls it)
+
+    def _latents_name(self) -> str:
+        """The step callback's tensor that the VAE decodes after the last step: ``denoised`` where the pipeline
+        has one (LCM's pipeline decodes it), else ``latents``."""
+        import inspect
+
+        names = getattr(self.pipe, "_callback_tensor_inputs", None) or []
+        if "callback_on_step_end" not in inspect.signature(self.pipe.__call__).parameters or "latents" not in names:
+            raise RuntimeError(f"output.save_latents: {type(self.pipe).__name__} takes no callback_on_step_end "
+                               "with its latents; generate without save_latents")
+        return "denoised" if "denoised" in names else "latents"
 
     def info(self) -> dict[str, Any]:
         """Where this generator runs: host, device, dtype, scheduler, load time."""
@@ -165,8 +177,9 @@ class ShardGenerator:
         bs = self.spec.cluster.batch_size
         return [g[lo:lo + bs] for g in groups.values() for lo in range(0, len(g), bs)]
 
-    def denoise(self, batch: list[Sample]) -> tuple[np.ndarray, list[bool | None]]:
-        """Run the pipeline on one batch: uint8 NHWC images (converted on the device) and NSFW flags."""
+    def denoise(self, batch: list[Sample]) -> tuple[np.ndarray, list[bool | None], np.ndarray | None]:
+        """Run the pipeline on one batch: uint8 NHWC images (converted on the device), NSFW flags, and with
+        ``output.save_latents`` the final latents (float16 NCHW, what ``output_type="latent"`` returns)."""
         import torch
 
         s, first = self.spec.sampling, batch[0]
@@ -181,6 +194,13 @@ class ShardGenerator:
         )
         if first.negative_prompt is not None:
             kwargs["negative_prompt"] = [b.negative_prompt for b in batch]
+        final: list[Any] = []
+        if self.latents_name:
+            def keep(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                final[:] = [tensors[self.latents_name]]  # after each step's scheduler update; the last is decoded
+                return tensors
+
+            kwargs.update(callback_on_step_end=keep, callback_on_step_end_tensor_inputs=[self.latents_name])
         with torch.inference_mode():
             out = self.pipe(**kwargs)
             # In float32, as diffusers' own numpy/PIL output does it: scaling a float16 image by 255 in
@@ -188,7 +208,10 @@ class ShardGenerator:
             images = (out.images.float() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
             arr = images.contiguous().cpu().numpy()
         nsfw = getattr(out, "nsfw_content_detected", None) or [None] * len(batch)
-        return arr, [None if f is None else bool(f) for f in nsfw]
+        latents = final[0].to(torch.float16).cpu().numpy() if final else None
+        if self.spec.output.save_latents and latents is None:
+            raise RuntimeError(f"output.save_latents: {type(self.pipe).__name__} never called its step callback")
+        return arr, [None if f is None else bool(f) for f in nsfw], latents
 
     def metadata(self, sample: Sample, nsfw: bool | None, shard: int) -> dict[str, Any]:
         """The sample's ``KEY.json`` (the fields docs/design.md, "Output layout of a generate job", lists,
@@ -206,10 +229,11 @@ class ShardGenerator:
             "blank_prompt": sample.blank, "nsfw": nsfw,
         }
 
-    def _encode(self, batch: list[Sample], images: np.ndarray, nsfw: list, shard: int) -> list[tuple[dict, dict]]:
+    def _encode(self, batch: list[Sample], images: np.ndarray, nsfw: list, shard: int,
+                latents: np.ndarray | None = None) -> list[tuple[dict, dict]]:
         fmt, quality = self.spec.output.format, self.spec.output.quality
         out = []
-        for sample, img, flag in zip(batch, images, nsfw, strict=False):
+        for i, (sample, img, flag) in enumerate(zip(batch, images, nsfw, strict=False)):
             meta = self.metadata(sample, flag, shard)
             member = {
                 "__key__": meta["key"],
@@ -217,6 +241,10 @@ class ShardGenerator:
                 "txt": sample.prompt.encode("utf-8"),
                 "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
             }
+            if latents is not None:
+                buf = io.BytesIO()
+                np.save(buf, latents[i], allow_pickle=False)
+                member[LATENTS] = buf.getvalue()
             out.append((member, meta))
         return out
 
@@ -245,9 +273,9 @@ class ShardGenerator:
             with self._device_lock:
                 for batch in batches:
                     tb = time.perf_counter()
-                    images, nsfw = self._device_thread.submit(self.denoise, batch).result()
+                    images, nsfw, latents = self._device_thread.submit(self.denoise, batch).result()
                     busy += time.perf_counter() - tb
-                    pending.append(self._encoders.submit(self._encode, batch, images, nsfw, k))
+                    pending.append(self._encoders.submit(self._encode, batch, images, nsfw, k, latents))
                     self.samples_done += len(batch)
                     drain(block=False)
             drain(block=True)

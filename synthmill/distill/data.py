@@ -62,6 +62,8 @@ class StreamSpec:
     seed: int
     storage_options: dict[str, Any] | None = None
     max_pixels: int | None = MAX_IMAGE_PIXELS  # larger images are bad data, found from their header
+    latent_factor: int | None = None  # the VAE's downsampling: read stored latents (None: always the images)
+    latent_channels: int = 4
 
 
 def skipped_batches(start: int, role: int, procs: int) -> int:
@@ -166,6 +168,9 @@ class ShardStream:
             check_pixels(image_size(sample.image, sample.name), s.max_pixels, sample.name, "data.max_image_pixels")
         except ImageSetError as e:
             raise BadData(f"data.path: {e}") from None
+        stored = stored_latents(sample, epoch, s) if s.latent_factor else None
+        if stored is not None:
+            return self._with_text(sample, stored)
         try:
             with Image.open(io.BytesIO(sample.image)) as im:
                 im = im.convert("RGB")
@@ -185,11 +190,64 @@ class ShardStream:
             # SDXL micro-conditioning: original size, crop top-left, target size (as its training script)
             "time_ids": torch.tensor([h, w, top, left, s.resolution, s.resolution], dtype=torch.float32),
         }
+        if s.latent_factor:  # in a batch with stored latents: this sample's come from the VAE
+            side = s.resolution // s.latent_factor
+            out.update(latents=torch.zeros(s.latent_channels, side, side), has_latents=torch.tensor(False))
+        return self._with_text(sample, out)
+
+    def _with_text(self, sample: Sample, out: dict[str, Any]) -> dict[str, Any]:
+        """``out`` with the caption's token ids for each tokenizer."""
         for i, tok in enumerate(self.tokenizers):
             ids = tok(sample.caption, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids[0]
             out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
         return out
+
+
+def stored_latents(sample: Sample, epoch: int, s: StreamSpec) -> dict[str, Any] | None:
+    """A sample's stored latents (``KEY.latents.npy``, from ``output.save_latents``) as a training sample without
+    pixels, when they are what the VAE would be given: latents of ``resolution / latent_factor`` per side, an
+    image of exactly ``resolution`` per side (no resize, no crop) and no flip drawn for it. None otherwise (the
+    image is encoded)."""
+    import numpy as np
+    import torch
+
+    r = s.resolution
+    if sample.latents is None or r % s.latent_factor or image_size(sample.image, sample.name) != (r, r):
+        return None
+    try:
+        arr = np.load(io.BytesIO(sample.latents), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise BadData(f"data.path: {sample.name}: unreadable latents.npy ({e})") from None
+    if arr.shape != (s.latent_channels, r // s.latent_factor, r // s.latent_factor):
+        return None
+    rng = random.Random(_seed(s.seed, "sample", sample.name, epoch))
+    crop_box(r, r, r, s.center_crop, rng)  # the draws the image path takes, then its flip
+    if s.random_flip and rng.random() < 0.5:
+        return None
+    return {"pixel_values": torch.zeros(3, r, r),
+            "time_ids": torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32),
+            "latents": torch.from_numpy(arr.astype(np.float32)), "has_latents": torch.tensor(True)}
+
+
+def batch_latents(batch: dict[str, Any], vae: Any, gen: Any, device: Any, dtype: Any, shift: float,
+                  scale: float) -> tuple[Any, int]:
+    """The batch's latents in the UNet's space (float32): the stored ones where its samples carry them, the VAE's
+    samples of the others; and how many samples the VAE encoded. With stored latents, the VAE's sampling draws are
+    taken anyway, so the noise and timesteps drawn next from ``gen`` are those of a run that encodes them all."""
+    import torch
+
+    pixels, stored = batch["pixel_values"], batch.get("has_latents")
+    if stored is None or not bool(stored.any()):
+        latents = vae.encode(pixels.to(device, dtype)).latent_dist.sample(generator=gen)
+        return ((latents - shift) * scale).float(), len(pixels)
+    latents = batch["latents"].to(device, torch.float32)
+    torch.randn(latents.shape, generator=gen, device=device, dtype=dtype)  # DiagonalGaussianDistribution.sample's
+    need = ~stored
+    if need.any():
+        encoded = vae.encode(pixels[need].to(device, dtype)).latent_dist.sample(generator=gen)
+        latents[need.to(device)] = ((encoded - shift) * scale).float()
+    return latents, int(need.sum())
 
 
 def make_loader(stream: ShardStream, batch_size: int, loader_workers: int):

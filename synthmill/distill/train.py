@@ -30,7 +30,7 @@ import tempfile
 import time
 from typing import Any
 
-from synthmill.distill.data import BadData, ShardStream, StreamSpec, _seed, make_loader
+from synthmill.distill.data import BadData, ShardStream, StreamSpec, _seed, batch_latents, make_loader
 from synthmill.distill.objectives import MicroBatch, build_student, load_pipeline_fp32, objective
 from synthmill.sharding import storage
 
@@ -205,13 +205,14 @@ def _train(config: dict[str, Any]) -> None:
     accum, terms = t.gradient_accumulation, kind.terms
     stream = ShardStream(
         StreamSpec(units, spec.data.resolution, spec.data.center_crop, spec.data.random_flip,
-                   spec.data.shuffle_buffer, t.batch_size, t.seed, opts, spec.data.max_image_pixels),
+                   spec.data.shuffle_buffer, t.batch_size, t.seed, opts, spec.data.max_image_pixels,
+                   pipe.vae_scale_factor, pipe.vae.config.latent_channels),
         tokenizers(pipe), rank, world, start_batch=step * accum,
     )
     batches = iter(make_loader(stream, t.batch_size, spec.data.loader_workers))
     scale = pipe.vae.config.scaling_factor
     shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    window_t0, window_samples = time.perf_counter(), 0
+    window_t0, window_samples, window_encoded = time.perf_counter(), 0, 0
     while step < t.max_steps:
         step += 1
         sums = torch.zeros(len(terms), dtype=torch.float64)
@@ -219,9 +220,8 @@ def _train(config: dict[str, Any]) -> None:
             batch = next(batches)
             gen = torch.Generator(device).manual_seed(_seed(t.seed, "noise", step, rank, a) % (2**63))
             with torch.no_grad():
-                pixels = batch["pixel_values"].to(device, vae_dtype)
-                latents = pipe.vae.encode(pixels).latent_dist.sample(generator=gen)
-                latents = ((latents - shift) * scale).float()
+                latents, encoded = batch_latents(batch, pipe.vae, gen, device, vae_dtype, shift, scale)
+                window_encoded += encoded  # stored latents (output.save_latents) skip the VAE
                 cond = encode_text(pipe, batch, device)
             sync = contextlib.nullcontext() if a == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
@@ -245,17 +245,18 @@ def _train(config: dict[str, Any]) -> None:
         last = step == t.max_steps
         if step % t.log_every == 0 or last:
             n = len(terms)
-            packed = torch.cat([sums / accum, torch.tensor([float(window_samples)], dtype=torch.float64)])
+            packed = torch.cat([sums / accum, torch.tensor([float(window_samples), float(window_encoded)],
+                                                           dtype=torch.float64)])
             if world > 1 and dist.is_initialized():
                 dist.all_reduce(packed)  # sum over workers
                 packed[:n] /= world
             elapsed = time.perf_counter() - window_t0
             record = {"step": step, **{k: float(packed[i]) for i, k in enumerate(terms)}, "lr": lr,
                       "samples_per_s": round(float(packed[n]) / elapsed, 4) if elapsed > 0 else None,
-                      "samples": int((step) * t.batch_size * accum * world)}
+                      "samples": int((step) * t.batch_size * accum * world), "vae_encoded": int(packed[n + 1])}
             if metrics is not None:
                 metrics.add(record)
-            window_t0, window_samples = time.perf_counter(), 0
+            window_t0, window_samples, window_encoded = time.perf_counter(), 0, 0
         if step % t.checkpoint_every == 0 or last:
             state = {"fingerprint": fingerprint, "step": step, "world": world,
                      "loader_workers": spec.data.loader_workers, "optimizer": optimizer.state_dict(),

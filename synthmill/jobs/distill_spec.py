@@ -159,6 +159,7 @@ class DistillSpec:
         require(bool(self.teacher.path.strip()), "teacher.path", "must not be empty")
         require(not self.teacher.compile, "teacher.compile",
                 "is a generate setting; distill does not compile the teacher")
+        refuse_trained_parts(self.teacher, "teacher")
         arch = self.student.arch.strip()
         require(bool(arch), "student.arch", f"must name a layout ({', '.join(KNOWN_ARCHS)}) or a UNet folder")
         require(bool(self.student.init.strip()), "student.init",
@@ -226,6 +227,14 @@ class DistillSpec:
         return basis
 
 
+def refuse_trained_parts(model: Any, section: str) -> None:
+    """``unet`` and ``lora`` swap parts into a pipeline that generates; a training kind reads a whole pipeline."""
+    require(model.unet is None, f"{section}.unet",
+            f"is a generate setting; a training {section} is a whole pipeline folder (export one with the UNet in it)")
+    require(not model.lora, f"{section}.lora",
+            f"is a generate setting; a training {section} is a whole pipeline folder (fuse the LoRA and export it)")
+
+
 def check_training(d: DataSpec, t: TrainSpec, c: TrainClusterSpec) -> None:
     """The checks of the sections every training kind shares: data, train, cluster."""
     require(bool(d.path.strip()), "data.path", "must not be empty")
@@ -274,5 +283,6 @@ def training_basis(model: Any, data: DataSpec, train: TrainSpec) -> dict[str, An
     data_d = asdict(data)
     data_d.pop("loader_workers")
     data_d.pop("max_image_pixels")  # a bound on the input, not what is trained on: the jobs that pass it agree
-    unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode")
+    unused = ("dtype", "scheduler", "safety_checker", "channels_last", "compile", "compile_mode", "unet", "lora",
+              "lora_fuse")  # generate settings that training kinds refuse
     return {"model": {k: v for k, v in asdict(model).items() if k not in unused}, "data": data_d, "train": train_d}

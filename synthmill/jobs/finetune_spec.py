@@ -18,6 +18,7 @@ from synthmill.jobs.distill_spec import (
     TrainClusterSpec,
     TrainSpec,
     check_training,
+    refuse_trained_parts,
     training_basis,
 )
 from synthmill.jobs.fields import require
@@ -63,6 +64,7 @@ class FinetuneSpec:
         t = self.train
         require(bool(self.model.path.strip()), "model.path", "must not be empty")
         require(not self.model.compile, "model.compile", "is a generate setting; finetune does not compile the model")
+        refuse_trained_parts(self.model, "model")
         require(self.lora.rank is None or 1 <= self.lora.rank <= 4096, "lora.rank",
                 f"must be null (the whole UNet trains) or in 1..4096, got {self.lora.rank}")
         require(t.snr_gamma is None or 0 < t.snr_gamma < math.inf, "train.snr_gamma",

@@ -20,8 +20,8 @@ from synthmill.jobs import lifecycle
 from synthmill.jobs.fields import MAX_SEED, require
 from synthmill.jobs.generate_spec import GenerateSpec
 from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, check_plan_matches_job, versions
-from synthmill.jobs.spec import node_paths
-from synthmill.models.loading import check_model_path, model_files
+from synthmill.jobs.spec import field_value, node_paths
+from synthmill.models.loading import check_model_path, check_parts, model_files, parts_files
 from synthmill.sharding import storage
 from synthmill.sharding.layout import FAILURES, PLAN, SUMMARY, OutputLayout
 from synthmill.sharding.plan import MAX_SHARDS, ShardPlan, earlier_parts, plan_problem, shard_fingerprint
@@ -38,6 +38,7 @@ class Prepared:
     source: PromptSource
     plan: ShardPlan
     model_files: dict[str, list] | None = None  # see synthmill.models.loading.model_files
+    parts_files: dict[str, dict[str, list]] = field(default_factory=dict)  # model.unet's, model.lora's (likewise)
     #: the parts earlier runs ended with, when the prompts grew since (plan.json's ``grown_from``)
     earlier: list[dict[str, Any]] = field(default_factory=list)
     prompts_before: int = 0  # rows the output's plan had before this run (0: a new output)
@@ -129,8 +130,8 @@ def _grown(spec: GenerateSpec, source: PromptSource, previous: dict[str, Any]) -
     return parts
 
 
-def check_output(spec: GenerateSpec, source: PromptSource,
-                 files: dict[str, list] | None = None) -> list[dict[str, Any]]:
+def check_output(spec: GenerateSpec, source: PromptSource, files: dict[str, list] | None = None,
+                 parts: dict[str, dict[str, list]] | None = None) -> list[dict[str, Any]]:
     """``output.path`` must be new, empty, or an earlier run of this same job (with the same prompts, or rows appended
     to them, and the model's files as they were: ``files``, see :func:`~synthmill.models.loading.model_files`).
     Returns the parts the earlier runs ended with (plan.json's ``grown_from``), when the prompts grew since."""
@@ -149,14 +150,18 @@ def check_output(spec: GenerateSpec, source: PromptSource,
         check_plan_matches_job(out, opts, previous)
         earlier = _grown(spec, source, previous)
     previous = storage.read_plan(out, opts)
-    before = previous.get("model_files") if isinstance(previous, dict) else None
-    if isinstance(before, dict) and files is not None and before != files:  # outputs of older code lack it
-        changed = sorted(set(before) ^ set(files) | {k for k in before.keys() & files.keys() if before[k] != files[k]})
-        raise SpecError(
-            f"model.path {spec.model.path}: its files changed since {out} was started from it ({changed[0]}"
-            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}: other size, time or presence; a "
-            "distill run exporting again into the same folder does this); the shards done were made by the "
-            "files it replaced, so resuming would mix two models: use a new output.path, or restore the model")
+    previous = previous if isinstance(previous, dict) else {}
+    recorded = previous.get("parts_files") if isinstance(previous.get("parts_files"), dict) else {}
+    for name, before, now in [("model.path", previous.get("model_files"), files),
+                              *((name, recorded.get(name), now) for name, now in (parts or {}).items())]:
+        if isinstance(before, dict) and now is not None and before != now:  # outputs of older code lack them
+            changed = sorted(set(before) ^ set(now) | {k for k in before.keys() & now.keys() if before[k] != now[k]})
+            raise SpecError(
+                f"{name} {field_value(spec, name)}: its files changed since {out} was started from it "
+                f"({changed[0] or 'the file itself'}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}: "
+                "other size, time or presence; a training run exporting again into the same folder does this); "
+                "the shards done were made by the files it replaced, so resuming would mix two models: use a new "
+                "output.path, or restore the model")
     return earlier
 
 
@@ -168,6 +173,8 @@ def prepare(spec: GenerateSpec) -> Prepared:
         with storage.retry_budget(VALIDATE_RETRY_S):
             check_model_path(spec.model, spec.storage, only_here=starts_local_ray(spec.cluster.address))
             files = model_files(spec.model.path, spec.storage)
+            check_parts(spec.model, spec.storage)  # each error names its part's field
+            parts = parts_files(spec.model, spec.storage)
             field = "prompts.path"
             source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage,
                                  tuple(spec.prompts.keep), dict(spec.prompts.per_row))
@@ -178,7 +185,7 @@ def prepare(spec: GenerateSpec) -> Prepared:
             # every row parsed, the content digest taken, and that of the rows each earlier run ended with
             source.scan(plan.rows_per_shard(), _marks(previous))
             field = "output.path"
-            earlier = check_output(spec, source, files)
+            earlier = check_output(spec, source, files, parts)
     except storage.StorageError as e:
         raise SpecError(f"{field}: {e}") from None
     plan = ShardPlan(source.num_rows, s.images_per_prompt, spec.output.samples_per_shard, s.seed,
@@ -191,7 +198,7 @@ def prepare(spec: GenerateSpec) -> Prepared:
             f"{plan.num_samples:,} samples at {plan.samples_per_shard:,} a shard are {plan.num_shards:,} shards, more "
             f"than a job holds ({MAX_SHARDS:,}: a file each, and a marker); raise it")
     before = previous.get("prompts") if previous and previous.get("kind") in (None, "generate") else 0
-    return Prepared(spec, source, plan, files, earlier, before if isinstance(before, int) else 0)
+    return Prepared(spec, source, plan, files, parts, earlier, before if isinstance(before, int) else 0)
 
 
 def plan_summary(p: Prepared) -> dict[str, Any]:
@@ -322,6 +329,8 @@ class GenerateJob(lifecycle.Job):
                 "prompts_digest": p.source.digest, "model_files": p.model_files,
                 "samples": p.plan.num_samples, "shards": p.plan.num_shards,
                 "samples_per_shard": p.plan.samples_per_shard, "compute": self.compute}
+        if p.parts_files:  # only when given: plans of jobs without trained parts stay as they were
+            plan["parts_files"] = p.parts_files
         if p.earlier:  # the prompts grew: each earlier run's rows, their digest, and the shards they made
             plan["grown_from"] = p.earlier
         return plan
@@ -337,7 +346,8 @@ class GenerateJob(lifecycle.Job):
         n_actors = min(self.n_actors, len(todo))
         source_ref, plan_ref = ray.put(self.p.source), ray.put(plan)
         options = actor_options(spec.cluster, self.use_gpu)
-        seen = node_paths(spec, ("model.path", "prompts.path", "output.path"))  # what each actor reads
+        seen = node_paths(spec, ("model.path", "model.unet", "model.lora.*.path", "prompts.path",
+                                 "output.path"))  # what each actor reads
 
         def make_actor():
             return GeneratorActor.options(**options).remote(spec, source_ref, plan_ref, seen, self.p.fingerprints)

@@ -22,6 +22,14 @@ RESUME_CHECKS = ("size", "sha256")
 
 
 @dataclass
+class LoraSpec:
+    """One LoRA to load into the pipeline (diffusers' ``load_lora_weights``)."""
+
+    path: str = MISSING  # a .safetensors file, or a folder holding pytorch_lora_weights.safetensors (local or s3://)
+    scale: float = 1.0  # its adapter weight (diffusers' set_adapters)
+
+
+@dataclass
 class ModelSpec:
     """Which diffusers pipeline to load, and how."""
 
@@ -39,11 +47,17 @@ class ModelSpec:
     channels_last: Optional[bool] = None  # UNet and VAE in channels-last memory format; null = on CUDA only
     compile: bool = False  # torch.compile the UNet and the VAE decoder (the first batches pay the compile)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    # Trained parts (models/loading.py, load_parts): their files' identities are recorded in plan.json as the
+    # model folder's are, and checked on every rerun.
+    unet: Optional[str] = None  # a diffusers UNet folder (local or s3://) used in place of the pipeline's own
+    lora: List[LoraSpec] = field(default_factory=list)  # LoRA weights loaded on top, each with its scale
+    lora_fuse: bool = False  # fuse the LoRAs into the weights (faster sampling; images may differ in the last bits)
 
 
 #: Model settings added after outputs existed: they join the fingerprint only when not at these defaults,
 #: so a job written before they existed still resumes.
-_LATE_MODEL_KEYS = {"channels_last": None, "compile": False, "compile_mode": "default"}
+_LATE_MODEL_KEYS = {"channels_last": None, "compile": False, "compile_mode": "default", "unet": None, "lora": [],
+                    "lora_fuse": False}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -81,6 +95,7 @@ class OutputSpec:
     quality: int = 95  # jpg / webp quality
     samples_per_shard: int = 1000
     resume_check: str = "size"  # size | sha256: how a committed tar is checked against its marker
+    save_latents: bool = False  # also store each sample's final latents (KEY.latents.npy, float16)
 
 
 @dataclass
@@ -91,8 +106,8 @@ class ClusterSpec(ActorClusterSpec):
 
 
 #: The fields of a generate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
-PATHS = {"model.path": "name_or_path", "model.custom_pipeline": "name_or_path",
-                                  "prompts.path": "input", "output.path": "output"}
+PATHS = {"model.path": "name_or_path", "model.custom_pipeline": "name_or_path", "model.unet": "input",
+         "model.lora.*.path": "input", "prompts.path": "input", "output.path": "output"}
 
 
 @dataclass
@@ -122,6 +137,11 @@ class GenerateSpec:
             "model.custom_pipeline",
             "runs code from the pipeline's author; set model.trust_remote_code=true to allow it",
         )
+        require(m.unet is None or bool(m.unet.strip()), "model.unet", "must not be empty (or null)")
+        for i, lora in enumerate(m.lora):
+            require(bool(lora.path.strip()), f"model.lora.{i}.path", "must not be empty")
+            require(-100.0 <= lora.scale <= 100.0, f"model.lora.{i}.scale", f"must be in -100..100, got {lora.scale}")
+        require(not m.lora_fuse or bool(m.lora), "model.lora_fuse", "needs model.lora")
         require(bool(p.path.strip()), "prompts.path", "must not be empty")
         require(p.limit is None or p.limit >= 1, "prompts.limit", f"must be >= 1 or null, got {p.limit}")
         text_file = p.path.lower().endswith(".txt")
@@ -202,8 +222,9 @@ class GenerateSpec:
             "model": m,
             "prompts": prompts,
             "sampling": sampling,
-            "output": {k: getattr(self.output, k) for k in ("format", "quality", "samples_per_shard")
-                       if k != "quality" or self.output.format != "png"},  # PNG is lossless: no quality
+            "output": {k: getattr(self.output, k) for k in ("format", "quality", "samples_per_shard", "save_latents")
+                       if (k != "quality" or self.output.format != "png")  # PNG is lossless: no quality
+                       and (k != "save_latents" or self.output.save_latents)},  # added later: only when set
             "batch_size": self.cluster.batch_size,
         }
         return basis

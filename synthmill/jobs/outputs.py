@@ -153,10 +153,11 @@ def write_job_yaml(spec: Any, layout: OutputLayout) -> None:
     from omegaconf import OmegaConf
 
     from synthmill.jobs.kinds import KINDS
+    from synthmill.jobs.spec import expand_field
 
     resolved = OmegaConf.structured(spec)
     resolved.storage = storage.redact(spec.storage)
-    for dotted in KINDS[spec.kind].paths:  # a URL's user:password@
+    for dotted in (f for pattern in KINDS[spec.kind].paths for f in expand_field(spec, pattern)):  # user:password@
         value = OmegaConf.select(resolved, dotted)
         if isinstance(value, str):
             OmegaConf.update(resolved, dotted, storage.redact_url(value))

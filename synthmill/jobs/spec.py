@@ -54,11 +54,9 @@ def resolve_paths(spec: Any, paths: Mapping[str, str]) -> None:
     each node would write into its own copy, which Ray may delete once the job ends.
     """
     working_dir = ray_job_working_dir()
-    for dotted, how in paths.items():
+    for dotted, how in ((f, how) for pattern, how in paths.items() for f in expand_field(spec, pattern)):
         *parents, leaf = dotted.split(".")
-        section = spec
-        for part in parents:
-            section = getattr(section, part)
+        section = field_value(spec, ".".join(parents)) if parents else spec
         value = getattr(section, leaf)
         prefix = "local-dir:" if how == "clip" and isinstance(value, str) and value.startswith("local-dir:") else ""
         if not isinstance(value, str) or (how == "clip" and not prefix):
@@ -480,7 +478,7 @@ def check_output_outside_inputs(spec: Any, paths: Mapping[str, str]) -> None:
         out_key = _folder_key(out) if isinstance(out, str) and out else None
         if out_key is None:
             continue
-        for dotted, how in paths.items():
+        for dotted, how in ((f, how) for pattern, how in paths.items() for f in expand_field(spec, pattern)):
             value = field_value(spec, dotted)
             if how not in ("input", "name_or_path", "arch", "init") or not isinstance(value, str) or not value:
                 continue  # not an input, or one read by name (a CLIP folder's files are not listed)
@@ -496,16 +494,26 @@ def check_output_outside_inputs(spec: Any, paths: Mapping[str, str]) -> None:
 
 
 def field_value(spec: Any, dotted: str) -> Any:
-    """The value of the field ``dotted`` (``output.path``) of a loaded spec."""
+    """The value of the field ``dotted`` (``output.path``, ``model.lora.0.path``) of a loaded spec."""
     value = spec
     for part in dotted.split("."):
-        value = getattr(value, part)
+        value = value[int(part)] if isinstance(value, (list, tuple)) else getattr(value, part)
     return value
 
 
+def expand_field(spec: Any, pattern: str) -> list[str]:
+    """The fields a ``PATHS`` key names: itself, or for ``model.lora.*.path`` one per item of that list."""
+    if ".*." not in pattern:
+        return [pattern]
+    head, tail = pattern.split(".*.", 1)
+    items = field_value(spec, head) or []
+    return [f for i in range(len(items)) for f in expand_field(spec, f"{head}.{i}.{tail}")]
+
+
 def node_paths(spec: Any, fields: tuple[str, ...]) -> list[NodePath]:
-    """The local paths among ``fields`` of ``spec`` that every node must see, for actors to check."""
+    """The local paths among ``fields`` of ``spec`` (``PATHS`` keys) that every node must see, for actors to check."""
     from synthmill.jobs.kinds import KINDS
 
     paths = KINDS[spec.kind].paths
-    return [NodePath(f, v, paths[f]) for f in fields if isinstance(v := field_value(spec, f), str) and v]
+    return [NodePath(f, v, paths[pattern]) for pattern in fields for f in expand_field(spec, pattern)
+            if isinstance(v := field_value(spec, f), str) and v]

@@ -8,6 +8,7 @@ only safetensors weights load unless ``model.allow_pickle`` is set, and remote c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -81,6 +82,139 @@ def model_files(path: str, storage_options: dict[str, Any] | None = None) -> dic
             continue  # .cache/ of huggingface_hub downloads, editors' files
         files[rel] = [int(info.get("size") or 0), storage.modified_stamp(info)]
     return dict(sorted(files.items()))
+
+
+#: The UNet settings a swapped-in UNet (``model.unet``) must share with the pipeline's own: what its inputs
+#: and outputs are and what conditions it. Blocks, widths and depths may differ (a distilled student's do).
+UNET_INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+                  "addition_time_embed_dim", "projection_class_embeddings_input_dim", "encoder_hid_dim")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
+
+
+def _read_json(url: str, storage_options: dict[str, Any] | None) -> Any:
+    """The JSON file at ``url`` (local or remote), None when it is not there or not JSON."""
+    try:
+        return storage.read_json(url, storage_options)
+    except (OSError, ValueError, storage.StorageError, SpecError):
+        return None
+
+
+def _pipeline_unet_config(model: Any, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pipeline's own ``unet/config.json`` where it can be read without a download (a folder, or a hub id in
+    this machine's cache); None otherwise."""
+    if is_hub_id(model.path):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(model.path, "unet/config.json", revision=model.revision)
+        except Exception:  # noqa: BLE001 - no cache: the load decides
+            return None
+        return _read_json(cached, None) if isinstance(cached, str) else None
+    config = _read_json(storage.join(model.path, "unet", "config.json"), storage_options)
+    return config if isinstance(config, dict) else None
+
+
+def check_unet(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> None:
+    """``FIELD.unet``: a diffusers UNet folder (config.json naming a UNet class, safetensors weights) whose inputs,
+    outputs and conditioning match the pipeline's own UNet (:data:`UNET_INTERFACE`). Raises SpecError."""
+    path = model.unet
+    label = f"{field}.unet {path}"
+    if storage.is_local(path):
+        if not os.path.isdir(path):
+            raise SpecError(f"{label}: folder not found (a diffusers UNet folder, such as a distill output's "
+                            "pipeline/unet)")
+        names = os.listdir(path)
+    else:
+        fs, inner = storage.filesystem(path, storage_options)
+        names = [n.rsplit("/", 1)[-1] for n in storage.retrying(path, "list", lambda: fs.ls(inner, detail=False))]
+    config = _read_json(storage.join(path, "config.json"), storage_options) if "config.json" in names else None
+    if not isinstance(config, dict):
+        raise SpecError(f"{label}: not a diffusers UNet folder (no readable config.json)")
+    cls = config.get("_class_name")
+    if not (isinstance(cls, str) and cls.startswith("UNet")):
+        raise SpecError(f"{label}: not a UNet (its config.json names {cls!r})")
+    suffixes = (".safetensors", ".bin") if model.allow_pickle else (".safetensors",)
+    if not any(n.startswith("diffusion_pytorch_model") and n.endswith(suffixes) for n in names):
+        raise SpecError(f"{label}: no weights (diffusion_pytorch_model.safetensors)"
+                        f"{'' if model.allow_pickle else '; pickled .bin weights load only with model.allow_pickle'}")
+    own = _pipeline_unet_config(model, storage_options)
+    if own is None:
+        return  # a remote hub model not in this machine's cache: the load compares them
+    for key in UNET_INTERFACE:
+        if config.get(key) != own.get(key):
+            raise SpecError(f"{label}: its {key} is {config.get(key)!r}, and the UNet of {field}.path "
+                            f"{model.path} has {own.get(key)!r}: the pipeline cannot use it")
+
+
+def _safetensors_keys(path: str) -> list[str]:
+    """The tensor names in a local .safetensors file, from its header (no tensor is read)."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size <= 100_000_000:
+            raise ValueError("no safetensors header")
+        header = json.loads(fh.read(size))
+    return [k for k in header if k != "__metadata__"]
+
+
+def check_lora(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> None:
+    """Each ``FIELD.lora.I.path``: a LoRA safetensors file, or a folder holding :data:`LORA_FILE` (remote: a
+    folder), whose tensors are LoRA weights. Raises SpecError."""
+    for i, lora in enumerate(model.lora):
+        path, label = lora.path, f"{field}.lora.{i}.path {lora.path}"
+        if not storage.is_local(path):
+            fs, inner = storage.filesystem(path, storage_options)
+            weights = f"{inner.rstrip('/')}/{LORA_FILE}"
+            if not storage.retrying(path, "check", lambda fs=fs, weights=weights: fs.exists(weights)):
+                raise SpecError(f"{label}: no {LORA_FILE} there (a remote LoRA is the folder that holds it)")
+            continue
+        file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
+        if not os.path.exists(path):
+            raise SpecError(f"{label}: not found")
+        if not os.path.isfile(file):
+            raise SpecError(f"{label}: no {LORA_FILE} in that folder")
+        if not file.endswith(".safetensors"):
+            raise SpecError(f"{label}: not a .safetensors file (LoRA weights load from safetensors only)")
+        try:
+            keys = _safetensors_keys(file)
+        except (OSError, ValueError) as e:
+            raise SpecError(f"{label}: not a readable safetensors file ({first_line(e)})") from None
+        if not any("lora" in k.lower() for k in keys):
+            raise SpecError(f"{label}: holds no LoRA weights (none of its {len(keys)} tensors is a lora_ one)")
+
+
+def _parts(model: Any, field: str = "model") -> list[tuple[str, str]]:
+    """(field, path) of each trained part given: ``FIELD.unet``, ``FIELD.lora.I.path``."""
+    return ([(f"{field}.unet", model.unet)] if model.unet else []) + [
+        (f"{field}.lora.{i}.path", lora.path) for i, lora in enumerate(model.lora)]
+
+
+def check_parts(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> None:
+    """``FIELD.unet`` and ``FIELD.lora``, where given (:func:`check_unet`, :func:`check_lora`); storage that does
+    not answer is a SpecError naming the part's field."""
+    try:
+        if model.unet:
+            check_unet(model, storage_options, field)
+    except storage.StorageError as e:
+        raise SpecError(f"{field}.unet {model.unet}: {e}") from None
+    for i, lora in enumerate(model.lora):
+        try:
+            check_lora(dataclasses.replace(model, lora=[lora]), storage_options, field)
+        except SpecError as e:  # the one-entry list calls it 0
+            raise SpecError(str(e).replace(f"{field}.lora.0.path", f"{field}.lora.{i}.path", 1)) from None
+        except storage.StorageError as e:
+            raise SpecError(f"{field}.lora.{i}.path {lora.path}: {e}") from None
+
+
+def parts_files(model: Any, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, list]]:
+    """field -> :func:`model_files` of each trained part (``model.unet``, ``model.lora.I.path``); a single file's
+    identity is listed under the name ''. What plan.json records beside the model's own files."""
+    out = {}
+    for name, path in _parts(model):
+        try:
+            out[name] = model_files(path, storage_options) or {}
+        except storage.StorageError as e:
+            raise SpecError(f"{name} {path}: {e}") from None
+    return out
 
 
 def _check_components(path: str, field: str, variant: str | None, passed: tuple[str, ...] = ()) -> None:
@@ -314,10 +448,46 @@ def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | Non
         from synthmill.models.fetch import local_model_path
 
         path = local_model_path(path, storage_options)
+    if getattr(model, "unet", None):
+        from diffusers import UNet2DConditionModel
+
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(
+            _local(model.unet, storage_options), dtype=kwargs["dtype"], use_safetensors=kwargs["use_safetensors"])
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    load_loras(pipe, model, storage_options)
     apply_scheduler(pipe, model.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _local(path: str, storage_options: dict[str, Any] | None) -> str:
+    """``path`` itself when local, else this node's cached copy of that folder (models/fetch.py)."""
+    if storage.is_local(path):
+        return path
+    from synthmill.models.fetch import local_model_path
+
+    return local_model_path(path, storage_options)
+
+
+def load_loras(pipe: Any, model: Any, storage_options: dict[str, Any] | None = None) -> None:
+    """Load ``model.lora`` into ``pipe`` with diffusers (``load_lora_weights``, one adapter each), weigh them by
+    their scales (``set_adapters``), and with ``model.lora_fuse`` fuse them into the weights (``fuse_lora``, then
+    ``unload_lora_weights`` drops the adapters and keeps the fused weights)."""
+    loras = getattr(model, "lora", None) or []
+    if not loras:
+        return
+    if not hasattr(pipe, "load_lora_weights"):
+        raise SpecError(f"model.lora: {type(pipe).__name__} does not load LoRA weights")
+    names = []
+    for i, lora in enumerate(loras):
+        where = _local(lora.path, storage_options)
+        folder, weight = (where, LORA_FILE) if os.path.isdir(where) else os.path.split(where)
+        names.append(f"lora{i}")
+        pipe.load_lora_weights(folder, weight_name=weight, adapter_name=names[-1])
+    pipe.set_adapters(names, adapter_weights=[float(lora.scale) for lora in loras])
+    if model.lora_fuse:
+        pipe.fuse_lora(adapter_names=names)
+        pipe.unload_lora_weights()
 
 
 def optimize_pipeline(pipe: Any, model: Any, device: str) -> dict[str, Any]:

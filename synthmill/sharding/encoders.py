@@ -43,3 +43,7 @@ ENCODERS: dict[str, Callable[[np.ndarray, int], bytes]] = {
     "jpg": _encode_jpg,
     "webp": _encode_webp,
 }
+
+#: The tar member extension of a sample's final latents (``output.save_latents``): a float16 ``.npy`` array,
+#: channels x height/8 x width/8, in the space the UNet denoises (what ``output_type="latent"`` returns).
+LATENTS = "latents.npy"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from synthmill.sharding import storage
+from synthmill.sharding.encoders import LATENTS
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
 
@@ -52,6 +53,7 @@ class Sample:
     name: str  # where it came from, for messages: tar URL + key, or the file
     image: bytes
     caption: str | None
+    latents: bytes | None = None  # its KEY.latents.npy member, in a tar that has one (output.save_latents)
 
 
 @dataclass
@@ -238,7 +240,8 @@ def iter_unit(unit: Unit, opts: dict[str, Any] | None = None, captions: bool = T
                     if ext is None:
                         continue  # a sample without an image (say, metadata only)
                     name = f"{unit.tar}:{s['__key__']}"
-                    yield Sample(s["__key__"], name, s[ext], _text(s.get("txt"), name) if captions else None)
+                    yield Sample(s["__key__"], name, s[ext], _text(s.get("txt"), name) if captions else None,
+                                 s.get(LATENTS))
             except tarfile.TarError as e:
                 raise ImageSetError(f"{unit.tar}: not a readable tar file ({type(e).__name__})") from None
         return

@@ -214,3 +214,31 @@ def save_tiny_pipeline(folder: str | os.PathLike, kind: str = "sd", seed: int = 
     pipe = build_tiny_pipeline(kind, seed, unet_layout)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
+
+
+def save_tiny_unet(folder: str | os.PathLike, kind: str = "sd", seed: int = 1, unet_layout: str = "small") -> str:
+    """The UNet of a tiny pipeline of another ``seed``, saved as a diffusers UNet folder (for ``model.unet``)."""
+    build_tiny_pipeline(kind, seed, unet_layout).unet.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def save_tiny_lora(folder: str | os.PathLike, pipeline: str | os.PathLike, seed: int = 0, rank: int = 4) -> str:
+    """LoRA adapters (peft) of rank ``rank`` on the attention projections of the UNet of the pipeline folder
+    ``pipeline``, with random non-zero A and B (a fresh LoRA's B is zero: it would change nothing), saved with the
+    pipeline class's ``save_lora_weights`` as ``folder/pytorch_lora_weights.safetensors``; return ``folder``."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline))
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return str(folder)
