@@ -4,7 +4,7 @@ start-up benchmarks with their defaults.
     python -m benchmarks                    # generate, fid, extract, distill, driver, startup
     python -m benchmarks fid --smoke        # one benchmark by name, with its own flags
                                             # (generate, fid, extract, evaluate-all, distill, chaos, driver, startup,
-                                            # scale, filter, study)
+                                            # scale, filter, study, train)
     python -m benchmarks --smoke            # flags without a name: the generate benchmark alone, as before
     python -m benchmarks gpu                # on a GPU machine: generate at full size
                                             # (SD 1.5 @512, SSD-1B and SDXL @1024) and distill
@@ -35,7 +35,7 @@ def _runner(module: str, returns_code: bool = True) -> Callable[[list[str]], int
 BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
     name: _runner(name, returns_code=name != "chaos")
     for name in ("generate", "fid", "extract", "evaluate-all", "distill", "driver", "startup", "chaos", "scale",
-                 "filter", "study")
+                 "filter", "study", "train")
 }
 # what a bare ``python -m benchmarks`` runs, in this order
 DEFAULT = ("generate", "fid", "extract", "distill", "driver", "startup")
@@ -65,6 +65,9 @@ GPU_RUNS: tuple[tuple[str, list[str]], ...] = (
     # loop's contiguous ones; this run tells whether that is the difference.
     ("generate", ["--arch", "sdxl", "--size", "1024", "--steps", "20", "--prompts", "8", "--batch-size", "4",
                   "--samples-per-shard", "8", "--repeats", "1", "--no-ray-data", "--channels-last", "false"]),
+    # finetune, LCM and LCM-LoRA at SD 1.x's full size against the plain loop of each objective
+    ("train", ["--teacher", "sd-v1.4", "--size", "512", "--batch", "8", "--steps", "20", "--warmup", "5",
+               "--workers", "1", "--rank", "64", "--gradient-checkpointing"]),
 )
 
 

@@ -103,6 +103,17 @@ def test_distill_benchmark_smoke(background_smokes) -> None:
     assert re.search(r"^\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", stdout, re.M), stdout
 
 
+def test_train_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks train --smoke``: for finetune, LCM and LCM-LoRA, the plain loop of the objective's row
+    and a 1-worker ``synthmill run`` of the job train, and the table of ratios prints a row for each."""
+    code, stdout, stderr = background_smokes.result("test_train_benchmark_smoke")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    for method in ("finetune", "lcm", "lcm-lora"):
+        assert re.search(rf"^{method} +\(a\) plain loop, 1 process +\d+\.\d+ +1\.000 *$", stdout, re.M), stdout
+        assert re.search(rf"^{method} +\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", stdout,
+                         re.M), stdout
+
+
 def test_driver_benchmark_smoke(background_smokes) -> None:
     """``python -m benchmarks driver --smoke`` (in the background): the dry runs plan without Ray, a model or an
     output folder, and the pool's dispatch overhead prints next to a plain ``ray.wait`` loop's (on a local Ray)."""
