@@ -426,3 +426,15 @@ def test_bad_lcm_values_are_exit_2(overrides, field, tiny_sd, write_spec, capsys
     data = str(tmp_path / "data")  # never read: the spec is refused first
     msg = _bad(write_spec, capsys, lcm_spec(tiny_sd, data, str(tmp_path / "never")), *overrides)
     assert f"'{field}'" in msg, msg
+
+
+def test_student_arch_teacher_is_a_keyword_even_beside_a_folder_of_that_name(tiny_sd, write_spec, tmp_path,
+                                                                              monkeypatch):
+    """``student.arch: teacher`` names the teacher's own layout; a folder called ``teacher`` in the working
+    directory does not turn it into a path (which the spec would then refuse)."""
+    from synthmill.jobs.spec import load_spec
+
+    path = write_spec(lcm_spec(tiny_sd, str(tmp_path / "data"), str(tmp_path / "out")))
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("teacher")
+    assert load_spec(path).student.arch == "teacher"

@@ -40,7 +40,7 @@ def resolve_paths(spec: Any, paths: Mapping[str, str]) -> None:
     ``paths`` names the schema's fields that may hold a local path, and how each is read: ``"input"`` (a file
     or folder to read), ``"output"`` (the job's output folder), ``"name_or_path"`` (a hub id or name, or a local
     folder or file when one exists at that path), ``"file_or_name"`` (a name, or a file when one exists
-    there), ``"arch"`` (a student layout's name, else as ``"name_or_path"``), ``"init"`` (``teacher`` or
+    there), ``"arch"`` (a student layout's name or ``teacher``, else as ``"name_or_path"``), ``"init"`` (``teacher`` or
     ``random``, else as ``"input"``) and ``"clip"`` (an open_clip name,
     ``local-dir:PATH`` among them). A leading ``~`` is the user's home.
 
@@ -76,7 +76,7 @@ def resolve_paths(spec: Any, paths: Mapping[str, str]) -> None:
         if how == "arch":
             from synthmill.models.students import arch_name
 
-            if arch_name(path):
+            if arch_name(path) or path == "teacher":  # a layout's name, or method lcm's keyword (the teacher's own)
                 continue
         if how == "init" and path in ("teacher", "random"):
             continue  # a keyword of student.init, not a folder
