@@ -149,7 +149,8 @@ def test_full_finetune_with_ema_exports_a_pipeline_and_holds_one_unet(finetuned,
     assert s["worker_unet_params"] == s["model_params"] == s["trainable_params"] == _unet_params(tiny_sd)
     lines = metrics_lines(out)
     assert [r["step"] for r in lines] == list(range(1, STEPS + 1))
-    assert all(set(r) == {"step", "loss", "lr", "samples_per_s", "samples"} for r in lines)
+    assert all(set(r) == {"step", "loss", "lr", "samples_per_s", "samples", "vae_encoded"} for r in lines)
+    assert all(r["vae_encoded"] == r["samples"] // r["step"] for r in lines)  # images, no stored latents: all encoded
     assert all(0 < r["loss"] < 10 for r in lines)
     # trained, and the EMA is not the raw weights; the exported pipeline holds the EMA weights
     start = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
