@@ -169,8 +169,8 @@ def test_a_unit_keeps_its_feature_rows_until_the_sums_are_smaller():
 
 def test_partials_are_read_ahead_on_threads_and_parsed_by_the_caller(tmp_path, monkeypatch):
     """The merge reads the next units' npz bytes on threads but parses each in its own thread: numpy parses
-    npz headers with ast.literal_eval, which CPython 3.11 can break on several threads at once (a helper saw
-    "SystemError: AST constructor recursion depth mismatch" once in ~20 merges)."""
+    npz headers with ast.literal_eval, which CPython 3.11 can break on several threads at once ("SystemError: AST
+    constructor recursion depth mismatch" was seen once in ~20 merges)."""
     from synthmill.metrics import partials
 
     rng = np.random.default_rng(0)

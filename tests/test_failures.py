@@ -161,8 +161,8 @@ class DiesOnTheLastShard:
 
 
 def test_the_only_actor_lost_with_the_last_shard_is_replaced(ray_address):
-    """One actor, SIGKILLed while it holds the last shard: a replacement runs that shard. (A helper's
-    fuzzing found evaluate jobs failing there with 'not run: no actor could be started': the lost shard went
+    """One actor, SIGKILLed while it holds the last shard: a replacement runs that shard. (Fuzzing
+    found evaluate jobs failing there with 'not run: no actor could be started': the lost shard went
     back to the queue only after the actor was retired, and retiring starts a replacement only while
     shards wait.)"""
     import ray
