@@ -73,6 +73,18 @@ class Prepared:
         return self.info.get("inception", {}).get("sha256")
 
 
+def _check_networks(spec: EvaluateSpec, wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, Any]]:
+    """Each network the ``wanted`` features need -> what its check found (weights' path and sha256, ...)."""
+    needed = networks_of(tuple(f for fs in wanted.values() for f in fs))
+    return {n: NETWORKS[n].check(spec, spec.storage) for n in needed}
+
+
+def job_fingerprint(spec: EvaluateSpec, info: dict[str, dict[str, Any]]) -> str:
+    """The job's fingerprint from its settings and what the networks' checks found (``info``): the one
+    :func:`prepare` and :func:`check_before_generated` both give."""
+    return spec.fingerprint(info.get("inception", {}).get("sha256"), networks_sha256(info))
+
+
 def networks_sha256(info: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The digests of the weights files of the networks other than Inception (whose digest has its own key):
     what their checks found, for the job's fingerprint."""
@@ -180,14 +192,13 @@ def check_before_generated(spec: EvaluateSpec) -> str:
     field = "fid.weights"
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
-            info = {n: NETWORKS[n].check(spec, opts)
-                    for n in networks_of(tuple(f for fs in wanted.values() for f in fs))}
+            info = _check_networks(spec, wanted)
             field = "reference.path"
             _, ref_set = _reference(spec, info, wanted["reference"])
             if ref_set is not None:
                 ref_set.size = _check_headers("reference", ref_set, opts,
                                               any(NETWORKS[n].same_size(spec) for n in ref_set.networks))
-            fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"))
+            fingerprint = job_fingerprint(spec, info)
             field = "output.path"
             check_output_folder(spec.output.path, fingerprint, opts, "evaluate")
     except ImageSetError as e:
@@ -204,8 +215,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
     field = "fid.weights"
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
-            info = {n: NETWORKS[n].check(spec, opts)
-                    for n in networks_of(tuple(f for fs in wanted.values() for f in fs))}
+            info = _check_networks(spec, wanted)
             sets: dict[str, SetJob] = {}
             field = "generated.path"
             gen = open_image_set(spec.generated.path, opts, spec.generated.samples_per_unit,
@@ -224,7 +234,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             _check_counts(spec, {name: job.images.num_samples for name, job in sets.items()})
             field = "categories.path"
             categories = _categories(spec, gen, opts)
-            fingerprint = spec.fingerprint(info.get("inception", {}).get("sha256"), networks_sha256(info))
+            fingerprint = job_fingerprint(spec, info)
             field = "output.path"
             check_output_folder(spec.output.path, fingerprint, opts, "evaluate")
     except ImageSetError as e:
