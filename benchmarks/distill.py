@@ -207,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="workers of (c); 1 skips it")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--latents", action="store_true", help="also (d)/(e): without and with stored latents")
+    p.add_argument("--latents-only", action="store_true", help="(d)/(e) alone: no (a), (b) or (c)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="(d)/(e) rounds, in alternating order (d e, e d, ...); the ratio is the median of the rounds'")
     p.add_argument("--smoke", action="store_true")
     return p
 
@@ -219,35 +222,53 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-distill-") as work:
         teacher = make_teacher(args.teacher, os.path.join(work, "teacher"))
         data = make_data(os.path.join(work, "data"), args.images, args.size)
-        a = plain_loop(teacher, data, args)
-        print(f"(a) plain loop ({a['device']}): {a['samples_per_s']:.2f} samples/s"
-              + (f", peak {a['peak_gib']:.1f} GiB on {a['gpu']}" if "peak_gib" in a else ""), flush=True)
-        rows = [("(a) plain PyTorch loop, 1 process", a["samples_per_s"], None)]
-        for workers in sorted({1, args.workers}):
-            r = synthmill_job(teacher, data, work, workers, args)
-            label = f"({'b' if workers == 1 else 'c'}) synthmill run, {workers} worker{'s' if workers > 1 else ''}"
-            rows.append((label, r["samples_per_s"], r["end_to_end"]))
-            print(f"{label}: {r['samples_per_s']:.2f} samples/s steady, {r['end_to_end']:.2f} end to end "
-                  f"({r['wall_s']:.1f}s wall, final loss {r['final_loss']:.4f})", flush=True)
-        if args.latents:
-            rates = {}
-            for latents in (False, True):
-                tar = make_tar(teacher, data, os.path.join(work, f"data-{int(latents)}.tar"), latents)
-                r = synthmill_job(teacher, tar, work, 1, args, f"-tar{int(latents)}")
-                label = (f"({'e' if latents else 'd'}) synthmill run, 1 worker, tar "
-                         f"{'with' if latents else 'no'} latents")
+        rows: list[tuple[str, float, float | None]] = []
+        a = None
+        if not args.latents_only:
+            a = plain_loop(teacher, data, args)
+            print(f"(a) plain loop ({a['device']}): {a['samples_per_s']:.2f} samples/s"
+                  + (f", peak {a['peak_gib']:.1f} GiB on {a['gpu']}" if "peak_gib" in a else ""), flush=True)
+            rows.append(("(a) plain PyTorch loop, 1 process", a["samples_per_s"], None))
+            for workers in sorted({1, args.workers}):
+                r = synthmill_job(teacher, data, work, workers, args)
+                label = f"({'b' if workers == 1 else 'c'}) synthmill run, {workers} worker{'s' if workers > 1 else ''}"
                 rows.append((label, r["samples_per_s"], r["end_to_end"]))
-                rates[latents] = r["samples_per_s"]
                 print(f"{label}: {r['samples_per_s']:.2f} samples/s steady, {r['end_to_end']:.2f} end to end "
-                      f"({r['wall_s']:.1f}s wall, final loss {r['final_loss']:.4f}, VAE encoded {r['vae_encoded']} "
-                      "samples)", flush=True)
-            print(f"stored latents: {rates[True] / rates[False]:.3f}x the samples/s of encoding them", flush=True)
+                      f"({r['wall_s']:.1f}s wall, final loss {r['final_loss']:.4f})", flush=True)
+        if args.latents or args.latents_only:
+            rows += latents_rounds(teacher, data, work, args)
     print(f"\nteacher {args.teacher}, student {args.arch}, {args.size}x{args.size}, batch {args.batch} per worker, "
           f"{args.steps} steps ({args.warmup} warm-up)")
     print(f"{'':44s} {'samples/s':>10s} {'vs (a)':>8s} {'end-to-end':>11s}")
     for label, rate, e2e in rows:
-        print(f"{label:44s} {rate:10.2f} {rate / a['samples_per_s']:8.3f} {'' if e2e is None else f'{e2e:11.2f}'}")
+        vs_a = f"{rate / a['samples_per_s']:8.3f}" if a else f"{'':8s}"
+        print(f"{label:44s} {rate:10.2f} {vs_a} {'' if e2e is None else f'{e2e:11.2f}'}")
     return 0
+
+
+def latents_rounds(teacher: str, data: str, work: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """(d)/(e): the same 1-worker job over one tar without and with stored latents, ``--rounds`` times in
+    alternating order (so a change in the machine's load falls on both sides); rows of the medians."""
+    import statistics
+
+    tars = {latents: make_tar(teacher, data, os.path.join(work, f"data-{int(latents)}.tar"), latents)
+            for latents in (False, True)}
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    ratios = []
+    for i in range(args.rounds):
+        for latents in ((False, True) if i % 2 == 0 else (True, False)):
+            r = synthmill_job(teacher, tars[latents], work, 1, args, f"-tar{int(latents)}-{i}")
+            runs[latents].append(r)
+            print(f"round {i + 1}, ({'e' if latents else 'd'}) tar {'with' if latents else 'no'} latents: "
+                  f"{r['samples_per_s']:.2f} samples/s steady, {r['end_to_end']:.2f} end to end "
+                  f"({r['wall_s']:.1f}s wall, final loss {r['final_loss']:.4f}, VAE encoded {r['vae_encoded']} "
+                  "samples)", flush=True)
+        ratios.append(runs[True][-1]["samples_per_s"] / runs[False][-1]["samples_per_s"])
+    print(f"stored latents: {statistics.median(ratios):.3f}x the samples/s of encoding them (median of "
+          f"{len(ratios)} round{'s' if len(ratios) > 1 else ''}: {', '.join(f'{x:.3f}' for x in ratios)})", flush=True)
+    return [(f"({'e' if latents else 'd'}) synthmill run, 1 worker, tar {'with' if latents else 'no'} latents",
+             statistics.median(r["samples_per_s"] for r in runs[latents]),
+             statistics.median(r["end_to_end"] for r in runs[latents])) for latents in (False, True)]
 
 
 if __name__ == "__main__":
