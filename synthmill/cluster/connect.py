@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -98,8 +99,34 @@ def _init(address: str | None, dashboard: bool) -> None:
         # did on every start, a line about Ray's defaults on the first screen of every local run: it stays on,
         # without that line (Ray's warning that authentication is off, when RAY_AUTH_MODE=disabled, stays)
         logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_quiet_token_auth_default)
-        ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
+        # Ray Train (the jobs that want the dashboard) keeps the monitor: only the jobs of actors were measured without
+        with contextlib.nullcontext() if dashboard else _without_autoscaler_monitor():
+            ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
         _started_local_ray = True
+
+
+@contextmanager
+def _without_autoscaler_monitor() -> Iterator[None]:
+    """While a local Ray starts: without its autoscaler monitor. A single-node Ray that this process starts and stops
+    has nothing to scale, and the monitor, a Python process of its own, took ~0.8 s of CPU while Ray started, beside
+    the actors' imports (on 2 cores, ~0.4 s of the job's start); at the end it held up Ray's shutdown (see
+    :func:`shutdown_local`). Ray's ``RayParams.no_monitor`` (what ``ray start --head --no-monitor`` sets) is not among
+    ``ray.init``'s arguments, so the node's ``start_monitor`` is skipped for this call; a Ray without that method
+    starts as before."""
+    try:
+        from ray._private.node import Node
+    except ImportError:  # another Ray: start it as it comes
+        yield
+        return
+    start_monitor = Node.__dict__.get("start_monitor")
+    if start_monitor is None:
+        yield
+        return
+    Node.start_monitor = lambda self: None
+    try:
+        yield
+    finally:
+        Node.start_monitor = start_monitor
 
 
 #: The logger of Ray's token-authentication set-up (Ray 2.60), and its message when it turns authentication on.
