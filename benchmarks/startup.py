@@ -96,7 +96,6 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
         env = {**CPU_MALLOC_ENV, **env}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-    cpu0 = children_cpu_s()
     launch = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_FIRST_BATCH, repr(launch), model, str(cfg.steps), str(cfg.size),
@@ -110,17 +109,7 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
     imports, download, load, batch, rest = map(float, proc.stdout.split()[-5:])
     return {"start_and_imports": imports, "download": download, "model_load": load, "first_batch": batch,
             "to_first_tar": imports + download + load + batch, "rest": rest,
-            "finish_and_exit": ended - launch - (imports + download + load + batch + rest), "total": ended - launch,
-            "cpu": children_cpu_s() - cpu0}
-
-
-def children_cpu_s() -> float:
-    """User + system CPU seconds of this process's ended children and of the descendants they waited for (a
-    ``synthmill run``'s Ray processes and actors): what a run cost the machine, however busy it was."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+            "finish_and_exit": ended - launch - (imports + download + load + batch + rest), "total": ended - launch}
 
 
 def on_gpu() -> bool:
@@ -156,7 +145,6 @@ def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = No
         env["RAY_ADDRESS"] = ray_address
     if cache:
         env["SYNTHMILL_CACHE"] = cache
-    cpu0 = children_cpu_s()
     launch = time.time()
     proc = subprocess.run(synthmill_command() + ["run", spec_path, f"output.path={out}"], cwd=REPO, env=env,
                           capture_output=True, text=True)
@@ -180,7 +168,6 @@ def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = No
         "rest": last - st["first_shard_committed_s"],
         "finish_and_exit": ended - (run0 + last),
         "total": ended - launch,
-        "cpu": children_cpu_s() - cpu0,
     }
 
 
@@ -274,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"repeat {r + 1}/{args.repeats}: plain to first tar {plain[-1]['to_first_tar']:.2f} s, "
                       f"launch to exit {plain[-1]['total']:.2f} s; synthmill run to first shard "
-                      f"{ours[-1]['to_first_shard']:.2f} s, launch to exit {ours[-1]['total']:.2f} s (CPU "
-                      f"{plain[-1]['cpu']:.1f} s against {ours[-1]['cpu']:.1f} s); ratio "
+                      f"{ours[-1]['to_first_shard']:.2f} s, launch to exit {ours[-1]['total']:.2f} s; ratio "
                       f"{plain[-1]['total'] / ours[-1]['total']:.3f}; identical images {same[-1]}/{len(prompts)}; "
                       f"load average {os.getloadavg()[0]:.2f}", flush=True)
     whole = batch < args.prompts
@@ -307,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         ("after it: (synthmill: index, summary, Ray shutdown) exit", best_p["finish_and_exit"],
          best_s["finish_and_exit"]),
         ("**launch to exit**", best_p["total"], best_s["total"]),
-        ("CPU time of all its processes (user + system)", best_p["cpu"], best_s["cpu"]),
     ]
     for name, a, b in rows:
         print(f"| {name} | {'' if a is None else f'{a:.2f}'} | {'' if b is None else f'{b:.2f}'} |")
