@@ -60,7 +60,9 @@ if model.startswith("s3://"):
     s3fs.S3FileSystem(**json.loads(sys.argv[7])).get(model[len("s3://"):] + "/", local + "/", recursive=True)
     model = local
 t_download = time.time()
-pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+cuda = torch.cuda.is_available()  # what synthmill's dtype: auto picks: float16 on CUDA, float32 on CPU
+pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32)
+pipe = pipe.to("cuda" if cuda else "cpu")
 pipe.set_progress_bar_config(disable=True)
 t_load = time.time()
 prompts = sys.argv[5].split("\x1f")
