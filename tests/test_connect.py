@@ -34,8 +34,8 @@ out = {"worker": ray.get(initial_malloc_env.remote()), "runtime_env": cpu_runtim
 node = ray_worker._global_node
 out["started"] = sorted(node.all_processes)  # the kinds of process the node started itself
 ray_processes = psutil.Process().children(recursive=True)  # GCS, raylet, agents, workers
-out["skipped_processes"] = [" ".join(p.cmdline()) for p in ray_processes
-                            if "autoscaler" in " ".join(p.cmdline()) or "dashboard/dashboard.py" in " ".join(p.cmdline())]
+commands = [" ".join(p.cmdline()) for p in ray_processes]
+out["skipped_processes"] = [c for c in commands if "autoscaler" in c or "dashboard/dashboard.py" in c]
 @ray.remote(num_cpus=0)
 def shout():
     print("worker output reaches the driver")
