@@ -15,9 +15,16 @@ run downloads it (with ``--ray-address`` the cluster's actors keep their nodes' 
 the download before importing torch and diffusers; its "model load" is what was left of the download
 after the imports, plus the load.
 
+With ``--batch-size`` smaller than ``--prompts`` both run the whole job, batch by batch (the plain script
+writes every batch into its one tar, synthmill's one shard holds them all): then launch to exit is the
+figure to compare, given per round and as the median of the rounds' ratios. Every run's images are compared
+with the plain script's, pixel for pixel. On a CPU the plain script runs under the glibc malloc settings of
+synthmill's CPU actors and with the actor's torch threads, so that the two differ only in what synthmill does.
+
     python -m benchmarks startup            # the numbers in RESULTS.md
     python -m benchmarks startup --smoke    # one repeat; what tests/test_benchmarks.py runs
     python -m benchmarks startup --s3 --model DIR   # a model from s3:// (DIR: e.g. a full-size pipeline)
+    python -m benchmarks startup --prompts 192 --size 64 --steps 4 --batch-size 8 --repeats 3   # a short job
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
-from benchmarks.generate import PROMPTS_TSV, REPO, Settings, synthmill_command, write_spec
+from benchmarks.generate import REPO, Settings, read_prompts, synthmill_command, write_spec
 
 PLAIN_FIRST_BATCH = r"""
 import sys, time
@@ -51,40 +60,80 @@ if model.startswith("s3://"):
     s3fs.S3FileSystem(**json.loads(sys.argv[7])).get(model[len("s3://"):] + "/", local + "/", recursive=True)
     model = local
 t_download = time.time()
-pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+cuda = torch.cuda.is_available()  # what synthmill's dtype: auto picks: float16 on CUDA, float32 on CPU
+pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32)
+pipe = pipe.to("cuda" if cuda else "cpu")
 pipe.set_progress_bar_config(disable=True)
 t_load = time.time()
 prompts = sys.argv[5].split("\x1f")
-gens = [torch.Generator("cpu").manual_seed(i) for i in range(len(prompts))]
-images = pipe(prompts, num_inference_steps=int(sys.argv[3]), height=int(sys.argv[4]), width=int(sys.argv[4]),
-              generator=gens).images
+batch = int(sys.argv[9])
+t_first = None
 with webdataset.TarWriter(sys.argv[6]) as w:
-    for i, im in enumerate(images):
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        w.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": prompts[i]})
+    for lo in range(0, len(prompts), batch):
+        part = prompts[lo:lo + batch]
+        gens = [torch.Generator("cpu").manual_seed(lo + j) for j in range(len(part))]
+        images = pipe(part, num_inference_steps=int(sys.argv[3]), height=int(sys.argv[4]), width=int(sys.argv[4]),
+                      generator=gens).images
+        for j, im in enumerate(images):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            w.write({"__key__": f"{lo + j:010d}", "png": buf.getvalue(), "txt": part[j]})
+        t_first = t_first or time.time()
 t_batch = time.time()
-print(f"{t_imports - t0:.3f} {t_download - t_imports:.3f} {t_load - t_download:.3f} {t_batch - t_load:.3f}")
+print(f"{t_imports - t0:.3f} {t_download - t_imports:.3f} {t_load - t_download:.3f} {t_first - t_load:.3f} "
+      f"{t_batch - t_first:.3f}")
 """
 
 
 def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
-                      storage: dict | None = None) -> dict[str, float]:
+                      storage: dict | None = None, threads: int | None = None) -> dict[str, float]:
     """Seconds of a fresh plain script: start + imports (+ the download of an ``s3://`` model), model load,
-    first batch written; and in all."""
+    first batch written, the other batches (``cfg.batch_size`` a call); and in all. On a CPU it gets
+    synthmill's CPU actor malloc settings and ``threads`` torch threads (``OMP_NUM_THREADS``), as the actor."""
+    from synthmill.cluster.connect import CPU_MALLOC_ENV
+
     download = os.path.join(work, "plain-download")  # where the plain script puts an s3:// model
+    env = dict(os.environ)
+    if not on_gpu():
+        env = {**CPU_MALLOC_ENV, **env}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
     launch = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_FIRST_BATCH, repr(launch), model, str(cfg.steps), str(cfg.size),
-         "\x1f".join(prompts), os.path.join(work, "plain.tar"), json.dumps(storage or {}), download],
-        cwd=REPO, capture_output=True, text=True)
+         "\x1f".join(prompts), os.path.join(work, "plain.tar"), json.dumps(storage or {}), download,
+         str(cfg.batch_size)],
+        cwd=REPO, capture_output=True, text=True, env=env)
     ended = time.time()
     shutil.rmtree(download, ignore_errors=True)  # after the timing: each run downloads afresh
     if proc.returncode != 0:
         raise RuntimeError(f"plain script failed:\n{proc.stderr[-3000:]}")
-    imports, download, load, batch = map(float, proc.stdout.split()[-4:])
+    imports, download, load, batch, rest = map(float, proc.stdout.split()[-5:])
     return {"start_and_imports": imports, "download": download, "model_load": load, "first_batch": batch,
-            "to_first_tar": imports + download + load + batch, "total": ended - launch}
+            "to_first_tar": imports + download + load + batch, "rest": rest,
+            "finish_and_exit": ended - launch - (imports + download + load + batch + rest), "total": ended - launch}
+
+
+def on_gpu() -> bool:
+    """Whether this machine shows a GPU device file (as synthmill's local Ray decides it; cheap, no torch)."""
+    from synthmill.cluster.connect import _gpu_devices
+
+    return _gpu_devices()
+
+
+def tar_pixels(folder_or_tar: str) -> dict[int, Any]:
+    """{sample index: decoded image} of the PNGs in a tar, or in the tars under a folder."""
+    import numpy as np
+
+    from benchmarks.generate import tar_images
+
+    if os.path.isdir(folder_or_tar):
+        images = tar_images(folder_or_tar)
+    else:
+        with tempfile.TemporaryDirectory() as one:
+            os.symlink(os.path.abspath(folder_or_tar), os.path.join(one, "plain.tar"))
+            images = tar_images(one)
+    return {int(name.split(".")[0]): np.asarray(v) for name, v in images.items()}
 
 
 def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = None,
@@ -108,6 +157,8 @@ def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = No
         summary = json.load(fh)
     st, run0 = summary["startup"], summary["run_started_unix"]
     ready, load, imports = st["first_actor_ready_s"], st["first_actor_model_load_s"], st["first_actor_imports_s"]
+    # the last shard committed: one actor's active window ends there (it starts when the actor was ready)
+    last = max(st["first_shard_committed_s"], ready + max(a["active_s"] for a in summary["actors"]))
     return {
         "start_imports_validation": run0 - launch,
         "ray_start": st["ray_connected_s"],
@@ -116,7 +167,8 @@ def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = No
         "model_load": load,
         "first_shard": st["first_shard_committed_s"] - ready,
         "to_first_shard": run0 - launch + st["first_shard_committed_s"],
-        "finish_and_exit": ended - (run0 + st["first_shard_committed_s"]),
+        "rest": last - st["first_shard_committed_s"],
+        "finish_and_exit": ended - (run0 + last),
         "total": ended - launch,
     }
 
@@ -128,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per pipeline call (default: all prompts in one call); smaller: the whole job, "
+                        "batch by batch, compared launch to exit")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--ray-address",
                    help="join this Ray cluster instead of starting a local one (the test suite's smoke)")
@@ -174,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.smoke:
         args.prompts, args.size, args.repeats = 2, 32, 1
-    import csv
-
-    with open(PROMPTS_TSV, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        prompts = [row["caption"] for _, row in zip(range(args.prompts), reader, strict=False)]
+    prompts = read_prompts(args.prompts)
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-startup-") as work:
         model = args.model
         if model is None:
@@ -189,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             storage = None
             if args.s3:
                 model, storage = stack.enter_context(s3_model(model))
+            batch = min(args.batch_size or args.prompts, args.prompts)
             cfg = Settings(model=model, prompts=args.prompts, steps=args.steps, size=args.size,
-                           batch_size=args.prompts, samples_per_shard=args.prompts, guidance_scale=7.5, seed=0,
+                           batch_size=batch, samples_per_shard=args.prompts, guidance_scale=7.5, seed=0,
                            repeats=args.repeats, cpus_per_actor=None)
             spec_path = os.path.join(work, "job.yaml")
             # On its own local Ray the actor gets this machine's CPUs (on a CPU, its torch threads), as many
@@ -199,23 +251,34 @@ def main(argv: list[str] | None = None) -> int:
             write_spec(cfg, spec_path, cpus_per_actor=cpus, storage=storage)
             # synthmill's actors inherit SYNTHMILL_CACHE only from a local Ray this benchmark's run starts
             cache = os.path.join(work, "cache") if args.s3 and not args.ray_address else None
-            plain, ours = [], []
+            plain, ours, same = [], [], []
             for r in range(args.repeats):  # interleaved, so drifts in machine speed hit both
-                plain.append(plain_first_batch(model, cfg, prompts, work, storage))
-                ours.append(synthmill_first_shard(spec_path, os.path.join(work, f"out{r}"), args.ray_address, cache))
+                plain.append(plain_first_batch(model, cfg, prompts, work, storage, cpus))
+                out = os.path.join(work, f"out{r}")
+                ours.append(synthmill_first_shard(spec_path, out, args.ray_address, cache))
                 if cache:
                     shutil.rmtree(cache, ignore_errors=True)  # the next run downloads afresh too
+                a, b = tar_pixels(os.path.join(work, "plain.tar")), tar_pixels(os.path.join(out, "shards"))
+                same.append(sum(k in b and (v.shape == b[k].shape) and bool((v == b[k]).all()) for k, v in a.items()))
+                shutil.rmtree(out, ignore_errors=True)
                 print(f"repeat {r + 1}/{args.repeats}: plain to first tar {plain[-1]['to_first_tar']:.2f} s, "
-                      f"synthmill run to first shard {ours[-1]['to_first_shard']:.2f} s", flush=True)
-    best_p = min(plain, key=lambda d: d["to_first_tar"])
-    best_s = min(ours, key=lambda d: d["to_first_shard"])
+                      f"launch to exit {plain[-1]['total']:.2f} s; synthmill run to first shard "
+                      f"{ours[-1]['to_first_shard']:.2f} s, launch to exit {ours[-1]['total']:.2f} s; ratio "
+                      f"{plain[-1]['total'] / ours[-1]['total']:.3f}; identical images {same[-1]}/{len(prompts)}; "
+                      f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    whole = batch < args.prompts
+    key_p, key_s = ("total", "total") if whole else ("to_first_tar", "to_first_shard")
+    best_p = min(plain, key=lambda d: d[key_p])
+    best_s = min(ours, key=lambda d: d[key_s])
     source = ""
     if args.s3:
         source = ("; the model from s3:// (moto on 127.0.0.1), downloaded in every run" if cache else
                   "; the model from s3:// (moto on 127.0.0.1); synthmill's actors keep their node's cache (joined "
                   "cluster: only a cold node downloads)")
-    print(f"\n{args.prompts} prompts in one shard, {args.size}x{args.size}, {args.steps} steps, best of {args.repeats}"
-          f"; cluster.cpus_per_actor {cpus or 'default'}{source}")
+    threads = f"; the plain script with {cpus} torch threads and the actors' malloc settings" if (
+        cpus and not on_gpu()) else ""
+    print(f"\n{args.prompts} prompts in one shard, {args.size}x{args.size}, {args.steps} steps, batch {batch}, best "
+          f"of {args.repeats}; cluster.cpus_per_actor {cpus or 'default'}{threads}{source}")
     print("| stage | plain script s | synthmill run s |\n| --- | ---: | ---: |")
     rows = [
         ("process start, imports (plain: torch, diffusers; synthmill: its CLI) + validation",
@@ -228,17 +291,25 @@ def main(argv: list[str] | None = None) -> int:
         ("model load", best_p["model_load"], best_s["model_load"]),
         ("first batch -> first tar / committed shard", best_p["first_batch"], best_s["first_shard"]),
         ("**to the first tar / committed shard**", best_p["to_first_tar"], best_s["to_first_shard"]),
-        ("after it: index, summary, Ray shutdown, exit", None, best_s["finish_and_exit"]),
+        *([("the other batches (plain) / shards (synthmill)", best_p["rest"], best_s["rest"])] if whole else []),
+        ("after it: (synthmill: index, summary, Ray shutdown) exit", best_p["finish_and_exit"],
+         best_s["finish_and_exit"]),
         ("**launch to exit**", best_p["total"], best_s["total"]),
     ]
     for name, a, b in rows:
         print(f"| {name} | {'' if a is None else f'{a:.2f}'} | {'' if b is None else f'{b:.2f}'} |")
-    ratio = best_p["to_first_tar"] / best_s["to_first_shard"]
-    print(f"\nratio: time to first output, plain / synthmill = {ratio:.3f}; synthmill's fixed start-up beyond the "
-          f"plain script: {best_s['to_first_shard'] - best_p['to_first_tar']:.2f} s; launch to exit, plain / synthmill "
-          f"= {best_p['total'] / best_s['total']:.3f}")
+    ratios = sorted(p["total"] / s["total"] for p, s in zip(plain, ours, strict=True))
+    median = statistics.median(ratios)
+    print(f"\nidentical images, plain / synthmill: {min(same)}/{len(prompts)} in every run" if min(same) == max(same)
+          else f"\nidentical images, plain / synthmill: {same} of {len(prompts)} per run")
+    if not whole:
+        ratio = best_p["to_first_tar"] / best_s["to_first_shard"]
+        print(f"ratio: time to first output, plain / synthmill = {ratio:.3f}; synthmill's fixed start-up beyond the "
+              f"plain script: {best_s['to_first_shard'] - best_p['to_first_tar']:.2f} s; launch to exit, plain / "
+              f"synthmill = {best_p['total'] / best_s['total']:.3f}")
+    print(f"ratio: launch to exit, plain / synthmill, median of {len(ratios)} interleaved rounds = {median:.3f} "
+          f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

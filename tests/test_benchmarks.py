@@ -148,11 +148,16 @@ def test_scale_benchmark_smoke(capsys) -> None:
 def test_startup_benchmark_smoke(background_smokes) -> None:
     """``python -m benchmarks startup --smoke --s3`` (in the background): the start-up breakdown of ``synthmill run``
     (from its summary.json milestones; on a local Ray it starts) next to a plain script's, and the ratio, both
-    loading the model from ``s3://`` (a moto server the benchmark starts), each downloading it in every run."""
+    loading the model from ``s3://`` (a moto server the benchmark starts), each downloading it in every run. The job
+    on the local Ray that ``synthmill run`` starts for itself (without Ray's monitor and API server) makes the plain
+    diffusers script's images, pixel for pixel."""
     code, stdout, stderr = background_smokes.result("test_startup_benchmark_smoke")
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(r"^\| download of the s3:// model .* \| \d+\.\d+ \|  \|$", stdout, re.M), stdout
     assert "the model from s3:// (moto on 127.0.0.1), downloaded in every run" in stdout, stdout
+    assert "\nidentical images, plain / synthmill: 2/2 in every run\n" in stdout, stdout
+    assert re.search(r"^ratio: launch to exit, plain / synthmill, median of 1 interleaved rounds = \d+\.\d+ ", stdout,
+                     re.M), stdout
 
 
 def test_gpu_entries_by_number() -> None:
