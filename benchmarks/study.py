@@ -5,11 +5,13 @@ open_clip model (``synthmill.testing.random_weights``), and a reference folder o
 first model's images at another seed). Each variant runs in a fresh child process on a local Ray it starts
 (``--cpus`` CPUs); the time counted starts once Ray is up:
 
-(a) ``kind: study`` with both models (generate and evaluate of each; model 2 generates while model 1 is scored);
+(a) ``kind: study`` with both models (generate and evaluate of each; each model's shards are scored as they are
+    committed, and model 2 generates while model 1's last shards are scored);
 (b) the same four jobs one after another: generate 1, evaluate 1, generate 2, evaluate 2.
 
 Printed: the seconds of each, the generate jobs' own seconds in (b), and the ratios (a)/(b) (goal <= 0.85) and
-(a)/(sum of (b)'s generate jobs) (goal <= 1.15). The study's table numbers are checked equal to (b)'s.
+(a)/(sum of (b)'s generate jobs) (goal <= 1.15), and the machine's load average before and after. The study's
+table numbers are checked equal to (b)'s.
 
     python -m benchmarks study              # 16 prompts at 64x64, 4 steps
     python -m benchmarks study --smoke      # 4 prompts at 32x32, 2 steps
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"two tiny SD models, {args.prompts} prompts at {args.size}x{args.size}, {args.steps} steps, "
               f"{args.per_shard} samples a shard, {args.actors} actor(s) a job, local Ray with {args.cpus} CPUs",
               flush=True)
+        print("load average before (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
         out = {}
         for kind in ("a", "b"):
             proc = subprocess.run([sys.executable, "-m", "benchmarks.study", "--child", kind, root, str(args.cpus)],
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{out['b']['seconds'][3]:.1f})")
         print(f"ratio (a)/(b):                    {a / b:.3f}  (goal <= 0.85)")
         print(f"ratio (a)/(generate jobs alone):  {a / gen:.3f}  (goal <= 1.15)")
+        print("load average after (1, 5, 15 min):  " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
         same = out["a"]["numbers"] == out["b"]["numbers"]
         print(f"table numbers equal the sequential jobs' (FID, IS, CLIP of both models): {same}")
         return 0 if same else 1
