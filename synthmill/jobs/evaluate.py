@@ -317,7 +317,7 @@ class EvaluateJob(lifecycle.Job):
                                             job.keyed)
                         for name, job in p.sets.items()}
         self.todo = [(name, u.index) for name, job in p.sets.items() for u in job.images.units
-                     if u.index not in self.markers[name]]
+                     if u.index not in self.markers[name] and u.identity is not None]  # a growing set's: committed
         self.resumed = sum(len(m) for m in self.markers.values())
         self.report = None
 
