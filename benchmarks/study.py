@@ -5,11 +5,13 @@ open_clip model (``synthmill.testing.random_weights``), and a reference folder o
 first model's images at another seed). Each variant runs in a fresh child process on a local Ray it starts
 (``--cpus`` CPUs); the time counted starts once Ray is up:
 
-(a) ``kind: study`` with both models (generate and evaluate of each; model 2 generates while model 1 is scored);
+(a) ``kind: study`` with both models (generate and evaluate of each; each model's shards are scored as they are
+    committed, and model 2 generates while model 1's last shards are scored);
 (b) the same four jobs one after another: generate 1, evaluate 1, generate 2, evaluate 2.
 
 Printed: the seconds of each, the generate jobs' own seconds in (b), and the ratios (a)/(b) (goal <= 0.85) and
-(a)/(sum of (b)'s generate jobs) (goal <= 1.15). The study's table numbers are checked equal to (b)'s.
+(a)/(sum of (b)'s generate jobs) (goal <= 1.15), and the machine's load average before and after. The study's
+table numbers are checked equal to (b)'s.
 
     python -m benchmarks study              # 16 prompts at 64x64, 4 steps
     python -m benchmarks study --smoke      # 4 prompts at 32x32, 2 steps
@@ -74,6 +76,7 @@ def child(kind: str, root: str, cpus: str) -> dict[str, Any]:
         study = yaml.safe_load(fh)
     specs = [study] if kind == "a" else _sequential_specs(study, root)
     seconds, results = [], []
+    wall0 = time.time()
     for i, spec in enumerate(specs):
         path = os.path.join(root, f"{kind}{i}.yaml")
         Path(path).write_text(yaml.safe_dump(spec))
@@ -87,10 +90,31 @@ def child(kind: str, root: str, cpus: str) -> dict[str, Any]:
         with open(os.path.join(study["output"]["path"], "table.json"), encoding="utf-8") as fh:
             rows = json.load(fh)["rows"]
         numbers = [[r["fid"], r["is_mean"], r["clip_score"]] for r in rows]
+        return {"seconds": seconds, "numbers": numbers, "timeline": _timeline(study, wall0)}
     else:
         numbers = [[r["metrics"]["fid"], r["metrics"]["inception_score"]["mean"], r["metrics"]["clip_score"]]
                    for r in results[1::2]]
     return {"seconds": seconds, "numbers": numbers}
+
+
+def _timeline(study: dict[str, Any], wall0: float) -> list[list[Any]]:
+    """[what, start, end] of each job of the study, in seconds from the study's start: a generate job from its
+    summary.json (its run's start, to the second it took), an evaluation from its metrics.json (started_at, to the
+    second, and its seconds)."""
+    from datetime import datetime
+
+    out = []
+    for m in study["models"]:
+        root = study["output"]["path"]
+        with open(os.path.join(root, "models", m["name"], "summary.json"), encoding="utf-8") as fh:
+            g = json.load(fh)
+        with open(os.path.join(root, "scores", m["name"], "metrics.json"), encoding="utf-8") as fh:
+            e = json.load(fh)
+        start = datetime.fromisoformat(e["started_at"]).timestamp()
+        began = g["run_started_unix"] - wall0
+        out.append([f"generate {m['name']}", began, began + g["elapsed_s"]])
+        out.append([f"evaluate {m['name']}", start - wall0, start + e["elapsed_s"] - wall0])
+    return out
 
 
 def _build(root: str, args: argparse.Namespace) -> None:
@@ -138,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"two tiny SD models, {args.prompts} prompts at {args.size}x{args.size}, {args.steps} steps, "
               f"{args.per_shard} samples a shard, {args.actors} actor(s) a job, local Ray with {args.cpus} CPUs",
               flush=True)
+        print("load average before (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
         out = {}
         for kind in ("a", "b"):
             proc = subprocess.run([sys.executable, "-m", "benchmarks.study", "--child", kind, root, str(args.cpus)],
@@ -155,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{out['b']['seconds'][3]:.1f})")
         print(f"ratio (a)/(b):                    {a / b:.3f}  (goal <= 0.85)")
         print(f"ratio (a)/(generate jobs alone):  {a / gen:.3f}  (goal <= 1.15)")
+        print("(a)'s jobs, seconds from its start: " + "; ".join(f"{what} {t0:.0f}-{t1:.0f}"
+                                                             for what, t0, t1 in out["a"]["timeline"]))
+        print("load average after (1, 5, 15 min):  " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
         same = out["a"]["numbers"] == out["b"]["numbers"]
         print(f"table numbers equal the sequential jobs' (FID, IS, CLIP of both models): {same}")
         return 0 if same else 1

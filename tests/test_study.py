@@ -1,7 +1,8 @@
 """``kind: study``: two tiny models generated and scored into one table, equal to their own generate + evaluate
-runs; a rerun does nothing; an added model runs alone; a changed model is refused by name; a study whose driver
-is SIGKILLed while the second model generates resumes to the same table; bad input is one line before anything
-is written."""
+runs; a model's evaluation scores its shards as they are committed, with the numbers of its finished images; a
+rerun does nothing; an added model runs alone; a changed model is refused by name; a study whose driver is
+SIGKILLed while the second model generates resumes to the same table; bad input is one line before anything is
+written."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import glob
 import html
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +123,70 @@ def test_a_row_equals_the_models_own_generate_and_evaluate_runs(studied, write_s
     b = table["rows"][1]
     assert (b["fid"], b["is_mean"], b["is_std"], b["clip_score"]) == (
         m["fid"], m["inception_score"]["mean"], m["inception_score"]["std"], m["clip_score"])
+
+
+def test_an_evaluation_scores_shards_as_they_are_committed_and_gives_the_finished_images_numbers(studied, tmp_path):
+    """evaluate.run_while_generated (what a study runs for each model) on a generate output whose shards are
+    committed one by one: units are scored before the last shard is committed, and the result is the model's
+    evaluation of the finished images, bit for bit."""
+    import threading
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from synthmill.jobs import evaluate
+    from synthmill.jobs.spec import load_spec
+
+    spec, _, out, _ = studied
+    images = str(tmp_path / "images")
+    shutil.copytree(os.path.join(out, "models", "a"), images)
+    shards = os.path.join(images, "shards")
+    held = tmp_path / "held"  # the markers of the shards not committed yet: a marker is a shard's commit point
+    held.mkdir()
+    for k in range(4):
+        os.rename(os.path.join(shards, f"{k:06d}.json"), held / f"{k:06d}.json")
+    ev = {"kind": "evaluate", **copy.deepcopy(spec["evaluate"]), "generated": {"path": images},
+          "output": {"path": str(tmp_path / "eval")}}
+    ev_path = tmp_path / "eval.yaml"
+    ev_path.write_text(yaml.safe_dump(ev))
+    with open(os.path.join(images, "plan.json"), encoding="utf-8") as fh:
+        plan = json.load(fh)
+    ended, result, errors = threading.Event(), [], []
+    loaded = load_spec(str(ev_path))
+
+    def score() -> None:
+        try:
+            result.append(evaluate.run_while_generated(loaded, ended.is_set, plan["fingerprint"], plan["shards"]))
+        except BaseException as e:  # noqa: BLE001 - raised below
+            errors.append(e)
+
+    thread = threading.Thread(target=score, daemon=True)
+    thread.start()
+    partials = tmp_path / "eval" / "partials" / "generated"
+    scored: list[str] = []
+    deadline = time.time() + 600
+    for k in range(3):  # commit shards 0 to 2 (its first look finds none); shard 3 waits until a unit is scored
+        time.sleep(2.0)
+        os.rename(held / f"{k:06d}.json", os.path.join(shards, f"{k:06d}.json"))
+    while time.time() < deadline and not scored and thread.is_alive():
+        scored = sorted(n for n in os.listdir(partials) if n.endswith(".json")) if partials.is_dir() else []
+        time.sleep(0.1)
+    assert scored and not errors, errors  # scored while shard 3 is not committed
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    os.rename(held / "000003.json", os.path.join(shards, "000003.json"))
+    ended.set()
+    thread.join(timeout=600)
+    assert not errors and result and result[0]["status"] == "complete", errors
+    streamed, own = result[0], json.load(open(os.path.join(out, "scores", "a", "metrics.json"), encoding="utf-8"))
+    where = lambda m: {k: v for k, v in m.items() if k != "fid_reference"}  # noqa: E731 - it names its output
+    assert where(streamed["metrics"]) == where(own["metrics"]) and "fid" in streamed["metrics"]
+    assert streamed["samples"] == own["samples"] == {"generated": 4, "reference": 4}
+    assert streamed["units"] == own["units"] and streamed["units_run"] == own["units_run"] == 5  # none twice
+    assert pq.read_table(tmp_path / "eval" / "scores.parquet").equals(
+        pq.read_table(os.path.join(out, "scores", "a", "scores.parquet")))
+    with np.load(tmp_path / "eval" / "fid_stats.npz") as a, np.load(os.path.join(out, "scores", "a",
+                                                                                  "fid_stats.npz")) as b:
+        assert a.files == b.files and all(np.array_equal(a[f], b[f]) for f in a.files)
 
 
 def test_rerun_does_nothing_an_added_model_runs_alone_a_changed_one_is_refused(studied, tiny_sd, tmp_path):

@@ -8,6 +8,10 @@ When an actor dies, every shard it held is requeued the same way and a replaceme
 (within ``max_replacements``). A shard that used up its attempts is reported as failed with its
 last error; the other shards still run.
 
+The shards may also arrive while the pool runs (``feed``: an evaluation that scores a generate job's shards
+as they are committed): the actors start at once and wait for work, and the pool ends when the feed says no
+more will come and every shard has ended.
+
 Each failure is one line on the terminal (what failed, on which actor, the error's type and the first line
 of its message); its whole text, the remote traceback, goes to a file of its own under ``OUTPUT/logs/``
 (:class:`FailureLog`). The actors raise only in tasks, never in ``__init__`` (they keep a start error for
@@ -173,7 +177,8 @@ class ShardPool:
     """Run ``method(shard_id, attempt)`` on actors made by ``make_actor()`` until every shard ends.
 
     ``logs``: the output whose ``logs/`` folder gets each failure's full text (:class:`FailureLog`); ``unit``
-    names a shard id in lines and log names (``shard 000003`` by default).
+    names a shard id in lines and log names (``shard 000003`` by default); ``task_args(k)``: more arguments of
+    shard ``k``'s calls, after its id and attempt.
     """
 
     def __init__(
@@ -189,8 +194,10 @@ class ShardPool:
         tick_s: float = 0.5,
         logs: OutputLayout | None = None,
         unit: Callable[[int], str] | None = None,
+        task_args: Callable[[int], tuple] | None = None,
     ):
         self.make_actor, self.num_actors, self.method = make_actor, num_actors, method
+        self.task_args = task_args or (lambda k: ())  # what each call gets after (shard id, attempt)
         self.logs, self.unit = logs, unit or (lambda k: f"shard {k:06d}")
         self.inflight, self.max_attempts, self.tick_s = inflight, max_attempts, tick_s
         self.start_timeout_s = start_timeout_s
@@ -205,16 +212,22 @@ class ShardPool:
         shard_ids: list[int],
         on_result: Callable[[int, Any], None],
         on_progress: Callable[[int], None] | None = None,
+        feed: Callable[[], tuple[list[int], bool]] | None = None,
     ) -> PoolReport:
         """Process ``shard_ids``; ``on_result(k, result)`` is called once per successful shard.
 
         With ``on_progress``, the actors' ``progress()`` (samples finished so far) is polled about once a
         second without waiting on it, and ``on_progress(sum)`` is called every tick.
+
+        With ``feed``, shards also come while the pool runs: every tick ``feed()`` gives (the shard ids ready
+        since, whether more may come). ``num_actors`` actors start at once; while more may come, an actor
+        still waiting for a place (the cluster busy with what makes the shards) is not given up on.
         """
         report = PoolReport()
         queue: deque[int] = deque(shard_ids)
+        self.more = feed is not None
         self.failure_log = FailureLog(self.logs)
-        slots = [self._start() for _ in range(min(self.num_actors, len(shard_ids)))]
+        slots = [self._start() for _ in range(self.num_actors if self.more else min(self.num_actors, len(shard_ids)))]
         report.actors_started = len(slots)
         replacements = 0
 
@@ -231,7 +244,7 @@ class ShardPool:
                 ray.kill(slot.handle, no_restart=True)
             except Exception:  # already gone
                 pass
-            if replace and queue and replacements < self.max_replacements:
+            if replace and (queue or self.more) and replacements < self.max_replacements:
                 replacements += 1
                 report.actors_started += 1
                 slots.append(self._start())
@@ -239,7 +252,7 @@ class ShardPool:
 
         ended = False
         try:
-            self._loop(slots, queue, report, retire, on_result, on_progress)
+            self._loop(slots, queue, report, retire, on_result, on_progress, feed)
             ended = True
         finally:  # also when on_result raises: never leave actors running
             for s in slots:
@@ -248,29 +261,36 @@ class ShardPool:
             self.failure_log.close(wait=ended)  # the logs named on the terminal are there when the pool returns
         return report
 
-    def _loop(self, slots, queue, report, retire, on_result, on_progress) -> None:
+    def _loop(self, slots, queue, report, retire, on_result, on_progress, feed) -> None:
         last_poll = 0.0
         last_start_error = ""
         ever_live = False
         idle_since = time.monotonic()  # since when no actor has been live (for start_timeout_s)
         while True:
+            if self.more:
+                ready_ids, self.more = feed()
+                queue.extend(ready_ids)
             live = [s for s in slots if not s.dead]
             for s in live:
                 while s.live and queue and len(s.inflight) < self.inflight:
                     k = queue.popleft()
                     report.attempts[k] += 1
-                    s.inflight[getattr(s.handle, self.method).remote(k, report.attempts[k])] = k
+                    call = getattr(s.handle, self.method).remote(k, report.attempts[k], *self.task_args(k))
+                    s.inflight[call] = k
             waiting = {ref: s for s in live for ref in s.inflight}
             starting = {s.ready_ref: s for s in live if not s.live}
-            if not queue and not waiting:
+            if not queue and not waiting and not self.more:
                 break  # all shards ended; actors still starting (say, unplaceable replacements) are not needed
-            if any(s.live for s in live):
+            if any(s.live for s in live) or self.more:  # while shards are being made, their makers hold the cluster
                 idle_since = time.monotonic()
             elif starting and time.monotonic() - idle_since > self.start_timeout_s:
                 last_start_error = (f"no actor became ready within {self.start_timeout_s:.0f}s "
                                     "(not enough free resources in the cluster?)")
                 for s in starting.values():
                     retire(s, last_start_error, replace=False)
+                continue
+            if not waiting and not starting and any(s.live for s in live):  # idle: the next shards are not ready
+                time.sleep(self.tick_s)
                 continue
             if not waiting and not starting:  # nothing can run the rest
                 reason = (f"actor failed to start: {last_start_error}" if last_start_error

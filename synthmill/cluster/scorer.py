@@ -25,7 +25,7 @@ import ray
 from synthmill.metrics import partials
 from synthmill.metrics.registry import FEATURES, NETWORKS, networks_of, per_sample_of
 from synthmill.sharding import storage
-from synthmill.sharding.images import ImageSet, ImageSetError, Sample, check_pixels, image_size, iter_unit
+from synthmill.sharding.images import ImageSet, ImageSetError, Sample, Unit, check_pixels, image_size, iter_unit
 from synthmill.sharding.nodes import NodePath, check_node_sees
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Work:
     """Everything a scorer needs besides the spec: the sets, the task list, where to commit."""
 
     sets: dict[str, SetJob]
-    tasks: list[tuple[str, int]]  # task id -> (set name, unit index)
+    tasks: list[tuple[str, int]]  # task id -> (set name, unit index), unless the call names its unit
     fingerprint: str
     info: dict[str, dict[str, Any]]  # network name -> what the driver's check found (a weights file's digest)
     output: str
@@ -131,11 +131,16 @@ class Scorer:
                     acc[f].add(values[f])
             self.samples_done += len(batch)
 
-    def process(self, t: int, attempt: int = 1) -> dict[str, Any]:
-        """Score task ``t``; return its committed marker, or ``{"bad_input": message}``."""
-        set_name, k = self.work.tasks[t]
+    def process(self, t: int, attempt: int = 1, task: tuple[str, Unit] | None = None) -> dict[str, Any]:
+        """Score task ``t``; return its committed marker, or ``{"bad_input": message}``. ``task``: its set's name
+        and its unit, when the unit is not in ``work`` (a shard committed after the work was handed out)."""
+        if task is None:
+            set_name, k = self.work.tasks[t]
+            unit = self.work.sets[set_name].images.units[k]
+        else:
+            set_name, unit = task
+            k = unit.index
         job = self.work.sets[set_name]
-        unit = job.images.units[k]
         t0 = time.perf_counter()
         acc = {f: FEATURES[f].unit() for f in job.features}
         keys: list[str] = []
@@ -185,8 +190,8 @@ class ScorerActor:
             raise self.start_error
         return self.scorer.info()
 
-    def process(self, t: int, attempt: int = 1) -> dict[str, Any]:
-        return self.scorer.process(t, attempt)
+    def process(self, t: int, attempt: int = 1, task: tuple[str, Unit] | None = None) -> dict[str, Any]:
+        return self.scorer.process(t, attempt, task)
 
     def progress(self) -> int:
         return self.scorer.samples_done

@@ -6,12 +6,17 @@ from headers), sample counts against what each metric needs, a reference stats f
 protocol, and the output folder. Actors then score units and commit partial sums; the driver merges
 them in unit order in float64 and writes ``fid_stats.npz``, ``reference_stats.npz`` (when the
 reference is images) and, last, ``metrics.json``.
+
+A study scores a model's images while its generate job runs (:func:`run_while_generated`): the units are the
+generate plan's shards, as always, and each is scored once its marker is committed, so the output is the one
+an evaluation of the finished images gives.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -38,6 +43,7 @@ from synthmill.sharding.images import (
     ImageSetError,
     check_first_sample,
     check_pixels,
+    committed_shards,
     first_image_size,
     image_size,
     open_image_set,
@@ -46,6 +52,9 @@ from synthmill.sharding.layout import FAILURES, SCORES, OutputLayout
 from synthmill.sharding.layout import METRICS as METRICS_FILE
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two looks at a running generate job's committed shards (more when a look takes long).
+POLL_S = 0.5
 
 #: The libraries every evaluation records the versions of; each metric adds its own (``Metric.libraries``).
 CORE_LIBRARIES = ("synthmill", "torch", "torchvision", "numpy", "pillow", "pyarrow", "webdataset", "fsspec", "ray")
@@ -100,7 +109,7 @@ def _check_headers(name: str, job: SetJob, opts: dict[str, Any] | None, same_siz
     if images.image_size is not None:  # a generate output: its job.yaml gives every image's size
         check_pixels(images.image_size, limit, f"{images.path} (sampling.width x sampling.height)", field)
         return images.image_size if same_size else None
-    size = first_image_size(images.units[0], opts, limit, field)
+    size = first_image_size(images.first_unit, opts, limit, field)
     if images.kind == "folder" and storage.is_local(images.path):
         for unit in images.units:
             for f in unit.files:
@@ -208,8 +217,9 @@ def check_before_generated(spec: EvaluateSpec) -> str:
     return fingerprint
 
 
-def prepare(spec: EvaluateSpec) -> Prepared:
-    """Check every input without loading a network or writing anything; plan the units."""
+def prepare(spec: EvaluateSpec, growing: bool = False) -> Prepared:
+    """Check every input without loading a network or writing anything; plan the units. ``growing``: the generated
+    set is a generate output whose job is still running, with a shard committed (see :func:`run_while_generated`)."""
     opts = spec.storage
     wanted = {name: features_of(spec.metrics, name) for name in ("generated", "reference")}
     field = "fid.weights"
@@ -219,7 +229,7 @@ def prepare(spec: EvaluateSpec) -> Prepared:
             sets: dict[str, SetJob] = {}
             field = "generated.path"
             gen = open_image_set(spec.generated.path, opts, spec.generated.samples_per_unit,
-                                 set_plan_check(field, opts))
+                                 set_plan_check(field, opts), growing)
             sets["generated"] = SetJob(gen, wanted["generated"], max_pixels=spec.generated.max_image_pixels)
             if sets["generated"].captions:  # the rest are checked as they are scored
                 check_first_sample(gen, opts, sets["generated"].captions, spec.generated.max_image_pixels,
@@ -245,7 +255,8 @@ def prepare(spec: EvaluateSpec) -> Prepared:
 
 
 def _identities(job: SetJob) -> dict[int, str]:
-    return {u.index: u.identity for u in job.images.units}
+    """Unit -> identity, of the units there are (a growing set's committed shards)."""
+    return {u.index: u.identity for u in job.images.units if u.identity is not None}
 
 
 def plan_summary(p: Prepared) -> dict[str, Any]:
@@ -291,22 +302,32 @@ _SHOWN = {"fid", "inception_score", "clip_score", "clip_score_x100"}
 
 
 class EvaluateJob(lifecycle.Job):
+    """An evaluation; ``ended``: of a growing set (:func:`prepare` with ``growing``), whether its generate job has
+    ended, so that no more shards will be committed."""
+
     final_file = METRICS_FILE
 
-    def __init__(self, p: Prepared):
+    def __init__(self, p: Prepared, ended: Callable[[], bool] | None = None):
         self.p, self.spec, self.layout = p, p.spec, p.layout
+        self.ended = ended
+        self.next_look = 0.0  # a growing set's next look at its committed shards (time.monotonic)
         self.started = datetime.now(timezone.utc)
         self.t0 = time.perf_counter()
         self.markers = {name: partials.done(self.layout.url, name, _identities(job), p.fingerprint, self.layout.opts,
                                             job.keyed)
                         for name, job in p.sets.items()}
         self.todo = [(name, u.index) for name, job in p.sets.items() for u in job.images.units
-                     if u.index not in self.markers[name]]
+                     if u.index not in self.markers[name] and u.identity is not None]  # a growing set's: committed
         self.resumed = sum(len(m) for m in self.markers.values())
         self.report = None
 
+    @property
+    def waiting(self) -> list[int]:
+        """The units whose shards are not committed yet (a growing set's)."""
+        return self.p.sets["generated"].images.waiting if self.ended is not None else []
+
     def pending(self) -> bool:
-        return bool(self.todo)
+        return bool(self.todo) or bool(self.waiting)
 
     def placed(self, resources: dict[str, float]) -> None:
         from synthmill.cluster.connect import check_actor_fits
@@ -327,9 +348,9 @@ class EvaluateJob(lifecycle.Job):
         from synthmill.cluster.pool import ProgressBar, ShardPool
         from synthmill.cluster.scorer import ScorerActor
 
-        p, spec, todo = self.p, self.spec, self.todo
+        p, spec, todo = self.p, self.spec, self.todo  # a growing set's tasks are added to todo as its shards commit
         n_actors, use_gpu = actor_count(spec.cluster.num_actors, resources, spec.cluster.cpus_per_actor)
-        n_actors = min(n_actors, len(todo))
+        n_actors = min(n_actors, len(todo) + len(self.waiting))
         seen = node_paths(spec, (*(f"{name}.path" for name in p.sets), "output.path"))  # what each actor reads
         work = ray.put(Work(p.sets, todo, p.fingerprint, p.info, self.layout.url, spec.storage, seen))
         options = actor_options(spec.cluster, use_gpu)
@@ -344,16 +365,47 @@ class EvaluateJob(lifecycle.Job):
             self.markers[set_name][k] = marker
             bar.committed(marker["count"])
 
-        total = sum(p.sets[s].images.units[k].count or 0 for s, k in todo)
+        def task(t: int) -> tuple[tuple[str, Any]]:  # the unit itself: a growing set's is not in ``work``
+            set_name, k = todo[t]
+            return ((set_name, p.sets[set_name].images.units[k]),)
+
+        units = [p.sets[s].images.units[k] for s, k in todo] + [p.sets["generated"].images.units[k]
+                                                                 for k in self.waiting]
         pool = ShardPool(make_actor, n_actors, method="process", inflight=spec.cluster.inflight_per_actor,
                          max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s,
-                         logs=self.layout, unit=lambda t: f"unit {todo[t][0]}/{todo[t][1]:06d}")
-        bar = ProgressBar(total, "evaluate")
+                         logs=self.layout, unit=lambda t: f"unit {todo[t][0]}/{todo[t][1]:06d}", task_args=task)
+        bar = ProgressBar(sum(u.count or 0 for u in units), "evaluate")
         try:
-            self.report = pool.run(list(range(len(todo))), on_result, bar.update)
+            self.report = pool.run(list(range(len(todo))), on_result, bar.update,
+                                   self._committed_since if self.ended is not None else None)
         finally:
             bar.close()
-        return {f"{todo[t][0]}/{todo[t][1]:06d}": err for t, err in sorted(self.report.failed.items())}
+        failed = {f"{todo[t][0]}/{todo[t][1]:06d}": err for t, err in sorted(self.report.failed.items())}
+        for k in self.waiting:  # the generate job ended without them (its own failure names why), or no scorer ran
+            failed[f"generated/{k:06d}"] = "not scored: its shard was not committed while the evaluation ran"
+        return failed
+
+    def _committed_since(self) -> tuple[list[int], bool]:
+        """The tasks of a growing set's shards committed since the last look, and whether more may come: the
+        scorer pool's ``feed``. A shard whose partial is already committed (a killed run's) is not scored again."""
+        if time.monotonic() < self.next_look:
+            return [], True
+        ended = self.ended()  # before looking: this look then sees every shard of a job that has ended
+        t0 = time.monotonic()
+        job = self.p.sets["generated"]
+        units = job.images.committed_since(self.spec.storage)
+        new = []
+        if units:
+            done = partials.done(self.layout.url, "generated", {u.index: u.identity for u in units},
+                                 self.p.fingerprint, self.layout.opts, job.keyed)
+            self.markers["generated"].update(done)
+            self.resumed += len(done)
+            for u in units:
+                if u.index not in done:
+                    self.todo.append(("generated", u.index))
+                    new.append(len(self.todo) - 1)
+        self.next_look = time.monotonic() + max(POLL_S, 10 * (time.monotonic() - t0))
+        return new, bool(self.waiting) and not ended
 
     def failure_message(self, failures: dict[str, str]) -> str:
         return super().failure_message(failures) + " Run the same command again to retry them; scored units are kept."
@@ -454,9 +506,41 @@ class EvaluateJob(lifecycle.Job):
         return out
 
 
-def run(p: Prepared) -> dict[str, Any]:
-    """Score what is not scored yet, merge, and write the stats files and ``metrics.json``."""
-    return lifecycle.run(EvaluateJob(p))
+def run(p: Prepared, ended: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Score what is not scored yet, merge, and write the stats files and ``metrics.json``. ``ended``: see
+    :class:`EvaluateJob`."""
+    return lifecycle.run(EvaluateJob(p, ended))
+
+
+def run_while_generated(spec: EvaluateSpec, ended: Callable[[], bool], fingerprint: str,
+                        shards: int) -> dict[str, Any] | None:
+    """Evaluate the images of a generate job that is running (a study's model): score each shard once its marker is
+    committed, and merge once ``ended()`` (the generate job returned or failed) and every shard is scored. The
+    output is the one :func:`run` gives on the finished images: the units are the plan's shards either way.
+
+    Waits until the generate output's plan.json is this run's (its ``fingerprint`` and number of ``shards``: a
+    rerun's plan.json may be an earlier run's until the job claims its folder again) and the job has committed a
+    shard since the first look (the shards found then are an earlier run's), or has ended; then checks everything
+    as :func:`prepare` does. So the scorers start once the generators hold their place in the cluster, which
+    scorers started earlier could take (a cluster with room for one actor would then wait for ever). Returns None
+    when the generate job ended with no shard committed (its failure says why)."""
+    images = spec.generated.path
+    earlier: set[int] | None = None  # the shards committed at the first look
+    while True:
+        over = ended()
+        found = storage.read_plan(images, spec.storage)
+        if isinstance(found, dict) and (found.get("fingerprint"), found.get("shards")) == (fingerprint, shards):
+            if earlier is None:
+                earlier, new = set(committed_shards(images, found, spec.storage, range(shards))), False
+            else:  # only the shards not committed then are looked at again
+                rest = [k for k in range(shards) if k not in earlier]
+                new = bool(committed_shards(images, found, spec.storage, rest))
+            if new or (over and earlier):
+                break
+        if over:
+            return None
+        time.sleep(POLL_S)
+    return run(prepare(spec, growing=True), ended)
 
 
 # ---- synthmill status ----

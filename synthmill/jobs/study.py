@@ -6,8 +6,9 @@ its own output and refuses its own conflicts (a model whose settings changed: na
 itself keeps no state a rerun cannot rebuild: a model is done when its generate output is complete and its
 evaluation is complete with nothing left to score.
 
-Scoring overlaps generating (``_Pipeline``): the evaluation of model i runs on a thread of the driver while
-model i+1 generates; the scorer actors and the generator actors share the cluster.
+Scoring overlaps generating (``_Pipeline``): the evaluation of model i runs on a thread of the driver from the
+start of model i's generation, scoring each shard as it is committed, and model i+1 generates as soon as model
+i's images are made; the scorer actors and the generator actors share the cluster.
 """
 
 from __future__ import annotations
@@ -254,9 +255,11 @@ class StudyJob(lifecycle.Job):
 
 
 class _Pipeline:
-    """Each model's generate job, one after another on this thread; each model's evaluation on a scoring
-    thread as soon as its images are complete, while the next model generates. The scorer actors and the
-    generator actors share the cluster (Ray places each as CPUs or GPUs free up)."""
+    """Each model's generate job, one after another on this thread; each model's evaluation on a thread of its own
+    from the start of its generation (``evaluate.run_while_generated``: each shard is scored once it is committed),
+    so the next model generates while the last one's remaining shards are scored. The scorer actors and the
+    generator actors share the cluster (Ray places each as CPUs or GPUs free up); a model's scorers start once its
+    first shard is committed, so they never hold the place its generators need."""
 
     def __init__(self, todo: list[Part]):
         self.todo = todo
@@ -264,42 +267,60 @@ class _Pipeline:
         self.lock = threading.Lock()
 
     def _fail(self, name: str, e: Exception) -> None:
+        """The model's first failure is the one named (a failed generation, not the shards its scoring missed)."""
         with self.lock:
-            self.failures[name] = f"{type(e).__name__}: {e}" if not isinstance(e, (JobFailed, SpecError)) else str(e)
+            self.failures.setdefault(
+                name, f"{type(e).__name__}: {e}" if not isinstance(e, (JobFailed, SpecError)) else str(e))
 
-    def _score(self, part: Part) -> None:
+    def _score(self, part: Part, ended: threading.Event | None) -> None:
         try:
             log.info("study: scoring %s", part.name)
-            evaluate.run(evaluate.prepare(part.eval_spec))
+            if ended is None:  # generated already: its evaluation as a job of its own
+                evaluate.run(evaluate.prepare(part.eval_spec))
+            else:
+                evaluate.run_while_generated(part.eval_spec, ended.is_set, part.gen.fingerprint,
+                                             part.gen.plan.num_shards)
         except SpecError as e:
             self._fail(part.name, _in_model(part.name, e))
         except Exception as e:  # noqa: BLE001 - one model's failure is named; the others go on
             self._fail(part.name, e)
 
     def run(self) -> dict[str, str]:
-        scoring: threading.Thread | None = None
+        scoring: list[threading.Thread] = []
+        ends: list[threading.Event] = []
         errors: list[BaseException] = []
+
+        def score(part: Part, ended: threading.Event | None) -> None:
+            thread = threading.Thread(target=self._guard(errors, self._score), args=(part, ended),
+                                      name=f"score-{part.name}", daemon=True)
+            thread.start()
+            scoring.append(thread)
+
         try:
             for part in self.todo:
-                if not part.generated:
-                    log.info("study: generating %s", part.name)
-                    try:
-                        generate.run(part.gen)
-                    except SpecError as e:
-                        raise _in_model(part.name, e) from None
-                    except JobFailed as e:
-                        self._fail(part.name, e)
-                        continue
-                if scoring is not None:
-                    scoring.join()  # one evaluation at a time: its scorers and the next model's generators share
-                scoring = threading.Thread(target=self._guard(errors, self._score), args=(part,),
-                                           name=f"score-{part.name}", daemon=True)
-                scoring.start()
-            if scoring is not None:
-                scoring.join()
+                if part.generated:
+                    score(part, None)
+                    continue
+                ended = threading.Event()
+                ends.append(ended)
+                score(part, ended)
+                log.info("study: generating %s", part.name)
+                try:
+                    generate.run(part.gen)
+                except SpecError as e:
+                    raise _in_model(part.name, e) from None
+                except JobFailed as e:
+                    self._fail(part.name, e)
+                finally:
+                    ended.set()  # its evaluation scores the shards committed and ends
+            for thread in scoring:
+                thread.join()
         finally:
-            if scoring is not None and scoring.is_alive():
-                scoring.join(timeout=5)
+            for ended in ends:
+                ended.set()
+            for thread in scoring:
+                if thread.is_alive():
+                    thread.join(timeout=5)
         if errors:
             raise errors[0]
         return dict(sorted(self.failures.items()))

@@ -41,7 +41,7 @@ class ImageSetError(ValueError):
 @dataclass
 class Unit:
     index: int
-    identity: str
+    identity: str | None  # None: a shard of a generate job still running, not committed yet (``growing``)
     count: int | None  # None: not known before reading (a remote tar with no marker)
     tar: str | None = None  # URL of the tar, for tar units
     files: list[str] = field(default_factory=list)  # URLs of the images, for folder units
@@ -62,11 +62,34 @@ class ImageSet:
     path: str
     units: list[Unit]
     image_size: tuple[int, int] | None = None  # (width, height) when every image is known to share it
+    plan: dict[str, Any] | None = field(default=None, repr=False)  # a synthmill output's plan.json
 
     @property
     def num_samples(self) -> int | None:
         counts = [u.count for u in self.units]
         return None if any(c is None for c in counts) else sum(counts)
+
+    @property
+    def waiting(self) -> list[int]:
+        """The units whose shards are not committed yet (a set opened ``growing``), in order."""
+        return [u.index for u in self.units if u.identity is None]
+
+    @property
+    def first_unit(self) -> Unit:
+        """The first unit that can be read: a growing set's first committed shard (it has one: see
+        :func:`open_image_set`)."""
+        return next(u for u in self.units if u.identity is not None)
+
+    def committed_since(self, opts: dict[str, Any] | None = None) -> list[Unit]:
+        """The units of a growing set whose shards were committed since it was opened or last asked, in order;
+        each takes its place in ``units``. Verified as every evaluation verifies a shard (:func:`committed_shards`)."""
+        waiting = self.waiting
+        if not waiting:
+            return []
+        found = committed_shards(self.path, self.plan or {}, opts, waiting)
+        for k, unit in found.items():
+            self.units[k] = unit
+        return [found[k] for k in sorted(found)]
 
 
 def _has_glob(path: str) -> bool:
@@ -111,10 +134,34 @@ def _job_size(path: str, opts: dict[str, Any] | None) -> tuple[int, int] | None:
     return s["width"], s["height"]
 
 
-def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None,
-                   check_plan: Callable[[str, dict[str, Any]], None] | None) -> ImageSet:
+def committed_shards(path: str, plan: dict[str, Any], opts: dict[str, Any] | None, ids: Any) -> dict[int, Unit]:
+    """The units of the committed shards among ``ids`` of the generate output at ``path`` (``plan``: its plan.json):
+    a shard's marker must hold the job's fingerprint and its tar's size (synthmill.sharding.units); its identity
+    is the tar's sha256."""
     from synthmill.sharding.layout import OutputLayout
-    from synthmill.sharding.plan import plan_problem, shard_fingerprint
+    from synthmill.sharding.plan import shard_fingerprint
+
+    shards = OutputLayout(path, opts).shards
+    fingerprint = shard_fingerprint(plan)  # a shard made before the prompts grew holds its part's
+    done = shards.done(ids, lambda k: {"fingerprint": fingerprint(k)})
+    return {k: Unit(k, f"sha256:{m['sha256']}", int(m["count"]), tar=shards.payload_url(k)) for k, m in done.items()}
+
+
+def _planned_count(plan: dict[str, Any]) -> Callable[[int], int | None]:
+    """``k ->`` the samples the plan gives shard k (None where the plan lacks the counts, an output of old code)."""
+    from synthmill.sharding.plan import ShardPlan, earlier_parts
+
+    prompts, samples, per = plan.get("prompts"), plan.get("samples"), plan.get("samples_per_shard")
+    if not (prompts and samples and per):
+        return lambda k: None
+    shard_plan = ShardPlan(prompts, samples // prompts, per, 0, tuple(p["prompts"] for p in earlier_parts(plan)))
+    return lambda k: len(shard_plan.samples(k))
+
+
+def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None,
+                   check_plan: Callable[[str, dict[str, Any]], None] | None, growing: bool) -> ImageSet:
+    from synthmill.sharding.layout import OutputLayout
+    from synthmill.sharding.plan import plan_problem
 
     problem = plan_problem(plan)
     if problem:
@@ -122,15 +169,14 @@ def _synthmill_set(path: str, plan: dict[str, Any], opts: dict[str, Any] | None,
     if check_plan is not None:
         check_plan(path, plan)
     n = plan["shards"]
-    shards = OutputLayout(path, opts).shards
-    fingerprint = shard_fingerprint(plan)  # a shard made before the prompts grew holds its part's
-    done = shards.done(range(n), lambda k: {"fingerprint": fingerprint(k)})
-    if len(done) < n:
+    done = committed_shards(path, plan, opts, range(n))
+    if len(done) < n and not (growing and done):
         raise ImageSetError(
             f"{path}: the generate job there is not complete ({len(done)} of {n} shards committed); "
             "run it to the end first (the same synthmill run command resumes it)")
-    units = [Unit(k, f"sha256:{done[k]['sha256']}", int(done[k]["count"]), tar=shards.payload_url(k)) for k in range(n)]
-    return ImageSet("synthmill", path, units, _job_size(path, opts))
+    shards, planned = OutputLayout(path, opts).shards, _planned_count(plan)
+    units = [done.get(k) or Unit(k, None, planned(k), tar=shards.payload_url(k)) for k in range(n)]
+    return ImageSet("synthmill", path, units, _job_size(path, opts), plan)
 
 
 def _count_tar(url: str, opts: dict[str, Any] | None) -> int | None:
@@ -196,11 +242,16 @@ def _folder_set(path: str, opts: dict[str, Any] | None, per_unit: int) -> ImageS
 
 
 def open_image_set(path: str, opts: dict[str, Any] | None = None, samples_per_unit: int = 1000,
-                   check_plan: Callable[[str, dict[str, Any]], None] | None = None) -> ImageSet:
+                   check_plan: Callable[[str, dict[str, Any]], None] | None = None,
+                   growing: bool = False) -> ImageSet:
     """Plan the units of the set at ``path``. Raises ImageSetError or storage.StorageError.
 
     ``check_plan(path, plan)`` is given the plan.json of a synthmill output, once its counts are sound and
-    before its shards are read, to check it against the output's job.yaml (which this layer cannot load)."""
+    before its shards are read, to check it against the output's job.yaml (which this layer cannot load).
+
+    ``growing``: a synthmill output whose generate job is still running, with at least one shard committed: every
+    shard of its plan is a unit (one per shard, as when it is complete), those not committed yet without an
+    identity and with the plan's sample count; :meth:`ImageSet.committed_since` fills them in."""
     if storage.is_local(path):
         path = os.path.expanduser(path)
         if not _has_glob(path) and not os.path.exists(path):
@@ -214,7 +265,7 @@ def open_image_set(path: str, opts: dict[str, Any] | None = None, samples_per_un
         raise ImageSetError(f"{path}: not a folder, a .tar or a glob of tars")
     plan = _read_plan(path, opts)
     if isinstance(plan, dict) and plan.get("kind") == "generate":
-        return _synthmill_set(path, plan, opts, check_plan)
+        return _synthmill_set(path, plan, opts, check_plan, growing)
     return _folder_set(path, opts, samples_per_unit)
 
 
@@ -267,20 +318,21 @@ def check_pixels(size: tuple[int, int], limit: int | None, name: str, field: str
 
 def check_first_sample(images: ImageSet, opts: dict[str, Any] | None, why: str,
                        max_pixels: int | None = None, field: str = "max_image_pixels") -> None:
-    """The set's first sample must be a readable image with a caption, of at most ``max_pixels`` pixels (the rest
-    are checked as they stream).
+    """The set's first sample (a growing set's: its first committed shard's) must be a readable image with a
+    caption, of at most ``max_pixels`` pixels (the rest are checked as they stream).
 
     Reads that one sample only. ``why`` says what needs the caption. Raises ImageSetError naming the sample.
     """
     from PIL import Image
 
-    samples = iter_unit(images.units[0], opts)
+    first = images.first_unit
+    samples = iter_unit(first, opts)
     try:
         sample = next(samples, None)
     finally:
         samples.close()  # the unit's tar, if any
     if sample is None:
-        raise ImageSetError(f"{images.path}: {images.units[0].tar or images.units[0].files[0]} holds no images")
+        raise ImageSetError(f"{images.path}: {first.tar or first.files[0]} holds no images")
     if sample.caption is None:
         raise ImageSetError(f"{images.path}: {sample.name} has no caption (a .txt beside the image); {why}")
     check_pixels(image_size(sample.image, f"{images.path}: {sample.name}"), max_pixels,
