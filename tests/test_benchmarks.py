@@ -149,8 +149,8 @@ def test_startup_benchmark_smoke(background_smokes) -> None:
     """``python -m benchmarks startup --smoke --s3`` (in the background): the start-up breakdown of ``synthmill run``
     (from its summary.json milestones; on a local Ray it starts) next to a plain script's, and the ratio, both
     loading the model from ``s3://`` (a moto server the benchmark starts), each downloading it in every run. The job
-    on the local Ray that ``synthmill run`` starts for itself (without Ray's monitor and API server) makes the plain
-    diffusers script's images, pixel for pixel."""
+    on the local Ray that ``synthmill run`` starts for itself makes the plain diffusers script's images, pixel for
+    pixel."""
     code, stdout, stderr = background_smokes.result("test_startup_benchmark_smoke")
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(r"^\| download of the s3:// model .* \| \d+\.\d+ \|  \|$", stdout, re.M), stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -99,40 +98,8 @@ def _init(address: str | None, dashboard: bool) -> None:
         # did on every start, a line about Ray's defaults on the first screen of every local run: it stays on,
         # without that line (Ray's warning that authentication is off, when RAY_AUTH_MODE=disabled, stays)
         logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_quiet_token_auth_default)
-        # Ray Train (the jobs that want the dashboard) keeps both: only the jobs of actors were measured without
-        with contextlib.nullcontext() if dashboard else _without(SKIPPED_LOCAL_PROCESSES):
-            ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
+        ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
         _started_local_ray = True
-
-
-#: What a local Ray that a job of actors starts for itself does without: Ray's autoscaler monitor (one machine,
-#: nothing to scale; at the end it held up Ray's shutdown, see :func:`shutdown_local`), and its API server, which
-#: without the dashboard serves Ray's usage statistics alone (nothing synthmill asks of it: no job submission to a
-#: Ray that lives and dies with one job, and no State API, which needs the dashboard). Each is a Python process of
-#: its own: ~0.8 and ~1.4 s of CPU at start, beside the actors' imports, and ``ray.init`` waited for the API server
-#: to publish its address before it started the raylet (2.2 s of the 4.9-5.6 s local start once measured here).
-#: They are the node's ``start_*`` methods of ``ray._private.node.Node`` (Ray 2.60): ``ray start --head --no-monitor``
-#: has the first, ``ray.init`` neither.
-SKIPPED_LOCAL_PROCESSES = ("start_monitor", "start_api_server")
-
-
-@contextmanager
-def _without(methods: tuple[str, ...]) -> Iterator[None]:
-    """While a local Ray starts: without the processes that Ray's node starts in ``methods`` (their ``start_*`` methods
-    do nothing for this call); a Ray without them (another version) starts as it comes."""
-    try:
-        from ray._private.node import Node
-    except ImportError:
-        yield
-        return
-    saved = {m: Node.__dict__[m] for m in methods if callable(Node.__dict__.get(m))}
-    for m in saved:
-        setattr(Node, m, lambda self, *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        for m, f in saved.items():
-            setattr(Node, m, f)
 
 
 #: The logger of Ray's token-authentication set-up (Ray 2.60), and its message when it turns authentication on.
