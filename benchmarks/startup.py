@@ -40,9 +40,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
 
-from benchmarks.generate import REPO, Settings, read_prompts, synthmill_command, write_spec
+from benchmarks.generate import REPO, Settings, read_prompts, same_images, synthmill_command, tar_images, write_spec
 
 PLAIN_FIRST_BATCH = r"""
 import sys, time
@@ -101,7 +100,7 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
     launch = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_FIRST_BATCH, repr(launch), model, str(cfg.steps), str(cfg.size),
-         "\x1f".join(prompts), os.path.join(work, "plain.tar"), json.dumps(storage or {}), download,
+         "\x1f".join(prompts), os.path.join(plain_tars(work), "plain.tar"), json.dumps(storage or {}), download,
          str(cfg.batch_size)],
         cwd=REPO, capture_output=True, text=True, env=env)
     ended = time.time()
@@ -114,26 +113,18 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
             "finish_and_exit": ended - launch - (imports + download + load + batch + rest), "total": ended - launch}
 
 
+def plain_tars(work: str) -> str:
+    """The folder of the plain script's tar (a folder of its own, read as synthmill's shards folder is)."""
+    folder = os.path.join(work, "plain")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def on_gpu() -> bool:
     """Whether this machine shows a GPU device file (as synthmill's local Ray decides it; cheap, no torch)."""
     from synthmill.cluster.connect import _gpu_devices
 
     return _gpu_devices()
-
-
-def tar_pixels(folder_or_tar: str) -> dict[int, Any]:
-    """{sample index: decoded image} of the PNGs in a tar, or in the tars under a folder."""
-    import numpy as np
-
-    from benchmarks.generate import tar_images
-
-    if os.path.isdir(folder_or_tar):
-        images = tar_images(folder_or_tar)
-    else:
-        with tempfile.TemporaryDirectory() as one:
-            os.symlink(os.path.abspath(folder_or_tar), os.path.join(one, "plain.tar"))
-            images = tar_images(one)
-    return {int(name.split(".")[0]): np.asarray(v) for name, v in images.items()}
 
 
 def synthmill_first_shard(spec_path: str, out: str, ray_address: str | None = None,
@@ -258,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 ours.append(synthmill_first_shard(spec_path, out, args.ray_address, cache))
                 if cache:
                     shutil.rmtree(cache, ignore_errors=True)  # the next run downloads afresh too
-                a, b = tar_pixels(os.path.join(work, "plain.tar")), tar_pixels(os.path.join(out, "shards"))
-                same.append(sum(k in b and (v.shape == b[k].shape) and bool((v == b[k]).all()) for k, v in a.items()))
+                same.append(same_images(tar_images(plain_tars(work)), tar_images(os.path.join(out, "shards"))))
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"repeat {r + 1}/{args.repeats}: plain to first tar {plain[-1]['to_first_tar']:.2f} s, "
                       f"launch to exit {plain[-1]['total']:.2f} s; synthmill run to first shard "
@@ -310,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio: launch to exit, plain / synthmill, median of {len(ratios)} interleaved rounds = {median:.3f} "
           f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
