@@ -155,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5,
-                   help="first steps left out of the steady-state rate (a job's first steps share the CPU with its start)")
+                   help="first steps left out of the steady-state rate (a job's first steps share the CPU with its "
+                        "start)")
     p.add_argument("--workers", type=int, default=2, help="workers of (c); 1 skips it")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of lcm-lora")
     p.add_argument("--gradient-checkpointing", action="store_true")
