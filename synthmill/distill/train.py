@@ -268,14 +268,18 @@ def unet_parameters_held() -> int:
     """Parameters of the UNets alive in this process (each tensor once): what a worker holds besides the
     VAE and text encoders. A fine-tune holds one UNet; KD two (student and teacher)."""
     import gc
+    import warnings
 
     from diffusers import UNet2DConditionModel
 
     seen: dict[int, int] = {}
-    for o in gc.get_objects():
-        if isinstance(o, UNet2DConditionModel):
-            for p in o.parameters():
-                seen[id(p)] = p.numel()
+    with warnings.catch_warnings():
+        # isinstance() on every live object touches torch.distributed's deprecated ``reduce_op``, which warns
+        warnings.simplefilter("ignore", FutureWarning)
+        unets = [o for o in gc.get_objects() if isinstance(o, UNet2DConditionModel)]
+    for o in unets:
+        for p in o.parameters():
+            seen[id(p)] = p.numel()
     return sum(seen.values())
 
 
