@@ -23,6 +23,7 @@ import torch
 
 from synthmill.cli import main
 from tests.conftest import files_under, read_wds, run_job
+from tests.test_s3 import s3  # noqa: F401 - the moto server fixture
 
 pytestmark = pytest.mark.usefixtures("ray_address")
 
@@ -86,20 +87,12 @@ def test_unet_and_lora_give_plain_diffusers_images_and_latents(generated, tiny_s
     ours = np.stack([_png(s["png"]) for s in samples])
     stored = [np.load(io.BytesIO(s["latents.npy"]), allow_pickle=False) for s in samples]
 
-    def call(pipe, output_type):  # in the job's batches of 2 (a float32 batch of 4 differs in the last bits)
-        out = [pipe(prompts[i:i + 2], num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
-                    output_type=output_type, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + 2]]
-                    ).images for i in (0, 2)]
-        return torch.cat(out) if output_type == "latent" else np.concatenate(out)
+    def call(pipe, output_type):
+        return _sample(pipe, prompts, seeds, output_type)
 
     plain = _plain(tiny_sd, *parts)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the actor (cpus_per_actor 1): other thread counts sum in another order
-    try:
-        theirs = (call(plain, "np") * 255).round().astype(np.uint8)
-        latents = call(plain, "latent")
-    finally:
-        torch.set_num_threads(threads)
+    theirs = (call(plain, "np") * 255).round().astype(np.uint8)
+    latents = call(plain, "latent")
     assert np.array_equal(ours, theirs)
     assert all(a.dtype == np.float16 and a.shape == (4, 16, 16) for a in stored)
     assert np.array_equal(np.stack(stored), latents.to(torch.float16).numpy())
@@ -110,6 +103,21 @@ def test_unet_and_lora_give_plain_diffusers_images_and_latents(generated, tiny_s
     assert set(plan["parts_files"]) == {"model.unet", "model.lora.0.path"}
     assert "diffusion_pytorch_model.safetensors" in plan["parts_files"]["model.unet"]
     assert "pytorch_lora_weights.safetensors" in plan["parts_files"]["model.lora.0.path"]
+
+
+def _sample(pipe, prompts: list[str], seeds: list[int], output_type: str):
+    """``pipe``'s output for the job's prompts and seeds, in the job's batches of 2 (a float32 batch of 4 differs in
+    the last bits) and on one torch thread, as the actor (cpus_per_actor 1: other thread counts sum in another
+    order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = [pipe(prompts[i:i + 2], num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
+                    output_type=output_type, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + 2]]
+                    ).images for i in range(0, len(prompts), 2)]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(out) if output_type == "latent" else np.concatenate(out)
 
 
 def _png(data: bytes) -> np.ndarray:
@@ -261,3 +269,139 @@ def test_a_lora_file_replaced_in_place_refuses_the_rerun(generated, tiny_sd, cap
     assert line.startswith(f"synthmill: error: model.lora.0.path {spec['model']['lora'][0]['path']}: its files "
                            f"changed since {out} was started from it (pytorch_lora_weights.safetensors"), line
     assert files_under(out) == before
+
+
+# ---- parts on S3, and a UNet from the hub ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory, tiny_sd) -> str:
+    """The LoRA of ``parts`` (seed 0) saved again on its own, as ``generated`` used it: a test above rewrites the one
+    in ``parts``."""
+    from synthmill.testing.tiny import save_tiny_lora
+
+    folder = save_tiny_lora(tmp_path_factory.mktemp("lora0"), tiny_sd, seed=0)
+    return os.path.join(folder, "pytorch_lora_weights.safetensors")
+
+
+def test_parts_on_s3_give_the_local_parts_images_and_a_lora_replaced_there_refuses_the_rerun(
+        generated, s3, tiny_sd, parts, lora_file, prompts_tsv, write_spec, tmp_path, capsys):  # noqa: F811
+    """``model.unet`` as ``{path: s3://.../pipe, subfolder: unet}`` and ``model.lora`` as an ``s3://`` .safetensors
+    file, on the moto server: the job's first shard equals, image for image and latent for latent, the job with the
+    local copies; plan.json records the objects' sizes and ETags; the same command resumes, and once the LoRA object
+    was replaced in place it is exit 2 naming model.lora.0.path, nothing written. Bad parts on S3 are exit 2 naming
+    their field."""
+    from synthmill.testing.tiny import save_tiny_lora
+
+    fs = s3["fs"]
+    fs.put(parts[0], "synth/parts/pipe/unet", recursive=True)
+    fs.put_file(lora_file, "synth/parts/lora/style.safetensors")
+    out = str(tmp_path / "out")
+    spec = parts_spec(tiny_sd, prompts_tsv, parts, out)
+    spec["model"]["unet"] = {"path": "s3://synth/parts/pipe", "subfolder": "unet"}
+    spec["model"]["lora"][0]["path"] = "s3://synth/parts/lora/style.safetensors"
+    spec["prompts"]["limit"] = 2
+    spec["storage"] = {"endpoint_url": s3["endpoint"], **s3["creds"]}
+    spec_file = write_spec(spec)
+    assert main(["run", spec_file]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    remote, local = read_wds(out), read_wds(generated[2])[:2]
+    assert [s["__key__"] for s in remote] == [s["__key__"] for s in local]
+    for a, b in zip(remote, local, strict=True):
+        assert np.array_equal(_png(a["png"]), _png(b["png"]))
+        assert a["latents.npy"] == b["latents.npy"]
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    info = fs.info("synth/parts/lora/style.safetensors")
+    assert plan["parts_files"]["model.lora.0.path"] == {"": [info["size"], info["ETag"]]}
+    assert set(plan["parts_files"]["model.unet"]) == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert main(["run", spec_file, "--dry-run"]) == 0
+    capsys.readouterr()
+    before = files_under(out)
+    other = save_tiny_lora(tmp_path / "other", tiny_sd, seed=5)
+    fs.put_file(os.path.join(other, "pytorch_lora_weights.safetensors"), "synth/parts/lora/style.safetensors")
+    assert fs.info("synth/parts/lora/style.safetensors", refresh=True)["size"] == info["size"]  # only the ETag tells
+    line = _error((main(["run", spec_file]), capsys.readouterr().err))
+    assert line.startswith("synthmill: error: model.lora.0.path s3://synth/parts/lora/style.safetensors: its files "
+                           f"changed since {out} was started from it (the file itself"), line
+    assert files_under(out) == before
+    cases = [
+        ({"unet": {"path": "s3://synth/parts/pipe", "subfolder": "vae"}}, "model.unet", "folder not found"),
+        ({"unet": "s3://synth/parts/pipe"}, "model.unet", "not a diffusers UNet folder (no readable config.json)"),
+        ({"lora": [{"path": "s3://synth/parts/pipe/unet"}]}, "model.lora.0.path",
+         "no pytorch_lora_weights.safetensors in that folder"),
+        ({"lora": [{"path": "s3://synth/parts/nothing"}]}, "model.lora.0.path", "not found"),
+        ({"lora": [{"path": "s3://synth/parts/pipe/unet/diffusion_pytorch_model.safetensors"}]}, "model.lora.0.path",
+         "holds no LoRA weights"),
+    ]
+    for model, field, message in cases:
+        bad = json.loads(json.dumps(spec))
+        bad["model"] = {"path": tiny_sd, **model}
+        bad["output"]["path"] = str(tmp_path / "bad")
+        line = _error((main(["validate", write_spec(bad)]), capsys.readouterr().err))
+        assert line.startswith(f"synthmill: error: {field} ") and message in line, line
+
+
+@pytest.fixture
+def unet_hub(hub, parts, tiny_sd, tmp_path, monkeypatch):
+    """The hub stand-in also serving ``org/parts`` (the parts UNet in ``unet/``), ``org/bare-unet`` (a repo whose
+    root is that UNet) and ``org/tiny-sd`` (the tiny pipeline); downloads go to a hub cache under ``tmp_path``."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "repo"
+    shutil.copytree(parts[0], repo / "unet")
+    hub.repos.update({"org/parts": {"main": str(repo)}, "org/bare-unet": {"main": parts[0]},
+                      "org/tiny-sd": {"main": tiny_sd}})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    return hub
+
+
+def test_a_hub_unet_in_a_subfolder_gives_the_local_folders_images(unet_hub, generated, tiny_sd, parts, lora_file,
+                                                                   prompts_tsv, write_spec, tmp_path, capsys):
+    """``model.unet: {path: org/parts, subfolder: unet}`` (diffusers' ``from_pretrained(repo, subfolder="unet")``)
+    passes validate by asking the hub, and the pipeline the actors load with it (``load_pipeline``, from the hub
+    through its cache) makes the images of the job that used the local folder, with the same LoRA. A repo whose root
+    is the UNet is the plain string. A missing subfolder, a subfolder that is no UNet, a pipeline repo given without
+    its subfolder, an unknown repo or revision: exit 2 naming model.unet."""
+    from synthmill.jobs.generate_spec import GenerateSpec, LoraSpec, ModelSpec
+    from synthmill.models.loading import load_pipeline
+
+    def spec_with(unet) -> str:
+        spec = parts_spec(tiny_sd, prompts_tsv, parts, str(tmp_path / "out"))
+        spec["model"]["unet"] = unet
+        return write_spec(spec)
+
+    for unet in ({"path": "org/parts", "subfolder": "unet"}, "org/bare-unet", {"path": "org/bare-unet"}):
+        assert main(["validate", spec_with(unet)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert "/org/parts/resolve/main/unet/config.json" in unet_hub.downloads
+    cases = [
+        ({"path": "org/parts", "subfolder": "nope"}, "no nope/config.json on http://127.0.0.1:"),
+        ({"path": "org/tiny-sd", "subfolder": "vae"}, "not a UNet (its config.json names 'AutoencoderKL')"),
+        ("org/tiny-sd", "a pipeline repo, its UNet is in unet/ (write model.unet: {path: org/tiny-sd, subfolder: "
+                        "unet})"),
+        ({"path": "org/no-such-unet", "subfolder": "unet"}, "no such folder here and no such model on http://"),
+    ]
+    for unet, message in cases:
+        line = _error((main(["validate", spec_with(unet)]), capsys.readouterr().err))
+        assert line.startswith("synthmill: error: model.unet org/") and message in line, line
+    line = _error((main(["validate", spec_with({"path": "org/parts", "subfolder": "unet", "revision": "v9"})]),
+                   capsys.readouterr().err))
+    assert line.startswith("synthmill: error: model.unet.revision v9: no such revision of org/parts on "), line
+    line = _error((main(["validate", spec_with({"path": "org/parts", "subdir": "unet"})]), capsys.readouterr().err))
+    assert "unknown key 'model.unet.subdir' (known keys here: path, subfolder, revision)" in line, line
+
+    model = ModelSpec(path=tiny_sd, unet={"path": "org/parts", "subfolder": "unet"},
+                      lora=[LoraSpec(path=lora_file, scale=SCALE)])
+    pipe = load_pipeline(model, "cpu")
+    weights = [d for d in unet_hub.downloads if d.startswith("/org/parts/resolve/")
+               and d.endswith("/unet/diffusion_pytorch_model.safetensors")]
+    assert len(weights) == 1, unet_hub.downloads  # from the hub, at the commit its config.json came from
+    samples = read_wds(generated[2])
+    prompts = [json.loads(s["json"])["prompt"] for s in samples]
+    seeds = [json.loads(s["json"])["seed"] for s in samples]
+    images = (_sample(pipe, prompts, seeds, "np") * 255).round().astype(np.uint8)
+    assert np.array_equal(images, np.stack([_png(s["png"]) for s in samples]))
+    # the string form keeps the fingerprint basis it had (the string); a subfolder is another job
+    specs = [GenerateSpec(model=ModelSpec(path=tiny_sd, unet=unet))
+             for unet in (parts[0], {"path": parts[0]}, {"path": parts[0], "subfolder": "unet"})]
+    assert specs[0]._fingerprint_basis("d")["model"]["unet"] == parts[0]
+    assert specs[0].fingerprint("d") == specs[1].fingerprint("d") != specs[2].fingerprint("d")

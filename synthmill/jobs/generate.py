@@ -171,9 +171,10 @@ def prepare(spec: GenerateSpec) -> Prepared:
     field = "model.path"
     try:
         with storage.retry_budget(VALIDATE_RETRY_S):
-            check_model_path(spec.model, spec.storage, only_here=starts_local_ray(spec.cluster.address))
+            only_here = starts_local_ray(spec.cluster.address)
+            check_model_path(spec.model, spec.storage, only_here=only_here)
             files = model_files(spec.model.path, spec.storage)
-            check_parts(spec.model, spec.storage)  # each error names its part's field
+            check_parts(spec.model, spec.storage, only_here=only_here)  # each error names its part's field
             parts = parts_files(spec.model, spec.storage)
             field = "prompts.path"
             source = open_source(spec.prompts.path, spec.prompts.column, spec.prompts.limit, spec.storage,
@@ -346,7 +347,7 @@ class GenerateJob(lifecycle.Job):
         n_actors = min(self.n_actors, len(todo))
         source_ref, plan_ref = ray.put(self.p.source), ray.put(plan)
         options = actor_options(spec.cluster, self.use_gpu)
-        seen = node_paths(spec, ("model.path", "model.unet", "model.lora.*.path", "prompts.path",
+        seen = node_paths(spec, ("model.path", "model.unet.path", "model.lora.*.path", "prompts.path",
                                  "output.path"))  # what each actor reads
 
         def make_actor():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
@@ -30,6 +30,24 @@ class LoraSpec:
 
 
 @dataclass
+class UnetSpec:
+    """``model.unet`` as a section: where the UNet is, as diffusers' ``UNet2DConditionModel.from_pretrained(path,
+    subfolder=..., revision=...)`` takes it. A plain string is ``{path: STRING}``."""
+
+    path: str = MISSING  # a folder (local or s3://) or a hub id
+    subfolder: Optional[str] = None  # the UNet's folder inside it, e.g. unet for a pipeline folder or repo
+    revision: Optional[str] = None  # a hub id's branch, tag or commit (null: main)
+
+    def __str__(self) -> str:
+        """The path, and the subfolder and revision where given: how messages name it."""
+        given = [f"{k} {getattr(self, k)}" for k in ("subfolder", "revision") if getattr(self, k) is not None]
+        return f"{self.path} ({', '.join(given)})" if given else self.path
+
+
+UNET_KEYS = tuple(f.name for f in fields(UnetSpec))
+
+
+@dataclass
 class ModelSpec:
     """Which diffusers pipeline to load, and how."""
 
@@ -49,9 +67,42 @@ class ModelSpec:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     # Trained parts (models/loading.py, load_parts): their files' identities are recorded in plan.json as the
     # model folder's are, and checked on every rerun.
-    unet: Optional[str] = None  # a diffusers UNet folder (local or s3://) used in place of the pipeline's own
+    # A UNet used in place of the pipeline's own: a diffusers UNet folder (local or s3://) or hub id whose root is
+    # the UNet, or a UnetSpec section {path, subfolder, revision}. Typed Any so that both forms load; a string or a
+    # section of UnetSpec's keys becomes a UnetSpec (__post_init__), anything else is refused by check().
+    unet: Any = None
     lora: List[LoraSpec] = field(default_factory=list)  # LoRA weights loaded on top, each with its scale
     lora_fuse: bool = False  # fuse the LoRAs into the weights (faster sampling; images may differ in the last bits)
+
+    def __post_init__(self) -> None:
+        u = self.unet
+        if isinstance(u, str):
+            self.unet = UnetSpec(path=u)
+        elif isinstance(u, dict) and set(u) <= set(UNET_KEYS) and all(isinstance(k, str) for k in u):
+            self.unet = UnetSpec(**u)
+
+
+def check_unet_section(unet: Any, name: str) -> None:
+    """``model.unet`` after loading: None or a :class:`UnetSpec` with a path and, if given, a plain relative
+    subfolder and a revision. SpecError naming the field."""
+    if unet is None:
+        return
+    if isinstance(unet, dict):
+        bad = next((k for k in unet if k not in UNET_KEYS), None)
+        raise SpecError(f"unknown key '{name}.{bad}' (known keys here: {', '.join(UNET_KEYS)})")
+    require(isinstance(unet, UnetSpec), name,
+            f"must be a UNet folder or hub id, or a section ({', '.join(UNET_KEYS)}), got {unet!r}")
+    for key in UNET_KEYS:
+        value = getattr(unet, key)
+        require(value is None or isinstance(value, str), f"{name}.{key}", f"must be a string, got {value!r}")
+    require(unet.path != MISSING, f"{name}.path", "is required (a UNet folder or hub id)")
+    require(bool(unet.path.strip()), name if unet.subfolder is None else f"{name}.path", "must not be empty (or null)")
+    sub = unet.subfolder
+    if sub is not None:
+        parts = sub.strip("/").split("/")
+        require(bool(sub.strip()) and not sub.startswith("/") and ".." not in parts and "" not in parts,
+                f"{name}.subfolder", f"must be a folder inside {name}.path, such as unet, got {sub!r}")
+    require(unet.revision is None or bool(unet.revision.strip()), f"{name}.revision", "must not be empty (or null)")
 
 
 #: Model settings added after outputs existed: they join the fingerprint only when not at these defaults,
@@ -106,7 +157,7 @@ class ClusterSpec(ActorClusterSpec):
 
 
 #: The fields of a generate spec that may hold a local path, and how each is read (jobs/spec.resolve_paths).
-PATHS = {"model.path": "name_or_path", "model.custom_pipeline": "name_or_path", "model.unet": "input",
+PATHS = {"model.path": "name_or_path", "model.custom_pipeline": "name_or_path", "model.unet.path": "name_or_path",
          "model.lora.*.path": "input", "prompts.path": "input", "output.path": "output"}
 
 
@@ -137,7 +188,7 @@ class GenerateSpec:
             "model.custom_pipeline",
             "runs code from the pipeline's author; set model.trust_remote_code=true to allow it",
         )
-        require(m.unet is None or bool(m.unet.strip()), "model.unet", "must not be empty (or null)")
+        check_unet_section(m.unet, "model.unet")
         for i, lora in enumerate(m.lora):
             require(bool(lora.path.strip()), f"model.lora.{i}.path", "must not be empty")
             require(-100.0 <= lora.scale <= 100.0, f"model.lora.{i}.scale", f"must be in -100..100, got {lora.scale}")
@@ -208,6 +259,9 @@ class GenerateSpec:
         for k, default in _LATE_MODEL_KEYS.items():
             if m[k] == default:
                 m.pop(k)
+        if isinstance(m.get("unet"), dict):  # the string form's basis as before; a section's only with what it sets
+            unet = {k: v for k, v in m["unet"].items() if v is not None}
+            m["unet"] = unet["path"] if set(unet) == {"path"} else unet
         sampling = asdict(self.sampling)
         if sampling["sizes"] is None:  # added later: outputs made before it keep their fingerprint
             sampling.pop("sizes")

@@ -502,9 +502,12 @@ def field_value(spec: Any, dotted: str) -> Any:
 
 
 def expand_field(spec: Any, pattern: str) -> list[str]:
-    """The fields a ``PATHS`` key names: itself, or for ``model.lora.*.path`` one per item of that list."""
+    """The fields a ``PATHS`` key names: itself, or for ``model.lora.*.path`` one per item of that list; none when
+    the section that would hold it is not given (``model.unet.path`` while ``model.unet`` is null)."""
     if ".*." not in pattern:
-        return [pattern]
+        head, _, leaf = pattern.rpartition(".")
+        parent = field_value(spec, head) if head else spec
+        return [pattern] if dataclasses.is_dataclass(parent) and hasattr(parent, leaf) else []
     head, tail = pattern.split(".*.", 1)
     items = field_value(spec, head) or []
     return [f for i in range(len(items)) for f in expand_field(spec, f"{head}.{i}.{tail}")]

@@ -114,29 +114,41 @@ def _pipeline_unet_config(model: Any, storage_options: dict[str, Any] | None) ->
     return config if isinstance(config, dict) else None
 
 
-def check_unet(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> None:
+def unet_source(model: Any) -> tuple[str, str | None, str | None] | None:
+    """(path, subfolder, revision) of ``model.unet`` (a string: the folder or hub repo whose root is the UNet, or a
+    section with those keys); None when not given."""
+    unet = getattr(model, "unet", None)
+    if unet is None:
+        return None
+    if isinstance(unet, str):
+        return unet, None, None
+    return unet.path, unet.subfolder, unet.revision
+
+
+def unet_location(model: Any) -> str | None:
+    """Where ``model.unet``'s files are: the folder (its subfolder joined on), or the hub id itself."""
+    source = unet_source(model)
+    if source is None:
+        return None
+    path, subfolder, _ = source
+    return path if is_hub_id(path) or not subfolder else storage.join(path, subfolder)
+
+
+def check_unet(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model",
+               only_here: bool = False) -> None:
     """``FIELD.unet``: a diffusers UNet folder (config.json naming a UNet class, safetensors weights) whose inputs,
-    outputs and conditioning match the pipeline's own UNet (:data:`UNET_INTERFACE`). Raises SpecError."""
-    path = model.unet
-    label = f"{field}.unet {path}"
-    if storage.is_local(path):
-        if not os.path.isdir(path):
-            raise SpecError(f"{label}: folder not found (a diffusers UNet folder, such as a distill output's "
-                            "pipeline/unet)")
-        names = os.listdir(path)
+    outputs and conditioning match the pipeline's own UNet (:data:`UNET_INTERFACE`); a hub id is asked of the hub
+    (:func:`_hub_unet_config`). Raises SpecError."""
+    path, subfolder, revision = unet_source(model)
+    label = f"{field}.unet {model.unet}"
+    if is_hub_id(path):
+        config = _hub_unet_config(model, field, only_here)
+        if config is None:
+            return  # no answer from the hub nor this machine's cache: the load decides
     else:
-        fs, inner = storage.filesystem(path, storage_options)
-        names = [n.rsplit("/", 1)[-1] for n in storage.retrying(path, "list", lambda: fs.ls(inner, detail=False))]
-    config = _read_json(storage.join(path, "config.json"), storage_options) if "config.json" in names else None
-    if not isinstance(config, dict):
-        raise SpecError(f"{label}: not a diffusers UNet folder (no readable config.json)")
-    cls = config.get("_class_name")
-    if not (isinstance(cls, str) and cls.startswith("UNet")):
-        raise SpecError(f"{label}: not a UNet (its config.json names {cls!r})")
-    suffixes = (".safetensors", ".bin") if model.allow_pickle else (".safetensors",)
-    if not any(n.startswith("diffusion_pytorch_model") and n.endswith(suffixes) for n in names):
-        raise SpecError(f"{label}: no weights (diffusion_pytorch_model.safetensors)"
-                        f"{'' if model.allow_pickle else '; pickled .bin weights load only with model.allow_pickle'}")
+        if revision is not None:
+            raise SpecError(f"{field}.unet.revision {revision}: only a hub id has revisions ({path} is a folder)")
+        config = _folder_unet_config(model, storage_options, label)
     own = _pipeline_unet_config(model, storage_options)
     if own is None:
         return  # a remote hub model not in this machine's cache: the load compares them
@@ -146,36 +158,176 @@ def check_unet(model: Any, storage_options: dict[str, Any] | None = None, field:
                             f"{model.path} has {own.get(key)!r}: the pipeline cannot use it")
 
 
-def _safetensors_keys(path: str) -> list[str]:
-    """The tensor names in a local .safetensors file, from its header (no tensor is read)."""
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        if not 0 < size <= 100_000_000:
-            raise ValueError("no safetensors header")
-        header = json.loads(fh.read(size))
+def _folder_unet_config(model: Any, storage_options: dict[str, Any] | None, label: str) -> dict[str, Any]:
+    """The config.json of ``model.unet``'s folder (local or remote), which must also hold its weights."""
+    folder = unet_location(model)
+    if storage.is_local(folder):
+        if not os.path.isdir(folder):
+            raise SpecError(f"{label}: folder not found (a diffusers UNet folder, such as a distill output's "
+                            "pipeline/unet)")
+        names = os.listdir(folder)
+    else:
+        fs, inner = storage.filesystem(folder, storage_options)
+        found = storage.retrying(folder, "list", lambda: fs.ls(inner, detail=False) if fs.isdir(inner) else [])
+        names = [n.rsplit("/", 1)[-1] for n in found]
+        if not names:
+            raise SpecError(f"{label}: folder not found (a diffusers UNet folder, such as a distill output's "
+                            "pipeline/unet)")
+    config = _read_json(storage.join(folder, "config.json"), storage_options) if "config.json" in names else None
+    if not isinstance(config, dict):
+        raise SpecError(f"{label}: not a diffusers UNet folder (no readable config.json)")
+    _check_unet_class(config, label)
+    suffixes = (".safetensors", ".bin") if model.allow_pickle else (".safetensors",)
+    if not any(n.startswith("diffusion_pytorch_model") and n.endswith(suffixes) for n in names):
+        raise SpecError(f"{label}: no weights (diffusion_pytorch_model.safetensors)"
+                        f"{'' if model.allow_pickle else '; pickled .bin weights load only with model.allow_pickle'}")
+    return config
+
+
+#: The weight files a hub UNet may have, asked for in turn (one file; sharded; pickled, with model.allow_pickle).
+_HUB_UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+_HUB_UNET_PICKLED = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
+
+
+def _hub_unet_config(model: Any, field: str, only_here: bool) -> dict[str, Any] | None:
+    """The config.json of a hub UNet (``model.unet`` a hub id, in its ``subfolder`` at its ``revision``), asked of
+    the hub (``HF_ENDPOINT``) as :func:`check_hub_id` asks for a pipeline, and downloaded into the hub cache (a few
+    KB; the load reads it there); its weights are asked for too. From this machine's hub cache when the hub does not
+    answer; None when neither has it (the load decides), unless ``only_here`` (see :func:`check_hub_id`)."""
+    from huggingface_hub import constants
+
+    path, subfolder, revision = unet_source(model)
+    label = f"{field}.unet {model.unet}"
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    silence: list[str] = []
+    missing, where = hub_file_missing(path, f"{prefix}config.json", revision, label, silence)
+    if missing in ("unknown", "silent"):
+        cached = _cached_hub_file(path, f"{prefix}config.json", revision)
+        if cached is None:
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} did not answer"
+            if missing == "silent" and only_here:
+                raise SpecError(f"{label}: not in the local Hugging Face cache and {why}; connect to the hub once "
+                                "to download it (or set HF_ENDPOINT to a mirror), or give a local UNet folder")
+            if os.path.isdir(path.split("/")[0]):
+                raise SpecError(f"{label}: folder not found ({path.split('/')[0]}/ is here, without "
+                                f"{path.split('/', 1)[1]}); as a hub id it was not checked ({why}) and this "
+                                "machine's hub cache does not hold it")
+            if silence:
+                log.info("%s: not checked, %s did not answer (%s)", label, where, silence[0])
+            return None
+        config = _read_json(cached, None)
+        if not isinstance(config, dict):
+            return None
+        _check_unet_class(config, label)
+        return config
+    if missing == "gated":
+        raise SpecError(f"{label}: a gated model on {where}; accept its terms there and log in ({HUB_LOGIN})")
+    if missing == "repo":
+        raise SpecError(f"{label}: no such folder here and no such model on {where} (a private model needs a "
+                        f"token: {HUB_LOGIN})")
+    if missing == "revision":
+        raise SpecError(f"{field}.unet.revision {revision or 'main'}: no such revision of {path} on {where}")
+    if missing == "file":
+        if subfolder:
+            raise SpecError(f"{label}: no {prefix}config.json on {where} (no such subfolder, or not a diffusers "
+                            "UNet folder)")
+        if hub_file_missing(path, "unet/config.json", revision, label, [])[0] is None:
+            raise SpecError(f"{label}: a pipeline repo, its UNet is in unet/ (write {field}.unet: "
+                            f"{{path: {path}, subfolder: unet}})")
+        raise SpecError(f"{label}: not a diffusers UNet (no config.json on {where}; a UNet in a subfolder of the "
+                        f"repo is {field}.unet: {{path: {path}, subfolder: NAME}})")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        local = hf_hub_download(path, "config.json", subfolder=subfolder or None, revision=revision,
+                                etag_timeout=HUB_CHECK_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - it was there a moment ago: the load decides
+        log.info("%s: config.json not read (%s)", label, first_line(e))
+        return None
+    config = _read_json(local, None)
+    if not isinstance(config, dict):
+        raise SpecError(f"{label}: not a diffusers UNet ({prefix}config.json on {where} is not a JSON object)")
+    _check_unet_class(config, label)
+    weights = _HUB_UNET_WEIGHTS + (_HUB_UNET_PICKLED if model.allow_pickle else ())
+    if all(hub_file_missing(path, prefix + name, revision, label, [])[0] == "file" for name in weights):
+        raise SpecError(f"{label}: no weights on {where} ({prefix}diffusion_pytorch_model.safetensors)"
+                        f"{'' if model.allow_pickle else '; pickled .bin weights load only with model.allow_pickle'}")
+    return config
+
+
+def _check_unet_class(config: dict[str, Any], label: str) -> None:
+    """SpecError unless a UNet's ``config.json`` names a UNet class."""
+    cls = config.get("_class_name")
+    if not (isinstance(cls, str) and cls.startswith("UNet")):
+        raise SpecError(f"{label}: not a UNet (its config.json names {cls!r})")
+
+
+def _cached_hub_file(repo_id: str, filename: str, revision: str | None) -> str | None:
+    """The local path of ``filename`` of model ``repo_id`` in this machine's hub cache, or None (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except Exception:  # noqa: BLE001 - an unreadable cache holds nothing we can use
+        return None
+    return cached if isinstance(cached, str) else None
+
+
+def _safetensors_keys(read: Any) -> list[str]:
+    """The tensor names in a .safetensors file, from its header (no tensor is read); ``read(start, end)`` gives
+    those bytes of the file."""
+    size = int.from_bytes(read(0, 8), "little")
+    if not 0 < size <= 100_000_000:
+        raise ValueError("no safetensors header")
+    header = json.loads(read(8, 8 + size))
     return [k for k in header if k != "__metadata__"]
 
 
+def _read_local(path: str) -> Any:
+    """``read(start, end)`` of a local file, for :func:`_safetensors_keys`."""
+    def read(start: int, end: int) -> bytes:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            return fh.read(end - start)
+    return read
+
+
+def lora_weights(path: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The weight file of a ``model.lora`` entry: ``path`` itself when it is a file, else :data:`LORA_FILE` in that
+    folder (local or remote)."""
+    if storage.is_local(path):
+        return os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
+    fs, inner = storage.filesystem(path, storage_options)
+    if storage.retrying(path, "check", lambda: fs.isfile(inner)):
+        return path
+    return storage.join(path, LORA_FILE)
+
+
 def check_lora(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> None:
-    """Each ``FIELD.lora.I.path``: a LoRA safetensors file, or a folder holding :data:`LORA_FILE` (remote: a
-    folder), whose tensors are LoRA weights. Raises SpecError."""
+    """Each ``FIELD.lora.I.path``: a LoRA safetensors file, or a folder holding :data:`LORA_FILE` (local or
+    remote), whose tensors are LoRA weights. Raises SpecError."""
     for i, lora in enumerate(model.lora):
         path, label = lora.path, f"{field}.lora.{i}.path {lora.path}"
-        if not storage.is_local(path):
-            fs, inner = storage.filesystem(path, storage_options)
-            weights = f"{inner.rstrip('/')}/{LORA_FILE}"
-            if not storage.retrying(path, "check", lambda fs=fs, weights=weights: fs.exists(weights)):
-                raise SpecError(f"{label}: no {LORA_FILE} there (a remote LoRA is the folder that holds it)")
-            continue
-        file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
-        if not os.path.exists(path):
-            raise SpecError(f"{label}: not found")
-        if not os.path.isfile(file):
-            raise SpecError(f"{label}: no {LORA_FILE} in that folder")
+        file = lora_weights(path, storage_options)
+        if storage.is_local(path):
+            if not os.path.exists(path):
+                raise SpecError(f"{label}: not found")
+            if not os.path.isfile(file):
+                raise SpecError(f"{label}: no {LORA_FILE} in that folder")
+            read = _read_local(file)
+        else:
+            fs, inner = storage.filesystem(file, storage_options)
+            if file != path and not storage.retrying(file, "check", lambda fs=fs, inner=inner: fs.isfile(inner)):
+                root = storage.filesystem(path, storage_options)[1]
+                there = storage.retrying(path, "check", lambda fs=fs, root=root: fs.exists(root))
+                raise SpecError(f"{label}: {f'no {LORA_FILE} in that folder' if there else 'not found'}")
+
+            def read(start: int, end: int, fs=fs, inner=inner, file=file) -> bytes:
+                return storage.retrying(file, "read", lambda: fs.cat_file(inner, start=start, end=end))
         if not file.endswith(".safetensors"):
             raise SpecError(f"{label}: not a .safetensors file (LoRA weights load from safetensors only)")
         try:
-            keys = _safetensors_keys(file)
+            keys = _safetensors_keys(read)
         except (OSError, ValueError) as e:
             raise SpecError(f"{label}: not a readable safetensors file ({first_line(e)})") from None
         if not any("lora" in k.lower() for k in keys):
@@ -183,17 +335,20 @@ def check_lora(model: Any, storage_options: dict[str, Any] | None = None, field:
 
 
 def _parts(model: Any, field: str = "model") -> list[tuple[str, str]]:
-    """(field, path) of each trained part given: ``FIELD.unet``, ``FIELD.lora.I.path``."""
-    return ([(f"{field}.unet", model.unet)] if model.unet else []) + [
+    """(field, where its files are) of each trained part given: ``FIELD.unet`` (:func:`unet_location`),
+    ``FIELD.lora.I.path``."""
+    unet = unet_location(model)
+    return ([(f"{field}.unet", unet)] if unet else []) + [
         (f"{field}.lora.{i}.path", lora.path) for i, lora in enumerate(model.lora)]
 
 
-def check_parts(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model") -> None:
+def check_parts(model: Any, storage_options: dict[str, Any] | None = None, field: str = "model",
+                only_here: bool = False) -> None:
     """``FIELD.unet`` and ``FIELD.lora``, where given (:func:`check_unet`, :func:`check_lora`); storage that does
-    not answer is a SpecError naming the part's field."""
+    not answer is a SpecError naming the part's field. ``only_here``: as for :func:`check_model_path`."""
     try:
-        if model.unet:
-            check_unet(model, storage_options, field)
+        if model.unet is not None:
+            check_unet(model, storage_options, field, only_here)
     except storage.StorageError as e:
         raise SpecError(f"{field}.unet {model.unet}: {e}") from None
     for i, lora in enumerate(model.lora):
@@ -207,7 +362,8 @@ def check_parts(model: Any, storage_options: dict[str, Any] | None = None, field
 
 def parts_files(model: Any, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, list]]:
     """field -> :func:`model_files` of each trained part (``model.unet``, ``model.lora.I.path``); a single file's
-    identity is listed under the name ''. What plan.json records beside the model's own files."""
+    identity is listed under the name '', a hub id's is none (its revision names its content). What plan.json
+    records beside the model's own files."""
     out = {}
     for name, path in _parts(model):
         try:
@@ -448,11 +604,17 @@ def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | Non
         from synthmill.models.fetch import local_model_path
 
         path = local_model_path(path, storage_options)
-    if getattr(model, "unet", None):
+    unet = unet_source(model)
+    if unet is not None:
         from diffusers import UNet2DConditionModel
 
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(
-            _local(model.unet, storage_options), dtype=kwargs["dtype"], use_safetensors=kwargs["use_safetensors"])
+        where, subfolder, revision = unet
+        loads = {"dtype": kwargs["dtype"], "use_safetensors": kwargs["use_safetensors"]}
+        if is_hub_id(where):  # through the hub cache, as a hub id in model.path
+            loads.update(subfolder=subfolder, revision=revision)
+        else:
+            where = _local(unet_location(model), storage_options)
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(where, **loads)
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     load_loras(pipe, model, storage_options)
     apply_scheduler(pipe, model.scheduler)
@@ -461,7 +623,7 @@ def load_pipeline(model: Any, device: str, storage_options: dict[str, Any] | Non
 
 
 def _local(path: str, storage_options: dict[str, Any] | None) -> str:
-    """``path`` itself when local, else this node's cached copy of that folder (models/fetch.py)."""
+    """``path`` itself when local, else this node's cached copy of that folder or file (models/fetch.py)."""
     if storage.is_local(path):
         return path
     from synthmill.models.fetch import local_model_path
@@ -480,8 +642,7 @@ def load_loras(pipe: Any, model: Any, storage_options: dict[str, Any] | None = N
         raise SpecError(f"model.lora: {type(pipe).__name__} does not load LoRA weights")
     names = []
     for i, lora in enumerate(loras):
-        where = _local(lora.path, storage_options)
-        folder, weight = (where, LORA_FILE) if os.path.isdir(where) else os.path.split(where)
+        folder, weight = os.path.split(_local(lora_weights(lora.path, storage_options), storage_options))
         names.append(f"lora{i}")
         pipe.load_lora_weights(folder, weight_name=weight, adapter_name=names[-1])
     pipe.set_adapters(names, adapter_weights=[float(lora.scale) for lora in loras])
