@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from synthmill.models.lcm import (
     DDIMSolver,
@@ -307,14 +308,19 @@ def lcm_full(ray_address, tiny_sd, reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lcm_lora(ray_address, tiny_sd, reference, tmp_path_factory):
-    """LCM-LoRA of rank 4, 2 steps on 2 workers."""
+    """LCM-LoRA of rank 4 on 2 workers: 2 steps, then raised to 4 in the same output; and, in another output,
+    4 steps straight."""
     from tests.test_distill import run_distill
 
     folder = tmp_path_factory.mktemp("lcm-lora")
-    output = str(folder / "lora")
+    write = _writer(folder)
+    output, straight = str(folder / "lora"), str(folder / "straight")
     spec = lcm_spec(tiny_sd, reference[1], output, rank=4, max_steps=2, learning_rate=1.0e-3)
     spec["cluster"]["num_workers"] = 2
-    return {"lora": output, "lora_summary": run_distill(_writer(folder), spec)}
+    first = run_distill(write, spec)
+    return {"lora": output, "lora_summary": first, "resumed_summary": run_distill(write, spec, "train.max_steps=4"),
+            "straight": straight,
+            "straight_summary": run_distill(write, spec, f"output.path={straight}", "train.max_steps=4")}
 
 
 def _ckpt(output: str, step: int, *parts: str) -> str:
@@ -368,6 +374,30 @@ def test_lcm_pipeline_loads_with_lcm_scheduler_and_generates_in_4_steps(lcm_full
     assert summary["samples"] == 3
     samples = read_wds(spec["output"]["path"])
     assert len(samples) == 3 and all(s["png"][:4] == b"\x89PNG" for s in samples)
+
+
+def test_lcm_lora_resumed_equals_straight(lcm_lora):
+    """Stopped after its step-2 checkpoint and raised to 4 (2 workers): the adapters, the exported weights file
+    and the logged losses equal a run that never stopped, bit for bit."""
+    from tests.test_distill import metrics_lines
+
+    j = lcm_lora
+    assert j["resumed_summary"]["steps_resumed"] == 2 and j["resumed_summary"]["steps_run"] == 2
+    assert j["straight_summary"]["steps_resumed"] == 0 and j["straight_summary"]["steps_run"] == 4
+    a = load_file(_ckpt(j["lora"], 4, "student", "adapter.safetensors"))
+    b = load_file(_ckpt(j["straight"], 4, "student", "adapter.safetensors"))
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    early = load_file(_ckpt(j["lora"], 2, "student", "adapter.safetensors"))
+    assert any(not torch.equal(early[k], a[k]) for k in a)  # steps 3 and 4 trained
+    assert not os.path.exists(_ckpt(j["lora"], 4, "objective.pt"))  # LCM-LoRA keeps no target network
+    fa = load_file(os.path.join(j["lora"], "pytorch_lora_weights.safetensors"))
+    fb = load_file(os.path.join(j["straight"], "pytorch_lora_weights.safetensors"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    lines, straight = metrics_lines(j["lora"]), metrics_lines(j["straight"])
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for x, y in zip(lines, straight, strict=True):
+        assert {k: v for k, v in x.items() if k != "samples_per_s"} == {k: v for k, v in y.items()
+                                                                         if k != "samples_per_s"}
 
 
 def test_lcm_lora_weights_load_in_diffusers_and_change_the_images(lcm_lora, tiny_sd):
