@@ -206,12 +206,14 @@ def test_lcm_training_lowers_the_loss(sd, sdxl, kind):
     assert 0 < moved < (student.conv_in.weight - teacher.conv_in.weight).abs().sum()
 
 
-def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, tmp_path):
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, sdxl, kind, tmp_path):
+    from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_config(sd.unet.config)
-    unet.load_state_dict(sd.unet.state_dict())
-    cond, uncond = _conditioning(sd, ["a red cube", "two cats"])
+    pipe = sd if kind == "sd" else sdxl
+    unet = UNet2DConditionModel.from_config(pipe.unet.config)
+    unet.load_state_dict(pipe.unet.state_dict())
+    cond, uncond = _conditioning(pipe, ["a red cube", "two cats"])
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     t = torch.tensor([999, 419])
     with torch.no_grad():
@@ -222,7 +224,7 @@ def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, tmp_path):
                                                                           if "lora_" in n}
     with torch.no_grad():
         assert torch.equal(unet(z, t, **cond).sample, plain)  # the zero half of each adapter: starts as the teacher
-    loss = LCMLoss(unet, None, None, _acp(sd), "epsilon", LCMConfig(), lora=True)
+    loss = LCMLoss(unet, None, None, _acp(pipe), "epsilon", LCMConfig(), lora=True)
     start, end = _train(loss, params, z, cond, uncond, steps=8, lr=1e-3)
     assert end < 0.9 * start, (start, end)
     with torch.no_grad():
@@ -231,9 +233,9 @@ def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, tmp_path):
             assert torch.equal(teacher(z, t, **cond).sample, plain)  # the teacher stayed the plain UNet
     assert not torch.allclose(adapted, plain, atol=1e-4)
 
-    path = save_lora(str(tmp_path), unet, StableDiffusionPipeline)
+    path = save_lora(str(tmp_path), unet, type(pipe))  # SDXL: StableDiffusionXLPipeline's format
     assert path.endswith("pytorch_lora_weights.safetensors")
-    fresh = build_tiny_pipeline("sd", seed=3)
+    fresh = build_tiny_pipeline(kind, seed=3 if kind == "sd" else 4)
     fresh.load_lora_weights(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(fresh.unet(z, t, **cond).sample, adapted, rtol=1e-5, atol=1e-5)
