@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from synthmill.models.lcm import (
     DDIMSolver,
@@ -205,12 +206,14 @@ def test_lcm_training_lowers_the_loss(sd, sdxl, kind):
     assert 0 < moved < (student.conv_in.weight - teacher.conv_in.weight).abs().sum()
 
 
-def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, tmp_path):
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, sdxl, kind, tmp_path):
+    from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_config(sd.unet.config)
-    unet.load_state_dict(sd.unet.state_dict())
-    cond, uncond = _conditioning(sd, ["a red cube", "two cats"])
+    pipe = sd if kind == "sd" else sdxl
+    unet = UNet2DConditionModel.from_config(pipe.unet.config)
+    unet.load_state_dict(pipe.unet.state_dict())
+    cond, uncond = _conditioning(pipe, ["a red cube", "two cats"])
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     t = torch.tensor([999, 419])
     with torch.no_grad():
@@ -221,7 +224,7 @@ def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, tmp_path):
                                                                           if "lora_" in n}
     with torch.no_grad():
         assert torch.equal(unet(z, t, **cond).sample, plain)  # the zero half of each adapter: starts as the teacher
-    loss = LCMLoss(unet, None, None, _acp(sd), "epsilon", LCMConfig(), lora=True)
+    loss = LCMLoss(unet, None, None, _acp(pipe), "epsilon", LCMConfig(), lora=True)
     start, end = _train(loss, params, z, cond, uncond, steps=8, lr=1e-3)
     assert end < 0.9 * start, (start, end)
     with torch.no_grad():
@@ -230,9 +233,9 @@ def test_lcm_lora_trains_adapters_and_loads_in_diffusers(sd, tmp_path):
             assert torch.equal(teacher(z, t, **cond).sample, plain)  # the teacher stayed the plain UNet
     assert not torch.allclose(adapted, plain, atol=1e-4)
 
-    path = save_lora(str(tmp_path), unet, StableDiffusionPipeline)
+    path = save_lora(str(tmp_path), unet, type(pipe))  # SDXL: StableDiffusionXLPipeline's format
     assert path.endswith("pytorch_lora_weights.safetensors")
-    fresh = build_tiny_pipeline("sd", seed=3)
+    fresh = build_tiny_pipeline(kind, seed=3 if kind == "sd" else 4)
     fresh.load_lora_weights(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(fresh.unet(z, t, **cond).sample, adapted, rtol=1e-5, atol=1e-5)
@@ -307,14 +310,19 @@ def lcm_full(ray_address, tiny_sd, reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lcm_lora(ray_address, tiny_sd, reference, tmp_path_factory):
-    """LCM-LoRA of rank 4, 2 steps on 2 workers."""
+    """LCM-LoRA of rank 4 on 2 workers: 2 steps, then raised to 4 in the same output; and, in another output,
+    4 steps straight."""
     from tests.test_distill import run_distill
 
     folder = tmp_path_factory.mktemp("lcm-lora")
-    output = str(folder / "lora")
+    write = _writer(folder)
+    output, straight = str(folder / "lora"), str(folder / "straight")
     spec = lcm_spec(tiny_sd, reference[1], output, rank=4, max_steps=2, learning_rate=1.0e-3)
     spec["cluster"]["num_workers"] = 2
-    return {"lora": output, "lora_summary": run_distill(_writer(folder), spec)}
+    first = run_distill(write, spec)
+    return {"lora": output, "lora_summary": first, "resumed_summary": run_distill(write, spec, "train.max_steps=4"),
+            "straight": straight,
+            "straight_summary": run_distill(write, spec, f"output.path={straight}", "train.max_steps=4")}
 
 
 def _ckpt(output: str, step: int, *parts: str) -> str:
@@ -368,6 +376,30 @@ def test_lcm_pipeline_loads_with_lcm_scheduler_and_generates_in_4_steps(lcm_full
     assert summary["samples"] == 3
     samples = read_wds(spec["output"]["path"])
     assert len(samples) == 3 and all(s["png"][:4] == b"\x89PNG" for s in samples)
+
+
+def test_lcm_lora_resumed_equals_straight(lcm_lora):
+    """Stopped after its step-2 checkpoint and raised to 4 (2 workers): the adapters, the exported weights file
+    and the logged losses equal a run that never stopped, bit for bit."""
+    from tests.test_distill import metrics_lines
+
+    j = lcm_lora
+    assert j["resumed_summary"]["steps_resumed"] == 2 and j["resumed_summary"]["steps_run"] == 2
+    assert j["straight_summary"]["steps_resumed"] == 0 and j["straight_summary"]["steps_run"] == 4
+    a = load_file(_ckpt(j["lora"], 4, "student", "adapter.safetensors"))
+    b = load_file(_ckpt(j["straight"], 4, "student", "adapter.safetensors"))
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    early = load_file(_ckpt(j["lora"], 2, "student", "adapter.safetensors"))
+    assert any(not torch.equal(early[k], a[k]) for k in a)  # steps 3 and 4 trained
+    assert not os.path.exists(_ckpt(j["lora"], 4, "objective.pt"))  # LCM-LoRA keeps no target network
+    fa = load_file(os.path.join(j["lora"], "pytorch_lora_weights.safetensors"))
+    fb = load_file(os.path.join(j["straight"], "pytorch_lora_weights.safetensors"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    lines, straight = metrics_lines(j["lora"]), metrics_lines(j["straight"])
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for x, y in zip(lines, straight, strict=True):
+        assert {k: v for k, v in x.items() if k != "samples_per_s"} == {k: v for k, v in y.items()
+                                                                         if k != "samples_per_s"}
 
 
 def test_lcm_lora_weights_load_in_diffusers_and_change_the_images(lcm_lora, tiny_sd):
