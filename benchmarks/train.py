@@ -34,10 +34,15 @@ from typing import Any
 
 import yaml
 
-from benchmarks.child import run_streamed
+from benchmarks.child import rerun_under_cpu_malloc, run_streamed
 from benchmarks.distill import REPO, make_data, make_teacher
 
 METHODS = ("finetune", "lcm", "lcm-lora")
+#: Printed first: what (a) and synthmill's side share, and where the job runs off synthmill's own defaults.
+SHARED = ("shared by (a) and synthmill run: batch, resolution, learning rate, fp16 autocast on a GPU (float32 on a "
+          "CPU), on a CPU 1 torch thread a process or worker (cluster.cpus_per_worker 1, synthmill's default) and "
+          "synthmill's CPU malloc settings, the first --warmup steps left out of steady state; differs: (a) trains "
+          "on batches decoded in memory, synthmill run decodes with data.loader_workers 1 (its default 2)")
 SMOKE = {"images": 4, "size": 32, "batch": 2, "steps": 2, "warmup": 1, "workers": 1}
 
 
@@ -169,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
+    code = rerun_under_cpu_malloc("benchmarks.train", argv if argv is not None else sys.argv[1:])
+    if code is not None:
+        return code
+    print(SHARED, flush=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
