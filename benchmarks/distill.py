@@ -7,7 +7,9 @@ pixels with COCO captions beside them are the data. Then, with the same student 
 batch, resolution, precision and loss:
 
 (a) plain loop: one process, the frozen VAE / text encoder / teacher and the student on one device,
-    batches pre-decoded in memory (no data loading at all), AdamW steps;
+    batches pre-decoded in memory (no data loading at all), AdamW steps; on a CPU one torch thread (the
+    workers' ``cpus_per_worker`` default) and synthmill's CPU malloc settings (the benchmark reruns itself in
+    a child process with them);
 (b) ``synthmill run`` of a distill job with 1 Ray Train worker (its data stream, DDP wrapper, metrics,
     checkpoints at the end);
 (c) the same with 2 workers (``--workers``), when the machine has the CPUs or GPUs for them;

@@ -370,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:  # the smoke's settings; --metrics, when given, still picks the metrics
         args = SimpleNamespace(**{**SMOKE, "metrics": args.metrics or SMOKE["metrics"]}, smoke=True)
+    from benchmarks.child import rerun_under_cpu_malloc
+
+    code = rerun_under_cpu_malloc("benchmarks.evaluate_all", argv if argv is not None else sys.argv[1:])
+    if code is not None:  # on a CPU: the baselines, run in this process, get the actors' allocator settings
+        return code
     if args.threads is None:
         import torch
 

@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:  # the end-to-end run (d) is left out: the evaluate tests run `synthmill run` already
         args = SimpleNamespace(**SMOKE, smoke=True)
+    from benchmarks.child import rerun_under_cpu_malloc
+
+    code = rerun_under_cpu_malloc("benchmarks.extract", argv if argv is not None else sys.argv[1:])
+    if code is not None:  # on a CPU: the baselines, run in this process, get the actors' allocator settings
+        return code
     print(render(run(args.images, args.size, args.batch, args.unit, end_to_end=not args.smoke)))
     return 0
 
