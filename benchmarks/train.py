@@ -15,8 +15,9 @@ distillation with a guidance embedding and an EMA target; ``lcm-lora``: LCM-LoRA
 
 On the CPU each process (a) and each worker of (b)/(c) gets one torch thread (``cpus_per_worker: 1``), so
 (c) is the only side with more cores, and the plain loop runs under the glibc malloc settings synthmill gives
-its CPU workers (the benchmark reruns itself in a child process with them, as the generate benchmark does). Printed: steady-state samples/s (the first ``--warmup`` steps left
-out; (b)/(c) from their metrics.jsonl), end-to-end samples/s of (b)/(c), and the ratios to (a).
+its CPU workers (the benchmark reruns itself in a child process with them, as the generate benchmark does).
+Printed: steady-state samples/s (the first ``--warmup`` steps left out; (b)/(c) from their metrics.jsonl),
+end-to-end samples/s of (b)/(c), and the ratios to (a).
 
     python -m benchmarks train                   # the CPU numbers of RESULTS.md (tiny SD 1.x teacher)
     python -m benchmarks train --smoke           # seconds of each; what tests/test_benchmarks.py runs
