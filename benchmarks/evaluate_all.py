@@ -13,7 +13,8 @@ twice:
 
 Both sides get the same torch threads (``--threads``) and decode workers (``--workers``: the baselines'
 DataLoader workers, synthmill's ``cluster.decode_threads``; torch-fidelity fixes its own at
-``min(4, 2 x CPUs)``, the default here). Printed: each baseline's seconds, images/s of (a) and of (b) (generated
+``min(4, 2 x CPUs)``, the default here) and, on a CPU, the glibc malloc settings of synthmill's CPU actors (the
+benchmark reruns itself in a child process with them). Printed: each baseline's seconds, images/s of (a) and of (b) (generated
 images over wall seconds), the ratio (b)/(a), and each number of (b) against (a)'s with its tolerance.
 
 Networks have random weights saved in their real formats (nothing can be downloaded here; speed does not depend

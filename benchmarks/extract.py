@@ -19,8 +19,9 @@ count:
 
 Printed: images/s of each and the ratios (b)/(a), (c)/(a), (d)/(a), and how far the statistics of
 (b) are from (a)'s. (a), (b) and (c) first run one batch / unit untimed, so that one-off start-up
-(kernel selection, allocations) counts for neither; (d) includes everything. On a GPU the same command
-measures the GPU (``device`` in the output).
+(kernel selection, allocations) counts for neither; (d) includes everything. On a CPU the benchmark
+reruns itself under synthmill's CPU actor malloc settings, so that (a) gets the allocator (d)'s actor gets.
+On a GPU the same command measures the GPU (``device`` in the output).
 
     python -m benchmarks.extract            # the numbers in RESULTS.md
     python -m benchmarks.extract --smoke    # a few images, without (d); what tests/test_benchmarks.py runs
