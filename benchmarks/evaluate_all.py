@@ -14,8 +14,9 @@ twice:
 Both sides get the same torch threads (``--threads``) and decode workers (``--workers``: the baselines'
 DataLoader workers, synthmill's ``cluster.decode_threads``; torch-fidelity fixes its own at
 ``min(4, 2 x CPUs)``, the default here) and, on a CPU, the glibc malloc settings of synthmill's CPU actors (the
-benchmark reruns itself in a child process with them). Printed: each baseline's seconds, images/s of (a) and of (b) (generated
-images over wall seconds), the ratio (b)/(a), and each number of (b) against (a)'s with its tolerance.
+benchmark reruns itself in a child process with them). Printed: each baseline's seconds, images/s of (a) and
+of (b) (generated images over wall seconds), the ratio (b)/(a), and each number of (b) against (a)'s with its
+tolerance.
 
 Networks have random weights saved in their real formats (nothing can be downloaded here; speed does not depend
 on the values): the real Inception network, and a tiny CLIP unless ``--full-size`` (ViT-L-14, for a GPU).
