@@ -30,3 +30,33 @@ def run_streamed(cmd: list[str], what: str, tail_lines: int = 60, **popen: objec
     if code != 0:
         raise RuntimeError(f"{what} exited with {code}: {' '.join(cmd)}\n{text}")
     return seconds, text
+
+
+def rerun_under_cpu_malloc(module: str, argv: list[str]) -> int | None:
+    """On a CPU, run the benchmark ``module`` again in a child process whose environment adds the malloc
+    settings of synthmill's CPU actors and training workers (``synthmill.cluster.connect.CPU_MALLOC_ENV``;
+    values already set here win, as for them; glibc reads them only at process start), so that a plain loop
+    run in this process gets the allocator synthmill's side gets. Its output streams through this process's
+    stdout (``python -m benchmarks`` records it); returns the child's exit code. None when this process
+    already has them, or on a GPU, where synthmill's actors and workers do not get them."""
+    import os
+
+    from synthmill.cluster.connect import CPU_MALLOC_ENV
+
+    if all(k in os.environ for k in CPU_MALLOC_ENV):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from pathlib import Path
+
+    env = {**CPU_MALLOC_ENV, **os.environ}
+    print("CPU: rerun under synthmill's CPU actor malloc settings: "
+          + " ".join(f"{k}={env[k]}" for k in CPU_MALLOC_ENV), flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=Path(__file__).resolve().parent.parent,
+                            env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+    return proc.wait()

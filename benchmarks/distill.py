@@ -7,7 +7,9 @@ pixels with COCO captions beside them are the data. Then, with the same student 
 batch, resolution, precision and loss:
 
 (a) plain loop: one process, the frozen VAE / text encoder / teacher and the student on one device,
-    batches pre-decoded in memory (no data loading at all), AdamW steps;
+    batches pre-decoded in memory (no data loading at all), AdamW steps; on a CPU one torch thread (the
+    workers' ``cpus_per_worker`` default) and synthmill's CPU malloc settings (the benchmark reruns itself in
+    a child process with them);
 (b) ``synthmill run`` of a distill job with 1 Ray Train worker (its data stream, DDP wrapper, metrics,
     checkpoints at the end);
 (c) the same with 2 workers (``--workers``), when the machine has the CPUs or GPUs for them;
@@ -36,9 +38,14 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.child import run_streamed
+from benchmarks.child import rerun_under_cpu_malloc, run_streamed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Printed first: what (a) and synthmill's side share, and where the job runs off synthmill's own defaults.
+SHARED = ("shared by (a) and synthmill run: batch, resolution, learning rate, fp16 autocast on a GPU (float32 on a "
+          "CPU), on a CPU 1 torch thread a process or worker (cluster.cpus_per_worker 1, synthmill's default) and "
+          "synthmill's CPU malloc settings, the first --warmup steps left out of steady state; differs: (a) trains "
+          "on batches decoded in memory, synthmill run decodes with data.loader_workers 1 (its default 2)")
 SMOKE = {"images": 4, "size": 32, "batch": 2, "steps": 2, "warmup": 1, "workers": 1}
 
 
@@ -219,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
+    code = rerun_under_cpu_malloc("benchmarks.distill", argv if argv is not None else sys.argv[1:])
+    if code is not None:
+        return code
+    print(SHARED, flush=True)
     with tempfile.TemporaryDirectory(prefix="synthmill-bench-distill-") as work:
         teacher = make_teacher(args.teacher, os.path.join(work, "teacher"))
         data = make_data(os.path.join(work, "data"), args.images, args.size)

@@ -13,8 +13,10 @@ twice:
 
 Both sides get the same torch threads (``--threads``) and decode workers (``--workers``: the baselines'
 DataLoader workers, synthmill's ``cluster.decode_threads``; torch-fidelity fixes its own at
-``min(4, 2 x CPUs)``, the default here). Printed: each baseline's seconds, images/s of (a) and of (b) (generated
-images over wall seconds), the ratio (b)/(a), and each number of (b) against (a)'s with its tolerance.
+``min(4, 2 x CPUs)``, the default here) and, on a CPU, the glibc malloc settings of synthmill's CPU actors (the
+benchmark reruns itself in a child process with them). Printed: each baseline's seconds, images/s of (a) and
+of (b) (generated images over wall seconds), the ratio (b)/(a), and each number of (b) against (a)'s with its
+tolerance.
 
 Networks have random weights saved in their real formats (nothing can be downloaded here; speed does not depend
 on the values): the real Inception network, and a tiny CLIP unless ``--full-size`` (ViT-L-14, for a GPU).
@@ -370,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:  # the smoke's settings; --metrics, when given, still picks the metrics
         args = SimpleNamespace(**{**SMOKE, "metrics": args.metrics or SMOKE["metrics"]}, smoke=True)
+    from benchmarks.child import rerun_under_cpu_malloc
+
+    code = rerun_under_cpu_malloc("benchmarks.evaluate_all", argv if argv is not None else sys.argv[1:])
+    if code is not None:  # on a CPU: the baselines, run in this process, get the actors' allocator settings
+        return code
     if args.threads is None:
         import torch
 

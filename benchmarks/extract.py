@@ -19,8 +19,9 @@ count:
 
 Printed: images/s of each and the ratios (b)/(a), (c)/(a), (d)/(a), and how far the statistics of
 (b) are from (a)'s. (a), (b) and (c) first run one batch / unit untimed, so that one-off start-up
-(kernel selection, allocations) counts for neither; (d) includes everything. On a GPU the same command
-measures the GPU (``device`` in the output).
+(kernel selection, allocations) counts for neither; (d) includes everything. On a CPU the benchmark
+reruns itself under synthmill's CPU actor malloc settings, so that (a) gets the allocator (d)'s actor gets.
+On a GPU the same command measures the GPU (``device`` in the output).
 
     python -m benchmarks.extract            # the numbers in RESULTS.md
     python -m benchmarks.extract --smoke    # a few images, without (d); what tests/test_benchmarks.py runs
@@ -196,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:  # the end-to-end run (d) is left out: the evaluate tests run `synthmill run` already
         args = SimpleNamespace(**SMOKE, smoke=True)
+    from benchmarks.child import rerun_under_cpu_malloc
+
+    code = rerun_under_cpu_malloc("benchmarks.extract", argv if argv is not None else sys.argv[1:])
+    if code is not None:  # on a CPU: the baselines, run in this process, get the actors' allocator settings
+        return code
     print(render(run(args.images, args.size, args.batch, args.unit, end_to_end=not args.smoke)))
     return 0
 

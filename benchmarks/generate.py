@@ -19,8 +19,9 @@ resolution, guidance and batch size go through:
 
 Steady state: (a) and (b) are timed in this process after one uncounted warm-up batch each, model load
 excluded, ``--repeats`` times, interleaved so that drifts in machine speed hit both; the best counts.
-End to end: (a)'s first run (imports timed at process start, load, every batch with no warm-up) against
-the wall time of (c) (process start, imports, Ray start, actor load, generation, index, summary).
+End to end: (a)'s first run (a fresh interpreter's start and the plain script's imports, timed in a child
+process at the start, then load and every batch with no warm-up) against the wall time of (c) (process start,
+imports, Ray start, actor load, generation, index, summary): both count their process start.
 (d) runs after (c) in this process, on a local Ray it starts itself (``address="local"``, as ``synthmill
 run`` does); its end to end is timed from dataset creation until ``write_webdataset`` returns (actor
 start and load included), and reported without and with that Ray start (``import ray.data`` and
@@ -344,35 +345,31 @@ def webdataset_images(folder: str) -> tuple[dict[str, Any], int]:
 
 
 def under_cpu_actor_malloc(argv: list[str]) -> int | None:
-    """On a CPU, run this benchmark again in a child process whose environment adds the malloc settings of
-    synthmill's CPU actors (values already set here win, as for the actors), streaming its output through
-    this process's stdout (``python -m benchmarks`` records it); return the child's exit code. None when
-    this process already has them, or on a GPU, where actors do not get them."""
-    from synthmill.cluster.connect import CPU_MALLOC_ENV
+    """On a CPU, this benchmark again in a child process under synthmill's CPU actor malloc settings
+    (:func:`benchmarks.child.rerun_under_cpu_malloc`): (b) runs its pipeline on a thread as (c)'s actor does,
+    and (a) and (d) get the same allocator. Returns the child's exit code, or None to run here."""
+    from benchmarks.child import rerun_under_cpu_malloc
 
-    if all(k in os.environ for k in CPU_MALLOC_ENV):
-        return None
-    import torch
+    return rerun_under_cpu_malloc("benchmarks.generate", argv)
 
-    if torch.cuda.is_available():
-        return None
-    env = {**CPU_MALLOC_ENV, **os.environ}
-    print("CPU: rerun under synthmill's CPU actor malloc settings: "
-          + " ".join(f"{k}={env[k]}" for k in CPU_MALLOC_ENV), flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.generate", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-    return proc.wait()
+
+#: What the plain script imports (and what loading an SD pipeline pulls in), run by a fresh interpreter.
+PLAIN_IMPORTS = ("import numpy, PIL.Image, torch, webdataset; "
+                 "from diffusers import DiffusionPipeline, StableDiffusionPipeline; "
+                 "from transformers import CLIPTextModel, CLIPTokenizer")
 
 
 def import_plain_stack() -> float:
-    """Import what the plain script imports (and what loading an SD pipeline pulls in); return seconds.
+    """Seconds a fresh interpreter takes to start, import what the plain script imports, and exit; then the
+    same imports in this process (untimed), so that (a)'s load and generation here run as in that script.
 
-    Called first thing, so the end-to-end (a) number counts the imports as a fresh script would.
+    The end-to-end (a) number counts this start and these imports, as (c)'s wall time counts its own process
+    start and imports. The child gets this process's environment (on a CPU: synthmill's actor malloc
+    settings, see :func:`under_cpu_actor_malloc`).
     """
     t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", PLAIN_IMPORTS], cwd=REPO, check=True)
+    seconds = time.perf_counter() - t0
     import numpy  # noqa: F401
     import PIL.Image  # noqa: F401
     import torch  # noqa: F401
@@ -380,7 +377,7 @@ def import_plain_stack() -> float:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline  # noqa: F401
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    return time.perf_counter() - t0
+    return seconds
 
 
 def run_timed(cmd: list[str], what: str, ray_address: str | None = None) -> float:
@@ -465,14 +462,15 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
           f"device {device} ({str(dtype).replace('torch.', '')}), torch threads (a) {threads}, "
           f"cluster.cpus_per_actor {actor_threads or 'default'}; channels-last for all: {channels_last_of(cfg)}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(defaults_line(cfg, device, threads, actor_threads), flush=True)
 
     t0 = time.perf_counter()
     pipe = load_plain(cfg.model, channels_last_of(cfg))
     plain_load = time.perf_counter() - t0
     plain_generate(pipe, cfg, prompts, os.path.join(work, "a-cold"))
     plain_cold = import_s + time.perf_counter() - t0
-    print(f"(a) end to end: imports {import_s:.2f} s + load {plain_load:.2f} s + generation "
-          f"{plain_cold - import_s - plain_load:.2f} s", flush=True)
+    print(f"(a) end to end: a fresh interpreter's start and imports {import_s:.2f} s + load {plain_load:.2f} s "
+          f"+ generation {plain_cold - import_s - plain_load:.2f} s", flush=True)
 
     gen = load_generator(spec_path, os.path.join(work, "b"))
     gen_threads = torch.get_num_threads()  # what ShardGenerator set; the count is process-wide
@@ -530,7 +528,8 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
     rows = [
         Timing("(a) plain diffusers loop", steady, n, min(plain_s)),
         Timing("(b) synthmill ShardGenerator.process_shard, in-process", steady, n, min(synthmill_s)),
-        Timing("(a) plain diffusers loop", "end to end: imports, load, generation (no warm-up)", n, plain_cold),
+        Timing("(a) plain diffusers loop", "end to end: process start, imports, load, generation (no warm-up)", n,
+               plain_cold),
         Timing("(c) `synthmill run`, cluster.num_actors=1",
                "end to end: process start, Ray start, load, generation", n, cli),
     ]
@@ -564,6 +563,27 @@ def benchmark(cfg: Settings, work: str, import_s: float, ray_data: bool = True,
         Timing(name, "end to end: the above + Ray start (import ray.data, ray.init)", written, ray_start + rd),
     ]
     return rows
+
+
+def defaults_line(cfg: Settings, device: str, threads: int, actor_threads: int | None) -> str:
+    """One line: the settings every side shares, and where synthmill at its own defaults would differ from
+    what (b) and (c) were given to match the plain loop (each such setting named, with its default)."""
+    from synthmill.jobs.fields import ActorClusterSpec
+
+    default_cpus = ActorClusterSpec().cpus_per_actor
+    shared = (f"shared by (a)-(d): dtype {'float16' if device == 'cuda' else 'float32'}, channels-last "
+              f"{channels_last_of(cfg)}, batch {cfg.batch_size}, "
+              "one warm-up batch before (a)'s and (b)'s steady-state loops"
+              + (", synthmill's CPU malloc settings" if device == "cpu" else "")
+              + (f", {actor_threads} torch threads" if device == "cpu" else ""))
+    differ = []
+    if device == "cpu" and actor_threads != default_cpus:
+        differ.append(f"cluster.cpus_per_actor {actor_threads} given to (b)/(c) to match (a)'s {threads} torch "
+                      f"threads (synthmill's default {default_cpus})")
+    if channels_last_of(cfg) != (device == "cuda"):
+        differ.append(f"channels-last {channels_last_of(cfg)} (synthmill's default: {device == 'cuda'})")
+    return shared + "; " + ("differs from synthmill's defaults: " + "; ".join(differ) if differ
+                             else "synthmill's defaults otherwise")
 
 
 def generator_threads(cfg: Settings) -> int | None:

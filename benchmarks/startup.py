@@ -19,7 +19,8 @@ With ``--batch-size`` smaller than ``--prompts`` both run the whole job, batch b
 writes every batch into its one tar, synthmill's one shard holds them all): then launch to exit is the
 figure to compare, given per round and as the median of the rounds' ratios. Every run's images are compared
 with the plain script's, pixel for pixel. On a CPU the plain script runs under the glibc malloc settings of
-synthmill's CPU actors and with the actor's torch threads, so that the two differ only in what synthmill does.
+synthmill's CPU actors and with the actor's torch threads, on CUDA with the actor's channels-last UNet and VAE,
+so that the two differ only in what synthmill does.
 
     python -m benchmarks startup            # the numbers in RESULTS.md
     python -m benchmarks startup --smoke    # one repeat; what tests/test_benchmarks.py runs
@@ -62,6 +63,9 @@ t_download = time.time()
 cuda = torch.cuda.is_available()  # what synthmill's dtype: auto picks: float16 on CUDA, float32 on CPU
 pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32)
 pipe = pipe.to("cuda" if cuda else "cpu")
+if sys.argv[10] == "1":  # channels-last, as synthmill's model.channels_last (unset: on CUDA) gives the actor
+    for module in (pipe.unet, pipe.vae):
+        module.to(memory_format=torch.channels_last)
 pipe.set_progress_bar_config(disable=True)
 t_load = time.time()
 prompts = sys.argv[5].split("\x1f")
@@ -88,7 +92,8 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
                       storage: dict | None = None, threads: int | None = None) -> dict[str, float]:
     """Seconds of a fresh plain script: start + imports (+ the download of an ``s3://`` model), model load,
     first batch written, the other batches (``cfg.batch_size`` a call); and in all. On a CPU it gets
-    synthmill's CPU actor malloc settings and ``threads`` torch threads (``OMP_NUM_THREADS``), as the actor."""
+    synthmill's CPU actor malloc settings and ``threads`` torch threads (``OMP_NUM_THREADS``), as the actor;
+    on CUDA the actor's channels-last UNet and VAE (:func:`plain_channels_last`)."""
     from synthmill.cluster.connect import CPU_MALLOC_ENV
 
     download = os.path.join(work, "plain-download")  # where the plain script puts an s3:// model
@@ -101,7 +106,7 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_FIRST_BATCH, repr(launch), model, str(cfg.steps), str(cfg.size),
          "\x1f".join(prompts), os.path.join(plain_tars(work), "plain.tar"), json.dumps(storage or {}), download,
-         str(cfg.batch_size)],
+         str(cfg.batch_size), "1" if plain_channels_last(cfg) else "0"],
         cwd=REPO, capture_output=True, text=True, env=env)
     ended = time.time()
     shutil.rmtree(download, ignore_errors=True)  # after the timing: each run downloads afresh
@@ -111,6 +116,13 @@ def plain_first_batch(model: str, cfg: Settings, prompts: list[str], work: str,
     return {"start_and_imports": imports, "download": download, "model_load": load, "first_batch": batch,
             "to_first_tar": imports + download + load + batch, "rest": rest,
             "finish_and_exit": ended - launch - (imports + download + load + batch + rest), "total": ended - launch}
+
+
+def plain_channels_last(cfg: Settings) -> bool:
+    """Whether the actor runs channels-last (``model.channels_last``; unset: on CUDA only), and so the plain
+    script: the same memory format on both sides."""
+    options = dict(cfg.model_options)
+    return bool(options["channels_last"]) if options.get("channels_last") is not None else on_gpu()
 
 
 def plain_tars(work: str) -> str:
@@ -269,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         cpus and not on_gpu()) else ""
     print(f"\n{args.prompts} prompts in one shard, {args.size}x{args.size}, {args.steps} steps, batch {batch}, best "
           f"of {args.repeats}; cluster.cpus_per_actor {cpus or 'default'}{threads}{source}")
+    print(f"both: channels-last {plain_channels_last(cfg)}, {'float16' if on_gpu() else 'float32'}; "
+          + (f"differs from synthmill's defaults: cluster.cpus_per_actor {cpus} to match the plain script's torch "
+             "threads (synthmill's default 1)" if cpus and cpus != 1 and not on_gpu()
+             else "synthmill's defaults otherwise"))
     print("| stage | plain script s | synthmill run s |\n| --- | ---: | ---: |")
     rows = [
         ("process start, imports (plain: torch, diffusers; synthmill: its CLI) + validation",

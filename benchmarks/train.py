@@ -14,8 +14,10 @@ distillation with a guidance embedding and an EMA target; ``lcm-lora``: LCM-LoRA
 (c) the same with ``--workers`` workers, when that is more than 1.
 
 On the CPU each process (a) and each worker of (b)/(c) gets one torch thread (``cpus_per_worker: 1``), so
-(c) is the only side with more cores. Printed: steady-state samples/s (the first ``--warmup`` steps left
-out; (b)/(c) from their metrics.jsonl), end-to-end samples/s of (b)/(c), and the ratios to (a).
+(c) is the only side with more cores, and the plain loop runs under the glibc malloc settings synthmill gives
+its CPU workers (the benchmark reruns itself in a child process with them, as the generate benchmark does).
+Printed: steady-state samples/s (the first ``--warmup`` steps left out; (b)/(c) from their metrics.jsonl),
+end-to-end samples/s of (b)/(c), and the ratios to (a).
 
     python -m benchmarks train                   # the CPU numbers of RESULTS.md (tiny SD 1.x teacher)
     python -m benchmarks train --smoke           # seconds of each; what tests/test_benchmarks.py runs
@@ -34,10 +36,15 @@ from typing import Any
 
 import yaml
 
-from benchmarks.child import run_streamed
+from benchmarks.child import rerun_under_cpu_malloc, run_streamed
 from benchmarks.distill import REPO, make_data, make_teacher
 
 METHODS = ("finetune", "lcm", "lcm-lora")
+#: Printed first: what (a) and synthmill's side share, and where the job runs off synthmill's own defaults.
+SHARED = ("shared by (a) and synthmill run: batch, resolution, learning rate, fp16 autocast on a GPU (float32 on a "
+          "CPU), on a CPU 1 torch thread a process or worker (cluster.cpus_per_worker 1, synthmill's default) and "
+          "synthmill's CPU malloc settings, the first --warmup steps left out of steady state; differs: (a) trains "
+          "on batches decoded in memory, synthmill run decodes with data.loader_workers 1 (its default 2)")
 SMOKE = {"images": 4, "size": 32, "batch": 2, "steps": 2, "warmup": 1, "workers": 1}
 
 
@@ -169,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
+    code = rerun_under_cpu_malloc("benchmarks.train", argv if argv is not None else sys.argv[1:])
+    if code is not None:
+        return code
+    print(SHARED, flush=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -25,6 +25,12 @@ def test_generate_benchmark_smoke(background_smokes) -> None:
                      r"\d+\.\d+ \(its imports \d+\.\d+, model load \d+\.\d+\), first shard committed at \d+\.\d+$",
                      stdout, re.M), stdout
     assert "[synthmill run (c)] " in stderr, stderr  # (c)'s own output, streamed as it came
+    # both sides count their process start; the shared settings and the one synthmill was given off its default
+    assert re.search(r"^\(a\) end to end: a fresh interpreter's start and imports \d+\.\d+ s \+ load", stdout,
+                     re.M), stdout
+    assert re.search(r"^shared by \(a\)-\(d\): dtype float32, channels-last False, batch 2, .*synthmill's CPU malloc "
+                     r"settings, (\d+) torch threads; differs from synthmill's defaults: cluster\.cpus_per_actor \1 ",
+                     stdout, re.M) or "synthmill's defaults otherwise" in stdout, stdout
 
 
 def test_compare_images_says_by_how_much_images_differ() -> None:
@@ -100,6 +106,8 @@ def test_distill_benchmark_smoke(background_smokes) -> None:
     code, stdout, stderr = background_smokes.result("test_distill_benchmark_smoke")
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert re.search(r"^\(a\) plain PyTorch loop, 1 process +\d+\.\d+ +1\.000 *$", stdout, re.M), stdout
+    assert stdout.startswith("CPU: rerun under synthmill's CPU actor malloc settings: "), stdout  # the plain loop's too
+    assert "\nshared by (a) and synthmill run: " in stdout, stdout
     assert re.search(r"^\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", stdout, re.M), stdout
 
 
@@ -108,6 +116,8 @@ def test_train_benchmark_smoke(background_smokes) -> None:
     and a 1-worker ``synthmill run`` of the job train, and the table of ratios prints a row for each."""
     code, stdout, stderr = background_smokes.result("test_train_benchmark_smoke")
     assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert stdout.startswith("CPU: rerun under synthmill's CPU actor malloc settings: "), stdout  # the plain loop's too
+    assert "\nshared by (a) and synthmill run: " in stdout, stdout
     for method in ("finetune", "lcm", "lcm-lora"):
         assert re.search(rf"^{method} +\(a\) plain loop, 1 process +\d+\.\d+ +1\.000 *$", stdout, re.M), stdout
         assert re.search(rf"^{method} +\(b\) synthmill run, 1 worker +\d+\.\d+ +\d+\.\d+ +\d+\.\d+$", stdout,
@@ -156,6 +166,7 @@ def test_startup_benchmark_smoke(background_smokes) -> None:
     assert re.search(r"^\| download of the s3:// model .* \| \d+\.\d+ \|  \|$", stdout, re.M), stdout
     assert "the model from s3:// (moto on 127.0.0.1), downloaded in every run" in stdout, stdout
     assert "\nidentical images, plain / synthmill: 2/2 in every run\n" in stdout, stdout
+    assert re.search(r"^both: channels-last False, float32; ", stdout, re.M), stdout
     assert re.search(r"^ratio: launch to exit, plain / synthmill, median of 1 interleaved rounds = \d+\.\d+ ", stdout,
                      re.M), stdout
 
