@@ -78,6 +78,7 @@ BACKGROUND_SMOKES = {
     "test_distill_benchmark_smoke": ["-m", "benchmarks", "distill", "--smoke"],
     "test_evaluate_all_benchmark_smoke": ["-m", "benchmarks", "evaluate-all", "--smoke"],
     "test_filter_benchmark_smoke": ["-m", "benchmarks", "filter", "--smoke"],
+    "test_study_benchmark_smoke": ["-m", "benchmarks", "study", "--smoke"],
     "test_train_benchmark_smoke": ["-m", "benchmarks", "train", "--smoke"],
 }
 #: The background smokes' priority: low, yet not so low that their Rays' own processes starve outright.

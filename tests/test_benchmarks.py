@@ -63,6 +63,20 @@ def test_chaos_benchmark_smoke(background_smokes) -> None:
     assert figures["shards_identical"].strip() == figures["shards"].strip(), stdout
 
 
+def test_study_benchmark_smoke(background_smokes) -> None:
+    """``python -m benchmarks study --smoke`` (in the background, each variant on a local Ray of its own): the study
+    and the four jobs one after another both run, the ratios and the study's timeline are printed, and the study's
+    table holds the four jobs' numbers."""
+    code, stdout, stderr = background_smokes.result("test_study_benchmark_smoke")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert re.search(r"^ratio \(a\)/\(b\): +\d+\.\d+ ", stdout, re.M), stdout
+    assert re.search(r"^ratio \(a\)/\(generate jobs alone\): +\d+\.\d+ ", stdout, re.M), stdout
+    span = r"-?\d+--?\d+"
+    assert re.search(rf"^\(a\)'s jobs, seconds from its start: generate m1 {span}; evaluate m1 {span}; "
+                     rf"generate m2 {span}; evaluate m2 {span}$", stdout, re.M), stdout
+    assert "table numbers equal the sequential jobs' (FID, IS, CLIP of both models): True" in stdout, stdout
+
+
 def test_fid_benchmark_smoke(background_smokes) -> None:
     """``benchmarks.fid`` in smoke mode: synthmill's Frechet distance equals pytorch-fid's, both timed;
     ``python -m benchmarks fid --smoke`` (in the background, tests/conftest.py) prints the verdict line."""

@@ -23,6 +23,7 @@ import yaml
 from tests.conftest import REPO, files_under, tar_hashes, write_image_folder
 
 SYNTHMILL = [sys.executable, "-m", "synthmill.cli"]
+SLOW_STEPS = 8
 NUMBERS = ("fid", "is_mean", "is_std", "clip_score")
 
 
@@ -256,6 +257,120 @@ def test_a_study_killed_while_the_second_model_generates_resumes_to_the_same_tab
     strip = lambda r: {k: v for k, v in r.items() if k not in ("path", "images_per_s")}  # noqa: E731
     assert [strip(r) for r in rows] == [strip(r) for r in first]
     assert tar_hashes(str(tmp_path / "out" / "models" / "b")) == tar_hashes(os.path.join(out, "models", "b"))
+
+
+
+def _start(spec: dict, folder, ray_address: str) -> tuple[subprocess.Popen, str, object]:
+    """``synthmill run`` of ``spec`` (its output under ``folder``) as a process of its own on the session's Ray."""
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = dict(os.environ, RAY_ADDRESS=ray_address, PYTHONPATH=str(REPO))
+    err = open(folder / "stderr.txt", "wb")
+    proc = subprocess.Popen([*SYNTHMILL, "run", str(path)], stdout=subprocess.DEVNULL, stderr=err, env=env,
+                            cwd=str(REPO))
+    return proc, str(path), err
+
+
+def _wait_for(proc: subprocess.Popen, *paths: str, timeout: float = 600) -> bool:
+    """Look every 5 ms until every one of ``paths`` exists (glob patterns), while ``proc`` runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if all(glob.glob(p) for p in paths):
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _ended(proc: subprocess.Popen, err, timeout: float) -> tuple[int | None, float]:
+    """The exit code of ``proc`` (None if it ran past ``timeout`` seconds: then it is killed) and its seconds."""
+    t0 = time.time()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        err.close()
+    return code, time.time() - t0
+
+
+def test_a_failed_generation_fails_the_study_by_name_and_the_rerun_completes_it(studied, ray_address, tmp_path):
+    """Model a's generate job fails part-way (a folder squats on its last shard's tar, as in test_generate.py): its
+    scoring stops, model b still runs, and the study exits 1 at once, naming a, with the generate job's own
+    failures.json and no table or report; once the path is cleared, the same command runs a's missing shard and its
+    evaluation alone, to the table of an undisturbed run."""
+    spec, _, clean, _ = studied
+    failing = copy.deepcopy(spec)
+    out = tmp_path / "out"
+    failing["output"]["path"] = str(out)
+    proc, path, err = _start(failing, tmp_path, ray_address)
+    squatter = out / "models" / "a" / "shards" / "000003.tar"
+    claimed = _wait_for(proc, str(out / "models" / "a" / "plan.json"))  # before its generator has loaded the model
+    if claimed:
+        os.makedirs(squatter / "in-the-way")
+    code, seconds = _ended(proc, err, 600)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert claimed and code == 1, stderr[-3000:]
+    failed = [line for line in stderr.splitlines() if line.startswith("synthmill: job failed: ")]
+    assert len(failed) == 1, stderr[-3000:]
+    last = failed[0]
+    assert "1 models failed (a); first error: 1 of 4 shards failed (000003)" in last, last
+    assert "Is a directory" in last and "Run the same command again" in last, last
+    with open(out / "failures.json", encoding="utf-8") as fh:
+        assert list(json.load(fh)["failed_models"]) == ["a"]
+    with open(out / "models" / "a" / "failures.json", encoding="utf-8") as fh:  # the generate job's own record
+        gen_failures = json.load(fh)
+    assert list(gen_failures["failed_shards"]) == ["000003"] and gen_failures["shards_done"] == 3
+    for name in ("table.json", "table.csv", "table.md", "report.html", "summary.json", "models/a/summary.json",
+                 "scores/a/metrics.json", "scores/a/failures.json"):
+        assert not os.path.exists(out / name), name  # nothing merged, nothing half-written
+    assert os.path.exists(out / "models" / "b" / "summary.json") and os.path.exists(out / "scores" / "b" /
+                                                                                    "metrics.json")
+    shutil.rmtree(squatter)
+    summary = _run(path)
+    assert summary["models_run"] == ["a"]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("path", "images_per_s")}  # noqa: E731
+    assert [strip(r) for r in _table(str(out))["rows"]] == [strip(r) for r in _table(clean)["rows"]]
+    assert tar_hashes(str(out / "models" / "a")) == tar_hashes(os.path.join(clean, "models", "a"))
+    assert not os.path.exists(out / "failures.json")
+    print(f"failed study exited {seconds:.1f}s after the squat")
+
+
+def test_a_generator_killed_while_its_scorer_holds_the_cluster_is_replaced(ray_address, tiny_sd, prompts_tsv,
+                                                                          inception_file, clip_model, tmp_path):
+    """The cluster (2 CPUs) has room for model a's generator (2 CPUs) or its scorer (1 CPU), not both: the scorer
+    waits for a place from a's first shard. The generator is SIGKILLed: its place may go to the scorer, which then
+    gives it back (idle, its generator starting again) so the replacement starts, and the study completes, each
+    shard once, within minutes, not after the generator's start_timeout_s (which would fail the model)."""
+    from benchmarks.chaos import actor_pids
+
+    out = tmp_path / "out"
+    reference = write_image_folder(tmp_path / "reference", 4)
+    spec = study_spec(tiny_sd, tiny_sd, prompts_tsv, reference, inception_file, clip_model, str(out))
+    spec["models"] = [dict(spec["models"][0], cluster={"cpus_per_actor": 2, "start_timeout_s": 600})]
+    spec["published"] = {}
+    spec["prompts"]["limit"] = 11
+    spec["sampling"].update(steps=SLOW_STEPS)  # 11 shards of one image: seconds of generating
+    proc, _, err = _start(spec, tmp_path, ray_address)
+    scoring = _wait_for(proc, str(out / "scores" / "a" / "plan.json"))  # its scorer is asking for a place
+    done = len(glob.glob(str(out / "models" / "a" / "shards" / "*.json")))
+    pids = actor_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    code, seconds = _ended(proc, err, 540)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert scoring and pids and done < 11 and code == 0, (done, pids, stderr[-3000:])
+    with open(out / "models" / "a" / "summary.json", encoding="utf-8") as fh:
+        gen = json.load(fh)
+    assert gen["actors_lost"] >= 1 and gen["shards_run"] == 11 and gen["samples"] == 11
+    with open(out / "scores" / "a" / "metrics.json", encoding="utf-8") as fh:
+        scores = json.load(fh)
+    assert scores["samples"]["generated"] == 11 and scores["units"]["generated"] == 11
+    assert [r["model"] for r in _table(str(out))["rows"]] == ["a"]
+    gave_way = "an idle actor stopped" in stderr
+    print(f"generator killed after {done} shards; the study ended {seconds:.1f}s later; scorer gave way: {gave_way}")
 
 
 BAD = [

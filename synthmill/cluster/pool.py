@@ -10,7 +10,10 @@ last error; the other shards still run.
 
 The shards may also arrive while the pool runs (``feed``: an evaluation that scores a generate job's shards
 as they are committed): the actors start at once and wait for work, and the pool ends when the feed says no
-more will come and every shard has ended.
+more will come and every shard has ended. Such a pool can ``give_way`` to the pool that makes its shards: while
+that pool has an actor starting (``starting``: say, the replacement of a generator that died, waiting for the
+place this pool's actors hold), this pool hands out no work and stops its actors as each becomes idle, and it
+starts them again once the other pool's actors are all up.
 
 Each failure is one line on the terminal (what failed, on which actor, the error's type and the first line
 of its message); its whole text, the remote traceback, goes to a file of its own under ``OUTPUT/logs/``
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -178,7 +182,8 @@ class ShardPool:
 
     ``logs``: the output whose ``logs/`` folder gets each failure's full text (:class:`FailureLog`); ``unit``
     names a shard id in lines and log names (``shard 000003`` by default); ``task_args(k)``: more arguments of
-    shard ``k``'s calls, after its id and attempt.
+    shard ``k``'s calls, after its id and attempt; ``starting``: set while an actor of this pool is starting
+    (placed or not, loading its model), clear otherwise (what a pool that ``give_way`` to this one reads).
     """
 
     def __init__(
@@ -195,6 +200,7 @@ class ShardPool:
         logs: OutputLayout | None = None,
         unit: Callable[[int], str] | None = None,
         task_args: Callable[[int], tuple] | None = None,
+        starting: threading.Event | None = None,
     ):
         self.make_actor, self.num_actors, self.method = make_actor, num_actors, method
         self.task_args = task_args or (lambda k: ())  # what each call gets after (shard id, attempt)
@@ -202,6 +208,7 @@ class ShardPool:
         self.inflight, self.max_attempts, self.tick_s = inflight, max_attempts, tick_s
         self.start_timeout_s = start_timeout_s
         self.max_replacements = 2 * num_actors + 2 if max_replacements is None else max_replacements
+        self.starting = starting
 
     def _start(self) -> _Slot:
         handle = self.make_actor()
@@ -213,6 +220,7 @@ class ShardPool:
         on_result: Callable[[int, Any], None],
         on_progress: Callable[[int], None] | None = None,
         feed: Callable[[], tuple[list[int], bool]] | None = None,
+        give_way: Callable[[], bool] | None = None,
     ) -> PoolReport:
         """Process ``shard_ids``; ``on_result(k, result)`` is called once per successful shard.
 
@@ -221,7 +229,9 @@ class ShardPool:
 
         With ``feed``, shards also come while the pool runs: every tick ``feed()`` gives (the shard ids ready
         since, whether more may come). ``num_actors`` actors start at once; while more may come, an actor
-        still waiting for a place (the cluster busy with what makes the shards) is not given up on.
+        still waiting for a place (the cluster busy with what makes the shards) is not given up on. With
+        ``give_way`` too, while ``give_way()`` is true no shard is handed out and each actor with none in flight is
+        stopped (its place freed, not counted as lost); as many start again once it is false.
         """
         report = PoolReport()
         queue: deque[int] = deque(shard_ids)
@@ -252,26 +262,61 @@ class ShardPool:
 
         ended = False
         try:
-            self._loop(slots, queue, report, retire, on_result, on_progress, feed)
+            self._loop(slots, queue, report, retire, on_result, on_progress, feed, give_way)
             ended = True
-        finally:  # also when on_result raises: never leave actors running
+        finally:  # also when on_result or feed raises: never leave actors running
             for s in slots:
                 if not s.dead:
                     ray.kill(s.handle, no_restart=True)
+            if self.starting is not None:
+                self.starting.clear()
             self.failure_log.close(wait=ended)  # the logs named on the terminal are there when the pool returns
         return report
 
-    def _loop(self, slots, queue, report, retire, on_result, on_progress, feed) -> None:
+    def _give_way(self, slots: list[_Slot], queue: deque, give_way: Callable[[], bool] | None,
+                  stopped: int) -> tuple[int, bool]:
+        """While ``give_way()`` (and more shards may come): stop each actor with no shard in flight. Once it is false,
+        start as many again as were stopped, if there is work left. Returns (actors stopped and not started again,
+        whether to hand out no shards now)."""
+        if give_way is None or (not self.more and not stopped):
+            return stopped, False
+        if self.more and give_way():
+            for s in slots:
+                if not s.dead and not s.inflight:
+                    s.dead = True
+                    stopped += 1
+                    log.info("an idle actor stopped: its place goes to an actor starting to make the work")
+                    try:
+                        ray.kill(s.handle, no_restart=True)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+            return stopped, True
+        if queue or self.more:
+            for _ in range(stopped):
+                slots.append(self._start())
+        return 0, False
+
+    def _loop(self, slots, queue, report, retire, on_result, on_progress, feed, give_way) -> None:
         last_poll = 0.0
         last_start_error = ""
         ever_live = False
         idle_since = time.monotonic()  # since when no actor has been live (for start_timeout_s)
+        stopped = 0  # actors stopped to give way, to start again
         while True:
             if self.more:
                 ready_ids, self.more = feed()
                 queue.extend(ready_ids)
+            stopped, giving = self._give_way(slots, queue, give_way, stopped)
             live = [s for s in slots if not s.dead]
-            for s in live:
+            if self.starting is not None:
+                if any(not s.live for s in live):
+                    self.starting.set()
+                else:
+                    self.starting.clear()
+            if stopped and not any(s.inflight for s in live):  # given way: nothing runs until they start again
+                time.sleep(self.tick_s)
+                continue
+            for s in live if not giving else ():
                 while s.live and queue and len(s.inflight) < self.inflight:
                     k = queue.popleft()
                     report.attempts[k] += 1

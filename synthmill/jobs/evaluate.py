@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from synthmill.cluster.scorer import SetJob, Work
-from synthmill.errors import SpecError
+from synthmill.errors import JobFailed, SpecError
 from synthmill.jobs import lifecycle
 from synthmill.jobs.evaluate_spec import EvaluateSpec
 from synthmill.jobs.outputs import VALIDATE_RETRY_S, check_output_folder, set_plan_check, versions
@@ -303,13 +303,16 @@ _SHOWN = {"fid", "inception_score", "clip_score", "clip_score_x100"}
 
 class EvaluateJob(lifecycle.Job):
     """An evaluation; ``ended``: of a growing set (:func:`prepare` with ``growing``), whether its generate job has
-    ended, so that no more shards will be committed."""
+    ended, so that no more shards will be committed; ``failed``: whether it ended without its output (then the
+    scoring stops at once: see :func:`run_while_generated`); ``give_way``: whether its generators wait to start
+    (then the scorers free their places as they become idle)."""
 
     final_file = METRICS_FILE
 
-    def __init__(self, p: Prepared, ended: Callable[[], bool] | None = None):
+    def __init__(self, p: Prepared, ended: Callable[[], bool] | None = None, failed: Callable[[], bool] | None = None,
+                 give_way: Callable[[], bool] | None = None):
         self.p, self.spec, self.layout = p, p.spec, p.layout
-        self.ended = ended
+        self.ended, self.failed, self.give_way = ended, failed, give_way
         self.next_look = 0.0  # a growing set's next look at its committed shards (time.monotonic)
         self.started = datetime.now(timezone.utc)
         self.t0 = time.perf_counter()
@@ -377,7 +380,7 @@ class EvaluateJob(lifecycle.Job):
         bar = ProgressBar(sum(u.count or 0 for u in units), "evaluate")
         try:
             self.report = pool.run(list(range(len(todo))), on_result, bar.update,
-                                   self._committed_since if self.ended is not None else None)
+                                   self._committed_since if self.ended is not None else None, self.give_way)
         finally:
             bar.close()
         failed = {f"{todo[t][0]}/{todo[t][1]:06d}": err for t, err in sorted(self.report.failed.items())}
@@ -387,7 +390,10 @@ class EvaluateJob(lifecycle.Job):
 
     def _committed_since(self) -> tuple[list[int], bool]:
         """The tasks of a growing set's shards committed since the last look, and whether more may come: the
-        scorer pool's ``feed``. A shard whose partial is already committed (a killed run's) is not scored again."""
+        scorer pool's ``feed``. A shard whose partial is already committed (a killed run's) is not scored again.
+        Raises GenerateFailed once the generate job has failed: the pool then stops its scorers."""
+        if self.failed is not None and self.failed():
+            raise GenerateFailed(self.p.sets["generated"].images.path)
         if time.monotonic() < self.next_look:
             return [], True
         ended = self.ended()  # before looking: this look then sees every shard of a job that has ended
@@ -506,17 +512,33 @@ class EvaluateJob(lifecycle.Job):
         return out
 
 
-def run(p: Prepared, ended: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Score what is not scored yet, merge, and write the stats files and ``metrics.json``. ``ended``: see
-    :class:`EvaluateJob`."""
-    return lifecycle.run(EvaluateJob(p, ended))
+class GenerateFailed(JobFailed):
+    """The generate job whose shards an evaluation scores as they are committed failed: nothing is merged."""
+
+    def __init__(self, path: str):
+        super().__init__(f"generated.path {storage.redact_url(path)}: its generate job failed; the units scored are "
+                         "kept, nothing is merged")
 
 
-def run_while_generated(spec: EvaluateSpec, ended: Callable[[], bool], fingerprint: str,
-                        shards: int) -> dict[str, Any] | None:
+def run(p: Prepared, ended: Callable[[], bool] | None = None, failed: Callable[[], bool] | None = None,
+        give_way: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Score what is not scored yet, merge, and write the stats files and ``metrics.json``. ``ended``, ``failed``,
+    ``give_way``: see :class:`EvaluateJob`."""
+    return lifecycle.run(EvaluateJob(p, ended, failed, give_way))
+
+
+def run_while_generated(spec: EvaluateSpec, ended: Callable[[], bool], fingerprint: str, shards: int,
+                        failed: Callable[[], bool] | None = None,
+                        give_way: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """Evaluate the images of a generate job that is running (a study's model): score each shard once its marker is
     committed, and merge once ``ended()`` (the generate job returned or failed) and every shard is scored. The
     output is the one :func:`run` gives on the finished images: the units are the plan's shards either way.
+
+    Once ``failed()`` (the generate job failed or raised: its output will not be complete), the scoring stops at
+    once: the scorers are stopped, the partials committed are kept for a rerun, nothing is merged, and it raises
+    :class:`GenerateFailed` (or returns None, if it had not started). While ``give_way()`` (the generate job has an
+    actor starting, say a replacement of one that died), the scorers free their places as they become idle, so
+    that a cluster they fill cannot keep the generators from starting, and the shards from ever coming.
 
     Waits until the generate output's plan.json is this run's (its ``fingerprint`` and number of ``shards``: a
     rerun's plan.json may be an earlier run's until the job claims its folder again) and the job has committed a
@@ -527,6 +549,8 @@ def run_while_generated(spec: EvaluateSpec, ended: Callable[[], bool], fingerpri
     images = spec.generated.path
     earlier: set[int] | None = None  # the shards committed at the first look
     while True:
+        if failed is not None and failed():
+            return None
         over = ended()
         found = storage.read_plan(images, spec.storage)
         if isinstance(found, dict) and (found.get("fingerprint"), found.get("shards")) == (fingerprint, shards):
@@ -540,7 +564,7 @@ def run_while_generated(spec: EvaluateSpec, ended: Callable[[], bool], fingerpri
         if over:
             return None
         time.sleep(POLL_S)
-    return run(prepare(spec, growing=True), ended)
+    return run(prepare(spec, growing=True), ended, failed, give_way)
 
 
 # ---- synthmill status ----

@@ -8,6 +8,7 @@ through the lifecycle every kind shares (:mod:`synthmill.jobs.lifecycle`).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -286,8 +287,9 @@ def done_line(summary: dict[str, Any], output: str) -> str:
 class GenerateJob(lifecycle.Job):
     unit_noun = "shards"
 
-    def __init__(self, p: Prepared):
+    def __init__(self, p: Prepared, starting: threading.Event | None = None):
         self.p, self.spec, self.layout, self.plan_ = p, p.spec, p.layout, p.plan
+        self.starting = starting  # set while an actor starts (ShardPool's ``starting``)
         self.started = datetime.now(timezone.utc)
         self.t0 = time.perf_counter()
         self.wall0 = time.time()
@@ -355,7 +357,7 @@ class GenerateJob(lifecycle.Job):
 
         pool = ShardPool(make_actor, n_actors, inflight=spec.cluster.inflight_per_actor,
                          max_attempts=spec.cluster.max_attempts, start_timeout_s=spec.cluster.start_timeout_s,
-                         logs=self.layout)
+                         logs=self.layout, starting=self.starting)
         bar = ProgressBar(sum(len(plan.samples(k)) for k in todo), "generate")
         try:
             def committed(k: int, marker: dict[str, Any]) -> None:
@@ -422,9 +424,10 @@ class GenerateJob(lifecycle.Job):
         }
 
 
-def run(p: Prepared) -> dict[str, Any]:
-    """Run the job to the end; return the summary. Raises JobFailed naming failed shards."""
-    return lifecycle.run(GenerateJob(p))
+def run(p: Prepared, starting: threading.Event | None = None) -> dict[str, Any]:
+    """Run the job to the end; return the summary. Raises JobFailed naming failed shards. ``starting``: set while
+    an actor of the job starts (a study's scorers give it their place)."""
+    return lifecycle.run(GenerateJob(p, starting))
 
 
 # ---- synthmill status ----

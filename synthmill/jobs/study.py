@@ -254,12 +254,31 @@ class StudyJob(lifecycle.Job):
         }
 
 
+@dataclass
+class _Generation:
+    """What a model's scoring thread knows of its generate job: ended (returned, failed or raised), failed (its
+    output will not be complete: the scoring stops), an actor starting (the scorers give it their place)."""
+
+    ended: threading.Event = field(default_factory=threading.Event)
+    failed: threading.Event = field(default_factory=threading.Event)
+    starting: threading.Event = field(default_factory=threading.Event)
+
+
+#: Seconds a scoring thread is given to stop once its generate job failed (it stops within a pool tick or two).
+STOP_S = 60.0
+
+
 class _Pipeline:
     """Each model's generate job, one after another on this thread; each model's evaluation on a thread of its own
     from the start of its generation (``evaluate.run_while_generated``: each shard is scored once it is committed),
     so the next model generates while the last one's remaining shards are scored. The scorer actors and the
     generator actors share the cluster (Ray places each as CPUs or GPUs free up); a model's scorers start once its
-    first shard is committed, so they never hold the place its generators need."""
+    first shard is committed, so they never hold the place its generators need, and free their places while one of
+    its generators starts again (one that died), so a lost generator is replaced.
+
+    A generate job that fails (its shards failed: JobFailed) is the model's failure, as when each job ran after the
+    other: its scoring stops at once (what it committed is kept, nothing is merged) and the next model runs. One
+    that raises stops every scoring thread and the study raises it."""
 
     def __init__(self, todo: list[Part]):
         self.todo = todo
@@ -267,63 +286,77 @@ class _Pipeline:
         self.lock = threading.Lock()
 
     def _fail(self, name: str, e: Exception) -> None:
-        """The model's first failure is the one named (a failed generation, not the shards its scoring missed)."""
+        """The model's first failure is the one named (a failed generation, not the scoring it stopped)."""
         with self.lock:
             self.failures.setdefault(
                 name, f"{type(e).__name__}: {e}" if not isinstance(e, (JobFailed, SpecError)) else str(e))
 
-    def _score(self, part: Part, ended: threading.Event | None) -> None:
+    def _score(self, part: Part, gen: _Generation | None) -> None:
         try:
             log.info("study: scoring %s", part.name)
-            if ended is None:  # generated already: its evaluation as a job of its own
+            if gen is None:  # generated already: its evaluation as a job of its own
                 evaluate.run(evaluate.prepare(part.eval_spec))
             else:
-                evaluate.run_while_generated(part.eval_spec, ended.is_set, part.gen.fingerprint,
-                                             part.gen.plan.num_shards)
+                evaluate.run_while_generated(part.eval_spec, gen.ended.is_set, part.gen.fingerprint,
+                                             part.gen.plan.num_shards, gen.failed.is_set, gen.starting.is_set)
         except SpecError as e:
             self._fail(part.name, _in_model(part.name, e))
         except Exception as e:  # noqa: BLE001 - one model's failure is named; the others go on
             self._fail(part.name, e)
 
     def run(self) -> dict[str, str]:
-        scoring: list[threading.Thread] = []
-        ends: list[threading.Event] = []
+        scoring: list[tuple[threading.Thread, _Generation | None]] = []
         errors: list[BaseException] = []
 
-        def score(part: Part, ended: threading.Event | None) -> None:
-            thread = threading.Thread(target=self._guard(errors, self._score), args=(part, ended),
+        def score(part: Part, gen: _Generation | None) -> None:
+            thread = threading.Thread(target=self._guard(errors, self._score), args=(part, gen),
                                       name=f"score-{part.name}", daemon=True)
             thread.start()
-            scoring.append(thread)
+            scoring.append((thread, gen))
 
         try:
             for part in self.todo:
                 if part.generated:
                     score(part, None)
                     continue
-                ended = threading.Event()
-                ends.append(ended)
-                score(part, ended)
+                gen = _Generation()
+                score(part, gen)
                 log.info("study: generating %s", part.name)
                 try:
-                    generate.run(part.gen)
+                    generate.run(part.gen, gen.starting)
                 except SpecError as e:
+                    gen.failed.set()
                     raise _in_model(part.name, e) from None
                 except JobFailed as e:
-                    self._fail(part.name, e)
+                    self._fail(part.name, e)  # named first: the scoring it stops fails after
+                    gen.failed.set()
+                    self._stop(scoring[-1][0], part.name)
+                except BaseException:
+                    gen.failed.set()
+                    raise
                 finally:
-                    ended.set()  # its evaluation scores the shards committed and ends
-            for thread in scoring:
+                    gen.ended.set()  # its evaluation scores the shards committed and ends
+            for thread, _ in scoring:
                 thread.join()
-        finally:
-            for ended in ends:
-                ended.set()
-            for thread in scoring:
+        finally:  # when the study raises: the scoring of the model whose generation raised stops (waited for)
+            for thread, gen in scoring:
+                if gen is not None:
+                    gen.ended.set()
                 if thread.is_alive():
-                    thread.join(timeout=5)
+                    if gen is not None and gen.failed.is_set():
+                        self._stop(thread, thread.name[len("score-"):])
+                    else:
+                        thread.join(timeout=5)
         if errors:
             raise errors[0]
         return dict(sorted(self.failures.items()))
+
+    @staticmethod
+    def _stop(thread: threading.Thread, name: str) -> None:
+        """Wait for a failed model's scoring thread to stop, so that the next model's generators find its place."""
+        thread.join(timeout=STOP_S)
+        if thread.is_alive():
+            log.warning("study: the scoring of %s did not stop within %.0fs", name, STOP_S)
 
     @staticmethod
     def _guard(errors: list[BaseException], fn: Any) -> Any:
