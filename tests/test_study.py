@@ -332,7 +332,8 @@ def test_a_failed_generation_fails_the_study_by_name_and_the_rerun_completes_it(
     summary = _run(path)
     assert summary["models_run"] == ["a"]
     strip = lambda r: {k: v for k, v in r.items() if k not in ("path", "images_per_s")}  # noqa: E731
-    assert [strip(r) for r in _table(str(out))["rows"]] == [strip(r) for r in _table(clean)["rows"]]
+    # the clean study's first two rows: a test before this one may have added a model to it
+    assert [strip(r) for r in _table(str(out))["rows"]] == [strip(r) for r in _table(clean)["rows"][:2]]
     assert tar_hashes(str(out / "models" / "a")) == tar_hashes(os.path.join(clean, "models", "a"))
     assert not os.path.exists(out / "failures.json")
     print(f"failed study exited {seconds:.1f}s after the squat")
