@@ -220,11 +220,7 @@ def _hub_unet_config(model: Any, field: str, only_here: bool) -> dict[str, Any] 
             return None
         _check_unet_class(config, label)
         return config
-    if missing == "gated":
-        raise SpecError(f"{label}: a gated model on {where}; accept its terms there and log in ({HUB_LOGIN})")
-    if missing == "repo":
-        raise SpecError(f"{label}: no such folder here and no such model on {where} (a private model needs a "
-                        f"token: {HUB_LOGIN})")
+    _refuse_missing_repo(missing, label, where)
     if missing == "revision":
         raise SpecError(f"{field}.unet.revision {revision or 'main'}: no such revision of {path} on {where}")
     if missing == "file":
@@ -476,12 +472,7 @@ def check_hub_id(model: Any, field: str = "model", only_here: bool = False) -> N
                             "and this machine's hub cache does not hold it")
     if silence:
         log.info("%s.path %s: not checked, %s did not answer (%s)", field, path, where, silence[0])
-    if missing == "gated":
-        raise SpecError(f"{field}.path {path}: a gated model on {where}; accept its terms there and log in "
-                        f"({HUB_LOGIN})")
-    if missing == "repo":
-        raise SpecError(f"{field}.path {path}: no such folder here and no such model on {where} (a private "
-                        f"model needs a token: {HUB_LOGIN})")
+    _refuse_missing_repo(missing, f"{field}.path {path}", where)
     if missing == "revision":
         raise SpecError(f"{field}.revision {revision or 'main'}: no such revision of {path} on {where}")
     if missing == "file":
@@ -685,3 +676,12 @@ def optimize_pipeline(pipe: Any, model: Any, device: str) -> dict[str, Any]:
 def prompt_tokenizer(pipe: Any):
     """The tokenizer that bounds prompt length (CLIP's, 77 tokens), or None for pipelines without one."""
     return getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+
+
+def _refuse_missing_repo(missing: str | None, label: str, where: str) -> None:
+    """Exit 2 naming ``label`` when the hub says the repo is gated or absent (model.path and model.unet)."""
+    if missing == "gated":
+        raise SpecError(f"{label}: a gated model on {where}; accept its terms there and log in ({HUB_LOGIN})")
+    if missing == "repo":
+        raise SpecError(f"{label}: no such folder here and no such model on {where} (a private model needs a "
+                        f"token: {HUB_LOGIN})")
